@@ -1,0 +1,267 @@
+//! Identify data structures (controller, namespace, active namespace list, namespace
+//! identification descriptors): the target builds them from typed descriptions, the host
+//! parses the fields it uses.
+
+use crate::constants::IDENTIFY_BYTES;
+use crate::le;
+
+/// Identify CNS values.
+pub mod cns {
+    pub const NAMESPACE: u8 = 0x00;
+    pub const CONTROLLER: u8 = 0x01;
+    pub const ACTIVE_NAMESPACES: u8 = 0x02;
+    pub const NS_ID_DESCRIPTORS: u8 = 0x03;
+}
+
+/// Controller type in CNTRLTYPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControllerType {
+    Io = 1,
+    Discovery = 2,
+}
+
+/// What the target says about a controller.
+#[derive(Clone, Debug)]
+pub struct ControllerIdentity {
+    pub serial: String,
+    pub model: String,
+    pub firmware: String,
+    pub cntlid: u16,
+    pub controller_type: ControllerType,
+    /// MDTS as a power of two of 4 KiB pages (0 = no limit).
+    pub mdts: u8,
+    pub max_cmd: u16,
+    pub namespaces: u32,
+    pub subnqn: String,
+    /// Volatile write cache present.
+    pub vwc: bool,
+    /// In-capsule data bytes accepted on I/O queues.
+    pub in_capsule_bytes: u32,
+    /// Async event requests the controller holds at once.
+    pub aer_limit: u8,
+    /// Error log entries kept.
+    pub error_log_entries: u8,
+}
+
+impl ControllerIdentity {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; IDENTIFY_BYTES];
+        // PCI vendor id 0x1b36 (Red Hat/QEMU range) is not ours; 0 is "not reported".
+        le::put_str_padded(&mut b, 4, 20, &self.serial);
+        le::put_str_padded(&mut b, 24, 40, &self.model);
+        le::put_str_padded(&mut b, 64, 8, &self.firmware);
+        b[72] = 6; // recommended arbitration burst
+        b[76] = 0b11; // CMIC: multiple ports/controllers may exist in the subsystem
+        b[77] = self.mdts;
+        le::put_u16(&mut b, 78, self.cntlid);
+        le::put_u32(&mut b, 80, crate::fabrics::VERSION_1_4);
+        // OAES bit 8: namespace attribute notices (changed namespace list).
+        if self.controller_type == ControllerType::Io {
+            le::put_u32(&mut b, 92, 1 << 8);
+        }
+        b[111] = self.controller_type as u8;
+        b[258] = 3; // ACL: 4 concurrent aborts (0-based)
+        b[259] = self.aer_limit.saturating_sub(1); // AERL, 0-based
+        b[260] = 0b11; // FRMW: slot 1 read-only, 1 slot
+        b[261] = 1 << 2 | 1 << 1; // LPA: extended data for Get Log Page, command effects
+        b[262] = self.error_log_entries.saturating_sub(1); // ELPE, 0-based
+        le::put_u16(&mut b, 320, 10); // KAS: keep-alive granularity 1 s (100 ms units)
+        b[512] = 0x66; // SQES: 64 bytes
+        b[513] = 0x44; // CQES: 16 bytes
+        le::put_u16(&mut b, 514, self.max_cmd);
+        le::put_u32(&mut b, 516, self.namespaces);
+        if self.controller_type == ControllerType::Io {
+            // ONCS: compare (0), dataset management (2), write zeroes (3).
+            le::put_u16(&mut b, 520, 1 | 1 << 2 | 1 << 3);
+        }
+        b[525] = self.vwc as u8;
+        // SGLS: SGLs supported (bit 0), keyed (bit 2, harmless on TCP), offset in capsule (bit 20).
+        le::put_u32(&mut b, 536, 1 | 1 << 20);
+        le::put_str_nul(&mut b, 768, 256, &self.subnqn);
+        // IOCCSZ / IORCSZ in 16-byte units; ICDOFF 0; FCATT 0 (dynamic); MSDBD 1.
+        le::put_u32(&mut b, 1792, (64 + self.in_capsule_bytes) / 16);
+        le::put_u32(&mut b, 1796, 1);
+        b[1803] = 1;
+        // Power state 0: 25 W max, entry/exit latency unreported.
+        le::put_u16(&mut b, 2048, 2500);
+        b
+    }
+}
+
+/// The fields a host reads from Identify Controller.
+#[derive(Clone, Debug)]
+pub struct ControllerInfo {
+    pub serial: String,
+    pub model: String,
+    pub firmware: String,
+    pub mdts: u8,
+    pub cntlid: u16,
+    pub version: u32,
+    pub controller_type: u8,
+    pub namespaces: u32,
+    pub oncs: u16,
+    pub vwc: bool,
+    pub ioccsz: u32,
+    pub subnqn: String,
+    pub max_cmd: u16,
+}
+
+impl ControllerInfo {
+    pub fn decode(b: &[u8]) -> Option<ControllerInfo> {
+        if b.len() < IDENTIFY_BYTES {
+            return None;
+        }
+        Some(ControllerInfo {
+            serial: le::str_at(b, 4, 20),
+            model: le::str_at(b, 24, 40),
+            firmware: le::str_at(b, 64, 8),
+            mdts: b[77],
+            cntlid: le::u16_at(b, 78),
+            version: le::u32_at(b, 80),
+            controller_type: b[111],
+            namespaces: le::u32_at(b, 516),
+            oncs: le::u16_at(b, 520),
+            vwc: b[525] & 1 != 0,
+            ioccsz: le::u32_at(b, 1792),
+            subnqn: le::str_at(b, 768, 256),
+            max_cmd: le::u16_at(b, 514),
+        })
+    }
+    /// Largest transfer in bytes (None = unlimited).
+    pub fn max_transfer_bytes(&self) -> Option<usize> {
+        (self.mdts != 0).then(|| 4096usize << self.mdts)
+    }
+    /// In-capsule data bytes the controller accepts on I/O queues.
+    pub fn in_capsule_bytes(&self) -> usize {
+        (self.ioccsz as usize * 16).saturating_sub(64)
+    }
+}
+
+/// What the target says about a namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceIdentity {
+    pub blocks: u64,
+    pub block_size: u32,
+    pub nguid: [u8; 16],
+    pub uuid: [u8; 16],
+}
+
+impl NamespaceIdentity {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; IDENTIFY_BYTES];
+        le::put_u64(&mut b, 0, self.blocks); // NSZE
+        le::put_u64(&mut b, 8, self.blocks); // NCAP
+        le::put_u64(&mut b, 16, self.blocks); // NUSE
+        b[24] = 1 << 2; // NSFEAT: NAWUN/NAWUPF/NACWU... not reported; bit 2: deallocated or unwritten error reporting
+        b[25] = 0; // NLBAF: one format (0-based)
+        b[26] = 0; // FLBAS: format 0
+        b[33] = 0b1001; // DLFEAT: deallocated blocks read zeroes; Write Zeroes deallocates
+        b[104..120].copy_from_slice(&self.nguid);
+        let lbads = self.block_size.trailing_zeros();
+        le::put_u32(&mut b, 128, lbads << 16); // LBAF0: no metadata, best performance
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<NamespaceIdentity> {
+        if b.len() < IDENTIFY_BYTES {
+            return None;
+        }
+        let flbas = (b[26] & 0xF) as usize;
+        let lbaf = le::u32_at(b, 128 + flbas * 4);
+        let lbads = (lbaf >> 16) & 0xFF;
+        if !(9..=16).contains(&lbads) {
+            return None;
+        }
+        Some(NamespaceIdentity {
+            blocks: le::u64_at(b, 0),
+            block_size: 1 << lbads,
+            nguid: b[104..120].try_into().ok()?,
+            uuid: [0; 16],
+        })
+    }
+
+    /// Namespace identification descriptor list (CNS 3): NGUID and UUID.
+    pub fn encode_descriptors(&self) -> Vec<u8> {
+        let mut b = vec![0u8; IDENTIFY_BYTES];
+        b[0] = 2; // NIDT NGUID
+        b[1] = 16;
+        b[4..20].copy_from_slice(&self.nguid);
+        b[20] = 3; // NIDT UUID
+        b[21] = 16;
+        b[24..40].copy_from_slice(&self.uuid);
+        b
+    }
+
+    /// Returns (type, value) pairs from a descriptor list.
+    pub fn decode_descriptors(b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off + 4 <= b.len() {
+            let (nidt, nidl) = (b[off], b[off + 1] as usize);
+            if nidt == 0 || off + 4 + nidl > b.len() {
+                break;
+            }
+            out.push((nidt, b[off + 4..off + 4 + nidl].to_vec()));
+            off += 4 + nidl;
+        }
+        out
+    }
+}
+
+/// Active namespace list: NSIDs greater than `after`, ascending, at most 1024.
+pub fn encode_active_namespaces(nsids: &[u32], after: u32) -> Vec<u8> {
+    let mut b = vec![0u8; IDENTIFY_BYTES];
+    for (i, nsid) in nsids.iter().filter(|&&n| n > after).take(IDENTIFY_BYTES / 4).enumerate() {
+        le::put_u32(&mut b, i * 4, *nsid);
+    }
+    b
+}
+
+pub fn decode_active_namespaces(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4).map(|c| le::u32_at(c, 0)).take_while(|&n| n != 0).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_round_trip() {
+        let ns = NamespaceIdentity { blocks: 262144, block_size: 4096, nguid: [1; 16], uuid: [2; 16] };
+        let d = NamespaceIdentity::decode(&ns.encode()).unwrap();
+        assert_eq!((d.blocks, d.block_size, d.nguid), (ns.blocks, ns.block_size, ns.nguid));
+        let descs = NamespaceIdentity::decode_descriptors(&ns.encode_descriptors());
+        assert_eq!(descs, vec![(2, vec![1; 16]), (3, vec![2; 16])]);
+    }
+
+    #[test]
+    fn active_list() {
+        let b = encode_active_namespaces(&[1, 2, 5], 1);
+        assert_eq!(decode_active_namespaces(&b), vec![2, 5]);
+    }
+
+    #[test]
+    fn controller_round_trip() {
+        let id = ControllerIdentity {
+            serial: "S1".into(),
+            model: "Stager".into(),
+            firmware: "0.1".into(),
+            cntlid: 5,
+            controller_type: ControllerType::Io,
+            mdts: 8,
+            max_cmd: 128,
+            namespaces: 4,
+            subnqn: "nqn.x:y".into(),
+            vwc: true,
+            in_capsule_bytes: 8192,
+            aer_limit: 4,
+            error_log_entries: 16,
+        };
+        let c = ControllerInfo::decode(&id.encode()).unwrap();
+        assert_eq!(c.serial, "S1");
+        assert_eq!(c.max_transfer_bytes(), Some(1 << 20));
+        assert_eq!(c.in_capsule_bytes(), 8192);
+        assert_eq!(c.subnqn, "nqn.x:y");
+        assert_eq!(c.cntlid, 5);
+    }
+}

@@ -1,0 +1,1 @@
+//! stagerd library: config, reactors, NVMe-oF front end.
