@@ -1,0 +1,387 @@
+//! One NVMe/TCP queue pair on the host side: a TCP connection, the ICReq/ICResp exchange,
+//! and a pipelined command engine (in-capsule writes, R2T → H2CData, C2HData reassembly).
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use super::{HostError, HostOptions, Result};
+use crate::command::{sgl, Command, DataDirection};
+use crate::completion::Completion;
+use crate::status::Status;
+use crate::tcp::pdu::{self, DataHeader, Decoded, Digests, Pdu};
+
+/// A finished command.
+#[derive(Debug)]
+pub struct Response {
+    pub tag: u64,
+    pub completion: Completion,
+    /// The data buffer given at submission (filled for reads), handed back for reuse.
+    pub data: Vec<u8>,
+}
+
+impl Response {
+    pub fn status(&self) -> Status {
+        self.completion.status
+    }
+    pub fn ok(&self) -> Result<()> {
+        if self.completion.status.is_success() {
+            Ok(())
+        } else {
+            Err(HostError::Nvme(self.completion.status))
+        }
+    }
+}
+
+struct Slot {
+    tag: u64,
+    dir: DataDirection,
+    data: Vec<u8>,
+    /// C2HData bytes received so far.
+    received: usize,
+}
+
+pub struct QueuePair {
+    stream: TcpStream,
+    pub qid: u16,
+    digests: Digests,
+    maxh2cdata: usize,
+    /// In-capsule data limit for this queue (0 on the admin queue except for Connect).
+    pub(crate) in_capsule_max: usize,
+    rx: Vec<u8>,
+    rx_start: usize,
+    tx: Vec<u8>,
+    slots: Vec<Option<Slot>>,
+    free_cids: Vec<u16>,
+    busy_poll: bool,
+    timeout: Duration,
+}
+
+const RX_CHUNK: usize = 256 * 1024;
+
+impl QueuePair {
+    /// Opens the TCP connection and does the ICReq/ICResp exchange. `depth` bounds
+    /// outstanding commands.
+    pub fn open(addr: SocketAddr, qid: u16, depth: usize, opts: &HostOptions) -> Result<QueuePair> {
+        let timeout = Duration::from_millis(opts.timeout_ms);
+        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_nonblocking(true)?;
+        let mut q = QueuePair {
+            stream,
+            qid,
+            digests: Digests::default(),
+            maxh2cdata: 0,
+            in_capsule_max: 0,
+            rx: Vec::with_capacity(RX_CHUNK * 2),
+            rx_start: 0,
+            tx: Vec::with_capacity(64 * 1024),
+            slots: (0..depth).map(|_| None).collect(),
+            free_cids: (0..depth as u16).rev().collect(),
+            busy_poll: opts.busy_poll,
+            timeout,
+        };
+        let icreq = Pdu::IcReq { pfv: 0, hpda: 0, digests: opts.digests, maxr2t: 0 };
+        pdu::encode(&icreq, &[], Digests::default(), &mut q.tx);
+        q.flush()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(frame) = q.next_frame(Digests::default())? {
+                q.rx_start += frame.len;
+                match frame.pdu {
+                    Pdu::IcResp { pfv, cpda, digests, maxh2cdata } => {
+                        if pfv != 0 || cpda != 0 {
+                            return Err(HostError::Protocol(format!("ICResp with PFV {pfv} CPDA {cpda}")));
+                        }
+                        if maxh2cdata < 4096 {
+                            return Err(HostError::Protocol(format!("ICResp MAXH2CDATA {maxh2cdata} < 4096")));
+                        }
+                        q.digests = digests;
+                        q.maxh2cdata = maxh2cdata as usize;
+                        return Ok(q);
+                    }
+                    Pdu::C2HTermReq(t) => return Err(HostError::Terminated { fes: t.fes, fei: t.fei }),
+                    other => return Err(HostError::Protocol(format!("expected ICResp, got {}", other.name()))),
+                }
+            }
+            q.wait_readable(deadline)?;
+        }
+    }
+
+    pub fn digests(&self) -> Digests {
+        self.digests
+    }
+    pub fn depth(&self) -> usize {
+        self.slots.len()
+    }
+    pub fn outstanding(&self) -> usize {
+        self.slots.len() - self.free_cids.len()
+    }
+    /// Sends raw bytes (tests use it to send malformed PDUs).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.tx.extend_from_slice(bytes);
+        self.flush()
+    }
+    pub fn shutdown_write(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Submits a command. For writes `data` is the payload; for reads a buffer of the
+    /// transfer length. The CID and SGL are set here.
+    pub fn submit(&mut self, mut cmd: Command, data: Vec<u8>, dir: DataDirection, tag: u64) -> Result<()> {
+        let Some(cid) = self.free_cids.pop() else {
+            return Err(HostError::QueueFull(self.outstanding()));
+        };
+        cmd.set_cid(cid);
+        let in_capsule =
+            dir == DataDirection::HostToController && !data.is_empty() && data.len() <= self.in_capsule_max;
+        if data.is_empty() {
+            cmd.set_sgl(sgl::TRANSPORT, 0, 0);
+        } else if in_capsule {
+            cmd.set_sgl(sgl::IN_CAPSULE, 0, data.len() as u32);
+        } else {
+            cmd.set_sgl(sgl::TRANSPORT, 0, data.len() as u32);
+        }
+        let payload: &[u8] = if in_capsule { &data } else { &[] };
+        pdu::encode(&Pdu::CapsuleCmd(cmd), payload, self.digests, &mut self.tx);
+        self.slots[cid as usize] = Some(Slot { tag, dir, data, received: 0 });
+        self.flush()
+    }
+
+    /// Processes whatever has arrived without blocking; appends finished commands to `out`.
+    pub fn poll(&mut self, out: &mut Vec<Response>) -> Result<usize> {
+        self.fill()?;
+        let mut done = 0;
+        while let Some(frame) = self.next_frame(self.digests)? {
+            done += self.on_frame(frame, out)?;
+        }
+        self.flush()?;
+        Ok(done)
+    }
+
+    /// Waits until at least one command finishes (spinning or sleeping per options).
+    pub fn wait(&mut self, out: &mut Vec<Response>) -> Result<usize> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let n = self.poll(out)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            if self.outstanding() == 0 {
+                return Ok(0);
+            }
+            if !self.busy_poll {
+                self.wait_readable(deadline)?;
+            } else if Instant::now() > deadline {
+                return Err(HostError::Timeout(self.timeout.as_millis() as u64));
+            }
+        }
+    }
+
+    /// Submits one command and waits for it.
+    pub fn execute(&mut self, cmd: Command, data: Vec<u8>, dir: DataDirection) -> Result<Response> {
+        const TAG: u64 = u64::MAX;
+        self.submit(cmd, data, dir, TAG)?;
+        let mut out = Vec::new();
+        loop {
+            self.wait(&mut out)?;
+            if let Some(i) = out.iter().position(|r| r.tag == TAG) {
+                return Ok(out.swap_remove(i));
+            }
+            if self.outstanding() == 0 {
+                return Err(HostError::Protocol("command vanished".into()));
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: pdu::Frame, out: &mut Vec<Response>) -> Result<usize> {
+        let data_range = frame.data.clone();
+        let start = self.rx_start;
+        self.rx_start += frame.len;
+        match frame.pdu {
+            Pdu::CapsuleResp(cqe) => {
+                let slot = self.take_slot(cqe.cid)?;
+                out.push(Response { tag: slot.tag, completion: cqe, data: slot.data });
+                Ok(1)
+            }
+            Pdu::C2HData(d) => {
+                if !frame.data_digest_ok {
+                    return Err(HostError::Protocol(format!("C2HData for CID {} failed its data digest", d.cccid)));
+                }
+                let slot = self.slot_mut(d.cccid)?;
+                let (off, len) = (d.offset as usize, d.length as usize);
+                if slot.dir != DataDirection::ControllerToHost || off != slot.received || off + len > slot.data.len() {
+                    return Err(HostError::Protocol(format!(
+                        "C2HData CID {} offset {off} len {len} does not fit (received {}, buffer {})",
+                        d.cccid,
+                        slot.received,
+                        slot.data.len()
+                    )));
+                }
+                slot.received += len;
+                let src = start + data_range.start..start + data_range.end;
+                // Split borrow: copy from rx into the slot's buffer.
+                let QueuePair { rx, slots, .. } = self;
+                if let Some(Some(s)) = slots.get_mut(d.cccid as usize) {
+                    s.data[off..off + len].copy_from_slice(&rx[src]);
+                }
+                if d.last && d.success {
+                    let slot = self.take_slot(d.cccid)?;
+                    if slot.received != slot.data.len() {
+                        return Err(HostError::Protocol("C2HData SUCCESS before all data arrived".into()));
+                    }
+                    let mut c = Completion::new(d.cccid, Status::SUCCESS);
+                    c.sqid = self.qid;
+                    out.push(Response { tag: slot.tag, completion: c, data: slot.data });
+                    return Ok(1);
+                }
+                if d.success {
+                    return Err(HostError::Protocol("C2HData SUCCESS without LAST_PDU".into()));
+                }
+                Ok(0)
+            }
+            Pdu::R2T(r) => {
+                let (maxh2c, digests) = (self.maxh2cdata, self.digests);
+                let slot = self.slot_mut(r.cccid)?;
+                let (off, len) = (r.offset as usize, r.length as usize);
+                if slot.dir != DataDirection::HostToController || len == 0 || off + len > slot.data.len() {
+                    return Err(HostError::Protocol(format!(
+                        "R2T CID {} offset {off} len {len} out of range",
+                        r.cccid
+                    )));
+                }
+                let data = std::mem::take(&mut slot.data);
+                let mut sent = 0;
+                while sent < len {
+                    let n = (len - sent).min(maxh2c);
+                    let h = DataHeader {
+                        cccid: r.cccid,
+                        ttag: r.ttag,
+                        offset: (off + sent) as u32,
+                        length: n as u32,
+                        last: sent + n == len,
+                        success: false,
+                    };
+                    pdu::encode(&Pdu::H2CData(h), &data[off + sent..off + sent + n], digests, &mut self.tx);
+                    sent += n;
+                }
+                if let Ok(s) = self.slot_mut(r.cccid) {
+                    s.data = data;
+                }
+                Ok(0)
+            }
+            Pdu::C2HTermReq(t) => Err(HostError::Terminated { fes: t.fes, fei: t.fei }),
+            other => Err(HostError::Protocol(format!("unexpected {} from the target", other.name()))),
+        }
+    }
+
+    fn slot_mut(&mut self, cid: u16) -> Result<&mut Slot> {
+        self.slots
+            .get_mut(cid as usize)
+            .and_then(|s| s.as_mut())
+            .ok_or_else(|| HostError::Protocol(format!("PDU for CID {cid}, which is not outstanding")))
+    }
+
+    fn take_slot(&mut self, cid: u16) -> Result<Slot> {
+        let slot = self
+            .slots
+            .get_mut(cid as usize)
+            .and_then(|s| s.take())
+            .ok_or_else(|| HostError::Protocol(format!("completion for CID {cid}, which is not outstanding")))?;
+        self.free_cids.push(cid);
+        Ok(slot)
+    }
+
+    /// Decodes the next whole PDU in the receive buffer, if any. Does not consume it:
+    /// `on_frame` advances `rx_start` (so C2HData can copy out of the buffer first).
+    fn next_frame(&mut self, digests: Digests) -> Result<Option<pdu::Frame>> {
+        let buf = &self.rx[self.rx_start..];
+        match pdu::decode(buf, digests, crate::constants::PDU_LEN_MAX) {
+            Ok(Decoded::Need(_)) => Ok(None),
+            Ok(Decoded::Frame(f)) => Ok(Some(f)),
+            Err(e) => Err(HostError::Protocol(format!("malformed PDU from the target: {e}"))),
+        }
+    }
+
+    /// Reads everything available now (non-blocking).
+    fn fill(&mut self) -> Result<()> {
+        if self.rx_start > 0 && self.rx_start == self.rx.len() {
+            self.rx.clear();
+            self.rx_start = 0;
+        } else if self.rx_start > RX_CHUNK {
+            self.rx.drain(..self.rx_start);
+            self.rx_start = 0;
+        }
+        loop {
+            let len = self.rx.len();
+            self.rx.resize(len + RX_CHUNK, 0);
+            match self.stream.read(&mut self.rx[len..]) {
+                Ok(0) => {
+                    self.rx.truncate(len);
+                    return Err(HostError::Closed);
+                }
+                Ok(n) => {
+                    self.rx.truncate(len + n);
+                    if n < RX_CHUNK {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.rx.truncate(len);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => self.rx.truncate(len),
+                Err(e) => {
+                    self.rx.truncate(len);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Writes all pending bytes; while the socket is full, keeps draining the receive side so
+    /// neither end can deadlock on full buffers.
+    fn flush(&mut self) -> Result<()> {
+        let mut sent = 0;
+        let deadline = Instant::now() + self.timeout;
+        while sent < self.tx.len() {
+            match self.stream.write(&self.tx[sent..]) {
+                Ok(0) => return Err(HostError::Closed),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    match self.fill() {
+                        Ok(()) | Err(HostError::Closed) => {}
+                        Err(e) => return Err(e),
+                    }
+                    wait_fd(self.stream.as_raw_fd(), libc::POLLOUT, 10);
+                    if Instant::now() > deadline {
+                        return Err(HostError::Timeout(self.timeout.as_millis() as u64));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.tx.clear();
+        Ok(())
+    }
+
+    fn wait_readable(&mut self, deadline: Instant) -> Result<()> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(HostError::Timeout(self.timeout.as_millis() as u64));
+        }
+        let ms = (deadline - now).as_millis().min(100) as i32;
+        wait_fd(self.stream.as_raw_fd(), libc::POLLIN, ms);
+        self.fill()
+    }
+}
+
+fn wait_fd(fd: i32, events: i16, timeout_ms: i32) {
+    let mut p = libc::pollfd { fd, events, revents: 0 };
+    // SAFETY: `p` is a valid pollfd for the duration of the call and we pass a count of 1.
+    unsafe {
+        libc::poll(&mut p, 1, timeout_ms);
+    }
+}
