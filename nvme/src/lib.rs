@@ -16,6 +16,7 @@ pub mod identify;
 pub mod log_page;
 pub mod status;
 pub mod tcp;
+pub mod uring;
 
 pub use command::Command;
 pub use completion::Completion;

@@ -1,1 +1,90 @@
-//! placeholder
+//! Local block devices behind one trait, in SPDK's bdev style: a `BlockDevice` is shared by all
+//! reactors, and each reactor opens its own `BdevChannel` on it (like an SPDK io_channel), so the
+//! I/O path needs no locks. Channels that do real I/O submit to the reactor's io_uring and get
+//! their completions routed back by `user_data`; synchronous ones (memory) complete on the next
+//! poll. The write-back engine plugs in here as another `BlockDevice`.
+
+mod buf;
+mod file;
+mod mem;
+
+pub use buf::{AlignedBuf, BufPool, BUF_ALIGN};
+pub use file::FileDevice;
+pub use mem::MemoryDevice;
+
+use crate::uring::Ring;
+
+/// What a device is.
+#[derive(Clone, Debug)]
+pub struct BdevInfo {
+    pub name: String,
+    pub block_size: u32,
+    pub blocks: u64,
+    /// Writes may sit in a volatile cache until a flush (the namespace reports VWC).
+    pub volatile_cache: bool,
+}
+
+impl BdevInfo {
+    pub fn size_bytes(&self) -> u64 {
+        self.blocks * self.block_size as u64
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BdevOp {
+    Read,
+    Write { fua: bool },
+    Flush,
+    WriteZeroes,
+    Deallocate,
+}
+
+/// One I/O: byte offset and length (block aligned, checked by the caller against the device).
+#[derive(Debug)]
+pub struct BdevIo {
+    pub op: BdevOp,
+    pub offset: u64,
+    pub len: u64,
+    /// Data for reads/writes, `len` bytes; none for the others.
+    pub buf: Option<AlignedBuf>,
+    /// Caller's identification, returned in the completion.
+    pub token: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BdevError {
+    #[error("I/O error from the device: errno {0}")]
+    Os(i32),
+    #[error("range {offset}+{len} beyond the device's {size} bytes")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+}
+
+#[derive(Debug)]
+pub struct BdevDone {
+    pub token: u64,
+    pub result: Result<(), BdevError>,
+    pub buf: Option<AlignedBuf>,
+}
+
+pub trait BlockDevice: Send + Sync {
+    fn info(&self) -> &BdevInfo;
+    /// Opens this reactor's channel; `id` goes into `user_data` so completions find it.
+    fn channel(&self, id: u32) -> std::io::Result<Box<dyn BdevChannel>>;
+}
+
+pub trait BdevChannel {
+    fn submit(&mut self, io: BdevIo, ring: &mut Ring);
+    /// A ring completion addressed to this channel (`slot` from its `user_data`).
+    fn on_cqe(&mut self, slot: u32, res: i32, ring: &mut Ring);
+    /// Moves finished I/O to `done`; returns how many.
+    fn poll(&mut self, done: &mut Vec<BdevDone>) -> usize;
+    fn in_flight(&self) -> usize;
+}
+
+fn check_range(info: &BdevInfo, io: &BdevIo) -> Result<(), BdevError> {
+    let size = info.size_bytes();
+    if io.offset.checked_add(io.len).is_none_or(|end| end > size) {
+        return Err(BdevError::OutOfRange { offset: io.offset, len: io.len, size });
+    }
+    Ok(())
+}
