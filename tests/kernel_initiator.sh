@@ -29,7 +29,7 @@ SELFTEST=0
 for a in "$@"; do
     case $a in
         --self-test | --selftest) SELFTEST=1 ;;
-        -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "kernel_initiator: unknown argument $a (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -45,12 +45,16 @@ log() { echo "kernel_initiator: $*"; }
 MODE=$([ "$SELFTEST" = 1 ] && echo selftest || echo stagerd)
 LOGDIR=$REPO_ROOT/build/guest/logs/$MODE-$(date +%Y%m%d-%H%M%S)-$$
 mkdir -p "$LOGDIR"
+# keep the 20 newest run logs
+# shellcheck disable=SC2012
+ls -1dt "$REPO_ROOT"/build/guest/logs/*-*/ 2>/dev/null | tail -n +21 | xargs -r rm -rf
 CONSOLE=$LOGDIR/console.log
 STAGERD_LOG=$LOGDIR/stagerd.log
 TMP=$(mktemp -d /tmp/stager-kernel-initiator.XXXXXX)
 
 STAGERD_PID=""
 QEMU_PID=""
+# shellcheck disable=SC2317  # invoked through trap
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM HUP
@@ -201,7 +205,7 @@ fi
 if [ "$QRC" = 124 ] || [ "$QRC" = 137 ]; then
     why="guest timed out after ${GUEST_TIMEOUT}s"
 elif [ -n "$RESULT" ]; then
-    why=${RESULT#GUEST-RESULT: }
+    why=${RESULT#GUEST-RESULT: FAIL }
 else
     why="no GUEST-RESULT marker on the console (qemu exit status $QRC)"
 fi

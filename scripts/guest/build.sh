@@ -92,13 +92,20 @@ if [ -z "$KPKG" ]; then
 fi
 if [ -z "$KPKG" ]; then
     # Offline / no apt lists: fall back to the newest kernel already cached.
+    # shellcheck disable=SC2012
     KPKG=$(ls -1 "$OUT/kernel" 2>/dev/null | sed -n 's/^\(linux-image-.*\)\.done$/\1/p' | sort -V | tail -n1)
     [ -n "$KPKG" ] || die "cannot resolve the kernel package (apt-cache depends linux-image-amd64 gave nothing)"
     log "apt could not resolve linux-image-amd64; using cached $KPKG"
 fi
+if { [ ! -f "$OUT/kernel/$KPKG.done" ] || [ ! -f "$OUT/kernel/$KPKG/boot/vmlinuz-${KPKG#linux-image-}" ]; } && [ -z "${GUEST_KERNEL_PKG:-}" ] && [ "$APT_UPDATED" = 0 ]; then
+    # About to download: make sure the name is not from stale apt lists.
+    apt_update_once
+    KPKG=$(resolve_kernel_pkg || true)
+    [ -n "$KPKG" ] || die "cannot resolve the kernel package (apt-cache depends linux-image-amd64 gave nothing)"
+fi
 KVER=${KPKG#linux-image-}
 KROOT=$OUT/kernel/$KPKG
-if [ ! -f "$OUT/kernel/$KPKG.done" ]; then
+if [ ! -f "$OUT/kernel/$KPKG.done" ] || [ ! -f "$KROOT/boot/vmlinuz-$KVER" ]; then
     log "downloading kernel package $KPKG..."
     mkdir -p "$OUT/dl"
     rm -f "$OUT/dl/${KPKG}_"*.deb
@@ -106,7 +113,7 @@ if [ ! -f "$OUT/kernel/$KPKG.done" ]; then
         apt_update_once
         (cd "$OUT/dl" && apt-get -o APT::Sandbox::User=root download -qq "$KPKG")
     } || die "apt-get download $KPKG failed"
-    deb=$(ls -1 "$OUT/dl/${KPKG}_"*.deb | head -n1)
+    deb=$(find "$OUT/dl" -maxdepth 1 -name "${KPKG}_*.deb" | head -n1)
     log "extracting $(basename "$deb")..."
     rm -rf "$KROOT"
     mkdir -p "$KROOT"
@@ -115,10 +122,14 @@ if [ ! -f "$OUT/kernel/$KPKG.done" ]; then
     depmod -b "$KROOT" "$KVER"
     dpkg-deb -f "$deb" Version >"$KROOT/.version"
     touch "$OUT/kernel/$KPKG.done"
+    rm -f "$deb" # the extracted tree is the cache
+    # Drop kernels of older Debian ABIs (~400 MiB each).
+    for d in "$OUT"/kernel/linux-image-*; do
+        case $d in "$KROOT" | "$KROOT.done") ;; *) log "removing old cached kernel $(basename "$d")"; rm -rf "$d" ;; esac
+    done
 else
     log "kernel $KPKG cached ($(cat "$KROOT/.version" 2>/dev/null || echo '?'))"
 fi
-KCONFIG=$KROOT/boot/config-$KVER
 
 # --------------------------------------------------------------------------
 # 3. Collect initramfs inputs
@@ -136,6 +147,9 @@ kofiles=()
 builtin_mods=()
 for m in $MODULES; do
     deps=$(modprobe -d "$KROOT" -S "$KVER" --show-depends "$m" 2>&1) || {
+        case $m in
+            nvme-tcp | virtio_net | virtio_pci) die "required module $m not found in $KVER: $deps" ;;
+        esac
         log "warning: module $m not found in $KVER (skipped): $deps"
         continue
     }

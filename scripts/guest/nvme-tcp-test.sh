@@ -26,11 +26,20 @@ WORK=/tmp/nvme-tcp-test
 REGIONS=$(echo "${STAGER_REGIONS:-0:4,37:1,200:3,250:5}" | tr , " ")
 
 say() { echo "test: $*"; }
+# run_logged PREFIX CMD...: run CMD, show its output prefixed, return its status.
+run_logged() {
+    _p=$1
+    shift
+    "$@" >"$WORK/cmd.out" 2>&1
+    _rc=$?
+    sed "s/^/test: $_p: /" "$WORK/cmd.out"
+    return $_rc
+}
 fail() {
     say "FAIL: $*"
     echo "$*" >"$RESULT_FILE"
     say "---- dmesg (nvme) ----"
-    dmesg | grep -i -E 'nvme|tcp' | tail -n 40
+    dmesg | grep -i nvme | grep -v 'ommand line' | tail -n 40
     exit 1
 }
 
@@ -87,9 +96,7 @@ do_connect() {
             ;;
         *)
             say "connect: nvme connect -t tcp -a $ADDR -s $PORT -n $SUBNQN -q $HOSTNQN"
-            if ! nvme connect -t tcp -a "$ADDR" -s "$PORT" -n "$SUBNQN" -q "$HOSTNQN" 2>&1 | sed 's/^/test: nvme: /'; then
-                return 1
-            fi
+            run_logged nvme nvme connect -t tcp -a "$ADDR" -s "$PORT" -n "$SUBNQN" -q "$HOSTNQN" || return 1
             ;;
     esac
     return 0
@@ -109,29 +116,29 @@ connect_and_wait() {
     DEV=""
     n=0
     while [ $n -lt 300 ]; do # 30 s
-        st=$(cat /sys/class/nvme/$CTRL/state 2>/dev/null)
+        st=$(cat /sys/class/nvme/"$CTRL"/state 2>/dev/null)
         DEV=$(find_ns_dev)
         if [ "$st" = live ] && [ -n "$DEV" ] && [ -b "/dev/$DEV" ]; then break; fi
         DEV=""
         sleep 0.1
         n=$((n + 1))
     done
-    [ -n "$DEV" ] || fail "$1: no namespace block device for $SUBNQN on $CTRL after 30s (state=$(cat /sys/class/nvme/$CTRL/state 2>/dev/null))"
+    [ -n "$DEV" ] || fail "$1: no namespace block device for $SUBNQN on $CTRL after 30s (state=$(cat /sys/class/nvme/"$CTRL"/state 2>/dev/null))"
     t1=$(cut -d' ' -f1 /proc/uptime)
     say "$1: controller $CTRL live, namespace /dev/$DEV (connect took $(awk "BEGIN{print $t1-$t0}")s)"
     for a in transport address subsysnqn state cntlid model serial firmware_rev queue_count sqsize hostnqn; do
-        [ -r /sys/class/nvme/$CTRL/$a ] && say "  sysfs $CTRL/$a = $(cat /sys/class/nvme/$CTRL/$a | tr '\n' ' ')"
+        [ -r /sys/class/nvme/"$CTRL"/$a ] && say "  sysfs $CTRL/$a = $(cat /sys/class/nvme/"$CTRL"/$a | tr '\n' ' ')"
     done
-    say "  /dev/$DEV size = $(cat /sys/block/$DEV/size) sectors, logical_block_size = $(cat /sys/block/$DEV/queue/logical_block_size)"
+    say "  /dev/$DEV size = $(cat /sys/block/"$DEV"/size) sectors, logical_block_size = $(cat /sys/block/"$DEV"/queue/logical_block_size)"
 }
 
 disconnect() {
     say "$1: nvme disconnect -n $SUBNQN"
-    if ! nvme disconnect -n "$SUBNQN" 2>&1 | sed 's/^/test: nvme: /'; then
+    if ! run_logged nvme nvme disconnect -n "$SUBNQN"; then
         say "nvme disconnect failed; deleting controllers through sysfs"
     fi
     for c in $(ctrls_for_subsys); do
-        echo 1 >/sys/class/nvme/$c/delete_controller 2>/dev/null
+        echo 1 >/sys/class/nvme/"$c"/delete_controller 2>/dev/null
     done
     n=0
     while [ -n "$(ctrls_for_subsys)" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
@@ -141,7 +148,7 @@ disconnect() {
 
 # dd with O_DIRECT if this dd supports it, otherwise buffered + fsync and
 # dropped caches (the disconnect/reconnect below defeats the page cache anyway).
-if dd if=/dev/zero of=/dev/null bs=4096 count=1 oflag=direct iflag=direct 2>/dev/null; then
+if dd --help 2>&1 | grep -q 'oflag=.*direct'; then
     WFLAG="oflag=direct"
     RFLAG="iflag=direct"
 else
@@ -151,10 +158,9 @@ fi
 
 # ------------------------------------------------------------- discovery --
 say "step 1: discovery"
-nvme discover -t tcp -a "$ADDR" -s "$PORT" -q "$HOSTNQN" >"$WORK/discover.log" 2>&1
-rc=$?
-sed 's/^/test: discover: /' "$WORK/discover.log"
-[ $rc -eq 0 ] || fail "nvme discover failed (status $rc)"
+run_logged discover nvme discover -t tcp -a "$ADDR" -s "$PORT" -q "$HOSTNQN" ||
+    fail "nvme discover -t tcp -a $ADDR -s $PORT failed (status $?)"
+cp "$WORK/cmd.out" "$WORK/discover.log"
 grep -q -F "$SUBNQN" "$WORK/discover.log" || fail "subsystem $SUBNQN not in discovery log page"
 grep -q -E 'trtype: *tcp' "$WORK/discover.log" || fail "discovery log entry has no trtype tcp"
 say "discovery log lists $SUBNQN"
@@ -163,16 +169,16 @@ say "discovery log lists $SUBNQN"
 say "step 2: connect"
 connect_and_wait "connect #1"
 DEV1=$DEV
-SIZE_MIB=$(($(cat /sys/block/$DEV/size) / 2048))
+SIZE_MIB=$(($(cat /sys/block/"$DEV"/size) / 2048))
 
 say "---- nvme list ----"
-nvme list 2>&1 | sed 's/^/test: /'
+run_logged list nvme list || fail "nvme list failed"
 say "---- nvme list-subsys ----"
-nvme list-subsys 2>&1 | sed 's/^/test: /'
+run_logged list-subsys nvme list-subsys || fail "nvme list-subsys failed"
 say "---- nvme id-ctrl /dev/$CTRL ----"
-nvme id-ctrl /dev/$CTRL 2>&1 | sed 's/^/test: /' || fail "nvme id-ctrl /dev/$CTRL failed"
+run_logged id-ctrl nvme id-ctrl "/dev/$CTRL" || fail "nvme id-ctrl /dev/$CTRL failed"
 say "---- nvme id-ns /dev/$DEV ----"
-nvme id-ns /dev/$DEV 2>&1 | sed 's/^/test: /' || fail "nvme id-ns /dev/$DEV failed"
+run_logged id-ns nvme id-ns "/dev/$DEV" || fail "nvme id-ns /dev/$DEV failed"
 
 # ----------------------------------------------------------------- write --
 say "step 3: write patterns ($REGIONS, MiB offset:length) to /dev/$DEV ($SIZE_MIB MiB) with $WFLAG"
@@ -188,9 +194,9 @@ for r in $REGIONS; do
     # writes are caught), plus the 1 MiB guard just after the region as it
     # was before the write (an overlong write would change it).
     dd if=/dev/urandom of="$WORK/pat-$off" bs=1M count="$len" 2>/dev/null || fail "cannot generate pattern"
-    dd if=/dev/$DEV of="$WORK/guard-$off" bs=1M skip=$((off + len)) count=1 $RFLAG 2>/dev/null ||
+    dd if="/dev/$DEV" of="$WORK/guard-$off" bs=1M skip=$((off + len)) count=1 $RFLAG 2>/dev/null ||
         fail "read of guard region after $r failed"
-    if ! dd if="$WORK/pat-$off" of=/dev/$DEV bs=1M seek="$off" count="$len" $WFLAG 2>"$WORK/dd.err"; then
+    if ! dd if="$WORK/pat-$off" of="/dev/$DEV" bs=1M seek="$off" count="$len" $WFLAG 2>"$WORK/dd.err"; then
         cat "$WORK/dd.err"
         fail "write of $len MiB at $off MiB failed"
     fi
@@ -209,18 +215,18 @@ say "step 5: read back and compare with $RFLAG"
 for r in $REGIONS; do
     off=${r%%:*}
     len=${r#*:}
-    if ! dd if=/dev/$DEV of="$WORK/rb-$off" bs=1M skip="$off" count="$len" $RFLAG 2>"$WORK/dd.err"; then
+    if ! dd if="/dev/$DEV" of="$WORK/rb-$off" bs=1M skip="$off" count="$len" $RFLAG 2>"$WORK/dd.err"; then
         cat "$WORK/dd.err"
         fail "read of $len MiB at $off MiB failed"
     fi
     want=$(md5sum <"$WORK/pat-$off" | cut -d' ' -f1)
     got=$(md5sum <"$WORK/rb-$off" | cut -d' ' -f1)
     if ! cmp "$WORK/pat-$off" "$WORK/rb-$off" >"$WORK/cmp.out" 2>&1; then
-        cat "$WORK/cmp.out" | head -n 3 | sed 's/^/test: /'
+        head -n 3 "$WORK/cmp.out" | sed 's/^/test: /'
         fail "data mismatch in $len MiB at $off MiB (want md5 $want, got $got)"
     fi
     say "  $len MiB at $off MiB matches (md5 $got)"
-    dd if=/dev/$DEV of="$WORK/rbg-$off" bs=1M skip=$((off + len)) count=1 $RFLAG 2>/dev/null ||
+    dd if="/dev/$DEV" of="$WORK/rbg-$off" bs=1M skip=$((off + len)) count=1 $RFLAG 2>/dev/null ||
         fail "read of guard region after $r failed"
     cmp -s "$WORK/guard-$off" "$WORK/rbg-$off" ||
         fail "guard MiB at $((off + len)) MiB changed (write past region $r?)"

@@ -24,7 +24,7 @@ say() { echo "nvmet: $*"; }
 fail() {
     say "FAIL: $*"
     echo "self-test target setup: $*" >"$RESULT_FILE"
-    dmesg | grep -i nvme | tail -n 20
+    dmesg | grep -i nvme | grep -v 'ommand line' | tail -n 20
     exit 1
 }
 w() { # w VALUE FILE
@@ -34,14 +34,14 @@ w() { # w VALUE FILE
 for m in nvmet nvmet-tcp; do
     modprobe "$m" || fail "modprobe $m failed"
 done
-mountpoint -q $CFG || mount -t configfs configfs $CFG || fail "cannot mount configfs"
+grep -q " $CFG " /proc/mounts || mount -t configfs configfs $CFG || fail "cannot mount configfs"
 [ -d $CFG/nvmet ] || fail "$CFG/nvmet missing after modprobe nvmet"
 
 # Backing store.
 case $BACKEND in
     file)
         mkdir -p /srv
-        mountpoint -q /srv || mount -t tmpfs -o size=$((NS_MIB + 16))m tmpfs /srv || fail "mount tmpfs /srv"
+        grep -q " /srv " /proc/mounts || mount -t tmpfs -o size=$((NS_MIB + 16))m tmpfs /srv || fail "mount tmpfs /srv"
         # Sparse: only written blocks take guest memory.
         dd if=/dev/zero of=/srv/ns1.img bs=1M count=0 seek="$NS_MIB" 2>/dev/null || fail "create /srv/ns1.img"
         DEVPATH=/srv/ns1.img

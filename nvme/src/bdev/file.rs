@@ -92,6 +92,9 @@ impl BlockDevice for FileDevice {
             in_flight: 0,
         }))
     }
+    fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_all()
+    }
 }
 
 struct Slot {

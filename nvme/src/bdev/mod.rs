@@ -70,6 +70,10 @@ pub trait BlockDevice: Send + Sync {
     fn info(&self) -> &BdevInfo;
     /// Opens this reactor's channel; `id` goes into `user_data` so completions find it.
     fn channel(&self, id: u32) -> std::io::Result<Box<dyn BdevChannel>>;
+    /// Makes everything written so far durable (called at shutdown).
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 pub trait BdevChannel {

@@ -1,0 +1,270 @@
+//! A reactor: one thread pinned to one core that owns its connections, its bdev channels and
+//! its io_uring, and polls them all in one loop (SPDK's reactor, in Rust). Other threads reach
+//! it only through its message channel plus an eventfd that wakes it.
+//!
+//! **Adaptive polling.** While there was work within the last `idle_poll` (a configured few
+//! hundred µs), the loop spins: submit, reap, repeat — waking a sleeping thread costs ~45 µs on
+//! these machines (shared/PERF.md), more than a whole polled round trip. Once idle for longer,
+//! it sleeps in `io_uring_enter` until a completion arrives: a socket receive, a device
+//! completion, or the eventfd. An idle target therefore uses ~0% CPU.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use io_uring::{opcode, types};
+use stager_nvme::bdev::{BdevChannel, BdevDone, BufPool};
+use stager_nvme::uring::{kind, split, user_data, Ring};
+use tracing::{debug, error, info, warn};
+
+use crate::constants::{POOL_KEEP_PER_CLASS, RING_ENTRIES, SLEEP_MAX, TIMER_TICK};
+use crate::subsystem::TargetShared;
+use crate::transport::tcp::Connection;
+use crate::transport::ReactorCtx;
+
+pub enum ReactorMsg {
+    Connection(TcpStream, SocketAddr),
+    /// Finish in-flight I/O, close every connection, exit.
+    Stop,
+}
+
+/// The handle other threads keep to talk to a reactor.
+pub struct ReactorHandle {
+    pub id: usize,
+    tx: Sender<ReactorMsg>,
+    wake: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ReactorHandle {
+    pub fn send(&self, msg: ReactorMsg) {
+        if self.tx.send(msg).is_ok() {
+            wake(&self.wake);
+        }
+    }
+
+    pub fn stop_and_join(&mut self) {
+        self.send(ReactorMsg::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+    unsafe {
+        libc::write(fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8);
+    }
+}
+
+/// Starts reactor `id` pinned to `core`. Returns once its ring and channels are open.
+pub fn spawn(id: usize, core: Option<usize>, target: Arc<TargetShared>) -> std::io::Result<ReactorHandle> {
+    // SAFETY: eventfd returns a new descriptor or -1; we check before taking ownership.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: raw is a valid descriptor that nothing else owns.
+    let wake_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let wake2 = wake_fd.clone();
+    let thread = std::thread::Builder::new().name(format!("reactor-{id}")).spawn(move || {
+        if let Some(c) = core {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id: c }) {
+                warn!("reactor {id}: could not pin to core {c}; running unpinned");
+            }
+        }
+        match Reactor::new(id, target, rx, wake2) {
+            Ok(mut r) => {
+                let _ = ready_tx.send(Ok(()));
+                r.run();
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        }
+    })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(ReactorHandle { id, tx, wake: wake_fd, thread: Some(thread) }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => Err(std::io::Error::other(format!("reactor {id} died while starting"))),
+    }
+}
+
+struct Reactor {
+    id: usize,
+    target: Arc<TargetShared>,
+    ring: Ring,
+    channels: Vec<Box<dyn BdevChannel>>,
+    pool: BufPool,
+    rx: Receiver<ReactorMsg>,
+    wake_fd: Arc<OwnedFd>,
+    /// The eventfd read lands here; boxed so its address is stable while the read is armed.
+    wake_buf: Box<[u8; 8]>,
+    conns: Vec<Option<Connection>>,
+    free_conns: Vec<u32>,
+    stopping: bool,
+}
+
+impl Reactor {
+    fn new(
+        id: usize,
+        target: Arc<TargetShared>,
+        rx: Receiver<ReactorMsg>,
+        wake_fd: Arc<OwnedFd>,
+    ) -> std::io::Result<Reactor> {
+        let ring = Ring::new(RING_ENTRIES)?;
+        let mut channels = Vec::with_capacity(target.namespaces.len());
+        for ns in &target.namespaces {
+            channels.push(ns.bdev.channel(ns.channel).map_err(|e| {
+                std::io::Error::other(format!("reactor {id}: cannot open a channel on {}: {e}", ns.bdev.info().name))
+            })?);
+        }
+        let mut r = Reactor {
+            id,
+            target,
+            ring,
+            channels,
+            pool: BufPool::new(POOL_KEEP_PER_CLASS),
+            rx,
+            wake_fd,
+            wake_buf: Box::new([0; 8]),
+            conns: Vec::new(),
+            free_conns: Vec::new(),
+            stopping: false,
+        };
+        r.arm_wake();
+        Ok(r)
+    }
+
+    fn arm_wake(&mut self) {
+        let e = opcode::Read::new(types::Fd(self.wake_fd.as_raw_fd()), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(user_data(kind::WAKE, 0, 0));
+        self.ring.push(e);
+    }
+
+    fn run(&mut self) {
+        debug!("reactor {} running", self.id);
+        let idle_poll = self.target.limits.idle_poll;
+        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(1024);
+        let mut done: Vec<BdevDone> = Vec::with_capacity(1024);
+        let mut last_work = Instant::now();
+        let mut next_tick = Instant::now() + TIMER_TICK;
+        loop {
+            let mut work = 0usize;
+            while let Ok(msg) = self.rx.try_recv() {
+                work += 1;
+                match msg {
+                    ReactorMsg::Connection(s, peer) => self.add(s, peer),
+                    ReactorMsg::Stop => {
+                        self.stopping = true;
+                        for c in self.conns.iter_mut().flatten() {
+                            c.close("target shutting down");
+                        }
+                    }
+                }
+            }
+            if self.stopping && self.conns.iter().all(|c| c.is_none()) {
+                info!("reactor {} stopped", self.id);
+                return;
+            }
+            let now = Instant::now();
+            cqes.clear();
+            let spin = now.duration_since(last_work) < idle_poll;
+            let reaped = if spin {
+                self.ring.submit_and_reap(&mut cqes)
+            } else {
+                let until_tick = next_tick.saturating_duration_since(now).max(std::time::Duration::from_micros(100));
+                self.ring.submit_and_wait(until_tick.min(SLEEP_MAX), &mut cqes)
+            };
+            if let Err(e) = reaped {
+                error!("reactor {}: io_uring_enter failed: {e}", self.id);
+            }
+            let now = Instant::now();
+            work += cqes.len();
+            let Reactor { ring, channels, pool, target, conns, .. } = self;
+            let mut cx = ReactorCtx { ring, channels, pool, target, now, reactor: self.id };
+            let mut rearm_wake = false;
+            for &(ud, res) in &cqes {
+                let (k, a, b) = split(ud);
+                match k {
+                    kind::SOCKET_RECV => {
+                        if let Some(Some(c)) = conns.get_mut(a as usize) {
+                            c.on_recv(res, &mut cx);
+                        }
+                    }
+                    kind::SOCKET_SEND => {
+                        if let Some(Some(c)) = conns.get_mut(a as usize) {
+                            c.on_send(res);
+                        }
+                    }
+                    kind::BDEV => {
+                        if let Some(ch) = cx.channels.get_mut(a as usize) {
+                            ch.on_cqe(b, res, cx.ring);
+                        }
+                    }
+                    kind::WAKE => rearm_wake = true,
+                    _ => warn!("reactor {}: completion with unknown owner {ud:#x}", self.id),
+                }
+            }
+            done.clear();
+            for ch in cx.channels.iter_mut() {
+                ch.poll(&mut done);
+            }
+            work += done.len();
+            for d in done.drain(..) {
+                let (ci, slot) = ((d.token >> 32) as usize, d.token as u16);
+                if let Some(Some(c)) = conns.get_mut(ci) {
+                    c.on_bdev_done(slot, d, &mut cx);
+                }
+            }
+            let tick = now >= next_tick;
+            if tick {
+                next_tick = now + TIMER_TICK;
+            }
+            for i in 0..conns.len() {
+                let Some(c) = conns[i].as_mut() else { continue };
+                if tick {
+                    c.tick(now);
+                }
+                c.arm(&mut cx);
+                if c.finished() {
+                    if let Some(mut c) = conns[i].take() {
+                        c.release();
+                        debug!("reactor {}: connection from {} released", self.id, c.peer);
+                    }
+                    self.free_conns.push(i as u32);
+                }
+            }
+            if rearm_wake {
+                self.arm_wake();
+            }
+            if work > 0 {
+                last_work = now;
+            }
+        }
+    }
+
+    fn add(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let idx = self.free_conns.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            (self.conns.len() - 1) as u32
+        });
+        let Reactor { ring, channels, pool, target, .. } = self;
+        let cx = ReactorCtx { ring, channels, pool, target, now: Instant::now(), reactor: self.id };
+        let conn = Connection::new(idx, stream, peer, &cx);
+        debug!("reactor {}: new connection from {peer}", self.id);
+        self.conns[idx as usize] = Some(conn);
+    }
+}

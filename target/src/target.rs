@@ -1,0 +1,177 @@
+//! `Target`: builds everything a configuration describes — listeners, block devices,
+//! namespaces, subsystems (plus the discovery subsystem), reactors, acceptors — and tears it
+//! down in order: stop accepting, let reactors finish in-flight I/O and close connections,
+//! then sync the devices.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use stager_nvme::bdev::{BlockDevice, FileDevice, MemoryDevice};
+use stager_nvme::DISCOVERY_NQN;
+use tracing::info;
+
+use crate::config::{BackendConfig, Config};
+use crate::reactor::{self, ReactorHandle};
+use crate::subsystem::{Limits, Namespace, Subsystem, SubsystemKind, TargetShared};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listener {name}: cannot listen on {addr}: {source}")]
+    Listen { name: String, addr: SocketAddr, source: std::io::Error },
+    #[error("subsystem {nqn} namespace {nsid}: cannot open {backend} backend: {source}")]
+    Backend { nqn: String, nsid: u32, backend: String, source: std::io::Error },
+    #[error("cannot start reactor {id}: {source}")]
+    Reactor { id: usize, source: std::io::Error },
+}
+
+pub struct Target {
+    shared: Arc<TargetShared>,
+    reactors: Arc<Vec<ReactorHandle>>,
+    acceptors: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    listen_addrs: Vec<SocketAddr>,
+}
+
+impl Target {
+    /// Starts a target; `config` must have been validated (`config::load`/`parse` do that).
+    pub fn start(config: Config) -> Result<Target, StartError> {
+        let mut listeners = Vec::new();
+        let mut by_name: HashMap<String, SocketAddr> = HashMap::new();
+        for l in &config.listeners {
+            let sock = TcpListener::bind(l.address).map_err(|source| StartError::Listen {
+                name: l.name.clone(),
+                addr: l.address,
+                source,
+            })?;
+            let addr = sock.local_addr().map_err(|source| StartError::Listen {
+                name: l.name.clone(),
+                addr: l.address,
+                source,
+            })?;
+            by_name.insert(l.name.clone(), addr);
+            listeners.push((l.name.clone(), sock, addr));
+        }
+        let all_addrs: Vec<SocketAddr> = listeners.iter().map(|(_, _, a)| *a).collect();
+        let mut namespaces: Vec<Arc<Namespace>> = Vec::new();
+        let mut subsystems = HashMap::new();
+        for s in &config.subsystems {
+            let mut nss = Vec::new();
+            for n in &s.namespaces {
+                let bdev: Arc<dyn BlockDevice> = match &n.backend {
+                    BackendConfig::Memory { size_bytes, block_size } => {
+                        Arc::new(MemoryDevice::new(&format!("{}/ns{}", s.nqn, n.nsid), *size_bytes, *block_size))
+                    }
+                    BackendConfig::File { path, size_bytes, block_size, direct } => {
+                        Arc::new(FileDevice::open(path, *size_bytes, *block_size, *direct).map_err(|source| {
+                            StartError::Backend {
+                                nqn: s.nqn.clone(),
+                                nsid: n.nsid,
+                                backend: format!("file {}", path.display()),
+                                source,
+                            }
+                        })?)
+                    }
+                };
+                let ns = Arc::new(Namespace {
+                    nsid: n.nsid,
+                    channel: namespaces.len() as u32,
+                    bdev,
+                    uuid: n.effective_uuid(&s.nqn),
+                });
+                namespaces.push(ns.clone());
+                nss.push(ns);
+            }
+            let addrs = if s.listeners.is_empty() {
+                all_addrs.clone()
+            } else {
+                s.listeners.iter().filter_map(|l| by_name.get(l).copied()).collect()
+            };
+            let sub = Subsystem::new(
+                SubsystemKind::Nvm,
+                s.nqn.clone(),
+                s.serial.clone(),
+                s.model.clone(),
+                s.allow_any_host,
+                s.hosts.clone(),
+                addrs,
+                nss,
+            );
+            subsystems.insert(s.nqn.clone(), Arc::new(sub));
+        }
+        let discovery = Subsystem::new(
+            SubsystemKind::Discovery,
+            DISCOVERY_NQN.into(),
+            "STAGER-DISCOVERY".into(),
+            "Stager discovery".into(),
+            true,
+            Vec::new(),
+            all_addrs.clone(),
+            Vec::new(),
+        );
+        subsystems.insert(DISCOVERY_NQN.into(), Arc::new(discovery));
+        let t = &config.transport;
+        let limits = Limits {
+            max_queue_depth: t.max_queue_depth,
+            max_io_queues: t.max_io_queues,
+            in_capsule_bytes: t.in_capsule_data_bytes as usize,
+            max_h2c_data_bytes: t.max_h2c_data_bytes as usize,
+            max_io_bytes: t.max_io_bytes as usize,
+            idle_poll: std::time::Duration::from_micros(config.reactors.idle_poll_us),
+        };
+        let shared = Arc::new(TargetShared { subsystems, limits, namespaces });
+        let mut reactors = Vec::new();
+        for (id, core) in config.reactors.cores.iter().enumerate() {
+            match reactor::spawn(id, Some(*core), shared.clone()) {
+                Ok(r) => reactors.push(r),
+                Err(source) => {
+                    for mut r in reactors {
+                        r.stop_and_join();
+                    }
+                    return Err(StartError::Reactor { id, source });
+                }
+            }
+        }
+        let reactors = Arc::new(reactors);
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut acceptors = Vec::new();
+        for (name, sock, addr) in listeners {
+            let h = crate::acceptor::spawn(sock, name.clone(), reactors.clone(), next.clone(), stop.clone())
+                .map_err(|source| StartError::Listen { name: name.clone(), addr, source })?;
+            info!("listening on {addr} (listener {name}, NVMe/TCP)");
+            acceptors.push(h);
+        }
+        Ok(Target { shared, reactors, acceptors, stop, listen_addrs: all_addrs })
+    }
+
+    /// The address listener `i` actually bound (useful with port 0).
+    pub fn listen_addr(&self, i: usize) -> SocketAddr {
+        self.listen_addrs[i]
+    }
+
+    pub fn subsystem(&self, nqn: &str) -> Option<&Arc<Subsystem>> {
+        self.shared.subsystems.get(nqn)
+    }
+
+    /// Stops accepting, finishes in-flight I/O, closes connections, syncs devices.
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for a in self.acceptors.drain(..) {
+            let _ = a.join();
+        }
+        if let Some(rs) = Arc::get_mut(&mut self.reactors) {
+            for r in rs.iter_mut() {
+                r.stop_and_join();
+            }
+        }
+        for ns in &self.shared.namespaces {
+            if let Err(e) = ns.bdev.sync() {
+                tracing::warn!("syncing {} failed: {e}", ns.bdev.info().name);
+            }
+        }
+        info!("target stopped");
+    }
+}

@@ -1,0 +1,81 @@
+//! Shared helpers for the target's integration tests: start an in-process target on an
+//! ephemeral port with memory namespaces, connect hosts to it, make patterns.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use stager_nvme::host::{Controller, HostOptions};
+use stager_target::config::{self, BackendConfig, Config, NamespaceConfig};
+use stager_target::Target;
+
+pub const NQN: &str = "nqn.2026-11.dev.stager:test";
+pub const HOSTNQN: &str = "nqn.2026-11.dev.stager:test-host";
+
+/// A config with one subsystem: nsid 1 = 64 MiB memory (4 KiB blocks), nsid 2 = 16 MiB memory
+/// (512-byte blocks); only HOSTNQN may connect.
+pub fn config() -> Config {
+    let mut c = config::embedded_default();
+    c.listeners[0].address = "127.0.0.1:0".parse().unwrap();
+    c.reactors.idle_poll_us = 200;
+    let s = &mut c.subsystems[0];
+    s.nqn = NQN.into();
+    s.allow_any_host = false;
+    s.hosts = vec![HOSTNQN.into()];
+    s.namespaces = vec![
+        NamespaceConfig {
+            nsid: 1,
+            backend: BackendConfig::Memory { size_bytes: 64 << 20, block_size: 4096 },
+            uuid: None,
+        },
+        NamespaceConfig {
+            nsid: 2,
+            backend: BackendConfig::Memory { size_bytes: 16 << 20, block_size: 512 },
+            uuid: None,
+        },
+    ];
+    c
+}
+
+pub struct TestTarget {
+    pub target: Option<Target>,
+    pub addr: SocketAddr,
+}
+
+impl TestTarget {
+    pub fn start(c: Config) -> TestTarget {
+        let target = Target::start(c).expect("target starts");
+        let addr = target.listen_addr(0);
+        TestTarget { target: Some(target), addr }
+    }
+    pub fn default() -> TestTarget {
+        Self::start(config())
+    }
+    pub fn connect(&self, opts: &HostOptions) -> Controller {
+        Controller::connect(self.addr, NQN, opts).expect("host connects")
+    }
+}
+
+impl Drop for TestTarget {
+    fn drop(&mut self) {
+        if let Some(t) = self.target.take() {
+            t.shutdown();
+        }
+    }
+}
+
+pub fn opts() -> HostOptions {
+    HostOptions { hostnqn: HOSTNQN.into(), timeout_ms: 10_000, ..HostOptions::default() }
+}
+
+/// Deterministic bytes that differ per (seed, position).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
