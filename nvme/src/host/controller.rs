@@ -203,11 +203,7 @@ pub fn connect_queue(
         hostnqn: opts.hostnqn.clone(),
     };
     let (cmd, data) = c.encode(0);
-    let saved = q.in_capsule_max;
-    q.in_capsule_max = fabrics::CONNECT_DATA_BYTES;
-    let r = q.execute(cmd, data, DataDirection::HostToController);
-    q.in_capsule_max = saved;
-    let r = r?;
+    let r = q.execute_in_capsule(cmd, data)?;
     r.ok()?;
     Ok(r.completion.dw0 as u16)
 }

@@ -129,14 +129,33 @@ impl QueuePair {
 
     /// Submits a command. For writes `data` is the payload; for reads a buffer of the
     /// transfer length. The CID and SGL are set here.
-    pub fn submit(&mut self, mut cmd: Command, data: Vec<u8>, dir: DataDirection, tag: u64) -> Result<()> {
+    pub fn submit(&mut self, cmd: Command, data: Vec<u8>, dir: DataDirection, tag: u64) -> Result<()> {
+        self.submit_inner(cmd, data, dir, tag, true)
+    }
+
+    /// Submits with the SGL exactly as the caller set it (tests send descriptors a correct
+    /// host never would); data is never put in the capsule.
+    pub fn submit_with_sgl(&mut self, cmd: Command, data: Vec<u8>, dir: DataDirection, tag: u64) -> Result<()> {
+        self.submit_inner(cmd, data, dir, tag, false)
+    }
+
+    fn submit_inner(
+        &mut self,
+        mut cmd: Command,
+        data: Vec<u8>,
+        dir: DataDirection,
+        tag: u64,
+        set_sgl: bool,
+    ) -> Result<()> {
         let Some(cid) = self.free_cids.pop() else {
             return Err(HostError::QueueFull(self.outstanding()));
         };
         cmd.set_cid(cid);
         let in_capsule =
-            dir == DataDirection::HostToController && !data.is_empty() && data.len() <= self.in_capsule_max;
-        if data.is_empty() {
+            set_sgl && dir == DataDirection::HostToController && !data.is_empty() && data.len() <= self.in_capsule_max;
+        if !set_sgl {
+            // Keep the caller's descriptor.
+        } else if data.is_empty() {
             cmd.set_sgl(sgl::TRANSPORT, 0, 0);
         } else if in_capsule {
             cmd.set_sgl(sgl::IN_CAPSULE, 0, data.len() as u32);
@@ -147,6 +166,16 @@ impl QueuePair {
         pdu::encode(&Pdu::CapsuleCmd(cmd), payload, self.digests, &mut self.tx);
         self.slots[cid as usize] = Some(Slot { tag, dir, data, received: 0 });
         self.flush()
+    }
+
+    /// Runs a command whose data goes in the capsule regardless of the queue's in-capsule
+    /// limit (Connect uses it; tests use it for raw fabrics commands).
+    pub fn execute_in_capsule(&mut self, cmd: Command, data: Vec<u8>) -> Result<Response> {
+        let saved = self.in_capsule_max;
+        self.in_capsule_max = data.len().max(saved);
+        let r = self.execute(cmd, data, DataDirection::HostToController);
+        self.in_capsule_max = saved;
+        r
     }
 
     /// Processes whatever has arrived without blocking; appends finished commands to `out`.
