@@ -370,7 +370,7 @@ impl AdminState {
         let numd = ((cmd.cdw(10) >> 16) | ((cmd.cdw(11) & 0xFFFF) << 16)) as usize + 1;
         let offset = cmd.cdw(12) as u64 | ((cmd.cdw(13) as u64) << 32);
         let len = numd * 4;
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return AdminOutcome::status(Status::INVALID_FIELD);
         }
         let page = match (id, self.is_discovery()) {

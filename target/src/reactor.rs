@@ -232,14 +232,14 @@ impl Reactor {
             if tick {
                 next_tick = now + TIMER_TICK;
             }
-            for i in 0..conns.len() {
-                let Some(c) = conns[i].as_mut() else { continue };
+            for (i, slot) in conns.iter_mut().enumerate() {
+                let Some(c) = slot.as_mut() else { continue };
                 if tick {
                     c.tick(now);
                 }
                 c.arm(&mut cx);
                 if c.finished() {
-                    if let Some(mut c) = conns[i].take() {
+                    if let Some(mut c) = slot.take() {
                         c.release();
                         debug!("reactor {}: connection from {} released", self.id, c.peer);
                     }

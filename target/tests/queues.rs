@@ -19,7 +19,7 @@ fn queue_depth_128_pipelined() {
     let q = c.io_queue(0);
     assert_eq!(q.depth(), 128);
     // 128 writes in flight at once, mixed in-capsule (4 KiB) and R2T (16 KiB) sizes.
-    let len = |i: u64| if i % 2 == 0 { 4096 } else { 16384 };
+    let len = |i: u64| if i.is_multiple_of(2) { 4096 } else { 16384 };
     for i in 0..128u64 {
         let l = len(i);
         q.submit(io_cmd::write(1, i * 8, (l / 4096) as u32), pattern(i, l), DataDirection::HostToController, i)

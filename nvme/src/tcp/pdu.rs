@@ -523,7 +523,8 @@ mod tests {
         let dg = Digests::default();
         let mut cmd = Vec::new();
         encode(&Pdu::CapsuleCmd(Command::new(1, 5)), &[], dg, &mut cmd);
-        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, u16, u32)> = vec![
+        type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(Mutation, u16, u32)> = vec![
             (Box::new(|b| b[0] = 0x42), fes::INVALID_HEADER_FIELD, field::PDU_TYPE),
             (Box::new(|b| b[2] = 71), fes::INVALID_HEADER_FIELD, field::HLEN),
             (Box::new(|b| b[4] = 10), fes::INVALID_HEADER_FIELD, field::PLEN),
