@@ -49,8 +49,11 @@ pub struct QueuePair {
     maxh2cdata: usize,
     /// In-capsule data limit for this queue (0 on the admin queue except for Connect).
     pub(crate) in_capsule_max: usize,
+    /// Receive buffer; bytes live in `rx[rx_start..rx_end]`. It grows only when one PDU is
+    /// larger than it (a big C2HData), never per read.
     rx: Vec<u8>,
     rx_start: usize,
+    rx_end: usize,
     tx: Vec<u8>,
     slots: Vec<Option<Slot>>,
     free_cids: Vec<u16>,
@@ -58,7 +61,8 @@ pub struct QueuePair {
     timeout: Duration,
 }
 
-const RX_CHUNK: usize = 256 * 1024;
+/// Initial receive buffer: several PDUs per read; grows to fit one larger PDU when needed.
+const RX_BYTES: usize = 1 << 20;
 
 impl QueuePair {
     /// Opens the TCP connection and does the ICReq/ICResp exchange. `depth` bounds
@@ -74,8 +78,9 @@ impl QueuePair {
             digests: Digests::default(),
             maxh2cdata: 0,
             in_capsule_max: 0,
-            rx: Vec::with_capacity(RX_CHUNK * 2),
+            rx: vec![0; RX_BYTES],
             rx_start: 0,
+            rx_end: 0,
             tx: Vec::with_capacity(64 * 1024),
             slots: (0..depth).map(|_| None).collect(),
             free_cids: (0..depth as u16).rev().collect(),
@@ -165,7 +170,11 @@ impl QueuePair {
         let payload: &[u8] = if in_capsule { &data } else { &[] };
         pdu::encode(&Pdu::CapsuleCmd(cmd), payload, self.digests, &mut self.tx);
         self.slots[cid as usize] = Some(Slot { tag, dir, data, received: 0 });
-        self.flush()
+        // Sent with the next poll/wait, so a burst of submissions leaves in one write.
+        if self.tx.len() >= 256 * 1024 {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Runs a command whose data goes in the capsule regardless of the queue's in-capsule
@@ -180,6 +189,7 @@ impl QueuePair {
 
     /// Processes whatever has arrived without blocking; appends finished commands to `out`.
     pub fn poll(&mut self, out: &mut Vec<Response>) -> Result<usize> {
+        self.flush()?;
         self.fill()?;
         let mut done = 0;
         while let Some(frame) = self.next_frame(self.digests)? {
@@ -325,46 +335,43 @@ impl QueuePair {
     /// Decodes the next whole PDU in the receive buffer, if any. Does not consume it:
     /// `on_frame` advances `rx_start` (so C2HData can copy out of the buffer first).
     fn next_frame(&mut self, digests: Digests) -> Result<Option<pdu::Frame>> {
-        let buf = &self.rx[self.rx_start..];
+        let buf = &self.rx[self.rx_start..self.rx_end];
         match pdu::decode(buf, digests, crate::constants::PDU_LEN_MAX) {
-            Ok(Decoded::Need(_)) => Ok(None),
+            Ok(Decoded::Need(n)) => {
+                if n > self.rx.len() {
+                    // One PDU larger than the buffer: make room for it (bounded by PDU_LEN_MAX).
+                    self.rx.resize(n + 64 * 1024, 0);
+                }
+                Ok(None)
+            }
             Ok(Decoded::Frame(f)) => Ok(Some(f)),
             Err(e) => Err(HostError::Protocol(format!("malformed PDU from the target: {e}"))),
         }
     }
 
-    /// Reads everything available now (non-blocking).
+    /// Reads what is available now (non-blocking) into the free end of the buffer.
     fn fill(&mut self) -> Result<()> {
-        if self.rx_start > 0 && self.rx_start == self.rx.len() {
-            self.rx.clear();
+        if self.rx_start == self.rx_end {
             self.rx_start = 0;
-        } else if self.rx_start > RX_CHUNK {
-            self.rx.drain(..self.rx_start);
+            self.rx_end = 0;
+        } else if self.rx_start > 0 && self.rx.len() - self.rx_end < self.rx.len() / 4 {
+            self.rx.copy_within(self.rx_start..self.rx_end, 0);
+            self.rx_end -= self.rx_start;
             self.rx_start = 0;
         }
         loop {
-            let len = self.rx.len();
-            self.rx.resize(len + RX_CHUNK, 0);
-            match self.stream.read(&mut self.rx[len..]) {
-                Ok(0) => {
-                    self.rx.truncate(len);
-                    return Err(HostError::Closed);
-                }
+            if self.rx_end == self.rx.len() {
+                return Ok(());
+            }
+            match self.stream.read(&mut self.rx[self.rx_end..]) {
+                Ok(0) => return Err(HostError::Closed),
                 Ok(n) => {
-                    self.rx.truncate(len + n);
-                    if n < RX_CHUNK {
-                        return Ok(());
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    self.rx.truncate(len);
+                    self.rx_end += n;
                     return Ok(());
                 }
-                Err(e) if e.kind() == ErrorKind::Interrupted => self.rx.truncate(len),
-                Err(e) => {
-                    self.rx.truncate(len);
-                    return Err(e.into());
-                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
