@@ -1,22 +1,40 @@
-//! A RAM-backed device: the fastest namespace, for benchmarks and tests. Storage is a shared
-//! array of atomic words so reactors on several cores can use it without locks or `unsafe`;
-//! overlapping concurrent writes may interleave per 8-byte word, as they may on real media.
+//! A RAM-backed device: the fastest namespace, for benchmarks and tests.
+//!
+//! Storage is split into 64 KiB chunks, each behind its own `RwLock`, shared by every reactor's
+//! channel. This is the one lock under an I/O in Stager, and it is deliberate: it guards bytes,
+//! not engine state; it is per chunk, so it is uncontended unless two commands touch the same
+//! 64 KiB at the same moment (which a host may not rely on anyway: overlapping concurrent
+//! writes have no defined order on real media either); and it lets a 4 KiB copy be one
+//! `memcpy`. The lock-free alternative, atomic 8-byte words, cost 42% of a reactor's time at
+//! QD32 (measured with `perf record`), for no safety gain worth having.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use super::{check_range, BdevChannel, BdevDone, BdevInfo, BdevIo, BdevOp, BlockDevice};
+use super::{check_range, BdevChannel, BdevDone, BdevError, BdevInfo, BdevIo, BdevOp, BlockDevice};
 use crate::uring::Ring;
+
+/// Bytes per lock; a multiple of every block size.
+const CHUNK_BYTES: usize = 64 * 1024;
 
 pub struct MemoryDevice {
     info: BdevInfo,
-    words: Arc<[AtomicU64]>,
+    chunks: Arc<[RwLock<Box<[u8]>>]>,
 }
 
 impl MemoryDevice {
     pub fn new(name: &str, size_bytes: u64, block_size: u32) -> MemoryDevice {
-        let words = (0..size_bytes / 8).map(|_| AtomicU64::new(0)).collect();
+        let n = (size_bytes as usize).div_ceil(CHUNK_BYTES);
+        // Every page is touched now, like SPDK's malloc bdev pins its memory: lazily mapped zero
+        // pages made each first write take a page fault, stalling the reactor (p99 8 ms).
+        // (Writing ones then zeroes keeps the compiler from turning it back into calloc.)
+        let chunks = (0..n)
+            .map(|_| {
+                let mut c = vec![1u8; CHUNK_BYTES];
+                c.fill(0);
+                RwLock::new(c.into_boxed_slice())
+            })
+            .collect();
         MemoryDevice {
             info: BdevInfo {
                 name: name.into(),
@@ -24,7 +42,7 @@ impl MemoryDevice {
                 blocks: size_bytes / block_size as u64,
                 volatile_cache: false,
             },
-            words,
+            chunks,
         }
     }
 }
@@ -34,41 +52,67 @@ impl BlockDevice for MemoryDevice {
         &self.info
     }
     fn channel(&self, _id: u32) -> std::io::Result<Box<dyn BdevChannel>> {
-        Ok(Box::new(MemoryChannel { info: self.info.clone(), words: self.words.clone(), done: VecDeque::new() }))
+        Ok(Box::new(MemoryChannel { info: self.info.clone(), chunks: self.chunks.clone(), done: VecDeque::new() }))
     }
 }
 
 struct MemoryChannel {
     info: BdevInfo,
-    words: Arc<[AtomicU64]>,
+    chunks: Arc<[RwLock<Box<[u8]>>]>,
     done: VecDeque<BdevDone>,
+}
+
+impl MemoryChannel {
+    /// Calls `f(chunk_index, offset_in_chunk, offset_in_io, len)` for each chunk piece of a range.
+    fn pieces(
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(usize, usize, usize, usize) -> Result<(), BdevError>,
+    ) -> Result<(), BdevError> {
+        let (mut pos, end) = (offset as usize, (offset + len) as usize);
+        while pos < end {
+            let (ci, co) = (pos / CHUNK_BYTES, pos % CHUNK_BYTES);
+            let n = (CHUNK_BYTES - co).min(end - pos);
+            f(ci, co, pos - offset as usize, n)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn run(&self, io: &mut BdevIo) -> Result<(), BdevError> {
+        check_range(&self.info, io)?;
+        // A poisoned chunk means a reactor panicked mid-copy: report a media error for it.
+        let poisoned = BdevError::Os(libc::EIO);
+        match io.op {
+            BdevOp::Read => {
+                let Some(buf) = io.buf.as_mut() else { return Err(BdevError::Os(libc::EINVAL)) };
+                Self::pieces(io.offset, io.len, |ci, co, bo, n| {
+                    let c = self.chunks[ci].read().map_err(|_| poisoned.clone())?;
+                    buf[bo..bo + n].copy_from_slice(&c[co..co + n]);
+                    Ok(())
+                })
+            }
+            BdevOp::Write { .. } => {
+                let Some(buf) = io.buf.as_ref() else { return Err(BdevError::Os(libc::EINVAL)) };
+                Self::pieces(io.offset, io.len, |ci, co, bo, n| {
+                    let mut c = self.chunks[ci].write().map_err(|_| poisoned.clone())?;
+                    c[co..co + n].copy_from_slice(&buf[bo..bo + n]);
+                    Ok(())
+                })
+            }
+            BdevOp::WriteZeroes | BdevOp::Deallocate => Self::pieces(io.offset, io.len, |ci, co, _, n| {
+                let mut c = self.chunks[ci].write().map_err(|_| poisoned.clone())?;
+                c[co..co + n].fill(0);
+                Ok(())
+            }),
+            BdevOp::Flush => Ok(()),
+        }
+    }
 }
 
 impl BdevChannel for MemoryChannel {
     fn submit(&mut self, mut io: BdevIo, _ring: &mut Ring) {
-        let result = check_range(&self.info, &io).map(|()| {
-            let first = (io.offset / 8) as usize;
-            let n = (io.len / 8) as usize;
-            let words = &self.words[first..first + n];
-            match io.op {
-                BdevOp::Read => {
-                    if let Some(buf) = io.buf.as_mut() {
-                        for (w, dst) in words.iter().zip(buf.chunks_exact_mut(8)) {
-                            dst.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
-                        }
-                    }
-                }
-                BdevOp::Write { .. } => {
-                    if let Some(buf) = io.buf.as_ref() {
-                        for (w, src) in words.iter().zip(buf.chunks_exact(8)) {
-                            w.store(u64::from_ne_bytes(src.try_into().unwrap_or([0; 8])), Ordering::Relaxed);
-                        }
-                    }
-                }
-                BdevOp::WriteZeroes | BdevOp::Deallocate => words.iter().for_each(|w| w.store(0, Ordering::Relaxed)),
-                BdevOp::Flush => {}
-            }
-        });
+        let result = self.run(&mut io);
         self.done.push_back(BdevDone { token: io.token, result, buf: io.buf });
     }
     fn on_cqe(&mut self, _slot: u32, _res: i32, _ring: &mut Ring) {}
@@ -79,5 +123,40 @@ impl BdevChannel for MemoryChannel {
     }
     fn in_flight(&self) -> usize {
         self.done.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::AlignedBuf;
+
+    #[test]
+    fn io_across_chunk_boundaries() {
+        let dev = MemoryDevice::new("m", 1 << 20, 512);
+        let mut ring = Ring::new(8).unwrap();
+        let mut ch = dev.channel(0).unwrap();
+        let mut w = AlignedBuf::new(3 * CHUNK_BYTES);
+        w.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 253) as u8);
+        let off = CHUNK_BYTES as u64 - 512;
+        let expect = w.to_vec();
+        ch.submit(
+            BdevIo { op: BdevOp::Write { fua: false }, offset: off, len: w.len() as u64, buf: Some(w), token: 1 },
+            &mut ring,
+        );
+        ch.submit(BdevIo { op: BdevOp::WriteZeroes, offset: off + 1024, len: 512, buf: None, token: 2 }, &mut ring);
+        let r = AlignedBuf::new(3 * CHUNK_BYTES);
+        ch.submit(BdevIo { op: BdevOp::Read, offset: off, len: r.len() as u64, buf: Some(r), token: 3 }, &mut ring);
+        ch.submit(
+            BdevIo { op: BdevOp::Read, offset: 1 << 20, len: 512, buf: Some(AlignedBuf::new(512)), token: 4 },
+            &mut ring,
+        );
+        let mut done = Vec::new();
+        assert_eq!(ch.poll(&mut done), 4);
+        let got = done[2].buf.as_ref().unwrap();
+        assert_eq!(&got[..1024], &expect[..1024]);
+        assert!(got[1024..1536].iter().all(|&b| b == 0));
+        assert_eq!(&got[1536..], &expect[1536..]);
+        assert!(matches!(done[3].result, Err(BdevError::OutOfRange { .. })));
     }
 }
