@@ -38,8 +38,10 @@ pub mod csts {
 }
 
 /// CAP: MQES (0-based max queue entries), CQR=1, TO in 500 ms units, CSS=NVM, MPSMIN=0 (4 KiB).
+/// `max_queue_depth` is the commands a queue may have outstanding; with SQ flow control a
+/// queue of N entries holds N - 1, so the queue may have one entry more than that.
 pub fn cap(max_queue_depth: u16) -> u64 {
-    let mqes = (max_queue_depth.max(2) - 1) as u64;
+    let mqes = max_queue_depth.max(1) as u64;
     let timeout_500ms = 30u64; // 15 s to become ready after CC.EN.
     mqes | (1 << 16) | (timeout_500ms << 24) | (1 << 37)
 }

@@ -178,6 +178,15 @@ fn connect_errors_and_access_control() {
     let r = q.execute_in_capsule(cmd, data).unwrap();
     assert_code(r.status(), Status::CONNECT_INVALID_PARAMETERS, "unknown cntlid");
     assert_eq!(r.completion.dw0, 1 << 16 | 16, "IATTR=data, IPO=CNTLID");
+    // An I/O queue larger than max_queue_depth (128 commands = 129 entries, SQSIZE 128).
+    let ctrl = t.connect(&opts());
+    let mut big = stager_nvme::host::QueuePair::open(t.addr, 1, 8, &opts()).unwrap();
+    let c = stager_nvme::fabrics::Connect { qid: 1, sqsize: 129, cntlid: ctrl.cntlid, ..c.clone() };
+    let (cmd, data) = c.encode(0);
+    let r = big.execute_in_capsule(cmd, data).unwrap();
+    assert_code(r.status(), Status::CONNECT_INVALID_PARAMETERS, "SQSIZE 129");
+    assert_eq!(r.completion.dw0, 44, "IATTR=command, IPO=SQSIZE");
+    drop(ctrl);
     // A command before Connect: command sequence error.
     let r = q.execute(identify_cmd(1, 0), vec![0; 4096], DataDirection::ControllerToHost).unwrap();
     assert_code(r.status(), Status::COMMAND_SEQUENCE_ERROR, "identify before connect");

@@ -40,7 +40,8 @@ impl Controller {
         let cntlid = connect_queue(&mut admin_q, subnqn, opts, 0, ADMIN_DEPTH as u16, 0xFFFF, opts.kato_ms)?;
         // Enable the controller: read CAP, set CC.EN with 64/16-byte entries, wait CSTS.RDY.
         let cap = property(&mut admin_q, prop::CAP, None)?;
-        let mqes = (cap & 0xFFFF) as u16 + 1;
+        // Entries a queue may have; it can hold one command fewer (SQ flow control).
+        let max_entries = (cap & 0xFFFF) as u32 + 1;
         let cc_val = cc::EN | (6 << 16) | (4 << 20);
         property(&mut admin_q, prop::CC, Some(cc_val as u64))?;
         let deadline = Instant::now() + Duration::from_millis(opts.timeout_ms);
@@ -68,7 +69,7 @@ impl Controller {
                     opts.io_queues
                 )));
             }
-            let depth = opts.queue_depth.min(mqes).max(2);
+            let depth = (opts.queue_depth as u32).min(max_entries - 1).max(1) as u16;
             for qid in 1..=opts.io_queues {
                 let mut q = QueuePair::open(addr, qid, depth as usize, opts)?;
                 q.in_capsule_max = info.in_capsule_bytes();
@@ -194,7 +195,8 @@ pub fn connect_queue(
 ) -> Result<u16> {
     let c = Connect {
         qid,
-        sqsize: depth - 1,
+        // `depth` commands outstanding need depth + 1 entries; SQSIZE is 0-based.
+        sqsize: depth,
         cattr: 0,
         kato_ms,
         host_id: opts.host_id,

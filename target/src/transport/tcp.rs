@@ -866,7 +866,8 @@ impl Connection {
             }
             let limits = &cx.target.limits;
             let size = c.sqsize as u32 + 1;
-            if c.sqsize == 0 || size > limits.max_queue_depth as u32 {
+            // A queue of N entries holds N - 1 commands; max_queue_depth counts commands.
+            if c.sqsize == 0 || size > limits.max_queue_depth as u32 + 1 {
                 return Err(fail(Status::CONNECT_INVALID_PARAMETERS, false, connect_field::SQSIZE));
             }
             let sqflow_disabled = c.cattr & (1 << 2) != 0;
