@@ -127,9 +127,10 @@ impl ControllerInfo {
             max_cmd: le::u16_at(b, 514),
         })
     }
-    /// Largest transfer in bytes (None = unlimited).
+    /// Largest transfer in bytes (None = unlimited). MDTS comes from the peer: a value too
+    /// large to represent means "more than we could ever send", not a panic.
     pub fn max_transfer_bytes(&self) -> Option<usize> {
-        (self.mdts != 0).then(|| 4096usize << self.mdts)
+        (self.mdts != 0).then(|| 1usize.checked_shl(12 + u32::from(self.mdts)).unwrap_or(usize::MAX))
     }
     /// In-capsule data bytes the controller accepts on I/O queues.
     pub fn in_capsule_bytes(&self) -> usize {
@@ -263,5 +264,16 @@ mod tests {
         assert_eq!(c.in_capsule_bytes(), 8192);
         assert_eq!(c.subnqn, "nqn.x:y");
         assert_eq!(c.cntlid, 5);
+    }
+
+    #[test]
+    fn mdts_from_a_hostile_peer_does_not_overflow() {
+        // Found by fuzz/fuzz_targets/command_fields.rs (fuzz/regressions/command_fields/).
+        let mut b = vec![0u8; 4096];
+        for mdts in [52u8, 63, 64, 255] {
+            b[77] = mdts;
+            let c = ControllerInfo::decode(&b).unwrap();
+            assert_eq!(c.max_transfer_bytes(), Some(usize::MAX), "mdts {mdts}");
+        }
     }
 }

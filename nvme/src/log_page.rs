@@ -124,8 +124,9 @@ impl SmartLog {
         put128(176, self.error_log_entries);
         b
     }
+    /// Host write commands from a SMART log read off the wire (0 if the buffer is short).
     pub fn host_writes(b: &[u8]) -> u128 {
-        u128::from_le_bytes(b[80..96].try_into().unwrap_or([0; 16]))
+        b.get(80..96).and_then(|f| f.try_into().ok()).map_or(0, u128::from_le_bytes)
     }
 }
 
@@ -171,6 +172,9 @@ mod tests {
         let (gen, entries) = decode_discovery_log(&log).unwrap();
         assert_eq!(gen, 7);
         assert_eq!(entries, vec![e.clone(), e]);
+        // A SMART log cut short by a peer reads as zero writes, never a panic (found by fuzzing).
+        assert_eq!(SmartLog::host_writes(&[]), 0);
+        assert_eq!(SmartLog::host_writes(&SmartLog { host_writes: 7, ..SmartLog::default() }.encode()), 7);
         // Truncated read: header only.
         assert_eq!(decode_discovery_log(&log[..1024]).unwrap().1.len(), 0);
     }

@@ -31,16 +31,20 @@ pub fn split(ud: u64) -> (u8, u32, u32) {
 pub struct Ring {
     pub ring: IoUring,
     backlog: VecDeque<squeue::Entry>,
+    /// The kernel flags pending task work in the SQ ring (IORING_SETUP_TASKRUN_FLAG), so a
+    /// spinning reactor can skip `io_uring_enter` when there is nothing to submit or run.
+    taskrun_flag: bool,
 }
 
 impl Ring {
     pub fn new(entries: u32) -> io::Result<Ring> {
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_coop_taskrun()
-            .build(entries)
-            .or_else(|_| IoUring::new(entries))?;
-        Ok(Ring { ring, backlog: VecDeque::new() })
+        // COOP_TASKRUN: completions of socket operations run as task work on our next kernel
+        // entry instead of interrupting us; TASKRUN_FLAG tells us when such work is waiting.
+        let tuned = IoUring::builder().setup_single_issuer().setup_coop_taskrun().setup_taskrun_flag().build(entries);
+        match tuned {
+            Ok(ring) => Ok(Ring { ring, backlog: VecDeque::new(), taskrun_flag: true }),
+            Err(_) => Ok(Ring { ring: IoUring::new(entries)?, backlog: VecDeque::new(), taskrun_flag: false }),
+        }
     }
 
     /// Queues one operation.
@@ -69,10 +73,17 @@ impl Ring {
         }
     }
 
-    /// Submits queued work and reaps what completed without sleeping.
+    /// Submits queued work and reaps what completed without sleeping. Enters the kernel only
+    /// when there is something to submit or task work to run (when the kernel tells us).
     pub fn submit_and_reap(&mut self, out: &mut Vec<(u64, i32)>) -> io::Result<usize> {
         self.drain_backlog();
-        self.ring.submit()?;
+        let needed = {
+            let sq = self.ring.submission();
+            !self.taskrun_flag || !sq.is_empty() || sq.taskrun() || sq.cq_overflow()
+        };
+        if needed {
+            self.ring.submit()?;
+        }
         Ok(self.reap(out))
     }
 

@@ -1115,7 +1115,8 @@ pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
         return None;
     }
     let hex: Vec<u8> = b.iter().copied().filter(|&c| c != b'-').collect();
-    if hex.len() != 32 {
+    // from_str_radix would accept a sign ("+f"); only hex digits are a UUID.
+    if hex.len() != 32 || !hex.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     let mut u = [0u8; 16];

@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Writes the seed inputs of the fuzz targets into fuzz/seeds/<target>/ (committed; run this
+again only when a layout changes). Built from the documented layouts, independently of the Rust
+encoder, so a seed that stops decoding points at a real change:
+
+- NVMe/TCP PDUs (transport spec 1.0; nvme/src/tcp/pdu.rs): 8-byte common header (type, flags,
+  HLEN, PDO, PLEN le32), type-specific header, optional CRC32C header digest (HDGSTF 0x01),
+  data at PDO, optional CRC32C data digest (DDGSTF 0x02).
+- command_fields: 64-byte command followed by the data (Connect data, identify structures,
+  discovery log, completion) as fuzz_targets/command_fields.rs reads it.
+- config_parse: small YAML files beside examples/*.yaml (which scripts/fuzz also feeds it).
+
+Usage: python3 fuzz/seeds/generate.py   (from anywhere; writes next to this file)
+"""
+
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ---- CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as the crc32c crate computes it.
+_TABLE = []
+for _i in range(256):
+    _c = _i
+    for _ in range(8):
+        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
+    _TABLE.append(_c)
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+assert crc32c(b"123456789") == 0xE3069283  # the standard check value
+
+# ---- PDUs
+IC_REQ, IC_RESP, H2C_TERM, C2H_TERM, CAPSULE_CMD, CAPSULE_RESP, H2C_DATA, C2H_DATA, R2T = (
+    0, 1, 2, 3, 4, 5, 6, 7, 9)
+HDGSTF, DDGSTF, LAST_PDU, SUCCESS = 1, 2, 4, 8
+DIGESTIBLE = {CAPSULE_CMD, CAPSULE_RESP, H2C_DATA, C2H_DATA, R2T}
+
+
+def pdu(t, specific: bytes, hlen, data=b"", hdgst=False, ddgst=False, flags=0, pad=0):
+    """One PDU: `specific` fills the header after the common 8 bytes up to HLEN; `pad` extra
+    bytes between the header (and its digest) and PDO."""
+    assert len(specific) <= hlen - 8
+    digestible = t in DIGESTIBLE
+    hd = hdgst and digestible
+    dd = ddgst and digestible and len(data) > 0
+    header_end = hlen + (4 if hd else 0)
+    is_term = t in (H2C_TERM, C2H_TERM)
+    pdo = 0 if (not data or is_term) else header_end + pad
+    plen = (pdo if pdo else header_end) + len(data) + (4 if dd else 0)
+    if pdo == 0 and data:  # TermReq: data right after the header
+        plen = hlen + len(data)
+    f = flags | (HDGSTF if hd else 0) | (DDGSTF if dd else 0)
+    h = struct.pack("<BBBBI", t, f, hlen, pdo, plen) + specific
+    h += bytes(hlen - len(h))
+    out = h
+    if hd:
+        out += struct.pack("<I", crc32c(h))
+    if pdo:
+        out += bytes(pdo - len(out))
+    out += data
+    if dd:
+        out += struct.pack("<I", crc32c(data))
+    assert len(out) == plen, (t, len(out), plen)
+    return out
+
+
+def icreq(hdgst=False, ddgst=False, maxr2t=0, hpda=0):
+    dgst = (1 if hdgst else 0) | (2 if ddgst else 0)
+    return pdu(IC_REQ, struct.pack("<HBBI", 0, hpda, dgst, maxr2t), 128)
+
+
+def icresp(hdgst=False, ddgst=False, maxh2c=128 << 10):
+    dgst = (1 if hdgst else 0) | (2 if ddgst else 0)
+    return pdu(IC_RESP, struct.pack("<HBBI", 0, 0, dgst, maxh2c), 128)
+
+
+def command(opc, cid, nsid=0, sgl_id=0, sgl_addr=0, sgl_len=0, cdw10_15=(0, 0, 0, 0, 0, 0), fctype=None):
+    c = bytearray(64)
+    c[0] = opc
+    c[1] = 0x40  # PSDT: SGLs
+    struct.pack_into("<H", c, 2, cid)
+    struct.pack_into("<I", c, 4, nsid)
+    if fctype is not None:
+        c[4] = fctype
+    struct.pack_into("<QI", c, 24, sgl_addr, sgl_len)
+    c[39] = sgl_id
+    struct.pack_into("<6I", c, 40, *cdw10_15)
+    return bytes(c)
+
+
+def capsule_cmd(cmd: bytes, data=b"", **kw):
+    return pdu(CAPSULE_CMD, cmd, 72, data, **kw)
+
+
+def capsule_resp(cid, status_field=0, dw0=0, sqhd=1, **kw):
+    return pdu(CAPSULE_RESP, struct.pack("<IIHHHH", dw0, 0, sqhd, 0, cid, status_field), 24, **kw)
+
+
+def data_pdu(t, cccid, ttag, offset, data, last=True, success=False, **kw):
+    flags = (LAST_PDU if last else 0) | (SUCCESS if success else 0)
+    return pdu(t, struct.pack("<HHII", cccid, ttag, offset, len(data)), 24, data, flags=flags, **kw)
+
+
+def r2t(cccid, ttag, offset, length, **kw):
+    return pdu(R2T, struct.pack("<HHII", cccid, ttag, offset, length), 24, **kw)
+
+
+def term(t, fes, fei, data=b""):
+    return pdu(t, struct.pack("<HI", fes, fei), 24, data)
+
+
+def connect_cmd_and_data(qid=0, sqsize=31, kato=120000, cntlid=0xFFFF,
+                         subnqn=b"nqn.2026-11.dev.stager:default",
+                         hostnqn=b"nqn.2014-08.org.nvmexpress:uuid:6b3f1a52-2a1e-4a53-9d0e-0d4c1f0e5a11"):
+    c = bytearray(command(0x7F, 1, fctype=0x01, sgl_id=0x01, sgl_len=1024))
+    struct.pack_into("<HHHBx I", c, 40, 0, qid, sqsize, 0, kato)
+    d = bytearray(1024)
+    d[0:16] = bytes(range(1, 17))
+    struct.pack_into("<H", d, 16, cntlid)
+    d[256:256 + len(subnqn)] = subnqn
+    d[512:512 + len(hostnqn)] = hostnqn
+    return bytes(c), bytes(d)
+
+
+WRITE, READ, IDENTIFY, GET_LOG_PAGE = 0x01, 0x02, 0x06, 0x02
+IN_CAPSULE, TRANSPORT = 0x01, 0x5A
+
+
+def write_cmd(cid, nlb_blocks, data_len, in_capsule):
+    return command(WRITE, cid, nsid=1, sgl_id=IN_CAPSULE if in_capsule else TRANSPORT, sgl_len=data_len,
+                   cdw10_15=(0, 0, nlb_blocks - 1, 0, 0, 0))
+
+
+def seeds_pdu_decode():
+    ccmd, cdata = connect_cmd_and_data()
+    out = {
+        "icreq": icreq(),
+        "icreq_digests": icreq(True, True, maxr2t=3),
+        "icresp": icresp(True, False),
+        "capsule_cmd": capsule_cmd(command(READ, 7, nsid=1, sgl_id=TRANSPORT, sgl_len=4096)),
+        "capsule_cmd_hdgst": capsule_cmd(command(READ, 8, nsid=1, sgl_id=TRANSPORT, sgl_len=4096), hdgst=True),
+        "capsule_cmd_connect": capsule_cmd(ccmd, cdata),
+        "capsule_cmd_write_digests": capsule_cmd(write_cmd(9, 1, 512, True), bytes([0xA5]) * 512,
+                                                 hdgst=True, ddgst=True),
+        "capsule_cmd_write_ddgst": capsule_cmd(write_cmd(10, 1, 512, True), bytes(range(256)) * 2, ddgst=True),
+        "capsule_cmd_write_pdo_pad": capsule_cmd(write_cmd(11, 1, 512, True), bytes(512), pad=8),
+        "capsule_resp": capsule_resp(7),
+        "capsule_resp_error": capsule_resp(7, status_field=(0x80 << 1) | 0x8000, hdgst=True),
+        "h2c_data": data_pdu(H2C_DATA, 12, 1, 0, bytes([0x5A]) * 100),
+        "h2c_data_digests": data_pdu(H2C_DATA, 12, 1, 4096, bytes([1, 2, 3, 4]) * 64, last=False,
+                                     hdgst=True, ddgst=True),
+        "c2h_data_success": data_pdu(C2H_DATA, 7, 0, 0, bytes(64), success=True),
+        "r2t": r2t(12, 1, 0, 65536),
+        "r2t_hdgst": r2t(12, 2, 65536, 4096, hdgst=True),
+        "h2c_term_req": term(H2C_TERM, 1, 2, bytes(72)),
+        "c2h_term_req": term(C2H_TERM, 2, 0),
+    }
+    return out
+
+
+def seeds_pdu_stream():
+    # First byte: low 2 bits pick the data limit (0: 8 KiB, 1: 128 KiB), the rest the chunk size.
+    ccmd, cdata = connect_cmd_and_data()
+    plain = (icreq() + capsule_cmd(ccmd, cdata)
+             + capsule_cmd(command(READ, 2, nsid=1, sgl_id=TRANSPORT, sgl_len=4096))
+             + capsule_cmd(write_cmd(3, 8, 4096, False))
+             + data_pdu(H2C_DATA, 3, 1, 0, bytes([7]) * 2048, last=False)
+             + data_pdu(H2C_DATA, 3, 1, 2048, bytes([8]) * 2048, last=True)
+             + capsule_cmd(command(0x18, 4)))  # Keep Alive
+    dg = (icreq(True, True) + capsule_cmd(ccmd, cdata, hdgst=True, ddgst=True)
+          + capsule_cmd(write_cmd(5, 1, 512, True), bytes([3]) * 512, hdgst=True, ddgst=True)
+          + data_pdu(H2C_DATA, 6, 2, 0, bytes([9]) * 256, hdgst=True, ddgst=True)
+          + term(H2C_TERM, 1, 0))
+    hdr_only = (icreq(True, False) + capsule_cmd(command(READ, 1, nsid=1, sgl_id=TRANSPORT, sgl_len=512), hdgst=True)
+                + capsule_cmd(write_cmd(2, 1, 512, True), bytes(512), hdgst=True))
+    return {
+        "session_plain_whole": bytes([0x00 | 0xFC]) + plain,
+        "session_plain_chunk7": bytes([(2 << 2) | 0]) + plain,
+        "session_digests": bytes([(20 << 2) | 1]) + dg,
+        "session_digests_bytewise": bytes([0 | 0]) + dg,
+        "session_header_digest": bytes([(5 << 2) | 0]) + hdr_only,
+        "bad_second_pdu": bytes([0x10]) + icreq() + bytes([0x42, 0, 24, 0, 24, 0, 0, 0]) + bytes(16),
+    }
+
+
+def seeds_command_fields():
+    ccmd, cdata = connect_cmd_and_data()
+    # Identify Controller (only the fields ControllerInfo reads).
+    ic = bytearray(4096)
+    ic[4:24] = b"STG0123456789ABCDEF ".ljust(20)
+    ic[24:64] = b"Stager".ljust(40)
+    ic[64:72] = b"0.1.0".ljust(8)
+    ic[77] = 8  # MDTS: 1 MiB
+    struct.pack_into("<HI", ic, 78, 1, 0x00010400)
+    ic[111] = 1
+    struct.pack_into("<HI H", ic, 514, 128, 4, 0b1101)
+    ic[525] = 1
+    ic[768:768 + 30] = b"nqn.2026-11.dev.stager:default"
+    struct.pack_into("<I", ic, 1792, (64 + 8192) // 16)
+    # Identify Namespace: 262144 blocks of 4 KiB.
+    ns = bytearray(4096)
+    struct.pack_into("<QQQ", ns, 0, 262144, 262144, 262144)
+    ns[104:120] = bytes(range(16))
+    struct.pack_into("<I", ns, 128, 12 << 16)
+    descs = bytearray(4096)
+    descs[0:4] = bytes([2, 16, 0, 0])
+    descs[4:20] = bytes(range(16))
+    descs[20:24] = bytes([3, 16, 0, 0])
+    descs[24:40] = bytes(range(16, 32))
+    active = struct.pack("<4I", 1, 2, 7, 0) + bytes(64)
+
+    def entry(subtype, nqn, port=b"4420", addr=b"127.0.0.1"):
+        e = bytearray(1024)
+        e[0:3] = bytes([3, 1, subtype])
+        struct.pack_into("<HHH", e, 4, 1, 0xFFFF, 32)
+        e[32:64] = port.ljust(32)
+        e[256:256 + len(nqn)] = nqn
+        e[512:768] = addr.ljust(256)
+        return bytes(e)
+
+    disc = bytearray(1024)
+    struct.pack_into("<QQ", disc, 0, 5, 2)
+    disc = (bytes(disc) + entry(3, b"nqn.2014-08.org.nvmexpress.discovery")
+            + entry(2, b"nqn.2026-11.dev.stager:default"))
+    smart = bytearray(512)
+    smart[1:3] = struct.pack("<H", 300)
+    smart[80:96] = (12345).to_bytes(16, "little")
+    completion = struct.pack("<IIHHHH", 0x10001, 0, 5, 0, 7, (0x82 << 1) | (1 << 9) | 0x8000 | 1)
+    identify = command(IDENTIFY, 3, nsid=1, sgl_id=TRANSPORT, sgl_len=4096, cdw10_15=(1, 0, 0, 0, 0, 0))
+    glp = command(GET_LOG_PAGE, 4, nsid=0xFFFFFFFF, sgl_id=TRANSPORT, sgl_len=3072,
+                  cdw10_15=(0x70 | ((3072 // 4 - 1) << 16), 0, 0, 0, 0, 0))
+    rw = write_cmd(9, 256, 1 << 20, False)
+    return {
+        "connect": ccmd + cdata,
+        "identify_controller": identify + bytes(ic),
+        "identify_namespace": identify + bytes(ns),
+        "ns_descriptors": identify + bytes(descs),
+        "active_namespaces": identify + active,
+        "discovery_log": glp + disc,
+        "smart_log": glp + bytes(smart),
+        "completion": rw + completion,
+        "property_set_cc": command(0x7F, 2, fctype=0x00, cdw10_15=(0, 0x14, 0x460001, 0, 0, 0)),
+    }
+
+
+def seeds_config_parse():
+    return {
+        "empty.yaml": b"",
+        "comment_only.yaml": b"# nothing here\n",
+        "file_backend.yaml": b"""listeners:
+  - { name: a, address: "0.0.0.0:4420" }
+  - { name: b, transport: tcp, address: "[::1]:4421" }
+reactors: { cores: [0], idle_poll_us: 0 }
+transport: { max_queue_depth: 32, in_capsule_data_bytes: 0, max_h2c_data_bytes: 4 KiB, max_io_bytes: 8MiB }
+subsystems:
+  - nqn: nqn.2026-11.dev.stager:f
+    serial: SN1
+    hosts: [nqn.2014-08.org.nvmexpress:uuid:0f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a]
+    listeners: [b]
+    namespaces:
+      - nsid: 1024
+        uuid: 6F1C2D3E-0000-4000-8000-00000000ABCD
+        backend: { kind: file, path: /dev/null, block_size: 512, direct: false }
+""",
+        "bad_size.yaml": b"""listeners: [{ name: tcp0, address: 127.0.0.1:4420 }]
+subsystems:
+  - nqn: nqn.2026-11.dev.stager:x
+    allow_any_host: true
+    namespaces:
+      - { nsid: 1, backend: { kind: memory, size: 64MB } }
+""",
+        "anchors.yaml": b"""base: &b { kind: memory, size: 1MiB }
+listeners: [{ name: tcp0, address: 127.0.0.1:0 }]
+subsystems:
+  - nqn: nqn.2026-11.dev.stager:y
+    allow_any_host: true
+    namespaces: [{ nsid: 1, backend: *b }, { nsid: 2, backend: { <<: *b, block_size: 512 } }]
+""",
+    }
+
+
+def write(target, files):
+    d = os.path.join(HERE, target)
+    os.makedirs(d, exist_ok=True)
+    for name, content in files.items():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(content)
+    print(f"{target}: {len(files)} seeds in {os.path.relpath(d)}")
+
+
+if __name__ == "__main__":
+    write("pdu_decode", seeds_pdu_decode())
+    write("pdu_stream", seeds_pdu_stream())
+    write("command_fields", seeds_command_fields())
+    write("config_parse", seeds_config_parse())
