@@ -38,6 +38,16 @@ pub struct Target {
 impl Target {
     /// Starts a target; `config` must have been validated (`config::load`/`parse` do that).
     pub fn start(config: Config) -> Result<Target, StartError> {
+        Self::start_with_devices(config, HashMap::new())
+    }
+
+    /// Starts a target whose namespaces (subsystem NQN, NSID) listed in `devices` use the
+    /// given block devices instead of their configured backends. Tests use it to put a
+    /// fault-injecting device under a namespace.
+    pub fn start_with_devices(
+        config: Config,
+        mut devices: HashMap<(String, u32), Arc<dyn BlockDevice>>,
+    ) -> Result<Target, StartError> {
         let mut listeners = Vec::new();
         let mut by_name: HashMap<String, SocketAddr> = HashMap::new();
         for l in &config.listeners {
@@ -60,11 +70,12 @@ impl Target {
         for s in &config.subsystems {
             let mut nss = Vec::new();
             for n in &s.namespaces {
-                let bdev: Arc<dyn BlockDevice> = match &n.backend {
-                    BackendConfig::Memory { size_bytes, block_size } => {
+                let bdev: Arc<dyn BlockDevice> = match (devices.remove(&(s.nqn.clone(), n.nsid)), &n.backend) {
+                    (Some(dev), _) => dev,
+                    (None, BackendConfig::Memory { size_bytes, block_size }) => {
                         Arc::new(MemoryDevice::new(&format!("{}/ns{}", s.nqn, n.nsid), *size_bytes, *block_size))
                     }
-                    BackendConfig::File { path, size_bytes, block_size, direct } => {
+                    (None, BackendConfig::File { path, size_bytes, block_size, direct }) => {
                         Arc::new(FileDevice::open(path, *size_bytes, *block_size, *direct).map_err(|source| {
                             StartError::Backend {
                                 nqn: s.nqn.clone(),

@@ -5,10 +5,12 @@
 //! poll. The write-back engine plugs in here as another `BlockDevice`.
 
 mod buf;
+mod fault;
 mod file;
 mod mem;
 
 pub use buf::{AlignedBuf, BufPool, BUF_ALIGN};
+pub use fault::{Fault, FaultyDevice};
 pub use file::FileDevice;
 pub use mem::MemoryDevice;
 
