@@ -377,14 +377,25 @@ pub fn decode(buf: &[u8], digests: Digests, max_data: usize) -> Result<Decoded, 
 
 /// Appends one PDU carrying `data` to `out`. Digests apply where the type allows them.
 pub fn encode(pdu: &Pdu, data: &[u8], digests: Digests, out: &mut Vec<u8>) {
+    let ddgst = encode_head(pdu, data.len(), digests, out);
+    out.extend_from_slice(data);
+    if ddgst {
+        out.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
+    }
+}
+
+/// Appends the header (and header digest) of a PDU whose `data_len` bytes of data the caller
+/// sends separately, e.g. straight from an I/O buffer. Returns whether the caller must follow
+/// the data with its data digest (`crc32c(data)`, little endian).
+pub fn encode_head(pdu: &Pdu, data_len: usize, digests: Digests, out: &mut Vec<u8>) -> bool {
     let t = pdu.type_code();
     let (hlen, digestible) = layout(t).unwrap_or((COMMON_HEADER_BYTES, false));
     let is_term = matches!(t, pdu_type::H2C_TERM_REQ | pdu_type::C2H_TERM_REQ);
     let hdgst = digestible && digests.header;
-    let ddgst = digestible && digests.data && !data.is_empty();
+    let ddgst = digestible && digests.data && data_len > 0;
     let header_end = hlen + if hdgst { DIGEST_BYTES } else { 0 };
-    let pdo = if data.is_empty() || is_term { 0 } else { header_end };
-    let plen = header_end + data.len() + if ddgst { DIGEST_BYTES } else { 0 };
+    let pdo = if data_len == 0 || is_term { 0 } else { header_end };
+    let plen = header_end + data_len + if ddgst { DIGEST_BYTES } else { 0 };
     let mut f = 0u8;
     if hdgst {
         f |= flags::HDGSTF;
@@ -442,10 +453,7 @@ pub fn encode(pdu: &Pdu, data: &[u8], digests: Digests, out: &mut Vec<u8>) {
         let crc = crc32c::crc32c(&out[start..start + hlen]);
         out.extend_from_slice(&crc.to_le_bytes());
     }
-    out.extend_from_slice(data);
-    if ddgst {
-        out.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
-    }
+    ddgst
 }
 
 #[cfg(test)]

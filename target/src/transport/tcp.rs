@@ -6,15 +6,16 @@
 //! receive or send completing, a bdev I/O completing, a timer tick. It never blocks. Each
 //! command is a `Request` whose `ReqState` says what it waits for:
 //! `AwaitH2C` (an R2T went out, data is arriving) → `Executing` (at the bdevs or held, like an
-//! AER) → back to `Free` once its response is queued. Responses and data are appended to
-//! `tx_next`, which goes to the socket as one send when the previous one finished, so many PDUs
-//! leave per system call.
+//! AER) → back to `Free` once its response is queued. Responses are encoded into `tx_next`;
+//! read data is not copied there but queued as its own segment (the I/O buffer itself), and
+//! everything queued leaves in one `sendmsg` gathering up to `TX_IOV_MAX` segments when the
+//! previous send finished — many PDUs per system call, one copy fewer per read.
 //!
 //! Errors of the world are mapped here in one place: a malformed PDU terminates the connection
 //! with the FES/FEI the codec found (and a log line); a bad command completes with the status
 //! the spec prescribes; a device error becomes a media status.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -144,12 +145,19 @@ pub struct Connection {
     rx_start: usize,
     rx_end: usize,
     recv_armed: bool,
-    /// Bytes being sent right now (must not move until the send completes).
-    tx_wire: Vec<u8>,
-    tx_off: usize,
+    /// Segments queued for the socket, oldest first. Those in the send in flight must not
+    /// move or change until it completes: segments are only appended, and retired in on_send.
+    tx_queue: VecDeque<TxSeg>,
+    /// Bytes of the front segment already sent.
+    tx_head_off: usize,
     send_armed: bool,
-    /// Bytes queued behind the current send.
+    /// PDU bytes being encoded; becomes a segment when data or a send needs it.
     tx_next: Vec<u8>,
+    /// Emptied byte segments, reused so queuing does not allocate.
+    tx_spare: Vec<Vec<u8>>,
+    /// The iovec array and message header of the send in flight (stable addresses).
+    tx_iov: Box<[libc::iovec; TX_IOV_MAX]>,
+    tx_msg: Box<libc::msghdr>,
     queue: Option<Queue>,
     reqs: Vec<Request>,
     free: Vec<u16>,
@@ -162,6 +170,25 @@ pub struct Connection {
 
 /// Requests a connection holds before Connect tells it the queue size.
 const INITIAL_SLOTS: usize = 32;
+/// Segments one sendmsg gathers (iovecs); more wait for the next send.
+const TX_IOV_MAX: usize = 64;
+
+/// A piece of the byte stream to the host.
+enum TxSeg {
+    /// Encoded PDU headers and small payloads.
+    Bytes(Vec<u8>),
+    /// A read's data, sent from its I/O buffer and returned to the pool once sent.
+    Buf(AlignedBuf, usize),
+}
+
+impl TxSeg {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            TxSeg::Bytes(v) => v,
+            TxSeg::Buf(b, n) => &b[..*n],
+        }
+    }
+}
 
 impl Connection {
     pub fn new(idx: u32, stream: TcpStream, peer: SocketAddr, cx: &ReactorCtx) -> Connection {
@@ -179,10 +206,14 @@ impl Connection {
             rx_start: 0,
             rx_end: 0,
             recv_armed: false,
-            tx_wire: Vec::with_capacity(64 * 1024),
-            tx_off: 0,
+            tx_queue: VecDeque::new(),
+            tx_head_off: 0,
             send_armed: false,
             tx_next: Vec::with_capacity(64 * 1024),
+            tx_spare: Vec::new(),
+            tx_iov: Box::new([libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; TX_IOV_MAX]),
+            // SAFETY: msghdr is a plain C struct for which all-zero is a valid (empty) value.
+            tx_msg: Box::new(unsafe { std::mem::zeroed() }),
             queue: None,
             reqs: (0..INITIAL_SLOTS).map(|_| Request::free()).collect(),
             free: (0..INITIAL_SLOTS as u16).rev().collect(),
@@ -269,15 +300,17 @@ impl Connection {
             self.recv_armed = true;
         }
         if !self.send_armed && self.phase != Phase::Closing {
-            if self.tx_off >= self.tx_wire.len() && !self.tx_next.is_empty() {
-                std::mem::swap(&mut self.tx_wire, &mut self.tx_next);
-                self.tx_next.clear();
-                self.tx_off = 0;
-            }
-            if self.tx_off < self.tx_wire.len() {
-                let rest = &self.tx_wire[self.tx_off..];
-                let e = opcode::Send::new(fd, rest.as_ptr(), rest.len() as u32)
-                    .flags(libc::MSG_NOSIGNAL)
+            self.seal_tx_next();
+            if !self.tx_queue.is_empty() {
+                let n = self.tx_queue.len().min(TX_IOV_MAX);
+                for (i, seg) in self.tx_queue.iter().take(n).enumerate() {
+                    let b = if i == 0 { &seg.bytes()[self.tx_head_off..] } else { seg.bytes() };
+                    self.tx_iov[i] = libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() };
+                }
+                self.tx_msg.msg_iov = self.tx_iov.as_mut_ptr();
+                self.tx_msg.msg_iovlen = n as _;
+                let e = opcode::SendMsg::new(fd, &*self.tx_msg as *const libc::msghdr)
+                    .flags(libc::MSG_NOSIGNAL as u32)
                     .build()
                     .user_data(user_data(kind::SOCKET_SEND, self.idx, 0));
                 cx.ring.push(e);
@@ -285,6 +318,15 @@ impl Connection {
             } else if self.phase == Phase::Terminating {
                 self.close("fatal transport error (TermReq sent)");
             }
+        }
+    }
+
+    /// Moves encoded bytes into the queue (before a data segment, or before a send).
+    fn seal_tx_next(&mut self) {
+        if !self.tx_next.is_empty() {
+            let next = self.tx_spare.pop().unwrap_or_else(|| Vec::with_capacity(64 * 1024));
+            let full = std::mem::replace(&mut self.tx_next, next);
+            self.tx_queue.push_back(TxSeg::Bytes(full));
         }
     }
 
@@ -328,7 +370,7 @@ impl Connection {
         self.rx = rx;
     }
 
-    pub fn on_send(&mut self, res: i32) {
+    pub fn on_send(&mut self, res: i32, cx: &mut ReactorCtx) {
         self.send_armed = false;
         if res < 0 {
             if self.phase != Phase::Closing {
@@ -337,16 +379,32 @@ impl Connection {
             }
             return;
         }
-        self.tx_off += res as usize;
-        if self.tx_off >= self.tx_wire.len() {
-            self.tx_wire.clear();
-            self.tx_off = 0;
+        // Retire what was sent; a partly sent segment stays at the front.
+        let mut sent = res as usize;
+        while sent > 0 {
+            let Some(front) = self.tx_queue.front() else { break };
+            let left = front.bytes().len() - self.tx_head_off;
+            if sent < left {
+                self.tx_head_off += sent;
+                break;
+            }
+            sent -= left;
+            self.tx_head_off = 0;
+            match self.tx_queue.pop_front() {
+                Some(TxSeg::Bytes(mut v)) => {
+                    v.clear();
+                    self.tx_spare.push(v);
+                }
+                Some(TxSeg::Buf(b, _)) => cx.pool.put(b),
+                None => {}
+            }
         }
     }
 
     /// Fatal transport error: C2HTermReq with the offending header, then close.
     fn terminate(&mut self, e: PduError, header: &[u8]) {
         warn!(conn = %self.label(), "terminating connection: {}", e);
+        // Complete PDUs already queued still go out; the TermReq follows them.
         self.tx_next.clear();
         let data = &header[..header.len().min(TERM_DATA_MAX)];
         pdu::encode(&Pdu::C2HTermReq(TermReq { fes: e.fes, fei: e.fei }), data, Digests::default(), &mut self.tx_next);
@@ -714,12 +772,8 @@ impl Connection {
                     q.stats.reads.fetch_add(1, Ordering::Relaxed);
                     q.stats.bytes_read.fetch_add(len, Ordering::Relaxed);
                 }
-                let buf = self.reqs[slot as usize].buf.take();
-                if let Some(b) = &buf {
-                    self.send_c2h(slot, &b[..len as usize]);
-                }
-                if let Some(b) = buf {
-                    cx.pool.put(b);
+                if let Some(b) = self.reqs[slot as usize].buf.take() {
+                    self.send_c2h(slot, b, len as usize);
                 }
                 if !self.queue.as_ref().is_some_and(|q| q.sqflow_disabled) {
                     self.complete(slot, Status::SUCCESS, 0, 0);
@@ -752,12 +806,19 @@ impl Connection {
         }
     }
 
-    /// Sends `data` for request `slot` as C2HData (SUCCESS when no response capsule follows).
-    fn send_c2h(&mut self, slot: u16, data: &[u8]) {
+    /// Queues the first `len` bytes of `buf` for request `slot` as one C2HData (SUCCESS when no
+    /// response capsule follows). The data is sent from `buf` itself, not copied.
+    fn send_c2h(&mut self, slot: u16, buf: AlignedBuf, len: usize) {
         let cid = self.reqs[slot as usize].cmd.cid();
         let success = self.queue.as_ref().is_some_and(|q| q.sqflow_disabled);
-        let h = DataHeader { cccid: cid, ttag: 0, offset: 0, length: data.len() as u32, last: true, success };
-        self.send_pdu(&Pdu::C2HData(h), data);
+        let h = DataHeader { cccid: cid, ttag: 0, offset: 0, length: len as u32, last: true, success };
+        let ddgst = pdu::encode_head(&Pdu::C2HData(h), len, self.digests, &mut self.tx_next);
+        let crc = ddgst.then(|| crc32c::crc32c(&buf[..len]));
+        self.seal_tx_next();
+        self.tx_queue.push_back(TxSeg::Buf(buf, len));
+        if let Some(c) = crc {
+            self.tx_next.extend_from_slice(&c.to_le_bytes());
+        }
     }
 
     /// Queues the response capsule of request `slot` and frees it.
