@@ -7,6 +7,7 @@ pub mod config;
 pub mod constants;
 pub mod controller;
 pub mod reactor;
+pub mod san;
 pub mod subsystem;
 pub mod target;
 pub mod transport;
