@@ -155,6 +155,8 @@ pub struct Connection {
     tx_next: Vec<u8>,
     /// Emptied byte segments, reused so queuing does not allocate.
     tx_spare: Vec<Vec<u8>>,
+    /// I/O buffers of completed requests, returned to the reactor's pool in `arm`.
+    recycle: Vec<AlignedBuf>,
     /// The iovec array and message header of the send in flight (stable addresses).
     tx_iov: Box<[libc::iovec; TX_IOV_MAX]>,
     tx_msg: Box<libc::msghdr>,
@@ -211,6 +213,7 @@ impl Connection {
             send_armed: false,
             tx_next: Vec::with_capacity(64 * 1024),
             tx_spare: Vec::new(),
+            recycle: Vec::new(),
             tx_iov: Box::new([libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; TX_IOV_MAX]),
             // SAFETY: msghdr is a plain C struct for which all-zero is a valid (empty) value.
             tx_msg: Box::new(unsafe { std::mem::zeroed() }),
@@ -279,6 +282,9 @@ impl Connection {
     // ---- socket events -------------------------------------------------------------------
 
     pub fn arm(&mut self, cx: &mut ReactorCtx) {
+        for b in self.recycle.drain(..) {
+            cx.pool.put(b);
+        }
         let fd = types::Fd(self.stream.as_raw_fd());
         if !self.recv_armed && matches!(self.phase, Phase::AwaitIcReq | Phase::Ready) {
             let need = self.max_pdu_data(cx) + 128 + 2 * DIGEST_BYTES;
@@ -835,8 +841,10 @@ impl Connection {
         self.respond(cid, status, dw0, dw1);
         let r = &mut self.reqs[slot as usize];
         r.state = ReqState::Free;
-        r.buf = None;
-        r.aux = None;
+        // Buffers go back to the reactor's pool at the next `arm` (no context here): dropping
+        // them made every write allocate and zero a fresh buffer.
+        self.recycle.extend(r.buf.take());
+        self.recycle.extend(r.aux.take());
         self.by_cid.remove(&cid);
         self.free.push(slot);
     }
