@@ -1,0 +1,671 @@
+//! The simulator's driver: builds devices and an engine from a seed, runs random steps, checks
+//! the invariants after each, crashes and restarts, and drains at the end.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::rc::Rc;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::devices::{DiskHandle, SimDisk};
+use super::model::{decode_block, encode_block, Model, Violation};
+use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64, LOG_BYTES_MIN, LOG_START};
+use crate::engine::{
+    Bugs, Engine, EngineConfig, EngineEvent, EngineState, HostDone, HostOp, Located, LogFullPolicy, Status,
+};
+use crate::policy::WritePolicy;
+use crate::types::{Epoch, Lba, VolumeId};
+use crate::volume::VolumeSpec;
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub volumes: usize,
+    pub blocks: u64,
+    pub steps: usize,
+    pub max_write_blocks: u32,
+    /// Log bytes; the clean cache gets 5% of the device on top.
+    pub log_bytes: u64,
+    pub faults: bool,
+    pub crashes: bool,
+    pub bugs: Bugs,
+    /// Mutation of the SAN model: writes are acknowledged and silently dropped.
+    pub san_drops_writes: bool,
+    /// Prints what happens to this (volume index, block): for debugging a failing seed.
+    pub trace_block: Option<(usize, u64)>,
+    /// Fixes the log-full policy (random per run when None).
+    pub log_full: Option<LogFullPolicy>,
+    /// Fixes whether the flash has a volatile cache (random per seed when None).
+    pub flash_volatile: Option<bool>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            volumes: 2,
+            blocks: 48,
+            steps: 300,
+            max_write_blocks: 8,
+            log_bytes: LOG_BYTES_MIN,
+            faults: true,
+            crashes: true,
+            bugs: Bugs::default(),
+            san_drops_writes: false,
+            log_full: None,
+            flash_volatile: None,
+            trace_block: std::env::var("STAGER_SIM_TRACE")
+                .ok()
+                .and_then(|v| v.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))),
+        }
+    }
+}
+
+impl SimConfig {
+    /// The configuration for one seed of the main run: the seed also varies the shape (one to
+    /// three volumes, the third write-through; small or large writes; volume size), so the
+    /// same run covers log wrap-around, a full log and mixed policies.
+    pub fn varied(seed: u64) -> SimConfig {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_5eed_5eed_5eed);
+        SimConfig {
+            volumes: rng.gen_range(1..=3),
+            blocks: if rng.gen_bool(0.5) { 48 } else { 128 },
+            max_write_blocks: if rng.gen_bool(0.75) { 8 } else { 48 },
+            // Now and then a long run: many laps of the log, many crashes in one history.
+            steps: if rng.gen_bool(0.05) { 2_000 } else { 300 },
+            ..SimConfig::default()
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub seed: u64,
+    pub step: usize,
+    pub invariant: &'static str,
+    pub detail: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {} step {}: {} violated: {} (rerun with STAGER_SIM_SEED={})",
+            self.seed, self.step, self.invariant, self.detail, self.seed
+        )
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SimStats {
+    pub writes_acked: u64,
+    pub reads_checked: u64,
+    pub flushes: u64,
+    pub crashes: u64,
+    pub batches_checked: u64,
+    pub busy: u64,
+    pub flash_errors: u64,
+    pub san_outages: u64,
+}
+
+enum InFlight {
+    Write { vol: usize, lba: u64, blocks: u32, id: u64, fua: bool },
+    Read { vol: usize, lba: u64, blocks: u32 },
+    Flush { vol: usize, snapshot: u64 },
+}
+
+pub struct Simulator {
+    pub seed: u64,
+    cfg: SimConfig,
+    rng: StdRng,
+    now: Rc<Cell<u64>>,
+    pub flash: DiskHandle,
+    pub sans: Vec<DiskHandle>,
+    pub engine: Engine,
+    pub model: Model,
+    policies: Vec<WritePolicy>,
+    in_flight: BTreeMap<u64, InFlight>,
+    busy: Vec<Vec<bool>>,
+    next_token: u64,
+    next_write_id: u64,
+    check_cursor: u64,
+    step: usize,
+    pub stats: SimStats,
+}
+
+const VOLUME_ID_BASE: u32 = 10;
+/// Blocks per volume checked for invariant 1 after each step of a large volume.
+const CHECK_WINDOW_BLOCKS: u64 = 64;
+
+impl Simulator {
+    pub fn new(seed: u64, cfg: SimConfig) -> Simulator {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let now = Rc::new(Cell::new(1_000_000));
+        // 5% of the device for the clean cache, the rest (at least `log_bytes`) for the log.
+        let log_blocks = cfg.log_bytes / BLOCK_SIZE_U64;
+        let flash_bytes = LOG_START + ((log_blocks * 100).div_ceil(95) + 1) * BLOCK_SIZE_U64;
+        let coin = rng.gen_bool(0.5);
+        let volatile = cfg.flash_volatile.unwrap_or(coin);
+        let flash = SimDisk::create(flash_bytes, volatile, false, StdRng::seed_from_u64(rng.gen()), now.clone());
+        let sans: Vec<DiskHandle> = (0..cfg.volumes)
+            .map(|_| {
+                let s = SimDisk::create(
+                    cfg.blocks * BLOCK_SIZE_U64,
+                    true,
+                    true,
+                    StdRng::seed_from_u64(rng.gen()),
+                    now.clone(),
+                );
+                s.0.borrow_mut().drop_writes = cfg.san_drops_writes;
+                s
+            })
+            .collect();
+        let policies: Vec<WritePolicy> = (0..cfg.volumes)
+            .map(|i| if i % 3 == 2 { WritePolicy::WriteThrough } else { WritePolicy::WriteBack })
+            .collect();
+        let ecfg = Simulator::engine_config(&cfg, &mut rng, flash_bytes);
+        let specs = Simulator::specs(&cfg, &sans, &policies);
+        let engine = Engine::format(ecfg, Box::new(flash.clone()), specs).expect("sim: format");
+        let busy = vec![vec![false; cfg.blocks as usize]; cfg.volumes];
+        let model = Model::new(cfg.volumes, cfg.blocks);
+        let mut sim = Simulator {
+            seed,
+            cfg,
+            rng,
+            now,
+            flash,
+            sans,
+            engine,
+            model,
+            policies,
+            in_flight: BTreeMap::new(),
+            busy,
+            next_token: 1,
+            next_write_id: 1,
+            check_cursor: 0,
+            step: 0,
+            stats: SimStats::default(),
+        };
+        sim.settle_until_ready();
+        sim
+    }
+
+    fn engine_config(cfg: &SimConfig, rng: &mut StdRng, flash_bytes: u64) -> EngineConfig {
+        let _ = flash_bytes;
+        EngineConfig {
+            device_id: 7,
+            cache_percent: 5,
+            log_full: match (cfg.log_full, rng.gen_bool(0.5)) {
+                (Some(p), _) => p,
+                (None, true) => LogFullPolicy::Wait { timeout_ns: 50_000_000 },
+                (None, false) => LogFullPolicy::WriteThrough,
+            },
+            gate_timeout_ns: 2_000_000_000,
+            san_timeout_ns: 2_000_000_000,
+            bugs: cfg.bugs,
+        }
+    }
+
+    fn specs(cfg: &SimConfig, sans: &[DiskHandle], policies: &[WritePolicy]) -> Vec<VolumeSpec> {
+        (0..cfg.volumes)
+            .map(|i| VolumeSpec {
+                id: VolumeId(VOLUME_ID_BASE + i as u32),
+                epoch: Epoch(1),
+                blocks: cfg.blocks,
+                policy: policies[i],
+                read_cache: true,
+                san: Box::new(sans[i].clone()),
+            })
+            .collect()
+    }
+
+    fn fail(&self, invariant: &'static str, detail: String) -> Failure {
+        Failure { seed: self.seed, step: self.step, invariant, detail }
+    }
+
+    fn violation(&self, v: Violation) -> Failure {
+        self.fail(v.invariant, v.detail)
+    }
+
+    fn advance(&mut self, ns: u64) {
+        self.now.set(self.now.get() + ns);
+    }
+
+    fn settle_until_ready(&mut self) {
+        for _ in 0..100_000 {
+            if *self.engine.state() != EngineState::Formatting && *self.engine.state() != EngineState::Recovering {
+                return;
+            }
+            self.advance(50_000);
+            self.engine.poll(self.now.get());
+        }
+    }
+
+    /// Polls the engine and applies its completions and events to the model and checkers.
+    fn pump(&mut self) -> Result<(), Failure> {
+        let now = self.now.get();
+        for _ in 0..16 {
+            if self.engine.poll(now) == 0 {
+                break;
+            }
+        }
+        let mut done: Vec<HostDone> = Vec::new();
+        self.engine.drain_completions(&mut done);
+        for d in done {
+            self.on_done(d)?;
+        }
+        let mut events = Vec::new();
+        self.engine.drain_events(&mut events);
+        for e in events {
+            if let Some((v, b)) = self.cfg.trace_block {
+                if e != (EngineEvent::BatchDestaged {
+                    volume: VolumeId(VOLUME_ID_BASE + v as u32 + 1000),
+                    watermark: crate::types::LogSeq(0),
+                }) {
+                    eprintln!(
+                        "[{} t={}] event {e:?}; SAN block holds {}",
+                        self.step,
+                        self.now.get(),
+                        self.san_block(v, b)
+                    );
+                }
+            }
+            if let EngineEvent::BatchDestaged { volume, watermark } = e {
+                self.stats.batches_checked += 1;
+                let vol = (volume.0 - VOLUME_ID_BASE) as usize;
+                for lba in 0..self.cfg.blocks {
+                    let found = self.san_block(vol, lba);
+                    self.model.check_san_at(vol, lba, found, watermark.0).map_err(|v| self.violation(v))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn traced(&self, vol: usize, lba: u64, blocks: u32) -> bool {
+        self.cfg.trace_block.is_some_and(|(v, b)| v == vol && (lba..lba + blocks as u64).contains(&b))
+    }
+
+    fn on_done(&mut self, d: HostDone) -> Result<(), Failure> {
+        let op = self.in_flight.remove(&d.token).expect("sim: completion for unknown token");
+        match &op {
+            InFlight::Write { vol, lba, blocks, id, fua } if self.traced(*vol, *lba, *blocks) => {
+                eprintln!(
+                    "[{} t={}] write {id} (fua {fua}) done {:?} seq {:?}",
+                    self.step,
+                    self.now.get(),
+                    d.status,
+                    d.seq
+                )
+            }
+            InFlight::Flush { vol, .. } if self.cfg.trace_block.is_some_and(|(v, _)| v == *vol) => {
+                eprintln!("[{} t={}] flush done {:?}", self.step, self.now.get(), d.status)
+            }
+            _ => {}
+        }
+        match op {
+            InFlight::Write { vol, lba, blocks, id, fua } => {
+                self.set_busy(vol, lba, blocks, false);
+                match d.status {
+                    Status::Ok => {
+                        self.stats.writes_acked += 1;
+                        self.model.write_acked(vol, lba, blocks, id, d.seq.map(|s| s.0), fua);
+                    }
+                    Status::Busy => self.stats.busy += 1, // stays uncertain
+                    s => return Err(self.fail("invariant 1", format!("write {id} ended {s:?}"))),
+                }
+            }
+            InFlight::Read { vol, lba, blocks } => {
+                self.set_busy(vol, lba, blocks, false);
+                match d.status {
+                    Status::Ok => {
+                        self.stats.reads_checked += 1;
+                        for i in 0..blocks as u64 {
+                            let b = &d.data[i as usize * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
+                            let found = decode_block(b, vol as u32, lba + i);
+                            self.model
+                                .check(vol, lba + i, found, true, "invariant 3")
+                                .map_err(|v| self.violation(v))?;
+                        }
+                    }
+                    Status::Busy => self.stats.busy += 1,
+                    s => return Err(self.fail("invariant 3", format!("read ended {s:?}"))),
+                }
+            }
+            InFlight::Flush { vol, snapshot } => match d.status {
+                Status::Ok => {
+                    self.stats.flushes += 1;
+                    self.model.flush_done(vol, snapshot);
+                }
+                Status::Busy => self.stats.busy += 1,
+                s => return Err(self.fail("invariant 6", format!("flush ended {s:?}"))),
+            },
+        }
+        Ok(())
+    }
+
+    fn set_busy(&mut self, vol: usize, lba: u64, blocks: u32, busy: bool) {
+        for b in lba..lba + blocks as u64 {
+            self.busy[vol][b as usize] = busy;
+        }
+    }
+
+    fn san_block(&self, vol: usize, lba: u64) -> u64 {
+        let s = self.sans[vol].0.borrow();
+        let o = (lba * BLOCK_SIZE_U64) as usize;
+        decode_block(&s.image[o..o + BLOCK_SIZE], vol as u32, lba)
+    }
+
+    /// Invariant 1: every block's newest data, where the engine says it is. Large volumes are
+    /// checked in a rotating window of blocks per step (and whole after restarts and drains).
+    fn check_locations(&mut self) -> Result<(), Failure> {
+        let window = if self.cfg.blocks <= CHECK_WINDOW_BLOCKS { self.cfg.blocks } else { CHECK_WINDOW_BLOCKS };
+        let start = self.check_cursor;
+        self.check_cursor = (self.check_cursor + window) % self.cfg.blocks;
+        self.check_blocks(start, window)
+    }
+
+    fn check_all_locations(&mut self) -> Result<(), Failure> {
+        self.check_blocks(0, self.cfg.blocks)
+    }
+
+    fn check_blocks(&mut self, start: u64, count: u64) -> Result<(), Failure> {
+        if *self.engine.state() != EngineState::Ready {
+            return Ok(());
+        }
+        for vol in 0..self.cfg.volumes {
+            for i in 0..count {
+                let lba = (start + i) % self.cfg.blocks;
+                let id = VolumeId(VOLUME_ID_BASE + vol as u32);
+                let found = match self.engine.locate(id, Lba(lba)).expect("sim: volume") {
+                    Located::Memory(b) => decode_block(&b, vol as u32, lba),
+                    Located::Flash(off) => {
+                        let f = self.flash.0.borrow();
+                        decode_block(&f.image[off as usize..off as usize + BLOCK_SIZE], vol as u32, lba)
+                    }
+                    Located::San => self.san_block(vol, lba),
+                };
+                self.model.check(vol, lba, found, false, "invariant 1").map_err(|v| self.violation(v))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn free_range(&mut self, vol: usize) -> Option<(u64, u32)> {
+        let blocks = self.rng.gen_range(1..=self.cfg.max_write_blocks.min(self.cfg.blocks as u32));
+        let lba = self.rng.gen_range(0..=self.cfg.blocks - blocks as u64);
+        let free = (lba..lba + blocks as u64).all(|b| !self.busy[vol][b as usize]);
+        free.then_some((lba, blocks))
+    }
+
+    fn host_action(&mut self) {
+        let vol = self.rng.gen_range(0..self.cfg.volumes);
+        let id = VolumeId(VOLUME_ID_BASE + vol as u32);
+        let now = self.now.get();
+        let token = self.next_token;
+        self.next_token += 1;
+        let r = self.rng.gen_range(0..100);
+        if r < 55 {
+            let Some((lba, blocks)) = self.free_range(vol) else { return };
+            let wid = self.next_write_id;
+            self.next_write_id += 1;
+            let mut data = vec![0u8; blocks as usize * BLOCK_SIZE];
+            for i in 0..blocks as usize {
+                encode_block(&mut data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE], wid, vol as u32, lba + i as u64);
+            }
+            let fua = self.rng.gen_bool(0.1);
+            self.set_busy(vol, lba, blocks, true);
+            self.model.write_submitted(vol, lba, blocks, wid);
+            if self.traced(vol, lba, blocks) {
+                eprintln!("[{} t={now}] write {wid} submitted (fua {fua}) policy {:?}", self.step, self.policies[vol]);
+            }
+            self.in_flight.insert(token, InFlight::Write { vol, lba, blocks, id: wid, fua });
+            self.engine.submit(id, token, HostOp::Write { lba: Lba(lba), data, fua }, now);
+        } else if r < 90 {
+            let Some((lba, blocks)) = self.free_range(vol) else { return };
+            self.set_busy(vol, lba, blocks, true);
+            self.in_flight.insert(token, InFlight::Read { vol, lba, blocks });
+            self.engine.submit(id, token, HostOp::Read { lba: Lba(lba), blocks }, now);
+        } else if r < 97 {
+            let snapshot = self.model.flush_submitted(vol);
+            self.in_flight.insert(token, InFlight::Flush { vol, snapshot });
+            self.engine.submit(id, token, HostOp::Flush, now);
+        } else {
+            let p = if self.rng.gen_bool(0.5) { WritePolicy::WriteBack } else { WritePolicy::WriteThrough };
+            self.policies[vol] = p;
+            self.engine.set_policy(id, p);
+            if self.cfg.trace_block.is_some_and(|(v, _)| v == vol) {
+                eprintln!("[{} t={now}] policy {p:?}", self.step);
+            }
+        }
+    }
+
+    fn fault_action(&mut self) -> Result<(), Failure> {
+        let now = self.now.get();
+        let r = self.rng.gen_range(0..1000);
+        if r < 15 {
+            let s = self.rng.gen_range(0..self.cfg.volumes);
+            let mut d = self.sans[s].0.borrow_mut();
+            d.slow_factor = self.rng.gen_range(2..20);
+            d.slow_until = now + self.rng.gen_range(1_000_000..100_000_000);
+        } else if r < 22 {
+            self.stats.san_outages += 1;
+            let s = self.rng.gen_range(0..self.cfg.volumes);
+            self.sans[s].0.borrow_mut().down_until = now + self.rng.gen_range(1_000_000..500_000_000);
+        } else if r < 27 {
+            let s = self.rng.gen_range(0..self.cfg.volumes);
+            let ppm = if self.rng.gen_bool(0.5) { 0 } else { self.rng.gen_range(1_000..100_000) };
+            self.sans[s].0.borrow_mut().error_ppm = ppm;
+        } else if r < 31 {
+            self.stats.flash_errors += 1;
+            self.flash.0.borrow_mut().fail_writes_until = now + self.rng.gen_range(100_000..5_000_000);
+        } else if r < 34 {
+            self.stats.flash_errors += 1;
+            self.flash.0.borrow_mut().fail_reads_until = now + self.rng.gen_range(100_000..2_000_000);
+        } else if r < 44 && self.cfg.crashes {
+            self.crash_and_restart()?;
+        }
+        Ok(())
+    }
+
+    /// Kills the engine mid-flight, tears device state, restarts and recovers.
+    pub fn crash_and_restart(&mut self) -> Result<(), Failure> {
+        self.stats.crashes += 1;
+        let san_power_loss = self.rng.gen_bool(0.25);
+        if let Some((v, b)) = self.cfg.trace_block {
+            eprintln!(
+                "[{} t={}] crash (SAN power loss {san_power_loss}); SAN block holds {}",
+                self.step,
+                self.now.get(),
+                self.san_block(v, b)
+            );
+        }
+        {
+            let mut f = self.flash.0.borrow_mut();
+            f.crash_in_flight();
+            f.power_loss();
+        }
+        for (i, s) in self.sans.iter().enumerate() {
+            let mut d = s.0.borrow_mut();
+            d.crash_in_flight();
+            if san_power_loss {
+                d.power_loss();
+                self.model.san_power_loss(i);
+            }
+        }
+        // In-flight host commands are lost: their writes stay uncertain in the model.
+        self.in_flight.clear();
+        for b in &mut self.busy {
+            b.fill(false);
+        }
+        let flash_bytes = self.flash.0.borrow().image.len() as u64;
+        let ecfg = Simulator::engine_config(&self.cfg, &mut self.rng, flash_bytes);
+        let specs = Simulator::specs(&self.cfg, &self.sans, &self.policies);
+        self.engine = Engine::open(ecfg, Box::new(self.flash.clone()), specs).expect("sim: open");
+        self.settle_until_ready();
+        match self.engine.state() {
+            EngineState::Ready => {}
+            s => return Err(self.fail("invariant 1", format!("recovery did not complete: {s:?}"))),
+        }
+        self.pump()?;
+        self.check_all_locations()
+    }
+
+    /// One step: maybe a host command, maybe a fault, time passes, the engine runs, checks.
+    pub fn step(&mut self) -> Result<(), Failure> {
+        self.step += 1;
+        let actions = self.rng.gen_range(0..3);
+        for _ in 0..actions {
+            self.host_action();
+        }
+        if self.cfg.faults {
+            self.fault_action()?;
+        }
+        let dt = if self.rng.gen_bool(0.9) {
+            self.rng.gen_range(1_000..300_000)
+        } else {
+            self.rng.gen_range(1_000_000..30_000_000)
+        };
+        self.advance(dt);
+        self.pump()?;
+        self.check_locations()
+    }
+
+    /// Ends the run: faults off, everything write-back drains; then the SAN alone must hold
+    /// the newest data of every block (invariant 2).
+    pub fn drain(&mut self) -> Result<(), Failure> {
+        for s in &self.sans {
+            let mut d = s.0.borrow_mut();
+            d.down_until = 0;
+            d.error_ppm = 0;
+            d.slow_until = 0;
+        }
+        self.flash.0.borrow_mut().fail_writes_until = 0;
+        self.flash.0.borrow_mut().fail_reads_until = 0;
+        for _ in 0..200_000 {
+            if self.in_flight.is_empty() && self.engine.is_quiescent() {
+                break;
+            }
+            self.advance(200_000);
+            self.pump()?;
+        }
+        if !(self.in_flight.is_empty() && self.engine.is_quiescent()) {
+            return Err(self.fail("invariant 2", "engine did not drain to quiescence".into()));
+        }
+        self.check_all_locations()?;
+        for vol in 0..self.cfg.volumes {
+            for lba in 0..self.cfg.blocks {
+                let found = self.san_block(vol, lba);
+                self.model.check(vol, lba, found, false, "invariant 2").map_err(|v| self.violation(v))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn run(&mut self) -> Result<(), Failure> {
+        for _ in 0..self.cfg.steps {
+            self.step()?;
+        }
+        self.drain()
+    }
+}
+
+/// Direct control for targeted scenario tests.
+impl Simulator {
+    pub fn now(&self) -> u64 {
+        self.now.get()
+    }
+
+    pub fn volume_id(vol: usize) -> VolumeId {
+        VolumeId(VOLUME_ID_BASE + vol as u32)
+    }
+
+    /// Submits a write of fresh data; returns its write id.
+    pub fn write(&mut self, vol: usize, lba: u64, blocks: u32) -> u64 {
+        assert!((lba..lba + blocks as u64).all(|b| !self.busy[vol][b as usize]), "scenario: overlapping I/O");
+        let wid = self.next_write_id;
+        self.next_write_id += 1;
+        let token = self.next_token;
+        self.next_token += 1;
+        let mut data = vec![0u8; blocks as usize * BLOCK_SIZE];
+        for i in 0..blocks as usize {
+            encode_block(&mut data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE], wid, vol as u32, lba + i as u64);
+        }
+        self.set_busy(vol, lba, blocks, true);
+        self.model.write_submitted(vol, lba, blocks, wid);
+        self.in_flight.insert(token, InFlight::Write { vol, lba, blocks, id: wid, fua: false });
+        self.engine.submit(
+            Simulator::volume_id(vol),
+            token,
+            HostOp::Write { lba: Lba(lba), data, fua: false },
+            self.now.get(),
+        );
+        wid
+    }
+
+    pub fn read(&mut self, vol: usize, lba: u64, blocks: u32) {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.set_busy(vol, lba, blocks, true);
+        self.in_flight.insert(token, InFlight::Read { vol, lba, blocks });
+        self.engine.submit(Simulator::volume_id(vol), token, HostOp::Read { lba: Lba(lba), blocks }, self.now.get());
+    }
+
+    pub fn flush(&mut self, vol: usize) {
+        let token = self.next_token;
+        self.next_token += 1;
+        let snapshot = self.model.flush_submitted(vol);
+        self.in_flight.insert(token, InFlight::Flush { vol, snapshot });
+        self.engine.submit(Simulator::volume_id(vol), token, HostOp::Flush, self.now.get());
+    }
+
+    pub fn set_policy(&mut self, vol: usize, p: WritePolicy) {
+        self.policies[vol] = p;
+        self.engine.set_policy(Simulator::volume_id(vol), p);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Lets time pass in small steps, running the engine and every checker.
+    pub fn run_for(&mut self, ns: u64) -> Result<(), Failure> {
+        let end = self.now.get() + ns;
+        while self.now.get() < end {
+            self.step += 1;
+            self.advance(50_000);
+            self.pump()?;
+            self.check_locations()?;
+        }
+        Ok(())
+    }
+
+    /// Runs until every host command has completed (or `max_ns` passes).
+    pub fn settle(&mut self, max_ns: u64) -> Result<(), Failure> {
+        let end = self.now.get() + max_ns;
+        while !self.in_flight.is_empty() && self.now.get() < end {
+            self.run_for(50_000)?;
+        }
+        Ok(())
+    }
+
+    /// The write id the model expects as newest for a block.
+    pub fn expected(&self, vol: usize, lba: u64) -> Vec<u64> {
+        self.model.allowed(vol, lba)
+    }
+
+    pub fn san_value(&self, vol: usize, lba: u64) -> u64 {
+        self.san_block(vol, lba)
+    }
+
+    pub fn busy_returns(&self) -> u64 {
+        self.stats.busy
+    }
+}
+
+/// Runs one seed to the end; returns its statistics or the first failure.
+pub fn run_seed(seed: u64, cfg: SimConfig) -> Result<SimStats, Failure> {
+    let mut sim = Simulator::new(seed, cfg);
+    sim.run()?;
+    Ok(sim.stats)
+}
