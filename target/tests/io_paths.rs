@@ -78,3 +78,31 @@ fn write_read_compare_sizes_offsets_digests() {
         c.shutdown().unwrap();
     }
 }
+
+#[test]
+fn reads_end_with_a_success_c2hdata_when_sq_flow_control_is_off() {
+    // With SQ flow control disabled the target finishes a successful read with one C2HData
+    // carrying LAST_PDU|SUCCESS and no response capsule; the host completes the command from it.
+    let t = TestTarget::default();
+    let mut c = t.connect(&stager_nvme::host::HostOptions { disable_sqflow: true, ..opts() });
+    let q = c.io_queue(0);
+    for (i, len) in [4096usize, 65536, 1 << 20].into_iter().enumerate() {
+        let data = pattern(500 + i as u64, len);
+        assert_eq!(write(q, 1, 64 * i as u64, 4096, &data), Status::SUCCESS);
+        let r = q.execute(
+            io_cmd::read(1, 64 * i as u64, (len / 4096) as u32),
+            vec![0; len],
+            DataDirection::ControllerToHost,
+        );
+        let r = r.unwrap();
+        assert_eq!(r.status(), Status::SUCCESS);
+        // Completed from the C2HData: the host synthesizes the completion with SQHD 0.
+        assert_eq!(r.completion.sqhd, 0, "a response capsule (SQHD FFFFh) arrived instead");
+        assert!(r.data == data, "{len} B read back different bytes");
+    }
+    // Errors still come as a response capsule, with SQHD FFFFh.
+    let r = q.execute(io_cmd::read(1, 1 << 40, 1), vec![0; 4096], DataDirection::ControllerToHost).unwrap();
+    assert!(r.status().same_code(Status::LBA_OUT_OF_RANGE));
+    assert_eq!(r.completion.sqhd, 0xFFFF);
+    c.shutdown().unwrap();
+}

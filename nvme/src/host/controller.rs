@@ -197,7 +197,7 @@ pub fn connect_queue(
         qid,
         // `depth` commands outstanding need depth + 1 entries; SQSIZE is 0-based.
         sqsize: depth,
-        cattr: 0,
+        cattr: if qid > 0 && opts.disable_sqflow { 1 << 2 } else { 0 },
         kato_ms,
         host_id: opts.host_id,
         cntlid,

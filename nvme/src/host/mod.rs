@@ -31,6 +31,9 @@ pub struct HostOptions {
     pub busy_poll: bool,
     /// Give up on a response after this long (a dead target must not hang a test).
     pub timeout_ms: u64,
+    /// Ask the controller to disable SQ flow control on I/O queues (Connect CATTR bit 2): it
+    /// then reports SQHD as FFFFh and may finish a read with a SUCCESS C2HData, no response.
+    pub disable_sqflow: bool,
 }
 
 impl Default for HostOptions {
@@ -44,6 +47,7 @@ impl Default for HostOptions {
             kato_ms: 30_000,
             busy_poll: false,
             timeout_ms: 30_000,
+            disable_sqflow: false,
         }
     }
 }
