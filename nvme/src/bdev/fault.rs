@@ -10,11 +10,10 @@
 //! `Target::start_with_devices`. A mutex guards the data because correctness, not speed,
 //! is the point here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{check_range, BdevChannel, BdevDone, BdevError, BdevInfo, BdevIo, BdevOp, BlockDevice};
-use crate::uring::Ring;
+use super::{check_range, BdevChannel, BdevError, BdevInfo, BdevIo, BdevOp, BlockDevice, SyncChannel, SyncIo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -61,17 +60,16 @@ impl BlockDevice for FaultyDevice {
         &self.info
     }
     fn channel(&self, _id: u32) -> std::io::Result<Box<dyn BdevChannel>> {
-        Ok(Box::new(FaultyChannel { info: self.info.clone(), state: self.state.clone(), done: VecDeque::new() }))
+        Ok(SyncChannel::boxed(FaultyChannel { info: self.info.clone(), state: self.state.clone() }))
     }
 }
 
 struct FaultyChannel {
     info: BdevInfo,
     state: Arc<Mutex<State>>,
-    done: VecDeque<BdevDone>,
 }
 
-impl FaultyChannel {
+impl SyncIo for FaultyChannel {
     fn run(&self, io: &mut BdevIo) -> Result<(), BdevError> {
         check_range(&self.info, io)?;
         let mut s = self.state.lock().map_err(|_| BdevError::Os(libc::EIO))?;
@@ -111,21 +109,5 @@ impl FaultyChannel {
             BdevOp::Flush => {}
         }
         Ok(())
-    }
-}
-
-impl BdevChannel for FaultyChannel {
-    fn submit(&mut self, mut io: BdevIo, _ring: &mut Ring) {
-        let result = self.run(&mut io);
-        self.done.push_back(BdevDone { token: io.token, result, buf: io.buf });
-    }
-    fn on_cqe(&mut self, _slot: u32, _res: i32, _ring: &mut Ring) {}
-    fn poll(&mut self, done: &mut Vec<BdevDone>) -> usize {
-        let n = self.done.len();
-        done.extend(self.done.drain(..));
-        n
-    }
-    fn in_flight(&self) -> usize {
-        self.done.len()
     }
 }

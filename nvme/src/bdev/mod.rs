@@ -87,6 +87,42 @@ pub trait BdevChannel {
     fn in_flight(&self) -> usize;
 }
 
+/// What a device that finishes I/O inside `submit` (memory, test devices) implements; a
+/// `SyncChannel` around it queues the completions for the next `poll`, as a reactor expects.
+pub(crate) trait SyncIo {
+    fn run(&self, io: &mut BdevIo) -> Result<(), BdevError>;
+}
+
+pub(crate) struct SyncChannel<D> {
+    dev: D,
+    done: std::collections::VecDeque<BdevDone>,
+}
+
+impl<D: SyncIo> SyncChannel<D> {
+    pub(crate) fn boxed(dev: D) -> Box<dyn BdevChannel>
+    where
+        D: 'static,
+    {
+        Box::new(SyncChannel { dev, done: std::collections::VecDeque::new() })
+    }
+}
+
+impl<D: SyncIo> BdevChannel for SyncChannel<D> {
+    fn submit(&mut self, mut io: BdevIo, _ring: &mut Ring) {
+        let result = self.dev.run(&mut io);
+        self.done.push_back(BdevDone { token: io.token, result, buf: io.buf });
+    }
+    fn on_cqe(&mut self, _slot: u32, _res: i32, _ring: &mut Ring) {}
+    fn poll(&mut self, done: &mut Vec<BdevDone>) -> usize {
+        let n = self.done.len();
+        done.extend(self.done.drain(..));
+        n
+    }
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+}
+
 fn check_range(info: &BdevInfo, io: &BdevIo) -> Result<(), BdevError> {
     let size = info.size_bytes();
     if io.offset.checked_add(io.len).is_none_or(|end| end > size) {
