@@ -175,7 +175,7 @@ impl AdminState {
     }
 
     /// Executes one admin or fabrics command (Connect is handled by the transport).
-    pub fn execute(&mut self, cmd: &Command, data_in: &[u8]) -> AdminOutcome {
+    pub fn execute(&mut self, cmd: &Command) -> AdminOutcome {
         // Any admin command shows the host is alive; Keep Alive exists for idle hosts.
         self.last_keep_alive = Instant::now();
         if cmd.opcode() == FABRICS_OPCODE {
@@ -188,7 +188,6 @@ impl AdminState {
         if !self.shared.enabled() {
             return AdminOutcome::status(Status::COMMAND_SEQUENCE_ERROR);
         }
-        let _ = data_in;
         match cmd.opcode() {
             admin::IDENTIFY => self.identify(cmd),
             admin::GET_LOG_PAGE => self.get_log_page(cmd),

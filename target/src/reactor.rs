@@ -195,7 +195,7 @@ impl Reactor {
             now = Instant::now();
             work += cqes.len();
             let Reactor { ring, channels, pool, target, conns, .. } = self;
-            let mut cx = ReactorCtx { ring, channels, pool, target, now, reactor: self.id };
+            let mut cx = ReactorCtx { ring, channels, pool, target, reactor: self.id };
             let mut rearm_wake = false;
             for &(ud, res) in &cqes {
                 let (k, a, b) = split(ud);
@@ -264,7 +264,7 @@ impl Reactor {
             (self.conns.len() - 1) as u32
         });
         let Reactor { ring, channels, pool, target, .. } = self;
-        let cx = ReactorCtx { ring, channels, pool, target, now: Instant::now(), reactor: self.id };
+        let cx = ReactorCtx { ring, channels, pool, target, reactor: self.id };
         let conn = Connection::new(idx, stream, peer, &cx);
         debug!("reactor {}: new connection from {peer}", self.id);
         self.conns[idx as usize] = Some(conn);

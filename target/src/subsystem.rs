@@ -120,10 +120,6 @@ impl Subsystem {
     pub fn controller(&self, cntlid: u16) -> Option<Arc<ControllerShared>> {
         self.controllers.lock().ok()?.get(&cntlid)?.upgrade()
     }
-
-    pub fn controller_count(&self) -> usize {
-        self.controllers.lock().map(|c| c.values().filter(|w| w.strong_count() > 0).count()).unwrap_or(0)
-    }
 }
 
 /// Everything reactors share about the target: subsystems by NQN and the transport limits.

@@ -163,20 +163,16 @@ impl Target {
         self.listen_addrs[i]
     }
 
-    pub fn subsystem(&self, nqn: &str) -> Option<&Arc<Subsystem>> {
-        self.shared.subsystems.get(nqn)
-    }
-
     /// Stops accepting, finishes in-flight I/O, closes connections, syncs devices.
     pub fn shutdown(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for a in self.acceptors.drain(..) {
             let _ = a.join();
         }
-        if let Some(rs) = Arc::get_mut(&mut self.reactors) {
-            for r in rs.iter_mut() {
-                r.stop_and_join();
-            }
+        // The acceptors held the only other references and are joined above.
+        match Arc::get_mut(&mut self.reactors) {
+            Some(rs) => rs.iter_mut().for_each(|r| r.stop_and_join()),
+            None => tracing::error!("reactors still shared at shutdown; they were not stopped"),
         }
         for ns in &self.shared.namespaces {
             if let Err(e) = ns.bdev.sync() {

@@ -123,14 +123,6 @@ impl QueuePair {
     pub fn outstanding(&self) -> usize {
         self.slots.len() - self.free_cids.len()
     }
-    /// Sends raw bytes (tests use it to send malformed PDUs).
-    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
-        self.tx.extend_from_slice(bytes);
-        self.flush()
-    }
-    pub fn shutdown_write(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Write);
-    }
 
     /// Submits a command. For writes `data` is the payload; for reads a buffer of the
     /// transfer length. The CID and SGL are set here.

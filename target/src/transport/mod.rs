@@ -5,7 +5,6 @@
 pub mod tcp;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use stager_nvme::bdev::{BdevChannel, BufPool};
 use stager_nvme::uring::Ring;
@@ -19,6 +18,5 @@ pub struct ReactorCtx<'a> {
     pub channels: &'a mut [Box<dyn BdevChannel>],
     pub pool: &'a mut BufPool,
     pub target: &'a Arc<TargetShared>,
-    pub now: Instant,
     pub reactor: usize,
 }

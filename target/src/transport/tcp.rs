@@ -167,7 +167,6 @@ pub struct Connection {
     by_cid: HashMap<u16, u16>,
     sqhd: u16,
     bdev_in_flight: usize,
-    pub last_activity: Instant,
 }
 
 /// Requests a connection holds before Connect tells it the queue size.
@@ -223,7 +222,6 @@ impl Connection {
             by_cid: HashMap::new(),
             sqhd: 0,
             bdev_in_flight: 0,
-            last_activity: cx.now,
         }
     }
 
@@ -247,10 +245,6 @@ impl Connection {
     /// True once nothing is in flight and the connection may be dropped.
     pub fn finished(&self) -> bool {
         self.phase == Phase::Closing && !self.recv_armed && !self.send_armed && self.bdev_in_flight == 0
-    }
-
-    pub fn is_active(&self) -> bool {
-        self.phase != Phase::Closing
     }
 
     /// Starts closing: shutting the socket down makes armed receives and sends complete.
@@ -352,7 +346,6 @@ impl Connection {
         if self.phase == Phase::Closing {
             return;
         }
-        self.last_activity = cx.now;
         self.rx_end += res as usize;
         let rx = std::mem::take(&mut self.rx);
         while matches!(self.phase, Phase::AwaitIcReq | Phase::Ready) {
@@ -884,8 +877,7 @@ impl Connection {
             return self.complete(slot, Status::INTERNAL_ERROR, 0, 0);
         };
         let r = &self.reqs[slot as usize];
-        let data_in: &[u8] = r.buf.as_deref().unwrap_or(&[]);
-        match a.execute(&r.cmd, data_in) {
+        match a.execute(&r.cmd) {
             AdminOutcome::Done { status, dw0, dw1, data } => {
                 if status.is_success() && !data.is_empty() {
                     // Send what the host's SGL asked for, zero-padded, never more.
