@@ -90,6 +90,11 @@ impl CleanCache {
         self.entries.len()
     }
 
+    /// Blocks of one volume resident in the cache (a range scan: for status, not the I/O path).
+    pub fn resident_for(&self, id: VolumeId) -> usize {
+        self.entries.range((id, Lba(0))..=(id, Lba(u64::MAX))).count()
+    }
+
     pub fn pin(&mut self, slot: u32) {
         *self.pins.entry(slot).or_insert(0) += 1;
     }

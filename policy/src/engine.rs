@@ -329,6 +329,67 @@ impl Engine {
         &self.state
     }
 
+    /// Opens a formatted device only to read it: the superblock's own layout, device id and
+    /// volumes (each with a SAN that never completes), so the log replay rebuilds what it holds
+    /// without any configuration. Replay never writes; the superblock write that would follow it
+    /// is the caller's to refuse (give a flash whose writes never complete) — see
+    /// `stagerctl flash inspect`. Poll until [`Engine::replay_done`], then read the metrics.
+    pub fn open_for_inspection(flash: Box<dyn Flash>, sb: &Superblock) -> Result<Engine, EngineError> {
+        let layout = Layout {
+            log_start: sb.log_start,
+            log_bytes: sb.log_bytes,
+            cache_start: sb.cache_start,
+            cache_slots: sb.cache_slots,
+        };
+        let cfg = EngineConfig { device_id: sb.device_id, ..EngineConfig::default() };
+        let specs = sb
+            .volumes
+            .iter()
+            .map(|v| VolumeSpec {
+                id: v.id,
+                epoch: v.epoch,
+                blocks: v.blocks,
+                policy: WritePolicy::WriteBack,
+                read_cache: false,
+                san: Box::new(crate::io::DetachedSan { size_bytes: v.blocks * BLOCK_SIZE_U64 }),
+            })
+            .collect();
+        let mut e = Engine::build(cfg, flash, specs, layout)?;
+        let mut rec = Recovery::new();
+        rec.start(&mut e);
+        e.recovery = Some(rec);
+        Ok(e)
+    }
+
+    /// True once log replay has finished (or failed): the index and dirty lists are rebuilt.
+    pub fn replay_done(&self) -> bool {
+        self.recovery.as_ref().is_none_or(|r| r.finished()) || !matches!(self.state, EngineState::Recovering)
+    }
+
+    pub fn device_id(&self) -> u64 {
+        self.cfg.device_id
+    }
+
+    /// Whether any flash or SAN operation is outstanding (a driver keeps polling while so).
+    pub fn io_in_flight(&self) -> bool {
+        !self.flash_ops.is_empty() || self.san_ops.iter().any(|m| !m.is_empty())
+    }
+
+    /// Host operations accepted and not yet completed, over all volumes.
+    pub fn host_ops_in_flight(&self) -> usize {
+        self.volumes.iter().map(|v| v.ops.len()).sum()
+    }
+
+    /// Bytes of clean (already destaged or read-filled) copies of `id`'s blocks in the cache.
+    pub fn clean_cached_bytes(&self, id: VolumeId) -> u64 {
+        self.cache.resident_for(id) as u64 * BLOCK_SIZE_U64
+    }
+
+    /// Flash bytes set aside for clean cache slots.
+    pub fn cache_capacity_bytes(&self) -> u64 {
+        self.layout.cache_slots * BLOCK_SIZE_U64
+    }
+
     pub(crate) fn token(&mut self, op: FlashOp) -> u64 {
         let t = self.next_token;
         self.next_token += 1;

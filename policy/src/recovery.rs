@@ -74,6 +74,11 @@ impl Recovery {
         }
     }
 
+    /// The scan is over (the log is replayed, or recovery failed).
+    pub(crate) fn finished(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
     pub fn start(&mut self, e: &mut Engine) {
         for copy in 0..SUPERBLOCK_COPIES as usize {
             let token = e.token(FlashOp::Recovery(RecoveryRead::Superblock(copy)));

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+use stager_policy::WritePolicy;
 
 /// Largest configuration file we read. A real one is a few KiB; the cap keeps a mistaken
 /// `--config /dev/zero` (or a huge log file) from eating memory before parsing fails.
@@ -93,6 +94,69 @@ pub struct Config {
     /// May be empty: the target then serves only discovery, which tests use.
     #[serde(default)]
     pub subsystems: Vec<SubsystemConfig>,
+    /// Local flash devices that hold write-back logs and read caches of `kind: volume`
+    /// namespaces. Several volumes may share one device.
+    #[serde(default)]
+    pub flash: Vec<FlashConfig>,
+    #[serde(default)]
+    pub destage: DestageConfig,
+    #[serde(default)]
+    pub management: ManagementConfig,
+}
+
+/// A local flash device (NVMe block device, or a file on a developer machine).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlashConfig {
+    /// What volumes refer to this device by.
+    pub name: String,
+    pub path: PathBuf,
+    /// Create or extend a file to this size; without it the current size is used.
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub size: Option<u64>,
+    /// Share of the device kept for clean cached blocks (read acceleration); the rest is log.
+    /// Fixed when the device is formatted.
+    #[serde(default = "default_cache_percent")]
+    pub cache_percent: u32,
+    /// O_DIRECT (default).
+    #[serde(default = "default_true")]
+    pub direct: bool,
+}
+
+fn default_cache_percent() -> u32 {
+    25
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The node's destage reactor: the thread that owns every flash device's write-back engine,
+/// writes their logs and destages them to the SANs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DestageConfig {
+    /// CPU to pin it to; unpinned when left out.
+    pub core: Option<usize>,
+    /// Busy-poll this long after its last work before it sleeps.
+    pub idle_poll_us: u64,
+    /// How long a write-back write waits for log space when the log is full before it goes
+    /// write-through instead.
+    pub log_full_wait_ms: u64,
+}
+
+impl Default for DestageConfig {
+    fn default() -> Self {
+        DestageConfig { core: None, idle_poll_us: 200, log_full_wait_ms: 5000 }
+    }
+}
+
+/// The management socket `stagerctl` talks to (status, live policy changes).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ManagementConfig {
+    /// A Unix socket path; no management socket when left out.
+    pub socket: Option<PathBuf>,
 }
 
 /// The polling threads, one pinned per listed CPU.
@@ -297,12 +361,102 @@ pub enum BackendConfig {
         /// double-buffer and hide whether a write is really on the device.
         direct: bool,
     },
+    /// A write-back volume: writes are acknowledged from a log on local `flash` and destaged
+    /// to the volume's SAN LUN; reads are served from flash when it holds the block.
+    Volume {
+        /// Stable identity of the volume, written into the flash log; unique in the file.
+        id: u32,
+        /// Name of a `flash` device.
+        flash: String,
+        policy: WritePolicy,
+        /// Keep clean copies of SAN reads on flash.
+        read_cache: bool,
+        san: SanConfig,
+        /// Exported size; the SAN LUN's size when left out.
+        size_bytes: Option<u64>,
+    },
+}
+
+/// Where a volume's data finally lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SanConfig {
+    /// A file or block device (O_DIRECT unless `direct: false`).
+    File { path: PathBuf, size_bytes: Option<u64>, direct: bool },
+    /// An iSCSI LUN through libiscsi: `iscsi://HOST[:PORT]/TARGET-IQN/LUN`.
+    Iscsi { url: String, initiator: String },
+}
+
+/// The initiator IQN stagerd logs in to SANs with unless a volume names another.
+pub const DEFAULT_INITIATOR_IQN: &str = "iqn.2026-11.dev.stager:stagerd";
+
+/// The shape of `backend.san` in the file (flat, for the same reason as [`BackendSpec`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SanSpec {
+    kind: SanKind,
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    size: Option<ByteSize>,
+    #[serde(default)]
+    direct: Option<bool>,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    initiator: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SanKind {
+    File,
+    Iscsi,
+}
+
+impl TryFrom<SanSpec> for SanConfig {
+    type Error = String;
+    fn try_from(s: SanSpec) -> Result<Self, String> {
+        match s.kind {
+            SanKind::File => {
+                if s.url.is_some() || s.initiator.is_some() {
+                    return Err("`san.url` and `san.initiator` apply only to `kind: iscsi`".into());
+                }
+                let path = s.path.ok_or("`san: { kind: file }` needs `path`")?;
+                Ok(SanConfig::File { path, size_bytes: s.size.map(|b| b.0), direct: s.direct.unwrap_or(true) })
+            }
+            SanKind::Iscsi => {
+                if s.path.is_some() || s.size.is_some() || s.direct.is_some() {
+                    return Err("`san.path`, `san.size` and `san.direct` apply only to `kind: file`".into());
+                }
+                let url = s.url.ok_or("`san: { kind: iscsi }` needs `url: iscsi://HOST[:PORT]/TARGET-IQN/LUN`")?;
+                Ok(SanConfig::Iscsi { url, initiator: s.initiator.unwrap_or_else(|| DEFAULT_INITIATOR_IQN.into()) })
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SanConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SanVisitor;
+        impl<'de> Visitor<'de> for SanVisitor {
+            type Value = SanConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a SAN mapping such as { kind: file, path: san.img, size: 1GiB }")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<SanConfig, A::Error> {
+                let spec = SanSpec::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                SanConfig::try_from(spec).map_err(de::Error::custom)
+            }
+        }
+        d.deserialize_map(SanVisitor)
+    }
 }
 
 impl BackendConfig {
     pub fn block_size(&self) -> u32 {
         match self {
             BackendConfig::Memory { block_size, .. } | BackendConfig::File { block_size, .. } => *block_size,
+            BackendConfig::Volume { .. } => VOLUME_BLOCK_SIZE,
         }
     }
 
@@ -311,6 +465,7 @@ impl BackendConfig {
         match self {
             BackendConfig::Memory { .. } => "memory",
             BackendConfig::File { .. } => "file",
+            BackendConfig::Volume { .. } => "volume",
         }
     }
 }
@@ -330,6 +485,16 @@ struct BackendSpec {
     path: Option<PathBuf>,
     #[serde(default)]
     direct: Option<bool>,
+    #[serde(default)]
+    id: Option<u32>,
+    #[serde(default)]
+    flash: Option<String>,
+    #[serde(default)]
+    policy: Option<String>,
+    #[serde(default)]
+    read_cache: Option<bool>,
+    #[serde(default)]
+    san: Option<SanConfig>,
 }
 
 #[derive(Deserialize)]
@@ -337,7 +502,11 @@ struct BackendSpec {
 enum BackendKind {
     Memory,
     File,
+    Volume,
 }
+
+/// Volumes have 4 KiB blocks: the write-back log's unit (see stager_policy::constants).
+pub const VOLUME_BLOCK_SIZE: u32 = stager_policy::constants::BLOCK_SIZE as u32;
 
 const DEFAULT_BLOCK_SIZE: u32 = 4096;
 
@@ -364,8 +533,40 @@ impl TryFrom<BackendSpec> for BackendConfig {
     type Error = String;
 
     fn try_from(s: BackendSpec) -> Result<Self, String> {
-        let block_size = s.block_size.map_or(DEFAULT_BLOCK_SIZE, |b| b.0);
+        let block_size = s.block_size.as_ref().map_or(DEFAULT_BLOCK_SIZE, |b| b.0);
+        if !matches!(s.kind, BackendKind::Volume) {
+            let volume_keys = [
+                ("id", s.id.is_some()),
+                ("flash", s.flash.is_some()),
+                ("policy", s.policy.is_some()),
+                ("read_cache", s.read_cache.is_some()),
+                ("san", s.san.is_some()),
+            ];
+            if let Some((key, _)) = volume_keys.iter().find(|(_, set)| *set) {
+                return Err(format!("`{key}` applies only to `kind: volume`"));
+            }
+        }
         match s.kind {
+            BackendKind::Volume => {
+                if s.path.is_some() || s.direct.is_some() {
+                    return Err("a volume keeps its data on `flash` and `san`; `path` and `direct` do not apply".into());
+                }
+                if s.block_size.is_some_and(|b| b.0 != VOLUME_BLOCK_SIZE) {
+                    return Err(format!("volumes have {VOLUME_BLOCK_SIZE}-byte blocks"));
+                }
+                let policy = match s.policy.as_deref() {
+                    None => WritePolicy::WriteBack,
+                    Some(p) => p.parse::<WritePolicy>()?,
+                };
+                Ok(BackendConfig::Volume {
+                    id: s.id.ok_or("`kind: volume` needs `id` (a number, unique in the file)")?,
+                    flash: s.flash.ok_or("`kind: volume` needs `flash` (the name of a `flash` device)")?,
+                    policy,
+                    read_cache: s.read_cache.unwrap_or(true),
+                    san: s.san.ok_or("`kind: volume` needs `san` (e.g. `san: { kind: file, path: san.img }`)")?,
+                    size_bytes: s.size.map(|b| b.0),
+                })
+            }
             BackendKind::Memory => {
                 if s.path.is_some() || s.direct.is_some() {
                     let key = if s.path.is_some() { "path" } else { "direct" };
@@ -538,18 +739,36 @@ pub fn embedded_default() -> Config {
             listeners: Vec::new(),
             namespaces: vec![NamespaceConfig {
                 nsid: 1,
-                backend: BackendConfig::File {
-                    path: PathBuf::from("./stager-data/ns1.img"),
-                    size_bytes: Some(1 << 30),
-                    block_size: DEFAULT_BLOCK_SIZE,
-                    direct: true,
+                backend: BackendConfig::Volume {
+                    id: 1,
+                    flash: "flash0".to_string(),
+                    policy: WritePolicy::WriteBack,
+                    read_cache: true,
+                    san: SanConfig::File {
+                        path: PathBuf::from("./stager-data/san1.img"),
+                        size_bytes: Some(1 << 30),
+                        direct: true,
+                    },
+                    size_bytes: None,
                 },
                 uuid: None,
             }],
         }
         .into()],
+        flash: vec![FlashConfig {
+            name: "flash0".to_string(),
+            path: PathBuf::from("./stager-data/flash0.img"),
+            size: Some(256 << 20),
+            cache_percent: default_cache_percent(),
+            direct: true,
+        }],
+        destage: DestageConfig::default(),
+        management: ManagementConfig { socket: Some(PathBuf::from(DEFAULT_MANAGEMENT_SOCKET)) },
     }
 }
+
+/// Where the embedded default's management socket is (and where `stagerctl` looks first).
+pub const DEFAULT_MANAGEMENT_SOCKET: &str = "./stager-data/stagerd.sock";
 
 impl Config {
     /// What an empty document deserializes to.
@@ -560,6 +779,9 @@ impl Config {
             transport: TransportConfig::default(),
             listeners: Vec::new(),
             subsystems: Vec::new(),
+            flash: Vec::new(),
+            destage: DestageConfig::default(),
+            management: ManagementConfig::default(),
         }
     }
 
@@ -583,7 +805,10 @@ impl Config {
         check_logging(&self.logging)?;
         check_transport(&self.transport)?;
         check_listeners(&self.listeners)?;
-        check_subsystems(&self.subsystems, &self.listeners)
+        let mut files: HashMap<PathBuf, String> = HashMap::new();
+        check_flash(&self.flash, &mut files)?;
+        check_destage(&self.destage, cpus)?;
+        check_subsystems(&self.subsystems, &self.listeners, &self.flash, &mut files)
     }
 }
 
@@ -728,12 +953,94 @@ fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_subsystems(subsystems: &[SubsystemConfig], listeners: &[ListenerConfig]) -> Result<(), Problem> {
+fn check_flash(flash: &[FlashConfig], files: &mut HashMap<PathBuf, String>) -> Result<(), Problem> {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, f) in flash.iter().enumerate() {
+        let at = format!("flash[{i}]");
+        check_name(&f.name).map_err(|why| problem(format!("{at}.name"), why))?;
+        if let Some(first) = names.insert(&f.name, i) {
+            return Err(problem(format!("{at}.name"), format!("`{}` is already the name of flash[{first}]", f.name)));
+        }
+        if f.cache_percent > FLASH_CACHE_PERCENT_MAX {
+            return Err(problem(
+                format!("{at}.cache_percent"),
+                format!("{} is more than {FLASH_CACHE_PERCENT_MAX}: the log needs the rest", f.cache_percent),
+            ));
+        }
+        check_path(&f.path, f.size, VOLUME_BLOCK_SIZE, &format!("{at}.path"), &at, files)?;
+        if let Some(size) = f.size {
+            if size % u64::from(VOLUME_BLOCK_SIZE) != 0 || size < FLASH_BYTES_MIN {
+                return Err(problem(
+                    format!("{at}.size"),
+                    format!("{size} bytes: a flash device needs a multiple of 4 KiB and at least {FLASH_BYTES_MIN}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Largest clean-cache share of a flash device.
+pub const FLASH_CACHE_PERCENT_MAX: u32 = 90;
+/// Smallest flash device: the log must hold a few of the largest entries (stager_policy).
+pub const FLASH_BYTES_MIN: u64 = 16 << 20;
+
+fn check_destage(d: &DestageConfig, cpus: &[usize]) -> Result<(), Problem> {
+    if let Some(core) = d.core {
+        if !cpus.contains(&core) {
+            return Err(problem(
+                "destage.core",
+                format!(
+                    "CPU {core} is not available to stagerd on this machine (usable CPUs: {})",
+                    cpu_list_text(cpus)
+                ),
+            ));
+        }
+    }
+    if d.idle_poll_us > IDLE_POLL_US_MAX {
+        return Err(problem(
+            "destage.idle_poll_us",
+            format!("{} is more than {IDLE_POLL_US_MAX} (1 s)", d.idle_poll_us),
+        ));
+    }
+    Ok(())
+}
+
+/// A path used by a backend, flash device or SAN file: not empty, existing when no size is
+/// given, and not used twice.
+fn check_path(
+    path: &Path,
+    size: Option<u64>,
+    block_size: u32,
+    key: &str,
+    at: &str,
+    files: &mut HashMap<PathBuf, String>,
+) -> Result<(), Problem> {
+    if path.as_os_str().is_empty() {
+        return Err(problem(key, "is empty"));
+    }
+    if size.is_none() {
+        check_existing_file(path, block_size, at)?;
+    }
+    // Lexically different paths may still be the same file; canonicalize what exists.
+    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if let Some(first) = files.insert(canon, at.to_string()) {
+        return Err(problem(key, format!("{} is also used by {first}", path.display())));
+    }
+    Ok(())
+}
+
+fn check_subsystems(
+    subsystems: &[SubsystemConfig],
+    listeners: &[ListenerConfig],
+    flash: &[FlashConfig],
+    files: &mut HashMap<PathBuf, String>,
+) -> Result<(), Problem> {
     let mut nqns: HashMap<&str, usize> = HashMap::new();
     // Namespace UUIDs and backing files are global: a UUID seen twice makes multipath merge
     // two different namespaces, a file used twice has two namespaces overwrite each other.
     let mut uuids: HashMap<[u8; 16], String> = HashMap::new();
-    let mut files: HashMap<PathBuf, String> = HashMap::new();
+    let mut volume_ids: HashMap<u32, String> = HashMap::new();
     for (i, s) in subsystems.iter().enumerate() {
         let at = format!("subsystems[{i}]");
         check_nqn(&s.nqn).map_err(|why| problem(format!("{at}.nqn"), why))?;
@@ -793,7 +1100,23 @@ fn check_subsystems(subsystems: &[SubsystemConfig], listeners: &[ListenerConfig]
                     format!("{} is also the UUID of {first}", format_uuid(&uuid)),
                 ));
             }
-            check_backend(&ns.backend, &format!("{at_ns}.backend"), &mut files)?;
+            let at_b = format!("{at_ns}.backend");
+            check_backend(&ns.backend, &at_b, files)?;
+            if let BackendConfig::Volume { id, flash: dev, .. } = &ns.backend {
+                if let Some(first) = volume_ids.insert(*id, at_b.clone()) {
+                    return Err(problem(format!("{at_b}.id"), format!("volume {id} is also {first}")));
+                }
+                if !flash.iter().any(|f| &f.name == dev) {
+                    let known: Vec<&str> = flash.iter().map(|f| f.name.as_str()).collect();
+                    return Err(problem(
+                        format!("{at_b}.flash"),
+                        format!(
+                            "no flash device is named `{dev}` (flash: {})",
+                            if known.is_empty() { "none configured".to_string() } else { known.join(", ") }
+                        ),
+                    ));
+                }
+            }
         }
     }
     Ok(())
@@ -840,23 +1163,71 @@ fn check_backend(b: &BackendConfig, at: &str, files: &mut HashMap<PathBuf, Strin
     match b {
         BackendConfig::Memory { size_bytes, .. } => check_size(*size_bytes),
         BackendConfig::File { path, size_bytes, .. } => {
-            if path.as_os_str().is_empty() {
-                return Err(problem(format!("{at}.path"), "is empty"));
+            if let Some(size) = size_bytes {
+                check_size(*size)?;
             }
-            match size_bytes {
-                Some(size) => check_size(*size)?,
-                None => check_existing_file(path, block_size, at)?,
+            check_path(path, *size_bytes, block_size, &format!("{at}.path"), at, files)
+        }
+        BackendConfig::Volume { id, size_bytes, san, .. } => {
+            if *id == 0 {
+                return Err(problem(format!("{at}.id"), "0 is reserved; volume ids start at 1"));
             }
-            // Lexically different paths may still be the same file; canonicalize what exists.
-            let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-            if let Some(first) = files.insert(key, at.to_string()) {
-                return Err(problem(
-                    format!("{at}.path"),
-                    format!("{} is also the backing file of {first}", path.display()),
-                ));
+            if let Some(size) = size_bytes {
+                check_size(*size)?;
             }
+            match san {
+                SanConfig::File { path, size_bytes, .. } => {
+                    if let Some(size) = size_bytes {
+                        if size % u64::from(VOLUME_BLOCK_SIZE) != 0 || *size == 0 {
+                            return Err(problem(
+                                format!("{at}.san.size"),
+                                format!("{size} bytes is not a positive multiple of {VOLUME_BLOCK_SIZE}"),
+                            ));
+                        }
+                    }
+                    check_path(
+                        path,
+                        *size_bytes,
+                        VOLUME_BLOCK_SIZE,
+                        &format!("{at}.san.path"),
+                        &format!("{at}.san"),
+                        files,
+                    )
+                }
+                SanConfig::Iscsi { url, initiator } => {
+                    if !cfg!(feature = "iscsi") {
+                        return Err(problem(
+                            format!("{at}.san.kind"),
+                            "iscsi: this stagerd was built without the `iscsi` feature (libiscsi); \
+                             rebuild with `--features stager-target/iscsi` (scripts/run and scripts/test do)",
+                        ));
+                    }
+                    check_iscsi_url(url).map_err(|why| problem(format!("{at}.san.url"), why))?;
+                    if !initiator.starts_with("iqn.") || initiator.len() > 223 {
+                        return Err(problem(
+                            format!("{at}.san.initiator"),
+                            format!("`{initiator}` is not an iSCSI IQN"),
+                        ));
+                    }
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// `iscsi://HOST[:PORT]/TARGET-IQN/LUN`, checked without libiscsi so a config can be checked
+/// anywhere.
+fn check_iscsi_url(url: &str) -> Result<(), String> {
+    let bad = |why: &str| format!("`{url}`: {why} (expected iscsi://HOST[:PORT]/TARGET-IQN/LUN)");
+    let rest = url.strip_prefix("iscsi://").ok_or_else(|| bad("does not start with iscsi://"))?;
+    let parts: Vec<&str> = rest.splitn(3, '/').collect();
+    match parts.as_slice() {
+        [host, target, lun] if !host.is_empty() && !target.is_empty() => {
+            lun.parse::<u16>().map_err(|_| bad("the LUN is not a number"))?;
             Ok(())
         }
+        _ => Err(bad("missing host, target or LUN")),
     }
 }
 
@@ -1050,6 +1421,10 @@ fn de_size_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     ByteSize32::deserialize(d).map(|b| b.0)
 }
 
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    ByteSize::deserialize(d).map(|b| Some(b.0))
+}
+
 /// serde's own `SocketAddr` error says only "invalid socket address syntax"; say what is wanted.
 fn de_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     struct AddrVisitor;
@@ -1190,15 +1565,68 @@ subsystems:
         assert_eq!(c.listeners[0].address.to_string(), "127.0.0.1:4420");
         assert_eq!(c.subsystems[0].nqn, "nqn.2026-11.dev.stager:default");
         assert!(c.subsystems[0].allow_any_host);
-        assert_eq!(
-            c.subsystems[0].namespaces[0].backend,
-            BackendConfig::File {
-                path: PathBuf::from("./stager-data/ns1.img"),
-                size_bytes: Some(1 << 30),
-                block_size: 4096,
-                direct: true
+        // A write-back volume: a flash log file and a SAN file under ./stager-data/.
+        match &c.subsystems[0].namespaces[0].backend {
+            BackendConfig::Volume {
+                id: 1,
+                flash,
+                policy: WritePolicy::WriteBack,
+                san: SanConfig::File { path, .. },
+                ..
+            } => {
+                assert_eq!(flash, "flash0");
+                assert_eq!(path, &PathBuf::from("./stager-data/san1.img"));
             }
-        );
+            other => panic!("embedded default backend is {other:?}"),
+        }
+        assert_eq!(c.flash[0].path, PathBuf::from("./stager-data/flash0.img"));
+        assert!(c.management.socket.is_some());
+    }
+
+    /// A build without libiscsi says so at validation, naming the key and the fix.
+    #[cfg(not(feature = "iscsi"))]
+    #[test]
+    fn iscsi_san_without_the_feature_is_a_clear_error() {
+        let text = "listeners: [{ name: a, address: 127.0.0.1:0 }]\nflash: [{ name: f0, path: /tmp/stager-config-test-flash.img, size: 64MiB }]\nsubsystems:\n  - nqn: nqn.2026-11.dev.stager:v\n    allow_any_host: true\n    namespaces:\n      - nsid: 1\n        backend: { kind: volume, id: 1, flash: f0, san: { kind: iscsi, url: \"iscsi://127.0.0.1/iqn.2026-11.x:y/1\" } }\n";
+        let msg = err(text);
+        assert!(msg.contains("backend.san.kind") && msg.contains("without the `iscsi` feature"), "{msg}");
+    }
+
+    #[test]
+    fn volumes_parse_and_validate() {
+        let text = |backend: &str, flash: &str| {
+            format!(
+                "listeners: [{{ name: a, address: 127.0.0.1:0 }}]\n{flash}\nsubsystems:\n  - nqn: nqn.2026-11.dev.stager:v\n    allow_any_host: true\n    namespaces:\n      - nsid: 1\n        backend: {backend}\n"
+            )
+        };
+        let flash = "flash: [{ name: f0, path: /tmp/stager-config-test-flash.img, size: 64MiB }]";
+        let good = text("{ kind: volume, id: 3, flash: f0, policy: write-through, san: { kind: file, path: /tmp/stager-config-test-san.img, size: 1GiB } }", flash);
+        let c = parse_test(&good).unwrap();
+        match &c.subsystems[0].namespaces[0].backend {
+            BackendConfig::Volume { id: 3, policy: WritePolicy::WriteThrough, read_cache: true, .. } => {}
+            other => panic!("parsed {other:?}"),
+        }
+        assert_eq!(c.flash[0].cache_percent, 25);
+        let cases: &[(&str, &str, &[&str])] = &[
+            ("{ kind: volume, id: 3, flash: nope, san: { kind: file, path: /tmp/x-san.img, size: 1GiB } }", flash, &["backend.flash", "no flash device is named `nope`"]),
+            ("{ kind: volume, id: 3, flash: f0, policy: write-around, san: { kind: file, path: /tmp/x-san.img, size: 1GiB } }", flash, &["unknown write policy", "write-around"]),
+            ("{ kind: volume, id: 0, flash: f0, san: { kind: file, path: /tmp/x-san.img, size: 1GiB } }", flash, &["backend.id", "reserved"]),
+            ("{ kind: volume, flash: f0, san: { kind: file, path: /tmp/x-san.img, size: 1GiB } }", flash, &["needs `id`"]),
+            ("{ kind: volume, id: 3, flash: f0 }", flash, &["needs `san`"]),
+            ("{ kind: volume, id: 3, flash: f0, san: { kind: iscsi, url: \"http://x/y/1\" } }", flash, &["backend.san.url", "iscsi://"]),
+            ("{ kind: volume, id: 3, flash: f0, san: { kind: file } }", flash, &["needs `path`"]),
+            ("{ kind: memory, size: 1MiB, policy: write-back }", flash, &["`policy` applies only to `kind: volume`"]),
+            ("{ kind: volume, id: 3, flash: f0, san: { kind: file, path: /tmp/stager-config-test-flash.img, size: 1GiB } }", flash, &["backend.san.path", "also used by flash[0]"]),
+            ("{ kind: memory, size: 1MiB }", "flash: [{ name: f0, path: /tmp/f.img, size: 1MiB }]", &["flash[0].size", "at least"]),
+            ("{ kind: memory, size: 1MiB }", "flash: [{ name: f0, path: /tmp/f.img, size: 64MiB, cache_percent: 95 }]", &["flash[0].cache_percent"]),
+            ("{ kind: memory, size: 1MiB }", "destage: { core: 4096 }", &["destage.core", "not available"]),
+        ];
+        for (backend, flash, needles) in cases {
+            let msg = err(&text(backend, flash));
+            for n in *needles {
+                assert!(msg.contains(n), "{backend} / {flash}: message {msg:?} lacks {n:?}");
+            }
+        }
     }
 
     #[test]

@@ -6,10 +6,12 @@ pub mod acceptor;
 pub mod config;
 pub mod constants;
 pub mod controller;
+pub mod management;
 pub mod reactor;
 pub mod san;
 pub mod subsystem;
 pub mod target;
 pub mod transport;
+pub mod volume;
 
 pub use target::{StartError, Target};

@@ -1,6 +1,8 @@
 //! `stagerd`: runs a Stager target. With no arguments it runs the embedded default (one
-//! subsystem, one 1 GiB file-backed namespace under ./stager-data/, 127.0.0.1:4420);
-//! `--config FILE` runs a YAML deployment; `--check-config FILE` validates one and exits.
+//! subsystem exporting a write-back volume: a 256 MiB flash log file and a 1 GiB SAN file under
+//! ./stager-data/, on 127.0.0.1:4420); `--config FILE` runs a YAML deployment;
+//! `--check-config FILE` validates one and exits. SIGHUP re-reads the file and applies volume
+//! policy changes live.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,8 +59,13 @@ fn main() -> ExitCode {
     init_logging(&cfg.logging.level);
     tracing::info!("stagerd {} starting with {origin}", env!("CARGO_PKG_VERSION"));
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+    let reload = Arc::new(AtomicBool::new(false));
+    for (sig, flag) in [
+        (signal_hook::consts::SIGINT, &stop),
+        (signal_hook::consts::SIGTERM, &stop),
+        (signal_hook::consts::SIGHUP, &reload),
+    ] {
+        if let Err(e) = signal_hook::flag::register(sig, flag.clone()) {
             eprintln!("stagerd: cannot install a handler for signal {sig}: {e}");
             return ExitCode::FAILURE;
         }
@@ -71,12 +78,77 @@ fn main() -> ExitCode {
         }
     };
     print_banner(&cfg, &target);
+    let mut running = cfg.clone();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
+        if reload.swap(false, Ordering::Relaxed) {
+            match &cli.config {
+                Some(path) => reload_policies(path, &mut running, &target),
+                None => tracing::info!("SIGHUP: running the embedded configuration; nothing to re-read"),
+            }
+        }
     }
     tracing::info!("signal received: finishing in-flight I/O, closing connections, syncing files");
     target.shutdown();
     ExitCode::SUCCESS
+}
+
+/// SIGHUP: re-reads the file and applies what can change live — volume write policies. Other
+/// changes are reported as needing a restart.
+fn reload_policies(path: &std::path::Path, running: &mut Config, target: &Target) {
+    let new = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("SIGHUP: {e}; keeping the running configuration");
+            return;
+        }
+    };
+    let policies = |c: &Config| -> Vec<(u32, stager_policy::WritePolicy)> {
+        c.subsystems
+            .iter()
+            .flat_map(|s| &s.namespaces)
+            .filter_map(|n| match &n.backend {
+                BackendConfig::Volume { id, policy, .. } => Some((*id, *policy)),
+                _ => None,
+            })
+            .collect()
+    };
+    let (old, wanted) = (policies(running), policies(&new));
+    let mut applied = 0;
+    for (id, policy) in &wanted {
+        let Some((_, before)) = old.iter().find(|(o, _)| o == id) else {
+            tracing::warn!("SIGHUP: volume {id} is new; adding volumes needs a restart");
+            continue;
+        };
+        if before == policy {
+            continue;
+        }
+        match target.volumes().map(|v| v.set_policy(*id, *policy)) {
+            Some(Ok(m)) => {
+                tracing::info!("SIGHUP: {m}");
+                applied += 1;
+            }
+            Some(Err(e)) => tracing::error!("SIGHUP: volume {id}: {e}"),
+            None => tracing::error!("SIGHUP: no write-back volumes are running"),
+        }
+    }
+    let mut rest = new.clone();
+    let mut was = running.clone();
+    for c in [&mut rest, &mut was] {
+        for n in c.subsystems.iter_mut().flat_map(|s| s.namespaces.iter_mut()) {
+            if let BackendConfig::Volume { policy, .. } = &mut n.backend {
+                *policy = stager_policy::WritePolicy::WriteBack;
+            }
+        }
+    }
+    if rest != was {
+        tracing::warn!(
+            "SIGHUP: {} has changes besides volume policies; they take effect at the next restart",
+            path.display()
+        );
+    }
+    tracing::info!("SIGHUP: configuration re-read, {applied} policy change(s) applied");
+    *running = new;
 }
 
 fn init_logging(level: &str) {
@@ -115,6 +187,13 @@ fn backend_text(b: &BackendConfig) -> String {
             size_bytes.map(|s| format!(" ({} MiB)", s >> 20)).unwrap_or_default(),
             if *direct { ", O_DIRECT" } else { "" }
         ),
+        BackendConfig::Volume { id, flash, policy, san, .. } => {
+            let san = match san {
+                config::SanConfig::File { path, .. } => format!("file {}", path.display()),
+                config::SanConfig::Iscsi { url, .. } => url.clone(),
+            };
+            format!("volume {id}, {policy} on flash {flash}, SAN {san}")
+        }
     }
 }
 
@@ -132,6 +211,9 @@ fn print_banner(c: &Config, t: &Target) {
         println!("  nvme discover -t tcp -a {} -s {}", addr.ip(), addr.port());
         println!("  nvme connect -t tcp -a {} -s {} -n {}", addr.ip(), addr.port(), s.nqn);
         println!("Or measure it:  stager-perf run --target tcp://{addr}/{} -q 1 -s 4k -w randread -t 5", s.nqn);
+    }
+    if let Some(sock) = &c.management.socket {
+        println!("Watch it:  stagerctl status --socket {}", sock.display());
     }
     println!("Stop with Ctrl-C (SIGINT) or SIGTERM.");
 }

@@ -16,6 +16,7 @@ use tracing::info;
 use crate::config::{BackendConfig, Config};
 use crate::reactor::{self, ReactorHandle};
 use crate::subsystem::{Limits, Namespace, Subsystem, SubsystemKind, TargetShared};
+use crate::volume::{VolumeDevice, VolumeService};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -25,6 +26,10 @@ pub enum StartError {
     Backend { nqn: String, nsid: u32, backend: String, source: std::io::Error },
     #[error("cannot start reactor {id}: {source}")]
     Reactor { id: usize, source: std::io::Error },
+    #[error("write-back volumes: {0}")]
+    Volumes(String),
+    #[error("management socket: {0}")]
+    Management(String),
 }
 
 pub struct Target {
@@ -33,6 +38,8 @@ pub struct Target {
     acceptors: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     listen_addrs: Vec<SocketAddr>,
+    volumes: Option<Arc<VolumeService>>,
+    management: Option<crate::management::Management>,
 }
 
 impl Target {
@@ -65,6 +72,14 @@ impl Target {
             listeners.push((l.name.clone(), sock, addr));
         }
         let all_addrs: Vec<SocketAddr> = listeners.iter().map(|(_, _, a)| *a).collect();
+        // The destage reactor first: volumes' sizes come from their SANs, and their logs are
+        // recovered before any host can connect.
+        let volumes = VolumeService::start(&config).map_err(StartError::Volumes)?;
+        let stop_volumes = |v: &Option<Arc<VolumeService>>| {
+            if let Some(v) = v {
+                v.stop();
+            }
+        };
         let mut namespaces: Vec<Arc<Namespace>> = Vec::new();
         let mut subsystems = HashMap::new();
         for s in &config.subsystems {
@@ -76,14 +91,28 @@ impl Target {
                         Arc::new(MemoryDevice::new(&format!("{}/ns{}", s.nqn, n.nsid), *size_bytes, *block_size))
                     }
                     (None, BackendConfig::File { path, size_bytes, block_size, direct }) => {
-                        Arc::new(FileDevice::open(path, *size_bytes, *block_size, *direct).map_err(|source| {
-                            StartError::Backend {
-                                nqn: s.nqn.clone(),
-                                nsid: n.nsid,
-                                backend: format!("file {}", path.display()),
-                                source,
+                        match FileDevice::open(path, *size_bytes, *block_size, *direct) {
+                            Ok(d) => Arc::new(d),
+                            Err(source) => {
+                                stop_volumes(&volumes);
+                                return Err(StartError::Backend {
+                                    nqn: s.nqn.clone(),
+                                    nsid: n.nsid,
+                                    backend: format!("file {}", path.display()),
+                                    source,
+                                });
                             }
-                        })?)
+                        }
+                    }
+                    (None, BackendConfig::Volume { id, .. }) => {
+                        let found = volumes
+                            .as_ref()
+                            .and_then(|v| v.volumes.iter().find(|i| i.id.0 == *id).map(|i| (v.clone(), i.clone())));
+                        let Some((service, info)) = found else {
+                            stop_volumes(&volumes);
+                            return Err(StartError::Volumes(format!("volume {id} was not started")));
+                        };
+                        Arc::new(VolumeDevice::new(service, info))
                     }
                 };
                 let ns = Arc::new(Namespace {
@@ -141,10 +170,24 @@ impl Target {
                     for mut r in reactors {
                         r.stop_and_join();
                     }
+                    stop_volumes(&volumes);
                     return Err(StartError::Reactor { id, source });
                 }
             }
         }
+        let management = match &config.management.socket {
+            Some(path) => match crate::management::Management::start(path, volumes.clone()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    for mut r in reactors {
+                        r.stop_and_join();
+                    }
+                    stop_volumes(&volumes);
+                    return Err(StartError::Management(e));
+                }
+            },
+            None => None,
+        };
         let reactors = Arc::new(reactors);
         let stop = Arc::new(AtomicBool::new(false));
         let next = Arc::new(AtomicUsize::new(0));
@@ -155,7 +198,7 @@ impl Target {
             info!("listening on {addr} (listener {name}, NVMe/TCP)");
             acceptors.push(h);
         }
-        Ok(Target { shared, reactors, acceptors, stop, listen_addrs: all_addrs })
+        Ok(Target { shared, reactors, acceptors, stop, listen_addrs: all_addrs, volumes, management })
     }
 
     /// The address listener `i` actually bound (useful with port 0).
@@ -163,8 +206,16 @@ impl Target {
         self.listen_addrs[i]
     }
 
+    /// The destage reactor's handle, when the configuration has write-back volumes.
+    pub fn volumes(&self) -> Option<&Arc<VolumeService>> {
+        self.volumes.as_ref()
+    }
+
     /// Stops accepting, finishes in-flight I/O, closes connections, syncs devices.
     pub fn shutdown(mut self) {
+        if let Some(m) = self.management.take() {
+            m.stop();
+        }
         self.stop.store(true, Ordering::Relaxed);
         for a in self.acceptors.drain(..) {
             let _ = a.join();
@@ -178,6 +229,9 @@ impl Target {
             if let Err(e) = ns.bdev.sync() {
                 tracing::warn!("syncing {} failed: {e}", ns.bdev.info().name);
             }
+        }
+        if let Some(v) = self.volumes.take() {
+            v.stop();
         }
         info!("target stopped");
     }

@@ -59,6 +59,10 @@ pub enum BdevError {
     Os(i32),
     #[error("range {offset}+{len} beyond the device's {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
+    /// Could not be done now (a full log with the SAN down, a volume still starting); nothing
+    /// was written or acknowledged and the host may retry.
+    #[error("device busy; retry")]
+    Busy,
 }
 
 #[derive(Debug)]

@@ -16,7 +16,7 @@ mod san;
 
 pub use clock::{Clock, MonotonicClock};
 pub use flash::{Flash, FlashInfo};
-pub use san::San;
+pub use san::{DetachedSan, San};
 
 /// Why a device operation failed. "The world", never a bug of ours: the engine turns these
 /// into policy changes, retries or host statuses.

@@ -258,6 +258,12 @@ impl IscsiLun {
         unsafe { iscsi_is_logged_in(self.ctx.as_ptr()) != 0 }
     }
 
+    /// The poll(2) events libiscsi waits for on [`IscsiLun::fd`] right now.
+    pub fn which_events(&self) -> i16 {
+        // SAFETY: ctx is live.
+        unsafe { iscsi_which_events(self.ctx.as_ptr()) as i16 }
+    }
+
     pub fn fd(&self) -> RawFd {
         // SAFETY: ctx is live.
         unsafe { iscsi_get_fd(self.ctx.as_ptr()) }

@@ -738,6 +738,8 @@ impl Connection {
         if let Err(e) = &done.result {
             let s = match (e, r.plan) {
                 (BdevError::OutOfRange { .. }, _) => Status::LBA_OUT_OF_RANGE,
+                // Retryable (DNR clear): hosts back off and resubmit.
+                (BdevError::Busy, _) => Status::NAMESPACE_NOT_READY,
                 (_, Plan::Io { op: IoKind::Read | IoKind::Compare, .. }) => Status::UNRECOVERED_READ_ERROR,
                 _ => Status::WRITE_FAULT,
             };

@@ -1,0 +1,181 @@
+//! `stagerctl`: the operator's CLI.
+//!
+//! - `stagerctl status` — every flash device and volume of a running stagerd: requested and
+//!   effective policy, flash footprint (dirty, clean cached, replica), destage rate, SAN health.
+//! - `stagerctl volume set-policy ID POLICY` — change a volume's write policy live.
+//! - `stagerctl flash inspect DEVICE` — the volumes and dirty bytes a flash device holds,
+//!   read-only, without a daemon (a device moved from another node).
+//! - `stagerctl flash destage DEVICE --config FILE` — destage a device's dirty data to the SANs
+//!   the file names, with a progress bar; refuses a device a running stagerd owns.
+//!
+//! Exit status: 0 done, 1 the operation failed, 2 bad arguments.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stager_target::config::{self, DEFAULT_MANAGEMENT_SOCKET};
+use stager_target::management::{call, Request};
+use stager_target::volume::offline;
+use stager_target::volume::status::{human_bytes, render};
+
+#[derive(Parser)]
+#[command(name = "stagerctl", version, about = "Operate Stager: status, live policy changes, flash devices")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show a running stagerd's flash devices and volumes.
+    Status {
+        /// The daemon's management socket (management.socket in its configuration).
+        #[arg(long, default_value = DEFAULT_MANAGEMENT_SOCKET)]
+        socket: PathBuf,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Volume operations on a running stagerd.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+    /// Flash devices without a daemon.
+    Flash {
+        #[command(subcommand)]
+        cmd: FlashCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Change a volume's requested write policy (write-back or write-through), live.
+    SetPolicy {
+        id: u32,
+        policy: String,
+        #[arg(long, default_value = DEFAULT_MANAGEMENT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum FlashCmd {
+    /// List the volumes and dirty bytes a flash device holds (read-only).
+    Inspect {
+        device: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destage a flash device's dirty data to the volumes' SANs named in a stagerd configuration.
+    Destage {
+        device: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stagerctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<(), String> {
+    match cmd {
+        Cmd::Status { socket, json } => {
+            let r = call(&socket, &Request::Status)?;
+            let status = match (r.ok, r.status) {
+                (true, Some(s)) => s,
+                _ => return Err(r.error.unwrap_or_else(|| "stagerd sent no status".into())),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?);
+            } else {
+                print!("{}", render(&status));
+            }
+            Ok(())
+        }
+        Cmd::Volume { cmd: VolumeCmd::SetPolicy { id, policy, socket } } => {
+            let r = call(&socket, &Request::SetPolicy { volume: id, policy })?;
+            match (r.ok, r.message, r.error) {
+                (true, Some(m), _) => {
+                    println!("{m}");
+                    Ok(())
+                }
+                (_, _, Some(e)) => Err(e),
+                _ => Err("stagerd sent an empty answer".into()),
+            }
+        }
+        Cmd::Flash { cmd: FlashCmd::Inspect { device, json } } => {
+            let i = offline::inspect(&device)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&i).map_err(|e| e.to_string())?);
+                return Ok(());
+            }
+            println!(
+                "{}: Stager flash device {:#x}, superblock generation {}, incarnation {}",
+                i.path, i.device.device_id, i.superblock_generation, i.incarnation
+            );
+            if i.owned_by_running_process {
+                println!("  NOTE: a running stagerd owns this device; these numbers are a snapshot of a live log");
+            }
+            println!(
+                "  log {} of {} in use, clean cache area {}",
+                human_bytes(i.device.log_used_bytes),
+                human_bytes(i.device.log_capacity_bytes),
+                human_bytes(i.device.cache_capacity_bytes)
+            );
+            for v in &i.device.volumes {
+                println!(
+                    "  volume {}: {} dirty ({} entries above watermark {}), destage watermark {}",
+                    v.id,
+                    human_bytes(v.dirty_bytes),
+                    v.watermark_lag_entries,
+                    v.persisted_watermark,
+                    v.persisted_watermark
+                );
+            }
+            let dirty: u64 = i.device.volumes.iter().map(|v| v.dirty_bytes).sum();
+            if dirty > 0 {
+                println!("  {} to destage: stagerctl flash destage {} --config FILE", human_bytes(dirty), i.path);
+            } else {
+                println!("  nothing to destage");
+            }
+            Ok(())
+        }
+        Cmd::Flash { cmd: FlashCmd::Destage { device, config: path } } => {
+            let cfg = config::load(&path).map_err(|e| e.to_string())?;
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} destaging [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .map_err(|e| e.to_string())?
+                .progress_chars("=> "),
+            );
+            let result = offline::destage(&device, &cfg, |p| {
+                bar.set_length(p.dirty_at_start);
+                bar.set_position(p.dirty_at_start - p.dirty_now.min(p.dirty_at_start));
+            });
+            bar.finish_and_clear();
+            let m = result?;
+            println!("{}: {m}", device.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! The write-back engine's windows on real devices: [`BdevPort`] drives any `BlockDevice` (a
+//! flash file or NVMe block device, a SAN file) through its own io_uring as the engine's
+//! `Flash` or `San`; [`IscsiSan`] drives an iSCSI LUN through libiscsi (feature `iscsi`). Plus
+//! what both `stagerd` and `stagerctl` do before they touch a flash device: take its ownership
+//! lock and read its superblock.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use stager_nvme::bdev::{AlignedBuf, BdevChannel, BdevDone, BdevIo, BdevOp, BlockDevice, FileDevice};
+use stager_nvme::uring::{split, Ring};
+use stager_policy::constants::BLOCK_SIZE_U64;
+use stager_policy::log::{Superblock, SuperblockError};
+use stager_policy::{Flash, FlashInfo, IoDone, IoError, San};
+
+/// io_uring entries of the destage reactor: the engines keep at most a few hundred log writes
+/// and destage reads in flight per device; more wait in the ring's backlog.
+const RING_ENTRIES: u32 = 1024;
+
+/// The destage reactor's one io_uring, shared by every device port on it (the thread owns it;
+/// `Rc` never leaves). Completions are sorted into per-port inboxes by the `a` field of their
+/// `user_data`, so a port finds its own when the engine polls it, and the reactor can sleep in
+/// `io_uring_enter` until any device, SAN socket or message wake-up completes.
+pub struct SharedRing {
+    pub ring: RefCell<Ring>,
+    inboxes: RefCell<Vec<Vec<(u32, i32)>>>,
+    /// Completions that belong to no port: the reactor's own (its message wake-up read).
+    foreign: RefCell<Vec<(u64, i32)>>,
+    cqes: RefCell<Vec<(u64, i32)>>,
+}
+
+impl SharedRing {
+    pub fn new() -> std::io::Result<Rc<SharedRing>> {
+        Ok(Rc::new(SharedRing {
+            ring: RefCell::new(Ring::new(RING_ENTRIES)?),
+            inboxes: RefCell::new(Vec::new()),
+            foreign: RefCell::new(Vec::new()),
+            cqes: RefCell::new(Vec::new()),
+        }))
+    }
+
+    /// A new port id (the `a` of its `user_data`).
+    fn add_port(&self) -> u32 {
+        let mut i = self.inboxes.borrow_mut();
+        i.push(Vec::new());
+        (i.len() - 1) as u32
+    }
+
+    /// Submits what is queued and sorts what completed, without sleeping.
+    pub fn pump(&self) -> usize {
+        let mut cqes = self.cqes.borrow_mut();
+        cqes.clear();
+        if let Err(e) = self.ring.borrow_mut().submit_and_reap(&mut cqes) {
+            tracing::error!("destage reactor: io_uring_enter failed: {e}");
+        }
+        self.sort(&cqes)
+    }
+
+    /// Submits and sleeps until something completes (or `timeout`), then sorts.
+    pub fn wait(&self, timeout: std::time::Duration) -> usize {
+        let mut cqes = self.cqes.borrow_mut();
+        cqes.clear();
+        if let Err(e) = self.ring.borrow_mut().submit_and_wait(timeout, &mut cqes) {
+            tracing::error!("destage reactor: io_uring_enter failed: {e}");
+        }
+        self.sort(&cqes)
+    }
+
+    /// Moves out the completions that belong to no port.
+    pub fn take_foreign(&self, out: &mut Vec<(u64, i32)>) {
+        out.append(&mut self.foreign.borrow_mut());
+    }
+
+    /// A user_data id for a poller that is not a block device (an iSCSI socket poll).
+    pub fn add_poller(&self) -> u32 {
+        self.add_port()
+    }
+
+    fn sort(&self, cqes: &[(u64, i32)]) -> usize {
+        let mut foreign = self.foreign.borrow_mut();
+        let mut inboxes = self.inboxes.borrow_mut();
+        for &(ud, res) in cqes {
+            let (k, a, b) = split(ud);
+            match inboxes.get_mut(a as usize) {
+                Some(inbox) if k == stager_nvme::uring::kind::BDEV => inbox.push((b, res)),
+                _ => foreign.push((ud, res)),
+            }
+        }
+        cqes.len()
+    }
+
+    pub fn take_inbox(&self, port: u32, out: &mut Vec<(u32, i32)>) {
+        if let Some(i) = self.inboxes.borrow_mut().get_mut(port as usize) {
+            out.append(i);
+        }
+    }
+}
+
+/// A block device as the engine's flash or SAN: submissions go to the shared ring and
+/// completions come back as `IoDone` when the engine polls. The engine's buffers are
+/// `Vec<u8>`; O_DIRECT needs aligned ones, so data is copied here.
+pub struct BdevPort {
+    dev: Arc<dyn BlockDevice>,
+    ring: Rc<SharedRing>,
+    channel: Box<dyn BdevChannel>,
+    inbox: Vec<(u32, i32)>,
+    /// Tokens of reads in flight (their data goes back to the engine).
+    reads: HashMap<u64, ()>,
+    id: u32,
+    done: Vec<BdevDone>,
+    /// Completions decided at submission (a range the device does not have).
+    early: Vec<IoDone>,
+}
+
+impl BdevPort {
+    pub fn new(dev: Arc<dyn BlockDevice>, ring: Rc<SharedRing>) -> std::io::Result<BdevPort> {
+        let id = ring.add_port();
+        let channel = dev.channel(id)?;
+        Ok(BdevPort {
+            dev,
+            ring,
+            channel,
+            inbox: Vec::new(),
+            reads: HashMap::new(),
+            done: Vec::new(),
+            early: Vec::new(),
+            id,
+        })
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.dev.info().size_bytes()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.channel.in_flight()
+    }
+
+    fn submit(&mut self, token: u64, op: BdevOp, offset: u64, len: u64, data: Option<&[u8]>) {
+        let buf = match op {
+            BdevOp::Read => Some(AlignedBuf::new(len as usize)),
+            BdevOp::Write { .. } => {
+                let mut b = AlignedBuf::new(len as usize);
+                if let Some(d) = data {
+                    b.copy_from_slice(d);
+                }
+                Some(b)
+            }
+            _ => None,
+        };
+        if let Some(b) = &buf {
+            if b.len() as u64 != len {
+                // AlignedBuf rounds up to 4 KiB; the engine only asks for whole blocks.
+                self.early.push(IoDone { token, result: Err(IoError::Failed) });
+                return;
+            }
+        }
+        if op == BdevOp::Read {
+            self.reads.insert(token, ());
+        }
+        self.channel.submit(BdevIo { op, offset, len, buf, token }, &mut self.ring.ring.borrow_mut());
+    }
+
+    fn poll(&mut self, out: &mut Vec<IoDone>) -> usize {
+        let mut n = self.early.len();
+        out.append(&mut self.early);
+        // Without a reactor around (stagerctl), the port keeps the ring moving itself; the
+        // reactor's own completions never reach a port's pump, so `foreign` stays empty there.
+        self.ring.pump();
+        self.ring.take_inbox(self.id, &mut self.inbox);
+        for (slot, res) in self.inbox.drain(..) {
+            self.channel.on_cqe(slot, res, &mut self.ring.ring.borrow_mut());
+        }
+        self.done.clear();
+        self.channel.poll(&mut self.done);
+        for d in self.done.drain(..) {
+            let is_read = self.reads.remove(&d.token).is_some();
+            let result = match d.result {
+                Ok(()) if is_read => Ok(d.buf.map(|b| b.to_vec()).unwrap_or_default()),
+                Ok(()) => Ok(Vec::new()),
+                Err(e) => {
+                    tracing::warn!(device = %self.dev.info().name, "device I/O failed: {e}");
+                    Err(IoError::Failed)
+                }
+            };
+            out.push(IoDone { token: d.token, result });
+            n += 1;
+        }
+        n
+    }
+}
+
+impl Flash for BdevPort {
+    fn info(&self) -> FlashInfo {
+        let i = self.dev.info();
+        FlashInfo { size_bytes: i.size_bytes(), volatile_cache: i.volatile_cache }
+    }
+    fn submit_read(&mut self, token: u64, offset: u64, len: u64) {
+        self.submit(token, BdevOp::Read, offset, len, None);
+    }
+    fn submit_write(&mut self, token: u64, offset: u64, data: Vec<u8>, fua: bool) {
+        let len = data.len() as u64;
+        self.submit(token, BdevOp::Write { fua }, offset, len, Some(&data));
+    }
+    fn submit_flush(&mut self, token: u64) {
+        self.submit(token, BdevOp::Flush, 0, 0, None);
+    }
+    fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize {
+        self.poll(out)
+    }
+}
+
+impl San for BdevPort {
+    fn size_bytes(&self) -> u64 {
+        BdevPort::size_bytes(self)
+    }
+    fn submit_read(&mut self, token: u64, offset: u64, len: u64) {
+        self.submit(token, BdevOp::Read, offset, len, None);
+    }
+    fn submit_write(&mut self, token: u64, offset: u64, data: Vec<u8>, fua: bool) {
+        let len = data.len() as u64;
+        self.submit(token, BdevOp::Write { fua }, offset, len, Some(&data));
+    }
+    fn submit_flush(&mut self, token: u64) {
+        self.submit(token, BdevOp::Flush, 0, 0, None);
+    }
+    fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize {
+        self.poll(out)
+    }
+}
+
+/// A flash port that reads and never writes: writes and flushes are dropped and never
+/// complete, so an engine opened on it for inspection cannot change the device.
+pub struct ReadOnlyFlash(pub BdevPort);
+
+impl Flash for ReadOnlyFlash {
+    fn info(&self) -> FlashInfo {
+        self.0.info()
+    }
+    fn submit_read(&mut self, token: u64, offset: u64, len: u64) {
+        Flash::submit_read(&mut self.0, token, offset, len);
+    }
+    fn submit_write(&mut self, _token: u64, _offset: u64, _data: Vec<u8>, _fua: bool) {}
+    fn submit_flush(&mut self, _token: u64) {}
+    fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize {
+        self.0.poll(out)
+    }
+}
+
+/// An iSCSI LUN as a volume's SAN. Every failure except a bad range reads as "unreachable":
+/// the engine keeps the data in flash and retries with back-off, which is what a SAN outage,
+/// a target restart (UNIT ATTENTION) or a lost session all need.
+#[cfg(feature = "iscsi")]
+pub struct IscsiSan {
+    lun: crate::san::iscsi::IscsiLun,
+    ring: Rc<SharedRing>,
+    id: u32,
+    /// A poll of the session's socket is armed in the ring (it wakes a sleeping reactor).
+    armed: bool,
+    inbox: Vec<(u32, i32)>,
+    done: Vec<crate::san::iscsi::SanDone>,
+    early: Vec<IoDone>,
+    last_service: std::time::Instant,
+    last_error_log: Option<std::time::Instant>,
+}
+
+#[cfg(feature = "iscsi")]
+impl IscsiSan {
+    pub fn connect(url: &str, initiator: &str, ring: Rc<SharedRing>) -> Result<IscsiSan, String> {
+        let lun = crate::san::iscsi::IscsiLun::connect(url, initiator).map_err(|e| e.to_string())?;
+        if !BLOCK_SIZE_U64.is_multiple_of(lun.block_size as u64) {
+            return Err(format!("{url}: block size {} does not divide 4 KiB", lun.block_size));
+        }
+        let id = ring.add_poller();
+        Ok(IscsiSan {
+            lun,
+            ring,
+            id,
+            armed: false,
+            inbox: Vec::new(),
+            done: Vec::new(),
+            early: Vec::new(),
+            last_service: std::time::Instant::now(),
+            last_error_log: None,
+        })
+    }
+
+    fn map_err(e: &crate::san::iscsi::SanError) -> IoError {
+        match e {
+            crate::san::iscsi::SanError::OutOfRange { .. } => IoError::Failed,
+            _ => IoError::Unreachable,
+        }
+    }
+
+    fn log_error(&mut self, what: &str, e: &crate::san::iscsi::SanError) {
+        let now = std::time::Instant::now();
+        if self.last_error_log.is_none_or(|t| now.duration_since(t) > std::time::Duration::from_secs(5)) {
+            tracing::warn!(url = ?self.lun.url, "iSCSI {what}: {e}");
+            self.last_error_log = Some(now);
+        }
+    }
+
+    fn after_submit(&mut self, token: u64, r: Result<(), crate::san::iscsi::SanError>) {
+        if let Err(e) = r {
+            self.log_error("submission failed", &e);
+            self.early.push(IoDone { token, result: Err(Self::map_err(&e)) });
+        }
+    }
+}
+
+#[cfg(feature = "iscsi")]
+impl San for IscsiSan {
+    fn size_bytes(&self) -> u64 {
+        self.lun.blocks * self.lun.block_size as u64
+    }
+    fn submit_read(&mut self, token: u64, offset: u64, len: u64) {
+        let bs = self.lun.block_size as u64;
+        let r = self.lun.submit_read(token, offset / bs, (len / bs) as u32);
+        self.after_submit(token, r);
+    }
+    fn submit_write(&mut self, token: u64, offset: u64, data: Vec<u8>, fua: bool) {
+        let bs = self.lun.block_size as u64;
+        let r = self.lun.submit_write(token, offset / bs, data, fua);
+        self.after_submit(token, r);
+    }
+    fn submit_flush(&mut self, token: u64) {
+        let r = self.lun.submit_flush(token);
+        self.after_submit(token, r);
+    }
+    fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize {
+        let mut n = self.early.len();
+        out.append(&mut self.early);
+        self.ring.pump();
+        self.ring.take_inbox(self.id, &mut self.inbox);
+        let socket_ready = !self.inbox.is_empty();
+        if socket_ready {
+            self.inbox.clear();
+            self.armed = false;
+        }
+        // An idle session still needs servicing now and then (NOP-In replies, reconnects), but
+        // not a poll(2) per loop turn of the destage reactor.
+        let now = std::time::Instant::now();
+        if self.lun.in_flight() == 0
+            && !socket_ready
+            && now.duration_since(self.last_service) < std::time::Duration::from_millis(10)
+        {
+            return n;
+        }
+        self.last_service = now;
+        if let Err(e) = self.lun.poll(0, &mut self.done) {
+            self.log_error("session error", &e);
+        }
+        for d in self.done.drain(..) {
+            let result = match d.result {
+                Ok(data) => Ok(data.unwrap_or_default()),
+                Err(e) => Err(Self::map_err(&e)),
+            };
+            out.push(IoDone { token: d.token, result });
+            n += 1;
+        }
+        if self.lun.in_flight() > 0 && !self.armed {
+            let fd = io_uring::types::Fd(self.lun.fd());
+            let e = io_uring::opcode::PollAdd::new(fd, self.lun.which_events() as u32)
+                .build()
+                .user_data(stager_nvme::uring::user_data(stager_nvme::uring::kind::BDEV, self.id, 0));
+            self.ring.ring.borrow_mut().push(e);
+            self.armed = true;
+        }
+        n
+    }
+}
+
+/// Exclusive ownership of a flash device by one process: an advisory `flock` on the device
+/// (file or block device node), released when the process exits, even by `kill -9`.
+pub struct OwnerLock {
+    _file: File,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("{0}: in use by another process (a running stagerd, or stagerctl); refusing to touch it")]
+    Busy(PathBuf),
+    #[error("{0}: cannot open: {1}")]
+    Open(PathBuf, std::io::Error),
+}
+
+impl OwnerLock {
+    /// Takes the lock without waiting; `exclusive: false` only checks nobody owns it.
+    pub fn take(path: &Path, exclusive: bool) -> Result<OwnerLock, LockError> {
+        let file = File::open(path).map_err(|e| LockError::Open(path.to_path_buf(), e))?;
+        let how = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+        // SAFETY: flock on a descriptor we own for the duration of the call.
+        let r = unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(LockError::Busy(path.to_path_buf()));
+            }
+            return Err(LockError::Open(path.to_path_buf(), e));
+        }
+        Ok(OwnerLock { _file: file, path: path.to_path_buf() })
+    }
+}
+
+/// What the first two blocks of a flash device say.
+#[derive(Debug)]
+pub enum Probe {
+    /// No superblock at all (both copies lack the magic): a new device, safe to format.
+    Blank,
+    Formatted(Superblock),
+    /// Something that looks like ours but cannot be read: never formatted over.
+    Damaged(String),
+}
+
+/// Reads the two superblock copies (buffered reads: this runs before the engine opens the
+/// device, and O_DIRECT writes of an earlier owner are already out of the page cache).
+pub fn probe_superblock(path: &Path) -> std::io::Result<Probe> {
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 2 * BLOCK_SIZE_U64 as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read(&mut buf[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    if got < buf.len() {
+        return Ok(Probe::Blank);
+    }
+    let (a, b) = buf.split_at(BLOCK_SIZE_U64 as usize);
+    let magic = |c: &[u8]| matches!(Superblock::decode(c), Err(SuperblockError::BadMagic));
+    if magic(a) && magic(b) {
+        return Ok(Probe::Blank);
+    }
+    Ok(match Superblock::choose(a, b) {
+        Ok(sb) => Probe::Formatted(sb),
+        Err(e) => Probe::Damaged(e.to_string()),
+    })
+}
+
+/// Opens a flash device or file (creating or extending a file to `size`), 4 KiB blocks.
+pub fn open_flash_device(path: &Path, size: Option<u64>, direct: bool) -> std::io::Result<Arc<dyn BlockDevice>> {
+    Ok(Arc::new(FileDevice::open(path, size, BLOCK_SIZE_U64 as u32, direct)?))
+}

@@ -1,0 +1,190 @@
+//! A flash device without a daemon (DESIGN.md, "Flash device moved to another node"):
+//! [`inspect`] replays its log read-only and reports the volumes and dirty bytes it holds;
+//! [`destage`] recovers it and destages every dirty block to the volumes' SANs named in a
+//! configuration file. Both run the same engine and recovery as stagerd, on the caller's thread.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use stager_policy::constants::BLOCK_SIZE_U64;
+use stager_policy::io::MonotonicClock;
+use stager_policy::log::{Layout, Superblock};
+use stager_policy::{Clock, Engine, EngineConfig, EngineState, VolumeId, VolumeSpec, WritePolicy};
+
+use super::devices::{
+    open_flash_device, probe_superblock, BdevPort, LockError, OwnerLock, Probe, ReadOnlyFlash, SharedRing,
+};
+use super::service::{open_san, san_label};
+use super::status::DeviceStatus;
+use crate::config::{BackendConfig, Config};
+
+/// What `stagerctl flash inspect` found.
+#[derive(Debug, serde::Serialize)]
+pub struct Inspection {
+    pub path: String,
+    /// A running stagerd (or stagerctl) holds the device: the numbers are a snapshot of a live
+    /// log and may already be out of date.
+    pub owned_by_running_process: bool,
+    pub superblock_generation: u64,
+    pub incarnation: u64,
+    pub device: DeviceStatus,
+}
+
+fn read_superblock(path: &Path) -> Result<Superblock, String> {
+    match probe_superblock(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))? {
+        Probe::Formatted(sb) => Ok(sb),
+        Probe::Blank => Err(format!("{}: no Stager superblock (a blank or foreign device)", path.display())),
+        Probe::Damaged(why) => Err(format!("{}: Stager superblock is damaged: {why}", path.display())),
+    }
+}
+
+/// Drives `e` until `done` says so; `what` names the wait in the timeout error.
+fn drive(
+    e: &mut Engine,
+    clock: &MonotonicClock,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&Engine) -> bool,
+) -> Result<(), String> {
+    let start = Instant::now();
+    while !done(e) {
+        if let EngineState::Failed(why) = e.state() {
+            return Err(format!("{what}: {why}"));
+        }
+        if e.poll(clock.now_ns()) == 0 {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        if start.elapsed() > timeout {
+            return Err(format!("{what}: no progress within {} s", timeout.as_secs()));
+        }
+    }
+    Ok(())
+}
+
+/// Replays the device's log without writing anything and reports what it holds.
+pub fn inspect(path: &Path) -> Result<Inspection, String> {
+    let owned = match OwnerLock::take(path, false) {
+        Ok(_) => false,
+        Err(LockError::Busy(_)) => true,
+        Err(e) => return Err(e.to_string()),
+    };
+    let sb = read_superblock(path)?;
+    let dev = open_flash_device(path, None, true).map_err(|e| format!("{}: cannot open: {e}", path.display()))?;
+    let ring = SharedRing::new().map_err(|e| format!("io_uring: {e}"))?;
+    let port = BdevPort::new(dev, ring).map_err(|e| format!("io_uring: {e}"))?;
+    let mut e = Engine::open_for_inspection(Box::new(ReadOnlyFlash(port)), &sb).map_err(|e| e.to_string())?;
+    let clock = MonotonicClock::new();
+    drive(&mut e, &clock, Duration::from_secs(3600), "log replay", |e| e.replay_done())?;
+    let mut device = DeviceStatus::of_engine("-", &path.display().to_string(), &e, |_| (String::new(), String::new()));
+    device.state = "replayed read-only".into();
+    Ok(Inspection {
+        path: path.display().to_string(),
+        owned_by_running_process: owned,
+        superblock_generation: sb.generation,
+        incarnation: sb.incarnation,
+        device,
+    })
+}
+
+/// The cache share that reproduces the superblock's layout on a device of `size` bytes.
+fn cache_percent_for(sb: &Superblock, size: u64) -> Option<u32> {
+    let want = Layout {
+        log_start: sb.log_start,
+        log_bytes: sb.log_bytes,
+        cache_start: sb.cache_start,
+        cache_slots: sb.cache_slots,
+    };
+    (0..100).find(|&cp| Layout::for_device(size, cp) == Some(want))
+}
+
+/// Progress of a destage run, reported to the caller's callback about ten times a second.
+pub struct DestageProgress {
+    pub dirty_at_start: u64,
+    pub dirty_now: u64,
+}
+
+/// Recovers the device's log and destages every volume on it to the SAN `config` gives it,
+/// then leaves the device clean (watermarks persisted). Refuses a device another process owns.
+pub fn destage(path: &Path, config: &Config, mut progress: impl FnMut(&DestageProgress)) -> Result<String, String> {
+    let _lock = OwnerLock::take(path, true).map_err(|e| e.to_string())?;
+    let sb = read_superblock(path)?;
+    let dev = open_flash_device(path, None, true).map_err(|e| format!("{}: cannot open: {e}", path.display()))?;
+    let size = dev.info().size_bytes();
+    let cache_percent = cache_percent_for(&sb, size)
+        .ok_or_else(|| format!("{}: its superblock's layout does not fit a {size}-byte device", path.display()))?;
+    let ring = SharedRing::new().map_err(|e| format!("io_uring: {e}"))?;
+    let mut specs = Vec::new();
+    let mut labels = Vec::new();
+    for v in &sb.volumes {
+        let san = config.subsystems.iter().flat_map(|s| &s.namespaces).find_map(|n| match &n.backend {
+            BackendConfig::Volume { id, san, .. } if *id == v.id.0 => Some(san.clone()),
+            _ => None,
+        });
+        let san = san.ok_or_else(|| {
+            format!("{} has data of volume {} but the configuration does not name its SAN", path.display(), v.id.0)
+        })?;
+        let port = open_san(v.id.0, &san, &ring)?;
+        if port.size_bytes() < v.blocks * BLOCK_SIZE_U64 {
+            return Err(format!("volume {}: its SAN is smaller than the volume ({} blocks)", v.id.0, v.blocks));
+        }
+        labels.push(format!("volume {} -> {}", v.id.0, san_label(&san)));
+        specs.push(VolumeSpec {
+            id: v.id,
+            epoch: v.epoch,
+            blocks: v.blocks,
+            policy: WritePolicy::WriteThrough,
+            read_cache: false,
+            san: port,
+        });
+    }
+    let port = BdevPort::new(dev, ring).map_err(|e| format!("io_uring: {e}"))?;
+    let cfg = EngineConfig { device_id: sb.device_id, cache_percent, ..EngineConfig::default() };
+    let mut e = Engine::open(cfg, Box::new(port), specs).map_err(|e| e.to_string())?;
+    let clock = MonotonicClock::new();
+    drive(&mut e, &clock, Duration::from_secs(3600), "recovery", |e| *e.state() == EngineState::Ready)?;
+    let ids: Vec<VolumeId> = e.volume_ids();
+    let dirty = |e: &Engine| ids.iter().filter_map(|id| e.volume_metrics(*id)).map(|m| m.dirty_bytes).sum::<u64>();
+    let dirty_at_start = dirty(&e);
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    let mut last_progress = (Instant::now(), dirty_at_start);
+    loop {
+        let now_dirty = dirty(&e);
+        if last_report.elapsed() > Duration::from_millis(100) {
+            progress(&DestageProgress { dirty_at_start, dirty_now: now_dirty });
+            last_report = Instant::now();
+        }
+        let persisted = ids
+            .iter()
+            .filter_map(|id| e.volume_metrics(*id))
+            .all(|m| m.persisted_watermark == m.watermark && m.watermark_lag_entries == 0);
+        if now_dirty == 0 && persisted && !e.io_in_flight() {
+            break;
+        }
+        if now_dirty < last_progress.1 {
+            last_progress = (Instant::now(), now_dirty);
+        } else if last_progress.0.elapsed() > Duration::from_secs(300) {
+            let unreachable: Vec<String> = ids
+                .iter()
+                .filter_map(|id| e.volume_metrics(*id))
+                .filter(|m| !m.san_reachable)
+                .map(|m| format!("volume {}", m.id.0))
+                .collect();
+            return Err(format!(
+                "no destage progress for 5 minutes with {now_dirty} bytes dirty (SAN unreachable: {}); \
+                 nothing was lost, run it again once the SAN is back",
+                if unreachable.is_empty() { "none".into() } else { unreachable.join(", ") }
+            ));
+        }
+        if e.poll(clock.now_ns()) == 0 {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+    progress(&DestageProgress { dirty_at_start, dirty_now: 0 });
+    Ok(format!(
+        "destaged {} bytes in {:.1} s ({}); the device holds no dirty data",
+        dirty_at_start,
+        started.elapsed().as_secs_f64(),
+        labels.join(", ")
+    ))
+}

@@ -1,0 +1,201 @@
+//! What `stagerctl status` shows and the management socket returns: per flash device and per
+//! volume, the requested and effective policies, the flash footprint (dirty, clean cached and —
+//! once replication lands — replica bytes), destage progress and SAN health. Plain serde
+//! structs, so the daemon and the CLI share one definition of the JSON.
+
+use serde::{Deserialize, Serialize};
+use stager_policy::{Engine, EngineState, VolumeId, VolumeMetrics};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub pid: u32,
+    pub uptime_s: f64,
+    pub devices: Vec<DeviceStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub name: String,
+    pub path: String,
+    pub device_id: u64,
+    pub state: String,
+    /// A flash write failed: every volume on it runs write-through until its log drains.
+    pub degraded: bool,
+    pub log_capacity_bytes: u64,
+    pub log_used_bytes: u64,
+    pub cache_capacity_bytes: u64,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub id: u32,
+    /// `subsystem-nqn/nsid` the volume is exported as.
+    pub export: String,
+    pub san: String,
+    pub requested_policy: String,
+    pub effective_policy: String,
+    /// Why effective differs from requested (`as-requested` when it does not).
+    pub reason: String,
+    pub dirty_bytes: u64,
+    pub clean_cached_bytes: u64,
+    /// Copies of peers' volumes held on this device (replication; 0 until it lands).
+    pub replica_bytes: u64,
+    pub destaged_bytes_total: u64,
+    pub destage_rate_bytes_per_s: f64,
+    pub destage_depth: usize,
+    pub san_latency_us: f64,
+    pub san_reachable: bool,
+    pub san_errors: u64,
+    pub watermark: u64,
+    pub persisted_watermark: u64,
+    pub watermark_lag_entries: u64,
+    pub read_hit_ratio: f64,
+    pub read_hits_dirty: u64,
+    pub read_hits_clean: u64,
+    pub read_misses: u64,
+    pub log_full_waits: u64,
+    pub log_full_fallthroughs: u64,
+    pub busy_returns: u64,
+}
+
+impl VolumeStatus {
+    pub fn from_metrics(m: &VolumeMetrics, export: String, san: String, clean_cached_bytes: u64) -> VolumeStatus {
+        VolumeStatus {
+            id: m.id.0,
+            export,
+            san,
+            requested_policy: m.requested.to_string(),
+            effective_policy: m.effective.to_string(),
+            reason: match m.reason {
+                stager_policy::EffectiveReason::AsRequested => "as-requested".into(),
+                stager_policy::EffectiveReason::FlashDegraded => "flash-degraded".into(),
+            },
+            dirty_bytes: m.dirty_bytes,
+            clean_cached_bytes,
+            replica_bytes: 0,
+            destaged_bytes_total: m.destaged_bytes_total,
+            destage_rate_bytes_per_s: m.destage_rate_bytes_per_s,
+            destage_depth: m.destage_depth,
+            san_latency_us: m.san_latency_ns_ewma / 1000.0,
+            san_reachable: m.san_reachable,
+            san_errors: m.san_errors,
+            watermark: m.watermark.0,
+            persisted_watermark: m.persisted_watermark.0,
+            watermark_lag_entries: m.watermark_lag_entries,
+            read_hit_ratio: m.hit_ratio(),
+            read_hits_dirty: m.read_hits_dirty,
+            read_hits_clean: m.read_hits_clean,
+            read_misses: m.read_misses,
+            log_full_waits: m.log_full_waits,
+            log_full_fallthroughs: m.log_full_fallthroughs,
+            busy_returns: m.busy_returns,
+        }
+    }
+}
+
+impl DeviceStatus {
+    /// A device's status from its engine; `describe` gives each volume's export and SAN names.
+    pub fn of_engine(
+        name: &str,
+        path: &str,
+        e: &Engine,
+        describe: impl Fn(VolumeId) -> (String, String),
+    ) -> DeviceStatus {
+        let state = match e.state() {
+            EngineState::Formatting => "formatting".to_string(),
+            EngineState::Recovering => "recovering".to_string(),
+            EngineState::Ready => "ready".to_string(),
+            EngineState::Failed(why) => format!("failed: {why}"),
+        };
+        let volumes = e
+            .volume_ids()
+            .into_iter()
+            .filter_map(|id| {
+                let m = e.volume_metrics(id)?;
+                let (export, san) = describe(id);
+                Some(VolumeStatus::from_metrics(&m, export, san, e.clean_cached_bytes(id)))
+            })
+            .collect();
+        DeviceStatus {
+            name: name.to_string(),
+            path: path.to_string(),
+            device_id: e.device_id(),
+            state,
+            degraded: e.flash_degraded(),
+            log_capacity_bytes: e.log_capacity_bytes(),
+            log_used_bytes: e.log_used_bytes(),
+            cache_capacity_bytes: e.cache_capacity_bytes(),
+            volumes,
+        }
+    }
+}
+
+/// Bytes as people read them: `1.5 GiB`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The table `stagerctl status` prints.
+pub fn render(s: &NodeStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "stagerd pid {}, up {:.0} s", s.pid, s.uptime_s);
+    for d in &s.devices {
+        let _ = writeln!(
+            out,
+            "\nflash {} ({}), device id {:#x}: {}{}\n  log {} of {} used, clean cache capacity {}",
+            d.name,
+            d.path,
+            d.device_id,
+            d.state,
+            if d.degraded { ", DEGRADED (write errors: volumes run write-through)" } else { "" },
+            human_bytes(d.log_used_bytes),
+            human_bytes(d.log_capacity_bytes),
+            human_bytes(d.cache_capacity_bytes),
+        );
+        for v in &d.volumes {
+            let policy = if v.requested_policy == v.effective_policy {
+                v.effective_policy.clone()
+            } else {
+                format!("{} (requested {}, {})", v.effective_policy, v.requested_policy, v.reason)
+            };
+            let _ = writeln!(
+                out,
+                "  volume {} = {}  policy {}\n    footprint: dirty {}, clean cached {}, replica {}\n    \
+                 destage: {}/s, depth {}, {} destaged, watermark lag {} entries\n    \
+                 SAN {}: {}, latency {:.0} µs, {} errors\n    reads: hit ratio {:.1}% ({} dirty hits, {} clean hits, {} misses)",
+                v.id,
+                v.export,
+                policy,
+                human_bytes(v.dirty_bytes),
+                human_bytes(v.clean_cached_bytes),
+                human_bytes(v.replica_bytes),
+                human_bytes(v.destage_rate_bytes_per_s as u64),
+                v.destage_depth,
+                human_bytes(v.destaged_bytes_total),
+                v.watermark_lag_entries,
+                v.san,
+                if v.san_reachable { "reachable" } else { "UNREACHABLE (dirty data kept in flash, retrying)" },
+                v.san_latency_us,
+                v.san_errors,
+                v.read_hit_ratio * 100.0,
+                v.read_hits_dirty,
+                v.read_hits_clean,
+                v.read_misses,
+            );
+        }
+    }
+    out
+}
