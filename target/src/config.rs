@@ -1199,7 +1199,7 @@ fn check_backend(b: &BackendConfig, at: &str, files: &mut HashMap<PathBuf, Strin
                         return Err(problem(
                             format!("{at}.san.kind"),
                             "iscsi: this stagerd was built without the `iscsi` feature (libiscsi); \
-                             rebuild with `--features stager-target/iscsi` (scripts/run and scripts/test do)",
+                             rebuild with `--features stager-target/iscsi` (scripts/test does)",
                         ));
                     }
                     check_iscsi_url(url).map_err(|why| problem(format!("{at}.san.url"), why))?;

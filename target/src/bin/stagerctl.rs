@@ -142,11 +142,10 @@ fn run(cmd: Cmd) -> Result<(), String> {
             );
             for v in &i.device.volumes {
                 println!(
-                    "  volume {}: {} dirty ({} entries above watermark {}), destage watermark {}",
+                    "  volume {}: {} dirty ({} entries above the persisted destage watermark, seq {})",
                     v.id,
                     human_bytes(v.dirty_bytes),
                     v.watermark_lag_entries,
-                    v.persisted_watermark,
                     v.persisted_watermark
                 );
             }

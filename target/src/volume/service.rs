@@ -155,7 +155,7 @@ impl VolumeService {
         }
         let core = config.destage.core;
         let idle_poll = Duration::from_micros(config.destage.idle_poll_us);
-        let log_full = LogFullPolicy::Wait { timeout_ns: config.destage.log_full_wait_ms * 1_000_000 };
+        let log_full = LogFullPolicy::Wait { timeout_ns: config.destage.log_full_wait_ms.saturating_mul(1_000_000) };
         let (tx, rx) = crossbeam_channel::unbounded();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         // SAFETY: eventfd returns a new descriptor or -1; checked before taking ownership.
