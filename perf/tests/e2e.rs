@@ -35,6 +35,10 @@ const NS_512: u32 = 2;
 
 fn config_with(backend_1: BackendConfig) -> Config {
     let mut c = config::embedded_default();
+    // The default's flash device and management socket are per machine: tests run many targets
+    // at once, each with its own namespaces (set below) and no socket.
+    c.flash.clear();
+    c.management.socket = None;
     c.listeners[0].address = "127.0.0.1:0".parse().expect("literal address");
     c.reactors.idle_poll_us = 200;
     let s = &mut c.subsystems[0];

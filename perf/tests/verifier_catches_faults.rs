@@ -30,6 +30,10 @@ fn write_then_verify(fault: Option<Fault>, io: usize) -> (i32, Vec<(u64, Failure
         dev.arm(LBA, f);
     }
     let mut c = config::embedded_default();
+    // The default's flash device and management socket are per machine: tests run many targets
+    // at once, each with its own namespaces (set below) and no socket.
+    c.flash.clear();
+    c.management.socket = None;
     c.listeners[0].address = "127.0.0.1:0".parse().unwrap();
     c.subsystems[0].nqn = NQN.into();
     c.subsystems[0].namespaces = vec![NamespaceConfig {

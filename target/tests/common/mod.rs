@@ -15,6 +15,10 @@ pub const HOSTNQN: &str = "nqn.2026-11.dev.stager:test-host";
 /// (512-byte blocks); only HOSTNQN may connect.
 pub fn config() -> Config {
     let mut c = config::embedded_default();
+    // The default's flash device and management socket are per machine: tests run many targets
+    // at once, each with its own namespaces (set below) and no socket.
+    c.flash.clear();
+    c.management.socket = None;
     c.listeners[0].address = "127.0.0.1:0".parse().unwrap();
     c.reactors.idle_poll_us = 200;
     let s = &mut c.subsystems[0];
