@@ -1202,7 +1202,12 @@ fn check_backend(b: &BackendConfig, at: &str, files: &mut HashMap<PathBuf, Strin
                              rebuild with `--features stager-target/iscsi` (scripts/test does)",
                         ));
                     }
-                    check_iscsi_url(url).map_err(|why| problem(format!("{at}.san.url"), why))?;
+                    crate::san::IscsiUrl::parse(url).map_err(|why| {
+                        problem(
+                            format!("{at}.san.url"),
+                            format!("`{url}`: {why} (expected iscsi://HOST[:PORT]/TARGET-IQN/LUN)"),
+                        )
+                    })?;
                     if !initiator.starts_with("iqn.") || initiator.len() > 223 {
                         return Err(problem(
                             format!("{at}.san.initiator"),
@@ -1213,21 +1218,6 @@ fn check_backend(b: &BackendConfig, at: &str, files: &mut HashMap<PathBuf, Strin
                 }
             }
         }
-    }
-}
-
-/// `iscsi://HOST[:PORT]/TARGET-IQN/LUN`, checked without libiscsi so a config can be checked
-/// anywhere.
-fn check_iscsi_url(url: &str) -> Result<(), String> {
-    let bad = |why: &str| format!("`{url}`: {why} (expected iscsi://HOST[:PORT]/TARGET-IQN/LUN)");
-    let rest = url.strip_prefix("iscsi://").ok_or_else(|| bad("does not start with iscsi://"))?;
-    let parts: Vec<&str> = rest.splitn(3, '/').collect();
-    match parts.as_slice() {
-        [host, target, lun] if !host.is_empty() && !target.is_empty() => {
-            lun.parse::<u16>().map_err(|_| bad("the LUN is not a number"))?;
-            Ok(())
-        }
-        _ => Err(bad("missing host, target or LUN")),
     }
 }
 

@@ -54,7 +54,19 @@ impl ReactorHandle {
     }
 }
 
-fn wake(fd: &OwnedFd) {
+/// A new non-blocking eventfd: the wake-up of a reactor or of a channel's reply queue.
+pub(crate) fn new_eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd returns a new descriptor or -1; we check before taking ownership.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: raw is a valid descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Signals an eventfd made by [`new_eventfd`].
+pub(crate) fn wake(fd: &OwnedFd) {
     let one: u64 = 1;
     // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
     unsafe {
@@ -64,13 +76,7 @@ fn wake(fd: &OwnedFd) {
 
 /// Starts reactor `id` pinned to `core`. Returns once its ring and channels are open.
 pub fn spawn(id: usize, core: Option<usize>, target: Arc<TargetShared>) -> std::io::Result<ReactorHandle> {
-    // SAFETY: eventfd returns a new descriptor or -1; we check before taking ownership.
-    let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: raw is a valid descriptor that nothing else owns.
-    let wake_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+    let wake_fd = Arc::new(new_eventfd()?);
     let (tx, rx) = crossbeam_channel::unbounded();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let wake2 = wake_fd.clone();

@@ -12,6 +12,7 @@
 //! Every pointer handed to C is owned by a `Pending` box whose address libiscsi gets as
 //! private data and which is reclaimed exactly once, in the completion callback.
 
+use super::IscsiUrl;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::os::fd::RawFd;
@@ -158,28 +159,6 @@ struct Pending {
     done: Rc<RefCell<Vec<SanDone>>>,
 }
 
-/// Where an `iscsi://` URL points.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IscsiUrl {
-    pub portal: String,
-    pub target: String,
-    pub lun: u16,
-}
-
-impl IscsiUrl {
-    pub fn parse(url: &str) -> Result<IscsiUrl, SanError> {
-        let bad = |why| SanError::BadUrl { url: url.to_string(), why };
-        let rest = url.strip_prefix("iscsi://").ok_or(bad("it does not start with iscsi://"))?;
-        let mut parts = rest.splitn(3, '/');
-        let (host, target, lun) = (parts.next(), parts.next(), parts.next());
-        let host = host.filter(|h| !h.is_empty()).ok_or(bad("no host"))?;
-        let target = target.filter(|t| !t.is_empty()).ok_or(bad("no target IQN"))?;
-        let lun = lun.ok_or(bad("no LUN"))?.parse::<u16>().map_err(|_| bad("the LUN is not a number"))?;
-        let portal = if host.contains(':') { host.to_string() } else { format!("{host}:3260") };
-        Ok(IscsiUrl { portal, target: target.to_string(), lun })
-    }
-}
-
 pub struct IscsiLun {
     ctx: NonNull<IscsiContext>,
     lun: c_int,
@@ -197,7 +176,7 @@ unsafe impl Send for IscsiLun {}
 impl IscsiLun {
     /// Logs in to the LUN at `url` as `initiator` and reads its capacity (blocking: control plane).
     pub fn connect(url: &str, initiator: &str) -> Result<IscsiLun, SanError> {
-        let parsed = IscsiUrl::parse(url)?;
+        let parsed = IscsiUrl::parse(url).map_err(|why| SanError::BadUrl { url: url.to_string(), why })?;
         let cerr = |reason: String| SanError::Connect { url: url.to_string(), reason };
         let c = |s: &str| CString::new(s).map_err(|_| cerr(format!("{s:?} contains a NUL byte")));
         let (initiator, target, portal) = (c(initiator)?, c(&parsed.target)?, c(&parsed.portal)?);
@@ -426,32 +405,5 @@ extern "C" fn on_complete(_ctx: *mut IscsiContext, status: c_int, command_data: 
     if !command_data.is_null() {
         // SAFETY: command_data is the task this callback completes; we own freeing it.
         unsafe { scsi_free_scsi_task(command_data as *mut ScsiTask) };
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls() {
-        let u = IscsiUrl::parse("iscsi://127.0.0.1:3262/iqn.2026-11.dev.stager:san/1").unwrap();
-        assert_eq!(
-            u,
-            IscsiUrl { portal: "127.0.0.1:3262".into(), target: "iqn.2026-11.dev.stager:san".into(), lun: 1 }
-        );
-        assert_eq!(IscsiUrl::parse("iscsi://h/t/0").unwrap().portal, "h:3260");
-        for bad in [
-            "",
-            "http://h/t/1",
-            "iscsi://",
-            "iscsi://h",
-            "iscsi://h/t",
-            "iscsi://h/t/x",
-            "iscsi:///t/1",
-            "iscsi://h//1",
-        ] {
-            assert!(IscsiUrl::parse(bad).is_err(), "{bad:?} accepted");
-        }
     }
 }

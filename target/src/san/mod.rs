@@ -1,6 +1,57 @@
-//! SAN backends: where a volume's data finally lives. Today: an iSCSI LUN through the system's
-//! libiscsi (feature `iscsi`, which needs `libiscsi-dev`). The write-back engine's destager
-//! will drive them through the `policy` crate's SAN trait; this module is the real-world end.
+//! SAN backends: where a volume's data finally lives. An iSCSI LUN through the system's
+//! libiscsi (feature `iscsi`, which needs `libiscsi-dev`) or a file/block device
+//! (`volume::devices::BdevPort`). The write-back engine's destager drives them through the
+//! `policy` crate's SAN trait. URL parsing lives here, outside the feature, so a configuration
+//! can be checked by any build.
 
 #[cfg(feature = "iscsi")]
 pub mod iscsi;
+
+/// Where an `iscsi://HOST[:PORT]/TARGET-IQN/LUN` URL points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IscsiUrl {
+    pub portal: String,
+    pub target: String,
+    pub lun: u16,
+}
+
+impl IscsiUrl {
+    /// Parses the URL; the error says what is wrong with it.
+    pub fn parse(url: &str) -> Result<IscsiUrl, &'static str> {
+        let rest = url.strip_prefix("iscsi://").ok_or("it does not start with iscsi://")?;
+        let mut parts = rest.splitn(3, '/');
+        let (host, target, lun) = (parts.next(), parts.next(), parts.next());
+        let host = host.filter(|h| !h.is_empty()).ok_or("no host")?;
+        let target = target.filter(|t| !t.is_empty()).ok_or("no target IQN")?;
+        let lun = lun.ok_or("no LUN")?.parse::<u16>().map_err(|_| "the LUN is not a number")?;
+        let portal = if host.contains(':') { host.to_string() } else { format!("{host}:3260") };
+        Ok(IscsiUrl { portal, target: target.to_string(), lun })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = IscsiUrl::parse("iscsi://127.0.0.1:3262/iqn.2026-11.dev.stager:san/1").unwrap();
+        assert_eq!(
+            u,
+            IscsiUrl { portal: "127.0.0.1:3262".into(), target: "iqn.2026-11.dev.stager:san".into(), lun: 1 }
+        );
+        assert_eq!(IscsiUrl::parse("iscsi://h/t/0").unwrap().portal, "h:3260");
+        for bad in [
+            "",
+            "http://h/t/1",
+            "iscsi://",
+            "iscsi://h",
+            "iscsi://h/t",
+            "iscsi://h/t/x",
+            "iscsi:///t/1",
+            "iscsi://h//1",
+        ] {
+            assert!(IscsiUrl::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

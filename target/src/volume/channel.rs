@@ -3,7 +3,7 @@
 //! limit), sends them to the destage reactor and completes them from its reply queue. An
 //! eventfd read armed in the reactor's io_uring wakes a sleeping reactor when replies arrive.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -51,13 +51,7 @@ impl BlockDevice for VolumeDevice {
     }
 
     fn channel(&self, id: u32) -> std::io::Result<Box<dyn BdevChannel>> {
-        // SAFETY: eventfd returns a new descriptor or -1; checked before taking ownership.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: raw is a valid descriptor nothing else owns.
-        let efd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let efd = crate::reactor::new_eventfd()?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let port_id = self.service.next_port.fetch_add(1, Ordering::Relaxed);
         let port = Arc::new(ReplyPort { tx, efd });

@@ -5,7 +5,7 @@
 //! lock and read its superblock.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -111,7 +111,7 @@ pub struct BdevPort {
     channel: Box<dyn BdevChannel>,
     inbox: Vec<(u32, i32)>,
     /// Tokens of reads in flight (their data goes back to the engine).
-    reads: HashMap<u64, ()>,
+    reads: HashSet<u64>,
     id: u32,
     done: Vec<BdevDone>,
     /// Completions decided at submission (a range the device does not have).
@@ -127,7 +127,7 @@ impl BdevPort {
             ring,
             channel,
             inbox: Vec::new(),
-            reads: HashMap::new(),
+            reads: HashSet::new(),
             done: Vec::new(),
             early: Vec::new(),
             id,
@@ -162,7 +162,7 @@ impl BdevPort {
             }
         }
         if op == BdevOp::Read {
-            self.reads.insert(token, ());
+            self.reads.insert(token);
         }
         self.channel.submit(BdevIo { op, offset, len, buf, token }, &mut self.ring.ring.borrow_mut());
     }
@@ -180,7 +180,7 @@ impl BdevPort {
         self.done.clear();
         self.channel.poll(&mut self.done);
         for d in self.done.drain(..) {
-            let is_read = self.reads.remove(&d.token).is_some();
+            let is_read = self.reads.remove(&d.token);
             let result = match d.result {
                 Ok(()) if is_read => Ok(d.buf.map(|b| b.to_vec()).unwrap_or_default()),
                 Ok(()) => Ok(Vec::new()),

@@ -17,7 +17,7 @@
 //! timers (back-off retries, the degraded cool-down).
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +36,7 @@ use tracing::{error, info, warn};
 use super::devices::{open_flash_device, probe_superblock, BdevPort, OwnerLock, Probe, SharedRing};
 use super::status::{human_bytes, DeviceStatus, NodeStatus};
 use crate::config::{BackendConfig, Config, SanConfig};
+use crate::reactor::{new_eventfd, wake};
 
 /// Longest sleep of an idle destage reactor.
 const IDLE_SLEEP: Duration = Duration::from_millis(5);
@@ -158,13 +159,8 @@ impl VolumeService {
         let log_full = LogFullPolicy::Wait { timeout_ns: config.destage.log_full_wait_ms.saturating_mul(1_000_000) };
         let (tx, rx) = crossbeam_channel::unbounded();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
-        // SAFETY: eventfd returns a new descriptor or -1; checked before taking ownership.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(format!("destage reactor: eventfd: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: raw is a valid descriptor nothing else owns.
-        let waker = Arc::new(Waker { efd: unsafe { OwnedFd::from_raw_fd(raw) }, sleeping: AtomicBool::new(false) });
+        let efd = new_eventfd().map_err(|e| format!("destage reactor: eventfd: {e}"))?;
+        let waker = Arc::new(Waker { efd, sleeping: AtomicBool::new(false) });
         let waker2 = waker.clone();
         let thread = std::thread::Builder::new()
             .name("destage".into())
@@ -416,8 +412,9 @@ impl Reactor {
         loop {
             let now = self.clock.now_ns();
             let mut all_ready = true;
+            let mut work = 0;
             for d in &mut self.devices {
-                d.engine.poll(now);
+                work += d.engine.poll(now);
                 match d.engine.state() {
                     EngineState::Ready => {}
                     EngineState::Failed(why) => {
@@ -428,6 +425,10 @@ impl Reactor {
             }
             if all_ready {
                 break;
+            }
+            if work == 0 {
+                // Recovery reads one entry at a time: sleep until the flash answers.
+                self.ring.wait(Duration::from_millis(1));
             }
             if last_log.elapsed() > Duration::from_secs(2) {
                 info!("flash logs: still recovering after {:.0} s", start.elapsed().as_secs_f64());
@@ -657,13 +658,5 @@ impl Reactor {
             }
             self.waker.sleeping.store(false, Ordering::SeqCst);
         }
-    }
-}
-
-pub(crate) fn wake(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd we hold open.
-    unsafe {
-        libc::write(fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8);
     }
 }
