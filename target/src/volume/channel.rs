@@ -78,7 +78,8 @@ impl BlockDevice for VolumeDevice {
 struct Pending {
     io: BdevIo,
     parts_left: u32,
-    error: Option<BdevError>,
+    /// The first part that did not end `Ok`.
+    failed: Option<Status>,
 }
 
 pub struct VolumeChannel {
@@ -97,13 +98,14 @@ pub struct VolumeChannel {
     in_flight: usize,
 }
 
-fn engine_error(s: Status) -> Option<BdevError> {
-    match s {
-        Status::Ok => None,
+/// How a command ends, given the first engine status that was not `Ok`.
+fn result_of(failed: Option<Status>, io: &BdevIo, size: u64) -> Result<(), BdevError> {
+    match failed {
+        None | Some(Status::Ok) => Ok(()),
         // Retryable: the host's driver tries again (the write was not acknowledged).
-        Status::Busy | Status::NotReady => Some(BdevError::Busy),
-        Status::InvalidRange => Some(BdevError::OutOfRange { offset: 0, len: 0, size: 0 }),
-        Status::MediumError | Status::UnknownVolume => Some(BdevError::Os(libc::EIO)),
+        Some(Status::Busy | Status::NotReady) => Err(BdevError::Busy),
+        Some(Status::InvalidRange) => Err(BdevError::OutOfRange { offset: io.offset, len: io.len, size }),
+        Some(Status::MediumError | Status::UnknownVolume) => Err(BdevError::Os(libc::EIO)),
     }
 }
 
@@ -174,7 +176,7 @@ impl BdevChannel for VolumeChannel {
             };
             ops.push(op);
         }
-        self.slots[slot as usize] = Some(Pending { io, parts_left: parts as u32, error: None });
+        self.slots[slot as usize] = Some(Pending { io, parts_left: parts as u32, failed: None });
         self.in_flight += 1;
         let mut lost = 0;
         for (p, op) in ops.into_iter().enumerate() {
@@ -186,7 +188,7 @@ impl BdevChannel for VolumeChannel {
             // The destage reactor is gone (shutdown): nothing was acknowledged.
             if let Some(mut pend) = self.slots[slot as usize].take() {
                 pend.parts_left -= lost;
-                pend.error = Some(BdevError::Busy);
+                pend.failed = Some(Status::Busy);
                 if pend.parts_left == 0 {
                     self.in_flight -= 1;
                     self.free.push(slot);
@@ -215,33 +217,21 @@ impl BdevChannel for VolumeChannel {
                 tracing::error!(slot, "volume reply for a command that is not in flight");
                 continue;
             };
-            match engine_error(r.status) {
-                Some(e) => {
-                    p.error.get_or_insert(e);
+            if r.status != Status::Ok {
+                p.failed.get_or_insert(r.status);
+            } else if p.io.op == BdevOp::Read {
+                if let Some(buf) = p.io.buf.as_mut() {
+                    let off = (part * PART_BYTES) as usize;
+                    let n = r.data.len().min(buf.len().saturating_sub(off));
+                    buf[off..off + n].copy_from_slice(&r.data[..n]);
                 }
-                None if p.io.op == BdevOp::Read => {
-                    if let Some(buf) = p.io.buf.as_mut() {
-                        let off = (part * PART_BYTES) as usize;
-                        let n = r.data.len().min(buf.len().saturating_sub(off));
-                        buf[off..off + n].copy_from_slice(&r.data[..n]);
-                    }
-                }
-                None => {}
             }
             p.parts_left -= 1;
             if p.parts_left == 0 {
                 if let Some(p) = self.slots[slot].take() {
                     self.in_flight -= 1;
                     self.free.push(slot as u32);
-                    let result = match p.error {
-                        Some(BdevError::OutOfRange { .. }) => Err(BdevError::OutOfRange {
-                            offset: p.io.offset,
-                            len: p.io.len,
-                            size: self.vol.blocks * BLOCK_SIZE as u64,
-                        }),
-                        Some(e) => Err(e),
-                        None => Ok(()),
-                    };
+                    let result = result_of(p.failed, &p.io, self.vol.blocks * BLOCK_SIZE as u64);
                     self.finish(p.io, result);
                 }
             }
