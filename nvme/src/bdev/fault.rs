@@ -90,6 +90,10 @@ impl SyncIo for FaultyChannel {
                 }
             }
             BdevOp::Write { .. } => {
+                // A test device under a namespace: hosts never send gathered writes.
+                if !io.gather.is_empty() {
+                    return Err(BdevError::Os(libc::EINVAL));
+                }
                 let buf = io.buf.as_ref().ok_or(BdevError::Os(libc::EINVAL))?;
                 if covered.iter().any(|(_, f)| *f == Fault::DropWrites) {
                     return Ok(());

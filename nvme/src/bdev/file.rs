@@ -101,8 +101,9 @@ struct Slot {
     io: BdevIo,
     /// Bytes already transferred (short reads/writes are resubmitted for the rest).
     done: u64,
-    /// A FUA write issues a data sync after its write completes.
-    syncing: bool,
+    /// The iovecs of a gathered write, rebuilt for each (re)submission; the kernel reads them
+    /// while the operation is in flight, so they live in the slot until it completes.
+    iov: Vec<libc::iovec>,
 }
 
 struct FileChannel {
@@ -115,6 +116,16 @@ struct FileChannel {
     in_flight: usize,
 }
 
+/// Durability on the write itself: with `RWF_DSYNC` the kernel sends the data with FUA (or
+/// flushes right after it) before the operation completes, so a FUA write costs one
+/// operation instead of a write plus an `fdatasync`.
+fn write_flags(op: BdevOp) -> i32 {
+    match op {
+        BdevOp::Write { fua: true } => libc::RWF_DSYNC,
+        _ => 0,
+    }
+}
+
 impl FileChannel {
     fn issue(&mut self, slot: u32, ring: &mut Ring) {
         let fd = types::Fd(self.file.as_raw_fd());
@@ -122,27 +133,43 @@ impl FileChannel {
         let Some(Some(s)) = self.slots.get_mut(slot as usize) else { return };
         let off = s.io.offset + s.done;
         let rest = (s.io.len - s.done) as u32;
-        let entry = if s.syncing {
-            opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build()
-        } else {
-            match (s.io.op, s.io.buf.as_mut()) {
-                (BdevOp::Read, Some(b)) => {
-                    opcode::Read::new(fd, b[s.done as usize..].as_mut_ptr(), rest).offset(off).build()
-                }
-                (BdevOp::Write { .. }, Some(b)) => {
-                    opcode::Write::new(fd, b[s.done as usize..].as_ptr(), rest).offset(off).build()
-                }
-                (BdevOp::Flush, _) => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-                (BdevOp::WriteZeroes, _) => {
-                    opcode::Fallocate::new(fd, s.io.len).offset(s.io.offset).mode(libc::FALLOC_FL_ZERO_RANGE).build()
-                }
-                (BdevOp::Deallocate, _) => opcode::Fallocate::new(fd, s.io.len)
-                    .offset(s.io.offset)
-                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                    .build(),
-                // Read/write without a buffer is the caller's bug; fail it rather than crash.
-                _ => opcode::Nop::new().build(),
+        let entry = match (s.io.op, s.io.buf.as_mut()) {
+            (BdevOp::Read, Some(b)) => {
+                opcode::Read::new(fd, b[s.done as usize..].as_mut_ptr(), rest).offset(off).build()
             }
+            (BdevOp::Write { .. }, Some(b)) if s.io.gather.is_empty() => {
+                opcode::Write::new(fd, b[s.done as usize..].as_ptr(), rest)
+                    .offset(off)
+                    .rw_flags(write_flags(s.io.op))
+                    .build()
+            }
+            (BdevOp::Write { .. }, Some(_)) => {
+                s.iov.clear();
+                let mut skip = s.done as usize;
+                for piece in s.io.pieces() {
+                    if skip >= piece.len() {
+                        skip -= piece.len();
+                        continue;
+                    }
+                    let p = &piece[skip..];
+                    skip = 0;
+                    s.iov.push(libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() });
+                }
+                opcode::Writev::new(fd, s.iov.as_ptr(), s.iov.len() as u32)
+                    .offset(off)
+                    .rw_flags(write_flags(s.io.op))
+                    .build()
+            }
+            (BdevOp::Flush, _) => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            (BdevOp::WriteZeroes, _) => {
+                opcode::Fallocate::new(fd, s.io.len).offset(s.io.offset).mode(libc::FALLOC_FL_ZERO_RANGE).build()
+            }
+            (BdevOp::Deallocate, _) => opcode::Fallocate::new(fd, s.io.len)
+                .offset(s.io.offset)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+            // Read/write without a buffer is refused in `submit`; never reached.
+            _ => opcode::Nop::new().build(),
         };
         ring.push(entry.user_data(ud));
     }
@@ -151,7 +178,7 @@ impl FileChannel {
         if let Some(s) = self.slots.get_mut(slot as usize).and_then(|s| s.take()) {
             self.free.push(slot);
             self.in_flight -= 1;
-            self.done.push_back(BdevDone { token: s.io.token, result, buf: s.io.buf });
+            self.done.push_back(s.io.done(result));
         }
     }
 }
@@ -159,20 +186,19 @@ impl FileChannel {
 impl BdevChannel for FileChannel {
     fn submit(&mut self, io: BdevIo, ring: &mut Ring) {
         if let Err(e) = check_range(&self.info, &io) {
-            self.done.push_back(BdevDone { token: io.token, result: Err(e), buf: io.buf });
+            self.done.push_back(io.done(Err(e)));
             return;
         }
-        if matches!(io.op, BdevOp::Read | BdevOp::Write { .. })
-            && io.buf.as_ref().is_none_or(|b| b.len() as u64 != io.len)
-        {
-            self.done.push_back(BdevDone { token: io.token, result: Err(BdevError::Os(libc::EINVAL)), buf: io.buf });
+        if !io.buffers_match() {
+            self.done.push_back(io.done(Err(BdevError::Os(libc::EINVAL))));
             return;
         }
         let slot = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
             (self.slots.len() - 1) as u32
         });
-        self.slots[slot as usize] = Some(Slot { io, done: 0, syncing: false });
+        let iov = self.slots[slot as usize].take().map(|s| s.iov).unwrap_or_default();
+        self.slots[slot as usize] = Some(Slot { io, done: 0, iov });
         self.in_flight += 1;
         self.issue(slot, ring);
     }
@@ -183,10 +209,6 @@ impl BdevChannel for FileChannel {
             self.finish(slot, Err(BdevError::Os(-res)));
             return;
         }
-        if s.syncing {
-            self.finish(slot, Ok(()));
-            return;
-        }
         match s.io.op {
             BdevOp::Read | BdevOp::Write { .. } => {
                 if res == 0 {
@@ -195,9 +217,6 @@ impl BdevChannel for FileChannel {
                 }
                 s.done += res as u64;
                 if s.done < s.io.len {
-                    self.issue(slot, ring);
-                } else if matches!(s.io.op, BdevOp::Write { fua: true }) {
-                    s.syncing = true;
                     self.issue(slot, ring);
                 } else {
                     self.finish(slot, Ok(()));
@@ -250,21 +269,44 @@ mod tests {
         let mut ch = dev.channel(7).unwrap();
         let mut w = AlignedBuf::new(8192);
         w.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 251) as u8);
-        let io = BdevIo { op: BdevOp::Write { fua: true }, offset: 4096, len: 8192, buf: Some(w), token: 1 };
+        let io = BdevIo::new(BdevOp::Write { fua: true }, 4096, 8192, Some(w), 1);
         let d = run(ch.as_mut(), &mut ring, io);
         assert_eq!((d.token, d.result.clone()), (1, Ok(())));
         let expect = d.buf.unwrap();
-        let io = BdevIo { op: BdevOp::Read, offset: 4096, len: 8192, buf: Some(AlignedBuf::new(8192)), token: 2 };
+        let io = BdevIo::new(BdevOp::Read, 4096, 8192, Some(AlignedBuf::new(8192)), 2);
         let d = run(ch.as_mut(), &mut ring, io);
         assert_eq!(&d.buf.unwrap()[..], &expect[..]);
-        let io = BdevIo { op: BdevOp::WriteZeroes, offset: 4096, len: 4096, buf: None, token: 3 };
+        let io = BdevIo::new(BdevOp::WriteZeroes, 4096, 4096, None, 3);
         assert_eq!(run(ch.as_mut(), &mut ring, io).result, Ok(()));
-        let io = BdevIo { op: BdevOp::Read, offset: 4096, len: 8192, buf: Some(AlignedBuf::new(8192)), token: 4 };
+        let io = BdevIo::new(BdevOp::Read, 4096, 8192, Some(AlignedBuf::new(8192)), 4);
         let r = run(ch.as_mut(), &mut ring, io).buf.unwrap();
         assert!(r[..4096].iter().all(|&b| b == 0));
         assert_eq!(&r[4096..], &expect[4096..]);
-        let io = BdevIo { op: BdevOp::Read, offset: 1 << 20, len: 4096, buf: Some(AlignedBuf::new(4096)), token: 5 };
+        let io = BdevIo::new(BdevOp::Read, 1 << 20, 4096, Some(AlignedBuf::new(4096)), 5);
         assert!(matches!(run(ch.as_mut(), &mut ring, io).result, Err(BdevError::OutOfRange { .. })));
+        // A gathered FUA write (a log frame's shape: one header block, then two data buffers)
+        // lands contiguously and hands every buffer back.
+        let mut parts: Vec<AlignedBuf> = (0..3u8)
+            .map(|i| {
+                let mut b = AlignedBuf::new(4096 * (i as usize + 1));
+                b.fill(0x10 + i);
+                b
+            })
+            .collect();
+        let first = parts.remove(0);
+        let mut io = BdevIo::new(BdevOp::Write { fua: true }, 8192, 6 * 4096, Some(first), 6);
+        io.gather = parts;
+        let d = run(ch.as_mut(), &mut ring, io);
+        assert_eq!((d.result, d.gather.len()), (Ok(()), 2));
+        let io = BdevIo::new(BdevOp::Read, 8192, 6 * 4096, Some(AlignedBuf::new(6 * 4096)), 7);
+        let r = run(ch.as_mut(), &mut ring, io).buf.unwrap();
+        assert!(r[..4096].iter().all(|&b| b == 0x10));
+        assert!(r[4096..3 * 4096].iter().all(|&b| b == 0x11));
+        assert!(r[3 * 4096..].iter().all(|&b| b == 0x12));
+        // Buffers that do not add up to the length are refused, not half-written.
+        let mut io = BdevIo::new(BdevOp::Write { fua: false }, 0, 3 * 4096, Some(AlignedBuf::new(4096)), 8);
+        io.gather.push(AlignedBuf::new(4096));
+        assert_eq!(run(ch.as_mut(), &mut ring, io).result, Err(BdevError::Os(libc::EINVAL)));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

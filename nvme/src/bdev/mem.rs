@@ -92,12 +92,16 @@ impl SyncIo for MemoryChannel {
                 })
             }
             BdevOp::Write { .. } => {
-                let Some(buf) = io.buf.as_ref() else { return Err(BdevError::Os(libc::EINVAL)) };
-                Self::pieces(io.offset, io.len, |ci, co, bo, n| {
-                    let mut c = self.chunks[ci].write().map_err(|_| poisoned.clone())?;
-                    c[co..co + n].copy_from_slice(&buf[bo..bo + n]);
-                    Ok(())
-                })
+                let mut at = io.offset;
+                for buf in io.pieces() {
+                    Self::pieces(at, buf.len() as u64, |ci, co, bo, n| {
+                        let mut c = self.chunks[ci].write().map_err(|_| poisoned.clone())?;
+                        c[co..co + n].copy_from_slice(&buf[bo..bo + n]);
+                        Ok(())
+                    })?;
+                    at += buf.len() as u64;
+                }
+                Ok(())
             }
             BdevOp::WriteZeroes | BdevOp::Deallocate => Self::pieces(io.offset, io.len, |ci, co, _, n| {
                 let mut c = self.chunks[ci].write().map_err(|_| poisoned.clone())?;
@@ -124,17 +128,21 @@ mod tests {
         w.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 253) as u8);
         let off = CHUNK_BYTES as u64 - 512;
         let expect = w.to_vec();
-        ch.submit(
-            BdevIo { op: BdevOp::Write { fua: false }, offset: off, len: w.len() as u64, buf: Some(w), token: 1 },
-            &mut ring,
-        );
-        ch.submit(BdevIo { op: BdevOp::WriteZeroes, offset: off + 1024, len: 512, buf: None, token: 2 }, &mut ring);
+        // A gathered write: the first chunk and a half from one buffer, the rest from another.
+        let (head, tail) = w.split_at(CHUNK_BYTES + CHUNK_BYTES / 2);
+        let mut a = AlignedBuf::new(head.len());
+        a.copy_from_slice(head);
+        let mut b = AlignedBuf::new(tail.len());
+        b.copy_from_slice(tail);
+        let mut io = BdevIo::new(BdevOp::Write { fua: false }, off, w.len() as u64, Some(a), 1);
+        io.gather.push(b);
+        ch.submit(io, &mut ring);
+        ch.submit(BdevIo::new(BdevOp::WriteZeroes, off + 1024, 512, None, 2), &mut ring);
         let r = AlignedBuf::new(3 * CHUNK_BYTES);
-        ch.submit(BdevIo { op: BdevOp::Read, offset: off, len: r.len() as u64, buf: Some(r), token: 3 }, &mut ring);
-        ch.submit(
-            BdevIo { op: BdevOp::Read, offset: 1 << 20, len: 512, buf: Some(AlignedBuf::new(512)), token: 4 },
-            &mut ring,
-        );
+        ch.submit(BdevIo::new(BdevOp::Read, off, r.len() as u64, Some(r), 3), &mut ring);
+        let mut small = AlignedBuf::new(512);
+        small.set_len(512);
+        ch.submit(BdevIo::new(BdevOp::Read, 1 << 20, 512, Some(small), 4), &mut ring);
         let mut done = Vec::new();
         assert_eq!(ch.poll(&mut done), 4);
         let got = done[2].buf.as_ref().unwrap();

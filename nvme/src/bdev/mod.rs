@@ -47,10 +47,44 @@ pub struct BdevIo {
     pub op: BdevOp,
     pub offset: u64,
     pub len: u64,
-    /// Data for reads/writes, `len` bytes; none for the others.
+    /// Data for reads/writes; none for the others. A read fills it (`len` bytes); a write sends
+    /// it followed by `gather`, `len` bytes in all.
     pub buf: Option<AlignedBuf>,
+    /// Further buffers a write sends after `buf`, in order, in the same operation (a log frame:
+    /// its header block, then each entry's data straight from the host's I/O buffer, so nothing
+    /// is copied to make it contiguous). Empty for everything else; an empty `Vec` allocates
+    /// nothing.
+    pub gather: Vec<AlignedBuf>,
     /// Caller's identification, returned in the completion.
     pub token: u64,
+}
+
+impl BdevIo {
+    /// An I/O on one buffer (or none).
+    pub fn new(op: BdevOp, offset: u64, len: u64, buf: Option<AlignedBuf>, token: u64) -> BdevIo {
+        BdevIo { op, offset, len, buf, gather: Vec::new(), token }
+    }
+
+    /// The buffers a write sends, in order.
+    pub fn pieces(&self) -> impl Iterator<Item = &AlignedBuf> {
+        self.buf.iter().chain(self.gather.iter())
+    }
+
+    /// Whether the buffers add up to `len` (a read: its one buffer holds `len` bytes).
+    pub fn buffers_match(&self) -> bool {
+        match self.op {
+            BdevOp::Read => self.gather.is_empty() && self.buf.as_ref().is_some_and(|b| b.len() as u64 == self.len),
+            BdevOp::Write { .. } => {
+                self.buf.is_some() && self.pieces().map(|b| b.len() as u64).sum::<u64>() == self.len
+            }
+            _ => true,
+        }
+    }
+
+    /// The completion of this I/O, handing its buffers back.
+    pub fn done(self, result: Result<(), BdevError>) -> BdevDone {
+        BdevDone { token: self.token, result, buf: self.buf, gather: self.gather }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +104,8 @@ pub struct BdevDone {
     pub token: u64,
     pub result: Result<(), BdevError>,
     pub buf: Option<AlignedBuf>,
+    /// A gathered write's further buffers, handed back.
+    pub gather: Vec<AlignedBuf>,
 }
 
 pub trait BlockDevice: Send + Sync {
@@ -113,8 +149,8 @@ impl<D: SyncIo> SyncChannel<D> {
 
 impl<D: SyncIo> BdevChannel for SyncChannel<D> {
     fn submit(&mut self, mut io: BdevIo, _ring: &mut Ring) {
-        let result = self.dev.run(&mut io);
-        self.done.push_back(BdevDone { token: io.token, result, buf: io.buf });
+        let result = if io.buffers_match() { self.dev.run(&mut io) } else { Err(BdevError::Os(libc::EINVAL)) };
+        self.done.push_back(io.done(result));
     }
     fn on_cqe(&mut self, _slot: u32, _res: i32, _ring: &mut Ring) {}
     fn poll(&mut self, done: &mut Vec<BdevDone>) -> usize {

@@ -715,7 +715,7 @@ impl Connection {
         self.reqs[slot as usize].pending_ops += 1;
         self.bdev_in_flight += 1;
         match cx.channels.get_mut(channel as usize) {
-            Some(ch) => ch.submit(BdevIo { op, offset, len, buf, token }, cx.ring),
+            Some(ch) => ch.submit(BdevIo::new(op, offset, len, buf, token), cx.ring),
             None => {
                 // Our bug: a namespace without a channel. Fail the command, keep serving.
                 warn!("namespace channel {channel} missing on reactor {}", cx.reactor);

@@ -128,7 +128,7 @@ impl VolumeChannel {
     }
 
     fn finish(&mut self, io: BdevIo, result: Result<(), BdevError>) {
-        self.done.push(BdevDone { token: io.token, result, buf: io.buf });
+        self.done.push(io.done(result));
     }
 }
 

@@ -164,7 +164,7 @@ impl BdevPort {
         if op == BdevOp::Read {
             self.reads.insert(token);
         }
-        self.channel.submit(BdevIo { op, offset, len, buf, token }, &mut self.ring.ring.borrow_mut());
+        self.channel.submit(BdevIo::new(op, offset, len, buf, token), &mut self.ring.ring.borrow_mut());
     }
 
     fn poll(&mut self, out: &mut Vec<IoDone>) -> usize {
