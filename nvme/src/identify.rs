@@ -209,6 +209,50 @@ impl NamespaceIdentity {
     }
 }
 
+/// The fields a driver of a local NVMe namespace reads from Identify Namespace: its size and
+/// the format in use. Decoded from what a device returns, so nothing here trusts it: a format
+/// index or LBA size out of range is `None`, not a panic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceFormat {
+    /// NSZE: size in logical blocks.
+    pub blocks: u64,
+    /// LBA data size of the format in use.
+    pub lba_bytes: u32,
+    /// Metadata bytes per block of the format in use (0 for none).
+    pub metadata_bytes: u16,
+    /// FLBAS bit 4: metadata travels at the end of each block's data (extended LBA).
+    pub extended_lba: bool,
+    /// DLFEAT bits 2:0 = 001b: a deallocated block reads as zeroes.
+    pub deallocated_reads_zeroes: bool,
+}
+
+impl NamespaceFormat {
+    pub fn decode(b: &[u8]) -> Option<NamespaceFormat> {
+        if b.len() < IDENTIFY_BYTES {
+            return None;
+        }
+        let nlbaf = b[25] as usize;
+        // FLBAS bits 3:0, plus bits 6:5 as the high bits when more than 16 formats exist.
+        let flbas = b[26];
+        let index = (flbas & 0xF) as usize | (((flbas >> 5) & 0x3) as usize) << 4;
+        if index > nlbaf || index >= 64 {
+            return None;
+        }
+        let lbaf = le::u32_at(b, 128 + index * 4);
+        let lbads = (lbaf >> 16) & 0xFF;
+        if !(9..=16).contains(&lbads) {
+            return None;
+        }
+        Some(NamespaceFormat {
+            blocks: le::u64_at(b, 0),
+            lba_bytes: 1 << lbads,
+            metadata_bytes: (lbaf & 0xFFFF) as u16,
+            extended_lba: flbas & (1 << 4) != 0,
+            deallocated_reads_zeroes: b[33] & 0x7 == 1,
+        })
+    }
+}
+
 /// Active namespace list: NSIDs greater than `after`, ascending, at most 1024.
 pub fn encode_active_namespaces(nsids: &[u32], after: u32) -> Vec<u8> {
     let mut b = vec![0u8; IDENTIFY_BYTES];
@@ -233,6 +277,28 @@ mod tests {
         assert_eq!((d.blocks, d.block_size, d.nguid), (ns.blocks, ns.block_size, ns.nguid));
         let descs = NamespaceIdentity::decode_descriptors(&ns.encode_descriptors());
         assert_eq!(descs, vec![(2, vec![1; 16]), (3, vec![2; 16])]);
+    }
+
+    #[test]
+    fn namespace_format_of_a_device() {
+        let ns = NamespaceIdentity { blocks: 1 << 21, block_size: 512, nguid: [0; 16], uuid: [0; 16] };
+        let mut b = ns.encode();
+        let f = NamespaceFormat::decode(&b).unwrap();
+        assert_eq!((f.blocks, f.lba_bytes, f.metadata_bytes, f.extended_lba), (1 << 21, 512, 0, false));
+        assert!(f.deallocated_reads_zeroes);
+        // Format 1 in use: 4 KiB with 8 bytes of metadata.
+        b[25] = 1;
+        b[26] = 1;
+        le::put_u32(&mut b, 132, 12 << 16 | 8);
+        let f = NamespaceFormat::decode(&b).unwrap();
+        assert_eq!((f.lba_bytes, f.metadata_bytes), (4096, 8));
+        // A format index beyond NLBAF, or an LBA size out of range, is refused.
+        b[26] = 2;
+        assert_eq!(NamespaceFormat::decode(&b), None);
+        b[26] = 1;
+        le::put_u32(&mut b, 132, 40 << 16);
+        assert_eq!(NamespaceFormat::decode(&b), None);
+        assert_eq!(NamespaceFormat::decode(&b[..100]), None);
     }
 
     #[test]
