@@ -3,17 +3,30 @@
 //! I/O path needs no locks. Channels that do real I/O submit to the reactor's io_uring and get
 //! their completions routed back by `user_data`; synchronous ones (memory) complete on the next
 //! poll. The write-back engine plugs in here as another `BlockDevice`.
+//!
+//! Local flash has three drivers: `file` (a file or block device under O_DIRECT), `passthru`
+//! (raw NVMe commands through io_uring on the namespace's `/dev/ngXnY`) and `vfio` (our own
+//! NVMe queues on a controller bound to vfio-pci). [`open_device`] is the one place a
+//! configuration's [`DeviceSpec`] becomes a device.
 
 mod buf;
 mod fault;
 mod file;
 mod mem;
+mod nvme_io;
+mod open;
+mod passthru;
+pub mod vfio;
 
 pub use buf::{AlignedBuf, BufPool, BUF_ALIGN};
 pub use fault::{Fault, FaultyDevice};
 pub use file::FileDevice;
 pub use mem::MemoryDevice;
+pub use open::{open_device, read_blocking, DeviceSpec};
+pub use passthru::PassthruDevice;
+pub use vfio::VfioDevice;
 
+use crate::status::Status;
 use crate::uring::Ring;
 
 /// What a device is.
@@ -97,6 +110,30 @@ pub enum BdevError {
     /// was written or acknowledged and the host may retry.
     #[error("device busy; retry")]
     Busy,
+    /// An NVMe device completed the command with this status (passed up as it is).
+    #[error("NVMe status {0}")]
+    Nvme(Status),
+    /// The device stopped working: a controller fatal status, a command that never completed,
+    /// a controller that went away. Every later I/O fails the same way.
+    #[error("device failed: {0}")]
+    DeviceFailed(String),
+}
+
+impl BdevError {
+    /// The status a host sees for a failed device operation: the one place a device error
+    /// becomes an NVMe status. A local NVMe device's own status goes up as it is; a read
+    /// (or compare) that failed otherwise is an unrecovered read error, anything else a
+    /// write fault.
+    pub fn status(&self, read: bool) -> Status {
+        match self {
+            BdevError::OutOfRange { .. } => Status::LBA_OUT_OF_RANGE,
+            // Retryable (DNR clear): hosts back off and resubmit.
+            BdevError::Busy => Status::NAMESPACE_NOT_READY,
+            BdevError::Nvme(s) => *s,
+            BdevError::Os(_) | BdevError::DeviceFailed(_) if read => Status::UNRECOVERED_READ_ERROR,
+            BdevError::Os(_) | BdevError::DeviceFailed(_) => Status::WRITE_FAULT,
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use io_uring::{opcode, types};
-use stager_nvme::bdev::{AlignedBuf, BdevDone, BdevError, BdevIo, BdevOp};
+use stager_nvme::bdev::{AlignedBuf, BdevDone, BdevIo, BdevOp};
 use stager_nvme::command::{fctype, io, sgl, Command, DataDirection, FABRICS_OPCODE};
 use stager_nvme::completion::Completion;
 use stager_nvme::constants::DIGEST_BYTES;
@@ -736,13 +736,7 @@ impl Connection {
         }
         r.pending_ops -= 1;
         if let Err(e) = &done.result {
-            let s = match (e, r.plan) {
-                (BdevError::OutOfRange { .. }, _) => Status::LBA_OUT_OF_RANGE,
-                // Retryable (DNR clear): hosts back off and resubmit.
-                (BdevError::Busy, _) => Status::NAMESPACE_NOT_READY,
-                (_, Plan::Io { op: IoKind::Read | IoKind::Compare, .. }) => Status::UNRECOVERED_READ_ERROR,
-                _ => Status::WRITE_FAULT,
-            };
+            let s = e.status(matches!(r.plan, Plan::Io { op: IoKind::Read | IoKind::Compare, .. }));
             warn!(conn = %label, cid = r.cmd.cid(), "device error: {e}; completing with {s}");
             r.status = s;
         }
