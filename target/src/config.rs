@@ -30,6 +30,8 @@ use std::path::{Path, PathBuf};
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+use stager_nvme::bdev::vfio::{check_bound, pci_address};
+use stager_nvme::bdev::DeviceSpec;
 use stager_policy::WritePolicy;
 
 /// Largest configuration file we read. A real one is a few KiB; the cap keeps a mistaken
@@ -104,14 +106,24 @@ pub struct Config {
     pub management: ManagementConfig,
 }
 
-/// A local flash device (NVMe block device, or a file on a developer machine).
+/// A local flash device: a file or block device, an NVMe namespace through io_uring
+/// passthrough, or an NVMe controller on the VFIO userspace driver.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FlashConfig {
     /// What volumes refer to this device by.
     pub name: String,
+    /// The driver; `file` when left out.
+    #[serde(default)]
+    pub kind: DeviceKind,
+    /// The file or block device (`file`), or the namespace's generic device `/dev/ngXnY`
+    /// (`nvme-passthru`). Not for `vfio`.
+    #[serde(default)]
     pub path: PathBuf,
-    /// Create or extend a file to this size; without it the current size is used.
+    /// The PCI address of an NVMe controller bound to vfio-pci (`vfio` only).
+    #[serde(default)]
+    pub pci: Option<String>,
+    /// Create or extend a file to this size; without it the current size is used (`file` only).
     #[serde(default, deserialize_with = "de_opt_size")]
     pub size: Option<u64>,
     /// Share of the device kept for clean cached blocks (read acceleration); the rest is log.
@@ -125,6 +137,39 @@ pub struct FlashConfig {
 
 fn default_cache_percent() -> u32 {
     25
+}
+
+/// Which driver a local device is on (`kind:` of a flash device or namespace backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum DeviceKind {
+    /// A file or block device through io_uring, O_DIRECT.
+    #[default]
+    #[serde(rename = "file")]
+    File,
+    /// An NVMe namespace's generic character device through io_uring passthrough.
+    #[serde(rename = "nvme-passthru")]
+    NvmePassthru,
+    /// An NVMe controller bound to vfio-pci, driven by Stager's userspace driver.
+    #[serde(rename = "vfio")]
+    Vfio,
+}
+
+impl FlashConfig {
+    /// The device to open (4 KiB blocks: the log's unit). Call after validation, which makes
+    /// sure the keys the kind needs are there.
+    pub fn device(&self) -> DeviceSpec {
+        let block_size = VOLUME_BLOCK_SIZE;
+        match self.kind {
+            DeviceKind::File => {
+                DeviceSpec::File { path: self.path.clone(), size_bytes: self.size, block_size, direct: self.direct }
+            }
+            DeviceKind::NvmePassthru => DeviceSpec::NvmePassthru { path: self.path.clone(), block_size },
+            DeviceKind::Vfio => {
+                let pci = self.pci.clone().unwrap_or_default();
+                DeviceSpec::Vfio { pci: pci_address(&pci).unwrap_or(pci), block_size }
+            }
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -361,6 +406,10 @@ pub enum BackendConfig {
         /// double-buffer and hide whether a write is really on the device.
         direct: bool,
     },
+    /// An NVMe namespace's generic device (`/dev/ngXnY`), raw NVMe commands through io_uring.
+    NvmePassthru { path: PathBuf, block_size: u32 },
+    /// An NVMe controller bound to vfio-pci (its first active namespace), on Stager's driver.
+    Vfio { pci: String, block_size: u32 },
     /// A write-back volume: writes are acknowledged from a log on local `flash` and destaged
     /// to the volume's SAN LUN; reads are served from flash when it holds the block.
     Volume {
@@ -455,7 +504,10 @@ impl<'de> Deserialize<'de> for SanConfig {
 impl BackendConfig {
     pub fn block_size(&self) -> u32 {
         match self {
-            BackendConfig::Memory { block_size, .. } | BackendConfig::File { block_size, .. } => *block_size,
+            BackendConfig::Memory { block_size, .. }
+            | BackendConfig::File { block_size, .. }
+            | BackendConfig::NvmePassthru { block_size, .. }
+            | BackendConfig::Vfio { block_size, .. } => *block_size,
             BackendConfig::Volume { .. } => VOLUME_BLOCK_SIZE,
         }
     }
@@ -465,8 +517,29 @@ impl BackendConfig {
         match self {
             BackendConfig::Memory { .. } => "memory",
             BackendConfig::File { .. } => "file",
+            BackendConfig::NvmePassthru { .. } => "nvme-passthru",
+            BackendConfig::Vfio { .. } => "vfio",
             BackendConfig::Volume { .. } => "volume",
         }
+    }
+
+    /// The local device a `file`, `nvme-passthru` or `vfio` backend opens.
+    pub fn device(&self) -> Option<DeviceSpec> {
+        Some(match self {
+            BackendConfig::File { path, size_bytes, block_size, direct } => DeviceSpec::File {
+                path: path.clone(),
+                size_bytes: *size_bytes,
+                block_size: *block_size,
+                direct: *direct,
+            },
+            BackendConfig::NvmePassthru { path, block_size } => {
+                DeviceSpec::NvmePassthru { path: path.clone(), block_size: *block_size }
+            }
+            BackendConfig::Vfio { pci, block_size } => {
+                DeviceSpec::Vfio { pci: pci_address(pci).unwrap_or_else(|_| pci.clone()), block_size: *block_size }
+            }
+            BackendConfig::Memory { .. } | BackendConfig::Volume { .. } => return None,
+        })
     }
 }
 
@@ -483,6 +556,8 @@ struct BackendSpec {
     block_size: Option<ByteSize32>,
     #[serde(default)]
     path: Option<PathBuf>,
+    #[serde(default)]
+    pci: Option<String>,
     #[serde(default)]
     direct: Option<bool>,
     #[serde(default)]
@@ -502,6 +577,9 @@ struct BackendSpec {
 enum BackendKind {
     Memory,
     File,
+    #[serde(rename = "nvme-passthru")]
+    NvmePassthru,
+    Vfio,
     Volume,
 }
 
@@ -546,6 +624,9 @@ impl TryFrom<BackendSpec> for BackendConfig {
                 return Err(format!("`{key}` applies only to `kind: volume`"));
             }
         }
+        if s.pci.is_some() && !matches!(s.kind, BackendKind::Vfio) {
+            return Err("`pci` applies only to `kind: vfio`".into());
+        }
         match s.kind {
             BackendKind::Volume => {
                 if s.path.is_some() || s.direct.is_some() {
@@ -574,6 +655,32 @@ impl TryFrom<BackendSpec> for BackendConfig {
                 }
                 let size = s.size.ok_or("`kind: memory` needs `size` (e.g. `size: 64MiB`)")?;
                 Ok(BackendConfig::Memory { size_bytes: size.0, block_size })
+            }
+            BackendKind::NvmePassthru => {
+                if s.size.is_some() || s.direct.is_some() {
+                    let key = if s.size.is_some() { "size" } else { "direct" };
+                    return Err(format!(
+                        "`{key}` applies only to `kind: file` (an NVMe namespace has the size it was formatted with)"
+                    ));
+                }
+                let path = s
+                    .path
+                    .ok_or("`kind: nvme-passthru` needs `path`, the namespace's generic device (e.g. /dev/ng0n1)")?;
+                Ok(BackendConfig::NvmePassthru { path, block_size })
+            }
+            BackendKind::Vfio => {
+                if s.path.is_some() || s.size.is_some() || s.direct.is_some() {
+                    let key = if s.path.is_some() {
+                        "path"
+                    } else if s.size.is_some() {
+                        "size"
+                    } else {
+                        "direct"
+                    };
+                    return Err(format!("`{key}` does not apply to `kind: vfio` (it names its controller by `pci`)"));
+                }
+                let pci = s.pci.ok_or("`kind: vfio` needs `pci`, the controller's PCI address (e.g. 0000:00:04.0)")?;
+                Ok(BackendConfig::Vfio { pci, block_size })
             }
             BackendKind::File => {
                 let path = s.path.ok_or("`kind: file` needs `path`")?;
@@ -757,7 +864,9 @@ pub fn embedded_default() -> Config {
         .into()],
         flash: vec![FlashConfig {
             name: "flash0".to_string(),
+            kind: DeviceKind::File,
             path: PathBuf::from("./stager-data/flash0.img"),
+            pci: None,
             size: Some(256 << 20),
             cache_percent: default_cache_percent(),
             direct: true,
@@ -967,7 +1076,40 @@ fn check_flash(flash: &[FlashConfig], files: &mut HashMap<PathBuf, String>) -> R
                 format!("{} is more than {FLASH_CACHE_PERCENT_MAX}: the log needs the rest", f.cache_percent),
             ));
         }
-        check_path(&f.path, f.size, VOLUME_BLOCK_SIZE, &format!("{at}.path"), &at, files)?;
+        match f.kind {
+            DeviceKind::File => {
+                if f.pci.is_some() {
+                    return Err(problem(format!("{at}.pci"), "applies only to `kind: vfio`"));
+                }
+                check_path(&f.path, f.size, VOLUME_BLOCK_SIZE, &format!("{at}.path"), &at, files)?;
+            }
+            DeviceKind::NvmePassthru | DeviceKind::Vfio => {
+                let key = if f.size.is_some() {
+                    Some("size")
+                } else if !f.direct {
+                    Some("direct")
+                } else {
+                    None
+                };
+                if let Some(key) = key {
+                    return Err(problem(format!("{at}.{key}"), "applies only to `kind: file`"));
+                }
+                if f.kind == DeviceKind::NvmePassthru {
+                    if f.pci.is_some() {
+                        return Err(problem(format!("{at}.pci"), "applies only to `kind: vfio`"));
+                    }
+                    check_passthru(&f.path, &at, files)?;
+                } else {
+                    if !f.path.as_os_str().is_empty() {
+                        return Err(problem(
+                            format!("{at}.path"),
+                            "does not apply to `kind: vfio` (it names its controller by `pci`)",
+                        ));
+                    }
+                    check_vfio(f.pci.as_deref(), &at, files)?;
+                }
+            }
+        }
         if let Some(size) = f.size {
             if size % u64::from(VOLUME_BLOCK_SIZE) != 0 || size < FLASH_BYTES_MIN {
                 return Err(problem(
@@ -1002,6 +1144,55 @@ fn check_destage(d: &DestageConfig, cpus: &[usize]) -> Result<(), Problem> {
             "destage.idle_poll_us",
             format!("{} is more than {IDLE_POLL_US_MAX} (1 s)", d.idle_poll_us),
         ));
+    }
+    Ok(())
+}
+
+/// The generic device of `kind: nvme-passthru`: a character device, on a kernel whose io_uring
+/// takes the 128-byte entries NVMe passthrough needs; not used twice.
+fn check_passthru(path: &Path, at: &str, files: &mut HashMap<PathBuf, String>) -> Result<(), Problem> {
+    let key = format!("{at}.path");
+    if path.as_os_str().is_empty() {
+        return Err(problem(
+            key,
+            "`kind: nvme-passthru` needs `path`, the namespace's generic device (e.g. /dev/ng0n1)",
+        ));
+    }
+    let meta = std::fs::metadata(path).map_err(|e| {
+        problem(
+            &key,
+            format!("{}: {e} (the nvme driver makes /dev/ngXnY for each namespace; ls /dev/ng*)", path.display()),
+        )
+    })?;
+    if !std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()) {
+        return Err(problem(
+            key,
+            format!(
+                "{} is not a character device: nvme-passthru needs the namespace's generic device /dev/ngXnY \
+                 (for a block device such as /dev/nvme0n1 use `kind: file`)",
+                path.display()
+            ),
+        ));
+    }
+    stager_nvme::bdev::passthru_supported()
+        .map_err(|why| problem(format!("{at}.kind"), format!("nvme-passthru: {why}")))?;
+    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if let Some(first) = files.insert(canon, at.to_string()) {
+        return Err(problem(key, format!("{} is also used by {first}", path.display())));
+    }
+    Ok(())
+}
+
+/// The controller of `kind: vfio`: a PCI address, an NVMe controller there bound to vfio-pci
+/// (the message says how to bind it otherwise), not used twice.
+fn check_vfio(pci: Option<&str>, at: &str, files: &mut HashMap<PathBuf, String>) -> Result<(), Problem> {
+    let key = format!("{at}.pci");
+    let pci =
+        pci.ok_or_else(|| problem(&key, "`kind: vfio` needs `pci`, the controller's PCI address (e.g. 0000:00:04.0)"))?;
+    let pci = pci_address(pci).map_err(|why| problem(&key, why))?;
+    check_bound(&pci).map_err(|why| problem(&key, why))?;
+    if let Some(first) = files.insert(PathBuf::from(format!("/sys/bus/pci/devices/{pci}")), at.to_string()) {
+        return Err(problem(key, format!("{pci} is also used by {first}")));
     }
     Ok(())
 }
@@ -1168,6 +1359,8 @@ fn check_backend(b: &BackendConfig, at: &str, files: &mut HashMap<PathBuf, Strin
             }
             check_path(path, *size_bytes, block_size, &format!("{at}.path"), at, files)
         }
+        BackendConfig::NvmePassthru { path, .. } => check_passthru(path, at, files),
+        BackendConfig::Vfio { pci, .. } => check_vfio(Some(pci), at, files),
         BackendConfig::Volume { id, size_bytes, san, .. } => {
             if *id == 0 {
                 return Err(problem(format!("{at}.id"), "0 is reserved; volume ids start at 1"));
@@ -1610,6 +1803,75 @@ subsystems:
             ("{ kind: memory, size: 1MiB }", "flash: [{ name: f0, path: /tmp/f.img, size: 1MiB }]", &["flash[0].size", "at least"]),
             ("{ kind: memory, size: 1MiB }", "flash: [{ name: f0, path: /tmp/f.img, size: 64MiB, cache_percent: 95 }]", &["flash[0].cache_percent"]),
             ("{ kind: memory, size: 1MiB }", "destage: { core: 4096 }", &["destage.core", "not available"]),
+        ];
+        for (backend, flash, needles) in cases {
+            let msg = err(&text(backend, flash));
+            for n in *needles {
+                assert!(msg.contains(n), "{backend} / {flash}: message {msg:?} lacks {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn nvme_device_kinds_and_their_errors() {
+        let text = |backend: &str, flash: &str| {
+            format!(
+                "listeners: [{{ name: a, address: 127.0.0.1:0 }}]\n{flash}\nsubsystems:\n  - nqn: nqn.2026-11.dev.stager:n\n    allow_any_host: true\n    namespaces:\n      - nsid: 1\n        backend: {backend}\n"
+            )
+        };
+        // The shape parses into the right specs (validation needs the devices, checked below).
+        let shape = parse_shape(
+            &text(
+                "{ kind: nvme-passthru, path: /dev/ng1n1, block_size: 512 }",
+                "flash: [{ name: f0, kind: vfio, pci: \"00:04.0\" }]",
+            ),
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            shape.flash[0].device(),
+            DeviceSpec::Vfio { pci: "0000:00:04.0".into(), block_size: VOLUME_BLOCK_SIZE }
+        );
+        assert_eq!(
+            shape.subsystems[0].namespaces[0].backend.device(),
+            Some(DeviceSpec::NvmePassthru { path: "/dev/ng1n1".into(), block_size: 512 })
+        );
+        let shape = parse_shape(
+            &text("{ kind: vfio, pci: 0000:00:05.0 }", "flash: [{ name: f0, kind: nvme-passthru, path: /dev/ng0n1 }]"),
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(shape.flash[0].device(), DeviceSpec::NvmePassthru { path: "/dev/ng0n1".into(), block_size: 4096 });
+        assert_eq!(shape.subsystems[0].namespaces[0].backend.kind(), "vfio");
+        let mem = "{ kind: memory, size: 1MiB }";
+        let cases: &[(&str, &str, &[&str])] = &[
+            ("{ kind: nvme-passthru }", "", &["needs `path`", "/dev/ng0n1"]),
+            ("{ kind: nvme-passthru, path: /dev/ng0n1, size: 1GiB }", "", &["`size` applies only to `kind: file`"]),
+            ("{ kind: vfio }", "", &["needs `pci`"]),
+            ("{ kind: vfio, pci: 0000:00:04.0, path: /dev/x }", "", &["`path` does not apply to `kind: vfio`"]),
+            (
+                "{ kind: file, path: /tmp/x.img, size: 1MiB, pci: 0000:00:04.0 }",
+                "",
+                &["`pci` applies only to `kind: vfio`"],
+            ),
+            ("{ kind: nvme-passthru, path: /nonexistent/ng9n9 }", "", &["backend.path", "/dev/ng"]),
+            ("{ kind: nvme-passthru, path: /tmp }", "", &["backend.path", "not a character device"]),
+            ("{ kind: vfio, pci: \"00:04\" }", "", &["backend.pci", "not a PCI address"]),
+            ("{ kind: vfio, pci: 0000:ff:1f.7 }", "", &["backend.pci", "no PCI device 0000:ff:1f.7"]),
+            (mem, "flash: [{ name: f0, kind: vfio }]", &["flash[0].pci", "needs `pci`"]),
+            (
+                mem,
+                "flash: [{ name: f0, kind: vfio, pci: 0000:ff:1f.7, path: /dev/ng0n1 }]",
+                &["flash[0].path", "does not apply"],
+            ),
+            (
+                mem,
+                "flash: [{ name: f0, kind: nvme-passthru, path: /dev/ng0n1, size: 64MiB }]",
+                &["flash[0].size", "only to `kind: file`"],
+            ),
+            (mem, "flash: [{ name: f0, kind: nvme-passthru, path: /dev/null, pci: 0000:00:04.0 }]", &["flash[0].pci"]),
+            (mem, "flash: [{ name: f0, kind: vfio, pci: 0000:ff:1f.7 }]", &["flash[0].pci", "lspci"]),
+            (mem, "flash: [{ name: f0, kind: nvme, path: /dev/ng0n1 }]", &["flash[0].kind", "nvme-passthru"]),
         ];
         for (backend, flash, needles) in cases {
             let msg = err(&text(backend, flash));

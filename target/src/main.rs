@@ -187,6 +187,10 @@ fn backend_text(b: &BackendConfig) -> String {
             size_bytes.map(|s| format!(" ({} MiB)", s >> 20)).unwrap_or_default(),
             if *direct { ", O_DIRECT" } else { "" }
         ),
+        BackendConfig::NvmePassthru { path, block_size } => {
+            format!("NVMe passthrough {}, {block_size}-byte blocks", path.display())
+        }
+        BackendConfig::Vfio { pci, block_size } => format!("NVMe on VFIO {pci}, {block_size}-byte blocks"),
         BackendConfig::Volume { id, flash, policy, san, .. } => {
             let san = match san {
                 config::SanConfig::File { path, .. } => format!("file {}", path.display()),

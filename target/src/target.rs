@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use stager_nvme::bdev::{BlockDevice, FileDevice, MemoryDevice};
+use stager_nvme::bdev::{open_device, BlockDevice, MemoryDevice};
 use stager_nvme::DISCOVERY_NQN;
 use tracing::info;
 
@@ -90,15 +90,19 @@ impl Target {
                     (None, BackendConfig::Memory { size_bytes, block_size }) => {
                         Arc::new(MemoryDevice::new(&format!("{}/ns{}", s.nqn, n.nsid), *size_bytes, *block_size))
                     }
-                    (None, BackendConfig::File { path, size_bytes, block_size, direct }) => {
-                        match FileDevice::open(path, *size_bytes, *block_size, *direct) {
-                            Ok(d) => Arc::new(d),
+                    (
+                        None,
+                        BackendConfig::File { .. } | BackendConfig::NvmePassthru { .. } | BackendConfig::Vfio { .. },
+                    ) => {
+                        let spec = n.backend.device().expect("file, nvme-passthru and vfio backends name a device");
+                        match open_device(&spec) {
+                            Ok(d) => d,
                             Err(source) => {
                                 stop_volumes(&volumes);
                                 return Err(StartError::Backend {
                                     nqn: s.nqn.clone(),
                                     nsid: n.nsid,
-                                    backend: format!("file {}", path.display()),
+                                    backend: format!("{} {}", spec.kind(), spec.label()),
                                     source,
                                 });
                             }

@@ -23,7 +23,7 @@ pub use fault::{Fault, FaultyDevice};
 pub use file::FileDevice;
 pub use mem::MemoryDevice;
 pub use open::{open_device, read_blocking, DeviceSpec};
-pub use passthru::PassthruDevice;
+pub use passthru::{passthru_supported, PassthruDevice};
 pub use vfio::VfioDevice;
 
 use crate::status::Status;

@@ -184,6 +184,11 @@ fn big_ring(entries: u32) -> std::io::Result<IoUring<squeue::Entry128, cqueue::E
     })
 }
 
+/// Whether this kernel can run NVMe passthrough rings; the error says what is missing.
+pub fn passthru_supported() -> Result<(), String> {
+    big_ring(2).map(drop).map_err(|e| e.to_string())
+}
+
 /// What every channel of a passthrough device shares.
 struct Shared {
     info: BdevInfo,

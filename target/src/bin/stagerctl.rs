@@ -8,12 +8,17 @@
 //! - `stagerctl flash destage DEVICE --config FILE` — destage a device's dirty data to the SANs
 //!   the file names, with a progress bar; refuses a device a running stagerd owns.
 //!
+//! DEVICE is a flash file or block device, an NVMe generic device `/dev/ngXnY` (driven by io_uring
+//! passthrough), or `vfio:ADDRESS` for an NVMe controller bound to vfio-pci (the same names
+//! `stagerctl status` shows).
+//!
 //! Exit status: 0 done, 1 the operation failed, 2 bad arguments.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use stager_nvme::bdev::DeviceSpec;
 use stager_target::config::{self, DEFAULT_MANAGEMENT_SOCKET};
 use stager_target::management::{call, Request};
 use stager_target::volume::offline;
@@ -64,16 +69,24 @@ enum VolumeCmd {
 enum FlashCmd {
     /// List the volumes and dirty bytes a flash device holds (read-only).
     Inspect {
-        device: PathBuf,
+        /// A file or block device, /dev/ngXnY (NVMe passthrough) or vfio:0000:00:04.0.
+        #[arg(value_parser = parse_device)]
+        device: DeviceSpec,
         #[arg(long)]
         json: bool,
     },
     /// Destage a flash device's dirty data to the volumes' SANs named in a stagerd configuration.
     Destage {
-        device: PathBuf,
+        /// A file or block device, /dev/ngXnY (NVMe passthrough) or vfio:0000:00:04.0.
+        #[arg(value_parser = parse_device)]
+        device: DeviceSpec,
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    DeviceSpec::from_arg(s, stager_policy::constants::BLOCK_SIZE_U64 as u32)
 }
 
 fn main() -> ExitCode {
@@ -173,7 +186,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             });
             bar.finish_and_clear();
             let m = result?;
-            println!("{}: {m}", device.display());
+            println!("{}: {m}", device.label());
             Ok(())
         }
     }

@@ -7,13 +7,14 @@
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use stager_nvme::bdev::{AlignedBuf, BdevChannel, BdevDone, BdevIo, BdevOp, BlockDevice, FileDevice};
+use stager_nvme::bdev::{
+    open_device, read_blocking, AlignedBuf, BdevChannel, BdevDone, BdevIo, BdevOp, BlockDevice, DeviceSpec,
+};
 use stager_nvme::uring::{split, Ring};
 use stager_policy::constants::BLOCK_SIZE_U64;
 use stager_policy::log::{Superblock, SuperblockError};
@@ -377,9 +378,10 @@ impl San for IscsiSan {
 }
 
 /// Exclusive ownership of a flash device by one process: an advisory `flock` on the device
-/// (file or block device node), released when the process exits, even by `kill -9`.
+/// (file, block or character device node), released when the process exits, even by `kill -9`.
+/// A VFIO device has no node to lock: its IOMMU group opens in one process at a time.
 pub struct OwnerLock {
-    _file: File,
+    _file: Option<File>,
     pub path: PathBuf,
 }
 
@@ -405,7 +407,15 @@ impl OwnerLock {
             }
             return Err(LockError::Open(path.to_path_buf(), e));
         }
-        Ok(OwnerLock { _file: file, path: path.to_path_buf() })
+        Ok(OwnerLock { _file: Some(file), path: path.to_path_buf() })
+    }
+
+    /// [`OwnerLock::take`] on the device's node, if it has one.
+    pub fn take_device(spec: &DeviceSpec, exclusive: bool) -> Result<OwnerLock, LockError> {
+        match spec.lock_path() {
+            Some(path) => OwnerLock::take(path, exclusive),
+            None => Ok(OwnerLock { _file: None, path: PathBuf::from(spec.label()) }),
+        }
     }
 }
 
@@ -419,21 +429,13 @@ pub enum Probe {
     Damaged(String),
 }
 
-/// Reads the two superblock copies (buffered reads: this runs before the engine opens the
-/// device, and O_DIRECT writes of an earlier owner are already out of the page cache).
-pub fn probe_superblock(path: &Path) -> std::io::Result<Probe> {
-    let mut f = File::open(path)?;
-    let mut buf = vec![0u8; 2 * BLOCK_SIZE_U64 as usize];
-    let mut got = 0;
-    while got < buf.len() {
-        match f.read(&mut buf[got..])? {
-            0 => break,
-            n => got += n,
-        }
-    }
-    if got < buf.len() {
+/// Reads the two superblock copies through the device's own driver, before the engine opens it.
+pub fn probe_superblock(dev: &dyn BlockDevice) -> std::io::Result<Probe> {
+    let len = 2 * BLOCK_SIZE_U64;
+    if dev.info().size_bytes() < len {
         return Ok(Probe::Blank);
     }
+    let buf = read_blocking(dev, 0, len as usize, std::time::Duration::from_secs(30))?;
     let (a, b) = buf.split_at(BLOCK_SIZE_U64 as usize);
     let magic = |c: &[u8]| matches!(Superblock::decode(c), Err(SuperblockError::BadMagic));
     if magic(a) && magic(b) {
@@ -445,7 +447,7 @@ pub fn probe_superblock(path: &Path) -> std::io::Result<Probe> {
     })
 }
 
-/// Opens a flash device or file (creating or extending a file to `size`), 4 KiB blocks.
-pub fn open_flash_device(path: &Path, size: Option<u64>, direct: bool) -> std::io::Result<Arc<dyn BlockDevice>> {
-    Ok(Arc::new(FileDevice::open(path, size, BLOCK_SIZE_U64 as u32, direct)?))
+/// Opens a flash device (any driver) or a SAN file.
+pub fn open_flash_device(spec: &DeviceSpec) -> std::io::Result<Arc<dyn BlockDevice>> {
+    open_device(spec)
 }

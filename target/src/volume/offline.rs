@@ -3,9 +3,9 @@
 //! [`destage`] recovers it and destages every dirty block to the volumes' SANs named in a
 //! configuration file. Both run the same engine and recovery as stagerd, on the caller's thread.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use stager_nvme::bdev::{BlockDevice, DeviceSpec};
 use stager_policy::constants::BLOCK_SIZE_U64;
 use stager_policy::io::MonotonicClock;
 use stager_policy::log::{Layout, Superblock};
@@ -30,11 +30,11 @@ pub struct Inspection {
     pub device: DeviceStatus,
 }
 
-fn read_superblock(path: &Path) -> Result<Superblock, String> {
-    match probe_superblock(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))? {
+fn read_superblock(dev: &dyn BlockDevice, path: &str) -> Result<Superblock, String> {
+    match probe_superblock(dev).map_err(|e| format!("{path}: cannot read: {e}"))? {
         Probe::Formatted(sb) => Ok(sb),
-        Probe::Blank => Err(format!("{}: no Stager superblock (a blank or foreign device)", path.display())),
-        Probe::Damaged(why) => Err(format!("{}: Stager superblock is damaged: {why}", path.display())),
+        Probe::Blank => Err(format!("{path}: no Stager superblock (a blank or foreign device)")),
+        Probe::Damaged(why) => Err(format!("{path}: Stager superblock is damaged: {why}")),
     }
 }
 
@@ -62,23 +62,24 @@ fn drive(
 }
 
 /// Replays the device's log without writing anything and reports what it holds.
-pub fn inspect(path: &Path) -> Result<Inspection, String> {
-    let owned = match OwnerLock::take(path, false) {
+pub fn inspect(device: &DeviceSpec) -> Result<Inspection, String> {
+    let path = &device.label();
+    let owned = match OwnerLock::take_device(device, false) {
         Ok(_) => false,
         Err(LockError::Busy(_)) => true,
         Err(e) => return Err(e.to_string()),
     };
-    let sb = read_superblock(path)?;
-    let dev = open_flash_device(path, None, true).map_err(|e| format!("{}: cannot open: {e}", path.display()))?;
+    let dev = open_flash_device(device).map_err(|e| format!("{path}: cannot open: {e}"))?;
+    let sb = read_superblock(&*dev, path)?;
     let ring = SharedRing::new().map_err(|e| format!("io_uring: {e}"))?;
     let port = BdevPort::new(dev, ring).map_err(|e| format!("io_uring: {e}"))?;
     let mut e = Engine::open_for_inspection(Box::new(ReadOnlyFlash(port)), &sb).map_err(|e| e.to_string())?;
     let clock = MonotonicClock::new();
     drive(&mut e, &clock, Duration::from_secs(3600), "log replay", |e| e.replay_done())?;
-    let mut device = DeviceStatus::of_engine("-", &path.display().to_string(), &e, |_| (String::new(), String::new()));
+    let mut device = DeviceStatus::of_engine("-", path, &e, |_| (String::new(), String::new()));
     device.state = "replayed read-only".into();
     Ok(Inspection {
-        path: path.display().to_string(),
+        path: path.clone(),
         owned_by_running_process: owned,
         superblock_generation: sb.generation,
         incarnation: sb.incarnation,
@@ -105,13 +106,18 @@ pub struct DestageProgress {
 
 /// Recovers the device's log and destages every volume on it to the SAN `config` gives it,
 /// then leaves the device clean (watermarks persisted). Refuses a device another process owns.
-pub fn destage(path: &Path, config: &Config, mut progress: impl FnMut(&DestageProgress)) -> Result<String, String> {
-    let _lock = OwnerLock::take(path, true).map_err(|e| e.to_string())?;
-    let sb = read_superblock(path)?;
-    let dev = open_flash_device(path, None, true).map_err(|e| format!("{}: cannot open: {e}", path.display()))?;
+pub fn destage(
+    device: &DeviceSpec,
+    config: &Config,
+    mut progress: impl FnMut(&DestageProgress),
+) -> Result<String, String> {
+    let path = &device.label();
+    let _lock = OwnerLock::take_device(device, true).map_err(|e| e.to_string())?;
+    let dev = open_flash_device(device).map_err(|e| format!("{path}: cannot open: {e}"))?;
+    let sb = read_superblock(&*dev, path)?;
     let size = dev.info().size_bytes();
     let cache_percent = cache_percent_for(&sb, size)
-        .ok_or_else(|| format!("{}: its superblock's layout does not fit a {size}-byte device", path.display()))?;
+        .ok_or_else(|| format!("{path}: its superblock's layout does not fit a {size}-byte device"))?;
     let ring = SharedRing::new().map_err(|e| format!("io_uring: {e}"))?;
     let mut specs = Vec::new();
     let mut labels = Vec::new();
@@ -121,7 +127,7 @@ pub fn destage(path: &Path, config: &Config, mut progress: impl FnMut(&DestagePr
             _ => None,
         });
         let san = san.ok_or_else(|| {
-            format!("{} has data of volume {} but the configuration does not name its SAN", path.display(), v.id.0)
+            format!("{path} has data of volume {} but the configuration does not name its SAN", v.id.0)
         })?;
         let port = open_san(v.id.0, &san, &ring)?;
         if port.size_bytes() < v.blocks * BLOCK_SIZE_U64 {

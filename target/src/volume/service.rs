@@ -26,6 +26,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use stager_nvme::bdev::DeviceSpec;
 use stager_policy::io::MonotonicClock;
 use stager_policy::{
     Clock, Engine, EngineConfig, EngineEvent, EngineState, HostDone, HostOp, LogFullPolicy, San, Status, VolumeId,
@@ -95,10 +96,10 @@ pub struct VolumeService {
 /// What the reactor builds, gathered from the configuration on the caller's thread.
 struct FlashPlan {
     name: String,
+    /// How logs and status name the device (its path, or `vfio:ADDRESS`).
     path: PathBuf,
-    size: Option<u64>,
+    device: DeviceSpec,
     cache_percent: u32,
-    direct: bool,
     volumes: Vec<VolumePlan>,
 }
 
@@ -121,10 +122,9 @@ impl VolumeService {
             .iter()
             .map(|f| FlashPlan {
                 name: f.name.clone(),
-                path: f.path.clone(),
-                size: f.size,
+                path: PathBuf::from(f.device().label()),
+                device: f.device(),
                 cache_percent: f.cache_percent,
-                direct: f.direct,
                 volumes: Vec::new(),
             })
             .collect();
@@ -280,7 +280,13 @@ pub(crate) fn san_label(san: &SanConfig) -> String {
 pub(crate) fn open_san(id: u32, san: &SanConfig, ring: &Rc<SharedRing>) -> Result<Box<dyn San>, String> {
     match san {
         SanConfig::File { path, size_bytes, direct } => {
-            let dev = open_flash_device(path, *size_bytes, *direct)
+            let spec = DeviceSpec::File {
+                path: path.clone(),
+                size_bytes: *size_bytes,
+                block_size: stager_policy::constants::BLOCK_SIZE_U64 as u32,
+                direct: *direct,
+            };
+            let dev = open_flash_device(&spec)
                 .map_err(|e| format!("volume {id}: cannot open SAN file {}: {e}", path.display()))?;
             let port = BdevPort::new(dev, ring.clone()).map_err(|e| format!("volume {id}: SAN file: {e}"))?;
             Ok(Box::new(port))
@@ -326,9 +332,9 @@ impl Reactor {
         let mut devices = Vec::new();
         for p in plans {
             let what = format!("flash {} ({})", p.name, p.path.display());
-            let dev = open_flash_device(&p.path, p.size, p.direct).map_err(|e| format!("{what}: cannot open: {e}"))?;
-            let lock = OwnerLock::take(&p.path, true).map_err(|e| format!("{what}: {e}"))?;
-            let probe = probe_superblock(&p.path).map_err(|e| format!("{what}: cannot read its superblock: {e}"))?;
+            let dev = open_flash_device(&p.device).map_err(|e| format!("{what}: cannot open: {e}"))?;
+            let lock = OwnerLock::take_device(&p.device, true).map_err(|e| format!("{what}: {e}"))?;
+            let probe = probe_superblock(&*dev).map_err(|e| format!("{what}: cannot read its superblock: {e}"))?;
             let mut specs = Vec::new();
             let mut names = HashMap::new();
             let mut blocks_of = HashMap::new();
