@@ -11,7 +11,8 @@
 # libraries) and /init (scripts/guest/init).  It is rebuilt only when one of
 # those inputs changes.  The tests archive holds the scripts that run inside
 # the guest (scripts/guest/nvme-tcp-test.sh, scripts/guest/nvmet-selftest.sh)
-# and is tiny, so editing a test script never rebuilds the base image.
+# and is tiny, so editing a test script never rebuilds the base image. Tests that need our
+# binaries in the guest (tests/nvme_drivers.sh) append an archive of their own.
 #
 # Environment:
 #   GUEST_KERNEL_PKG   override the kernel package (default: what
@@ -141,8 +142,11 @@ fi
 # nvme-tcp (pulls nvme-core, nvme-fabrics, t10-pi, crc64-rocksoft, crc-t10dif),
 # configfs, nvmet, nvmet-tcp, null_blk, loop.  Built-in ones (devtmpfs, tmpfs,
 # af_packet) are reported by modprobe as "builtin" and skipped.
+# nvme, vfio-pci and vfio_iommu_type1 drive QEMU's emulated NVMe controller for the local
+# flash driver test (tests/nvme_drivers.sh): the kernel's own driver for io_uring passthrough,
+# then vfio-pci for our userspace driver.
 MODULES="nvme-tcp virtio_net virtio_pci nvmet nvmet-tcp configfs loop null_blk
-         crc32c_generic crc32c-intel ${GUEST_EXTRA_MODULES:-}"
+         crc32c_generic crc32c-intel nvme vfio-pci vfio_iommu_type1 ${GUEST_EXTRA_MODULES:-}"
 kofiles=()
 builtin_mods=()
 for m in $MODULES; do
@@ -230,7 +234,7 @@ fi
 # --------------------------------------------------------------------------
 # 4. Tests archive (guest-side scripts) and the combined initrd
 # --------------------------------------------------------------------------
-TEST_FILES=("$SCRIPT_DIR/nvme-tcp-test.sh" "$SCRIPT_DIR/nvmet-selftest.sh")
+TEST_FILES=("$SCRIPT_DIR/nvme-tcp-test.sh" "$SCRIPT_DIR/nvmet-selftest.sh" "$SCRIPT_DIR/nvme-drivers-test.sh")
 tests_key=$(sha256sum "${TEST_FILES[@]}" | sha256sum | cut -c1-16)
 TESTS=$OUT/tests.cpio.gz
 if [ ! -f "$TESTS" ] || [ "$(cat "$OUT/tests.key" 2>/dev/null)" != "$tests_key" ]; then

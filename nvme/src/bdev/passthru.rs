@@ -438,10 +438,12 @@ impl PassthruChannel {
         slot
     }
 
-    /// Moves queued commands into the submission queue while it has room.
+    /// Moves queued commands into the submission queue while it has room, keeping at most
+    /// the ring's size in the kernel so its completion queue cannot overflow.
     fn fill_sq(&mut self) {
         let mut sq = self.ring.submission();
-        while let Some(&slot) = self.queued.front() {
+        while self.issued < PASSTHRU_RING_ENTRIES as usize {
+            let Some(&slot) = self.queued.front() else { break };
             let Some(Some(c)) = self.cmds.get(slot as usize) else {
                 self.queued.pop_front();
                 continue;
