@@ -9,6 +9,12 @@
 
 use super::{BdevError, BdevIo, BdevOp};
 use crate::command::{Command, DsmRange, NLB_MAX};
+use crate::constants::NVME_TRANSFER_MAX;
+use crate::identify::{ControllerInfo, NamespaceFormat};
+
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
+}
 
 /// How a namespace is driven: what every part is built from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +44,38 @@ pub(crate) struct Part {
     pub data: Option<(u64, u32)>,
     /// A Dataset Management command's one range (its 16 bytes of data).
     pub dsm: Option<DsmRange>,
+}
+
+/// The geometry of an NVMe namespace from its identify data, shared by both NVMe drivers.
+pub(crate) fn geometry_of(
+    name: &dyn std::fmt::Display,
+    nsid: u32,
+    cinfo: &ControllerInfo,
+    format: &NamespaceFormat,
+    block_size: u32,
+    driver_max: usize,
+) -> std::io::Result<Geometry> {
+    if format.metadata_bytes != 0 {
+        return Err(invalid(format!(
+            "{name}: its LBA format carries {} bytes of metadata per block, which Stager does not \
+             drive; format the namespace with a format without metadata (nvme format --lbaf=N)",
+            format.metadata_bytes
+        )));
+    }
+    if block_size < format.lba_bytes || !block_size.is_multiple_of(format.lba_bytes) {
+        return Err(invalid(format!(
+            "{name}: block size {block_size} is not a whole number of the namespace's {}-byte LBAs",
+            format.lba_bytes
+        )));
+    }
+    let mdts = cinfo.max_transfer_bytes().unwrap_or(usize::MAX).min(driver_max).min(NVME_TRANSFER_MAX) as u32;
+    let max_transfer = (mdts / 4096 * 4096).max(4096);
+    let deallocate = if cinfo.oncs & (1 << 2) != 0 && format.deallocated_reads_zeroes {
+        Deallocate::Dsm
+    } else {
+        Deallocate::WriteZeroes
+    };
+    Ok(Geometry { nsid, lba_shift: format.lba_bytes.trailing_zeros(), max_transfer, deallocate })
 }
 
 /// Largest range one Dataset Management range names (NLB is 32 bits); kept a multiple of
@@ -165,6 +203,35 @@ mod tests {
         // Not whole LBAs: refused, nothing planned.
         assert_eq!(plan(&g, BdevOp::Read, 512, 4096, &mut out), Err(BdevError::Os(libc::EINVAL)));
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn geometry_from_identify() {
+        let info = |mdts: u8, oncs: u16| {
+            let mut b = vec![0u8; crate::constants::IDENTIFY_BYTES];
+            b[77] = mdts;
+            b[520..522].copy_from_slice(&oncs.to_le_bytes());
+            ControllerInfo::decode(&b).unwrap()
+        };
+        let format = |lba_bytes: u32, metadata_bytes: u16, zeroes: bool| NamespaceFormat {
+            blocks: 1 << 20,
+            lba_bytes,
+            metadata_bytes,
+            extended_lba: false,
+            deallocated_reads_zeroes: zeroes,
+        };
+        // MDTS 7 (512 KiB) under a driver limit of 508 KiB; DSM supported and reading zeroes.
+        let g = geometry_of(&"d", 1, &info(7, 1 << 2), &format(512, 0, true), 4096, 127 * 4096).unwrap();
+        assert_eq!((g.lba_shift, g.max_transfer, g.deallocate), (9, 127 * 4096, Deallocate::Dsm));
+        // No MDTS: capped at NVME_TRANSFER_MAX; no DSM: deallocate by Write Zeroes.
+        let g = geometry_of(&"d", 1, &info(0, 0), &format(4096, 0, true), 4096, usize::MAX).unwrap();
+        assert_eq!((g.max_transfer, g.deallocate), (NVME_TRANSFER_MAX as u32, Deallocate::WriteZeroes));
+        let g = geometry_of(&"d", 1, &info(0, 1 << 2), &format(4096, 0, false), 4096, usize::MAX).unwrap();
+        assert_eq!(g.deallocate, Deallocate::WriteZeroes, "DSM that does not promise zeroes is not used");
+        let e = geometry_of(&"d", 1, &info(0, 0), &format(4096, 8, false), 4096, usize::MAX).unwrap_err();
+        assert!(e.to_string().contains("metadata"), "{e}");
+        let e = geometry_of(&"d", 1, &info(0, 0), &format(4096, 0, false), 512, usize::MAX).unwrap_err();
+        assert!(e.to_string().contains("512 is not a whole number"), "{e}");
     }
 
     #[test]

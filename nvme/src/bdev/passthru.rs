@@ -28,10 +28,10 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use super::nvme_io::{plan, spans, Deallocate, Geometry, Part};
+use super::nvme_io::{geometry_of, plan, spans, Geometry, Part};
 use super::{check_range, BdevChannel, BdevDone, BdevError, BdevInfo, BdevIo, BlockDevice};
 use crate::command::Command;
-use crate::constants::{NVME_TRANSFER_MAX, PASSTHRU_DRAIN_MAX, PASSTHRU_RING_ENTRIES, PASSTHRU_SEGMENTS_MAX};
+use crate::constants::{PASSTHRU_DRAIN_MAX, PASSTHRU_RING_ENTRIES, PASSTHRU_SEGMENTS_MAX};
 use crate::identify::{cns, ControllerInfo, NamespaceFormat};
 use crate::status::Status;
 use crate::uring::{kind, user_data, Ring};
@@ -264,38 +264,6 @@ impl PassthruDevice {
             }),
         })
     }
-}
-
-/// The geometry of an NVMe namespace from its identify data, shared by both NVMe drivers.
-pub(crate) fn geometry_of(
-    name: &dyn std::fmt::Display,
-    nsid: u32,
-    cinfo: &ControllerInfo,
-    format: &NamespaceFormat,
-    block_size: u32,
-    driver_max: usize,
-) -> std::io::Result<Geometry> {
-    if format.metadata_bytes != 0 {
-        return Err(invalid(format!(
-            "{name}: its LBA format carries {} bytes of metadata per block, which Stager does not \
-             drive; format the namespace with a format without metadata (nvme format --lbaf=N)",
-            format.metadata_bytes
-        )));
-    }
-    if block_size < format.lba_bytes || !block_size.is_multiple_of(format.lba_bytes) {
-        return Err(invalid(format!(
-            "{name}: block size {block_size} is not a whole number of the namespace's {}-byte LBAs",
-            format.lba_bytes
-        )));
-    }
-    let mdts = cinfo.max_transfer_bytes().unwrap_or(usize::MAX).min(driver_max).min(NVME_TRANSFER_MAX) as u32;
-    let max_transfer = (mdts / 4096 * 4096).max(4096);
-    let deallocate = if cinfo.oncs & (1 << 2) != 0 && format.deallocated_reads_zeroes {
-        Deallocate::Dsm
-    } else {
-        Deallocate::WriteZeroes
-    };
-    Ok(Geometry { nsid, lba_shift: format.lba_bytes.trailing_zeros(), max_transfer, deallocate })
 }
 
 impl BlockDevice for PassthruDevice {

@@ -50,8 +50,7 @@ use self::dma::{DmaMapper, DmaRegion, PagePool};
 use self::prp::{ListPage, ENTRIES_PER_LIST, PAGE_BYTES};
 use self::queue::{CompletionQueue, SubmissionQueue};
 use self::regs::Registers;
-use super::nvme_io::{plan, spans, Geometry, Part};
-use super::passthru::geometry_of;
+use super::nvme_io::{geometry_of, plan, spans, Geometry, Part};
 use super::{check_range, AlignedBuf, BdevChannel, BdevDone, BdevError, BdevInfo, BdevIo, BdevOp, BlockDevice};
 use crate::constants::{
     CQE_BYTES, SQE_BYTES, VFIO_ADMIN_TIMEOUT, VFIO_BOUNCE_BYTES, VFIO_HEALTH_EVERY_POLLS, VFIO_IO_TIMEOUT,
