@@ -206,7 +206,7 @@ namespace_checks() {
     cp "$W/pat" "$W/other"
     printf 'X' | dd of="$W/other" bs=1 seek=40000 conv=notrunc 2>/dev/null
     nvme compare "$D" -s 100 -c 15 -z 65536 -d "$W/other" >"$W/cmp.log" 2>&1 && fail "$1: nvme compare of different data succeeded"
-    grep -qi "compare" "$W/cmp.log" || { cat "$W/cmp.log"; fail "$1: a failed compare did not report Compare Failure"; }
+    grep -q "Compare Failure" "$W/cmp.log" || { cat "$W/cmp.log"; fail "$1: a failed compare did not report Compare Failure"; }
     say "$1: nvme compare of different data: $(head -n 1 "$W/cmp.log")"
     nvme flush "$D" >/dev/null 2>&1 || fail "$1: nvme flush failed"
     # Write Zeroes on blocks 100-103, Deallocate on 104-107: both read back as zeroes; the
