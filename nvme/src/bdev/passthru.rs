@@ -242,7 +242,7 @@ impl PassthruDevice {
         let geometry = geometry_of(&path.display(), nsid, &cinfo, &format, block_size, PASSTHRU_SEGMENTS_MAX * 4096)?;
         // A kernel without big SQEs fails here, at open, rather than on the first I/O.
         drop(big_ring(2)?);
-        let blocks = (format.blocks << geometry.lba_shift) / u64::from(block_size);
+        let blocks = format.blocks / u64::from(block_size >> geometry.lba_shift);
         if blocks == 0 {
             return Err(invalid(format!("{}: holds less than one {block_size}-byte block", path.display())));
         }

@@ -97,6 +97,20 @@ impl Controller {
                 1 << (cap.min_page_shift() - 10)
             )));
         }
+        if cap.max_queue_entries() < 2 {
+            return Err(other(format!(
+                "{name}: CAP.MQES says queues of {} entry; a queue needs two",
+                cap.max_queue_entries()
+            )));
+        }
+        // The admin queue's doorbells must exist; I/O queues are capped below to those that do.
+        if regs::cq_doorbell(0, cap.doorbell_stride()) + 4 > regs.bar_bytes() {
+            return Err(other(format!(
+                "{name}: a doorbell stride of {} bytes puts the doorbells beyond BAR0 ({} bytes)",
+                cap.doorbell_stride(),
+                regs.bar_bytes()
+            )));
+        }
         let version = regs.read32(regs::VS);
         disable(&*regs, cap).map_err(|why| other(format!("{name}: {why}")))?;
         let region = dma.alloc(ADMIN_REGION_BYTES)?;
@@ -141,6 +155,10 @@ impl Controller {
             .0;
         // NSQA and NCQA are 0-based; a queue pair needs one of each.
         c.io_queues = ((granted & 0xFFFF).min(granted >> 16) + 1).min(u32::from(VFIO_IO_QUEUES_WANTED)) as u16;
+        let stride = cap.doorbell_stride();
+        while c.io_queues > 0 && regs::cq_doorbell(c.io_queues, stride) + 4 > c.regs.bar_bytes() {
+            c.io_queues -= 1;
+        }
         *lock(&c.qids) = vec![false; usize::from(c.io_queues)];
         tracing::info!(
             controller = %c.name,

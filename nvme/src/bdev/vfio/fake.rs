@@ -471,6 +471,9 @@ impl FakeController {
 }
 
 impl Registers for FakeController {
+    fn bar_bytes(&self) -> usize {
+        0x4000
+    }
     fn read32(&self, offset: usize) -> u32 {
         let s = self.state();
         match offset {

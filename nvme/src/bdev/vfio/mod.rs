@@ -100,7 +100,7 @@ impl VfioDevice {
             .map_err(|e| failed("Identify Namespace", e))?
             .ok_or_else(|| std::io::Error::other(format!("{name}: namespace {nsid} reports no usable LBA format")))?;
         let geometry = geometry_of(&name, nsid, &ctrl.ident, &format, block_size, usize::MAX)?;
-        let blocks = (format.blocks << geometry.lba_shift) / u64::from(block_size);
+        let blocks = format.blocks / u64::from(block_size >> geometry.lba_shift);
         if blocks == 0 {
             return Err(std::io::Error::other(format!("{name}: namespace {nsid} holds less than one block")));
         }

@@ -141,6 +141,9 @@ mod tests {
     #[derive(Default)]
     struct Bells(Mutex<Vec<(usize, u32)>>);
     impl Registers for Bells {
+        fn bar_bytes(&self) -> usize {
+            0x2000
+        }
         fn read32(&self, _: usize) -> u32 {
             0
         }

@@ -7,6 +7,8 @@ use std::time::Duration;
 /// 32-bit accesses to a controller's register space. 64-bit registers go as two 32-bit
 /// accesses, low half first, which the specification allows for every register we touch.
 pub trait Registers: Send + Sync {
+    /// Bytes of register space (BAR0's size): doorbells beyond it do not exist.
+    fn bar_bytes(&self) -> usize;
     fn read32(&self, offset: usize) -> u32;
     fn write32(&self, offset: usize, value: u32);
     fn read64(&self, offset: usize) -> u64 {

@@ -263,6 +263,9 @@ unsafe impl Send for MmioBar {}
 unsafe impl Sync for MmioBar {}
 
 impl Registers for MmioBar {
+    fn bar_bytes(&self) -> usize {
+        self.len
+    }
     fn read32(&self, offset: usize) -> u32 {
         assert!(offset.is_multiple_of(4) && offset + 4 <= self.len, "register {offset:#x} outside BAR0");
         // SAFETY: inside the mapping (asserted), 4-byte aligned; volatile: it is MMIO.
@@ -291,6 +294,9 @@ struct FileBar {
 }
 
 impl Registers for FileBar {
+    fn bar_bytes(&self) -> usize {
+        self.len
+    }
     fn read32(&self, offset: usize) -> u32 {
         assert!(offset.is_multiple_of(4) && offset + 4 <= self.len, "register {offset:#x} outside BAR0");
         let mut b = [0u8; 4];

@@ -240,6 +240,26 @@ fn controller_fatal_status_fails_io_in_flight() {
 }
 
 #[test]
+fn impossible_capabilities_are_errors_not_panics() {
+    let iommu = FakeIommu::new();
+    for (cap, what) in [
+        (1u64 << 16 | 1 << 24 | 1 << 37, "a queue needs two"), // MQES 0: one-entry queues
+        (0x3F | 0xFu64 << 32 | 1 << 37, "beyond BAR0"),        // DSTRD 15: 128 KiB stride
+        (0x3F | 1 << 24, "NVM command set"),                   // no NVM command set
+        (0x3F | 1 << 37 | 2u64 << 48, "4 KiB pages"),          // MPSMIN 16 KiB
+        (u64::MAX, "does not respond"),                        // a device that is gone
+    ] {
+        let fake = FakeController::new(iommu.clone(), 64, 12, 64);
+        fake.state().cap = cap;
+        let regs: Arc<dyn Registers> = fake.clone();
+        let dma: Arc<dyn DmaMapper> = iommu.clone();
+        let e = VfioDevice::start("fake".into(), regs, dma, 4096, timeouts()).err().expect("refused").to_string();
+        assert!(e.contains(what), "CAP {cap:#x}: {e}");
+    }
+    assert_eq!(iommu.mapped_bytes(), 0);
+}
+
+#[test]
 fn each_channel_has_its_queue_pair_and_everything_is_released() {
     let (dev, fake, iommu) = device(1024, 12, 64, timeouts(), |s| s.max_queues = 2);
     let mut ring = Ring::new(8).unwrap();
