@@ -54,6 +54,16 @@ bash scripts/guest/build.sh
 # shellcheck disable=SC1091
 . build/guest/guest.env
 
+# The drivers' own test against a real device (nvme/tests/real_device.rs), as a binary.
+log "building the real-device test (cargo test --release -p stager-nvme --test real_device --no-run)"
+REAL_DEVICE_TEST=$(cargo test --release -p stager-nvme --test real_device --no-run --message-format=json 2> /dev/null |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "real_device":
+        print(m["executable"])' | tail -n1)
+[[ -x $REAL_DEVICE_TEST ]] || { log "FAIL: could not build nvme/tests/real_device.rs"; exit 1; }
+
 # Our binaries (stripped: debug info would triple the initramfs) and the libraries they link,
 # as one more archive after the base and test-script archives the guest build made.
 STAGE=$TMP/stage
@@ -61,6 +71,8 @@ mkdir -p "$STAGE/usr/local/bin"
 for b in stagerd stagerctl stager-perf; do
     strip -o "$STAGE/usr/local/bin/$b" "$BIN/$b" 2> /dev/null || cp "$BIN/$b" "$STAGE/usr/local/bin/$b"
 done
+strip -o "$STAGE/usr/local/bin/real-device-test" "$REAL_DEVICE_TEST" 2> /dev/null ||
+    cp "$REAL_DEVICE_TEST" "$STAGE/usr/local/bin/real-device-test"
 mapfile -t LIBS < <(for b in "$STAGE"/usr/local/bin/*; do ldd "$b"; done | awk '
     /=>/ && $3 ~ /^\// { print $3; next }
     $1 ~ /^\// { print $1 }' | sort -u)
@@ -70,7 +82,7 @@ for l in "${LIBS[@]}"; do
 done
 (cd "$STAGE" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --owner=0:0 | gzip -1n) > "$TMP/bins.cpio.gz"
 cat "$GUEST_INITRD" "$TMP/bins.cpio.gz" > "$TMP/initrd.img"
-log "initramfs with stagerd, stagerctl, stager-perf and ${#LIBS[@]} libraries: $(du -h "$TMP/initrd.img" | cut -f1)"
+log "initramfs with stagerd, stagerctl, stager-perf, the real-device test and ${#LIBS[@]} libraries: $(du -h "$TMP/initrd.img" | cut -f1)"
 
 # The emulated controller's namespace: 256 MiB, sparse. discard=unmap makes QEMU really
 # deallocate on Dataset Management (it reports DLFEAT "reads zeroes" either way).

@@ -3,6 +3,9 @@
 # flash drivers against QEMU's emulated NVMe controller, with stagerd, stagerctl and
 # stager-perf running in the guest.
 #
+#   0. On each driver first: the drivers' own test binary (nvme/tests/real_device.rs) —
+#      gathered FUA writes over several commands, 64 in flight, zeroes and deallocate next to
+#      data, two channels at once — with STAGER_TEST_DEVICE naming the device.
 #   1. nvme-passthru (/dev/ng0n1, the kernel's nvme driver bound):
 #      a write-back volume's flash log on it takes verified writes, stagerd is killed with
 #      kill -9, `stagerctl flash inspect` reads the log, a restarted stagerd replays it and
@@ -130,6 +133,17 @@ verify_all() { # $1 label
     tail -n 1 "$W/verify-$1.log" | sed 's/^/test:   /'
 }
 
+# ------------------------------------------------------ the drivers' test --
+# $1 label, $2 the device as STAGER_TEST_DEVICE names it.
+device_test() {
+    if ! STAGER_TEST_DEVICE="$2" "$BIN/real-device-test" --nocapture --test-threads=1 >"$W/real-device-$1.log" 2>&1; then
+        cat "$W/real-device-$1.log"
+        fail "$1: nvme/tests/real_device.rs failed on $2"
+    fi
+    grep -q "all verified" "$W/real-device-$1.log" || { cat "$W/real-device-$1.log"; fail "$1: the device test did not run"; }
+    pass "$1: driver test on $2: gathered FUA write over several commands, 64 in flight, zeroes, deallocate, two channels"
+}
+
 # ------------------------------------------------------- write-back volume --
 # $1 label (passthru/vfio), $2 flash YAML, $3 the device as stagerctl names it.
 writeback_volume() {
@@ -233,7 +247,7 @@ namespace_checks() {
 mkdir -p /etc/nvme
 echo "$HOSTNQN" >/etc/nvme/hostnqn
 cat /proc/sys/kernel/random/uuid >/etc/nvme/hostid
-for b in stagerd stagerctl stager-perf; do [ -x "$BIN/$b" ] || fail "$BIN/$b missing from the initramfs"; done
+for b in stagerd stagerctl stager-perf real-device-test; do [ -x "$BIN/$b" ] || fail "$BIN/$b missing from the initramfs"; done
 modprobe nvme || fail "modprobe nvme failed"
 n=0
 while [ ! -e /dev/ng0n1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
@@ -244,6 +258,7 @@ say "emulated NVMe controller $BDF: $(cat /sys/class/nvme/nvme0/model | tr -s ' 
 # The control: the same namespace checks on a file backend over the same controller's block
 # device, through the kernel's block layer (tmpfs cannot be the control: it has no
 # FALLOC_FL_ZERO_RANGE, so Write Zeroes on a tmpfs file fails).
+device_test file /dev/nvme0n1
 namespace_checks file "{ kind: file, path: /dev/nvme0n1 }"
 
 # A VFIO device still bound to nvme: a clear error naming the key, and how to bind it.
@@ -253,11 +268,18 @@ grep -q "flash\[0\].pci" "$W/check.log" && grep -q "bound to the \`nvme\` driver
     { cat "$W/check.log"; fail "unclear error for an unbound vfio device"; }
 pass "vfio on a controller bound to nvme: $(cut -c1-160 "$W/check.log")..."
 
-# 1. io_uring passthrough.
+# 1. io_uring passthrough. (The device test writes from 1 MiB on: stagerd finds no superblock
+# in the first 8 KiB and formats the device.)
+device_test passthru /dev/ng0n1
 writeback_volume passthru "kind: nvme-passthru, path: /dev/ng0n1" /dev/ng0n1
 namespace_checks passthru "{ kind: nvme-passthru, path: /dev/ng0n1 }"
 
-# 2. The VFIO driver. A fresh log: zero the superblocks the namespace checks left alone.
+# 2. The VFIO driver, on a fresh log. The whole namespace is deallocated, not just its
+# superblocks: the log entries of the passthrough phase would otherwise still be there, and
+# the engine's replay accepts an earlier format's entries that sit where the new log's next
+# entry would (same positions, sequence numbers and incarnation; entries carry no device id),
+# which resurrects stale data (reported; reproduced without any NVMe driver on a plain file).
+blkdiscard /dev/nvme0n1 || fail "blkdiscard /dev/nvme0n1 failed"
 dd if=/dev/zero of=/dev/nvme0n1 bs=1M count=1 oflag=direct 2>/dev/null || fail "cannot clear the device's first MiB"
 modprobe vfio_iommu_type1 || fail "modprobe vfio_iommu_type1 failed"
 modprobe vfio-pci || fail "modprobe vfio-pci failed"
@@ -271,6 +293,7 @@ volume_config "$W/gone.yaml" "kind: nvme-passthru, path: /dev/ng0n1"
 "$BIN/stagerd" --check-config "$W/gone.yaml" >"$W/check.log" 2>&1 && fail "passthrough accepted a missing /dev/ng0n1"
 grep -q "flash\[0\].path" "$W/check.log" || { cat "$W/check.log"; fail "unclear error for a missing passthrough device"; }
 pass "nvme-passthru without the device: $(cut -c1-160 "$W/check.log")..."
+device_test vfio "vfio:$BDF"
 writeback_volume vfio "kind: vfio, pci: \"$BDF\"" "vfio:$BDF"
 namespace_checks vfio "{ kind: vfio, pci: \"$BDF\" }"
 dmesg | grep -q "DMAR: \[DMA" && { dmesg | grep "DMAR" | tail -n 5; fail "the IOMMU reported DMA faults"; }
