@@ -443,3 +443,37 @@ pub fn probe_superblock(path: &Path) -> std::io::Result<Probe> {
 pub fn open_flash_device(path: &Path, size: Option<u64>, direct: bool) -> std::io::Result<Arc<dyn BlockDevice>> {
     Ok(Arc::new(FileDevice::open(path, size, BLOCK_SIZE_U64 as u32, direct)?))
 }
+
+/// Makes sure every block of a flash *file* up to `size` has been written once: a log write
+/// into a hole or an unwritten extent makes the file system allocate or convert it, and with
+/// RWF_DSYNC that metadata change costs a journal commit on every such write. A newly created
+/// or extended file is filled with zeroes once, here (about a second per GiB); a block device
+/// or a file already that large is left alone.
+pub fn prepare_flash_file(path: &Path, size: Option<u64>) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let Some(size) = size else { return Ok(()) };
+    let old = match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => return Ok(()),
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    if old >= size {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    tracing::info!("{}: writing zeroes to {} MiB of new flash file once", path.display(), (size - old) >> 20);
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(path)?;
+    let start = old - old % BLOCK_SIZE_U64;
+    f.seek(SeekFrom::Start(start))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = start;
+    while at < size {
+        let n = ((size - at) as usize).min(zeros.len());
+        f.write_all(&zeros[..n])?;
+        at += n as u64;
+    }
+    f.sync_all()
+}

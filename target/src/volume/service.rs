@@ -33,7 +33,7 @@ use stager_policy::{
 };
 use tracing::{error, info, warn};
 
-use super::devices::{open_flash_device, probe_superblock, BdevPort, OwnerLock, Probe, SharedRing};
+use super::devices::{open_flash_device, prepare_flash_file, probe_superblock, BdevPort, OwnerLock, Probe, SharedRing};
 use super::host::{host_waker, Completion, HostMsg, HostPlan, Ready};
 use super::status::{human_bytes, NodeStatus};
 use crate::config::{BackendConfig, Config, SanConfig};
@@ -220,8 +220,16 @@ impl VolumeService {
                 continue;
             }
             let what = format!("flash {} ({})", f.name, f.path.display());
-            let bdev = open_flash_device(&f.path, f.size, f.direct).map_err(|e| format!("{what}: cannot open: {e}"))?;
+            // Ownership first: nothing is extended or written under another process's feet.
+            if f.size.is_some() && !f.path.exists() {
+                if let Some(dir) = f.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| format!("{what}: cannot create its folder: {e}"))?;
+                }
+                std::fs::File::create(&f.path).map_err(|e| format!("{what}: cannot create: {e}"))?;
+            }
             let lock = OwnerLock::take(&f.path, true).map_err(|e| format!("{what}: {e}"))?;
+            prepare_flash_file(&f.path, f.size).map_err(|e| format!("{what}: cannot prepare the file: {e}"))?;
+            let bdev = open_flash_device(&f.path, f.size, f.direct).map_err(|e| format!("{what}: cannot open: {e}"))?;
             let probe = probe_superblock(&f.path).map_err(|e| format!("{what}: cannot read its superblock: {e}"))?;
             if let Probe::Damaged(why) = &probe {
                 return Err(format!(
