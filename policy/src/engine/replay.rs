@@ -65,6 +65,9 @@ pub(crate) struct Replay {
     next_window: LogPos,
     /// Size of the next window (doubles up to `REPLAY_WINDOW_BYTES`).
     window_bytes: u64,
+    /// Windows parsed to their end so far: as many more may be in flight (up to
+    /// `REPLAY_WINDOWS_IN_FLIGHT`), so a log with little in it is read a window at a time.
+    windows_done: usize,
     /// Windows by start position: `None` while the read is in flight.
     windows: BTreeMap<u64, Option<AlignedBuf>>,
     frames: Vec<(LogPos, FrameHeader)>,
@@ -87,6 +90,7 @@ impl Replay {
             cursor: LogPos(0),
             next_window: LogPos(0),
             window_bytes: REPLAY_WINDOW_BYTES_FIRST,
+            windows_done: 0,
             windows: BTreeMap::new(),
             frames: Vec::new(),
             expected: HashMap::new(),
@@ -120,7 +124,8 @@ impl Replay {
         if let (Phase::Scan, Some(sb)) = (&self.phase, &self.sb) {
             let end = sb.log_tail.plus(self.layout.log_bytes);
             let in_flight = self.windows.values().filter(|w| w.is_none()).count() + out.len();
-            let mut room = REPLAY_WINDOWS_IN_FLIGHT.saturating_sub(in_flight);
+            let allowed = REPLAY_WINDOWS_IN_FLIGHT.min(self.windows_done + 1);
+            let mut room = allowed.saturating_sub(in_flight);
             while room > 0 && self.next_window < end {
                 let lap_end = (self.next_window.0 / self.layout.log_bytes + 1) * self.layout.log_bytes;
                 let len = self.window_bytes.min(lap_end - self.next_window.0).min(end.since(self.next_window));
@@ -327,6 +332,7 @@ impl Replay {
             if let Some(Some(b)) = self.windows.remove(&s) {
                 pool.put(b);
             }
+            self.windows_done += 1;
         }
     }
 

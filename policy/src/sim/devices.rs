@@ -79,10 +79,11 @@ pub struct DiskHandle(pub Rc<RefCell<SimDisk>>, pub usize);
 
 impl SimDisk {
     pub fn create(size: u64, volatile: bool, is_san: bool, rng: StdRng, now: Rc<Cell<u64>>) -> DiskHandle {
+        // Two zeroed allocations rather than a clone: the pages stay unmapped until written.
         let image = vec![0u8; size as usize];
         DiskHandle(
             Rc::new(RefCell::new(SimDisk {
-                durable: if volatile { Some(image.clone()) } else { None },
+                durable: if volatile { Some(vec![0u8; size as usize]) } else { None },
                 image,
                 unflushed: Vec::new(),
                 pending: Vec::new(),
@@ -228,12 +229,17 @@ impl SimDisk {
     /// block ends with its durable value or any cached version) reaches the media.
     pub fn power_loss(&mut self) {
         let Some(mut durable) = self.durable.take() else { return };
-        for (off, data) in std::mem::take(&mut self.unflushed) {
+        let unflushed = std::mem::take(&mut self.unflushed);
+        for (off, data) in &unflushed {
             if self.rng.gen_bool(0.5) {
-                durable[off as usize..off as usize + BLOCK_SIZE].copy_from_slice(&data);
+                durable[*off as usize..*off as usize + BLOCK_SIZE].copy_from_slice(data);
             }
         }
-        self.image.copy_from_slice(&durable);
+        // Only blocks that were in the cache can differ from the durable image.
+        for (off, _) in &unflushed {
+            let o = *off as usize;
+            self.image[o..o + BLOCK_SIZE].copy_from_slice(&durable[o..o + BLOCK_SIZE]);
+        }
         self.durable = Some(durable);
     }
 
