@@ -516,11 +516,15 @@ impl Destager {
         }
     }
 
+    /// Reports a volume's SAN numbers to the engine: at once when reachability or errors
+    /// change, every `REPORT_EVERY_NS` while destage moves, every 5 s otherwise.
     fn maybe_report(&mut self, vi: usize, now: u64) {
         let report = self.report_of(&self.volumes[vi]);
         let v = &mut self.volumes[vi];
-        let changed = report.reachable != v.reported.reachable || report.errors != v.reported.errors;
-        if changed || now >= v.report_at_ns + REPORT_EVERY_NS {
+        let urgent = report.reachable != v.reported.reachable || report.errors != v.reported.errors;
+        let moved = report != v.reported;
+        let every = if moved { REPORT_EVERY_NS } else { 5_000_000_000 };
+        if urgent || now >= v.report_at_ns + every {
             v.report_at_ns = now;
             v.reported = report;
             self.outbox.push(FromDestage::Report { volume: v.id, report });

@@ -272,6 +272,7 @@ pub struct Engine {
     latency: LatencyTracker,
     commands_since_report: u64,
     pressure_at_ns: u64,
+    pressure_sent: Pressure,
 }
 
 impl Engine {
@@ -321,6 +322,7 @@ impl Engine {
             latency: LatencyTracker { ewma_ns: 0.0, best_ns: f64::MAX },
             commands_since_report: 0,
             pressure_at_ns: 0,
+            pressure_sent: Pressure::default(),
         })
     }
 
@@ -760,17 +762,23 @@ impl Engine {
         }
     }
 
+    /// Tells the destager how the front end is doing: every `PRESSURE_EVERY_NS` while it
+    /// changes, at least once a second otherwise (an idle node sends next to nothing).
     fn report_pressure(&mut self, now: u64) {
         if now < self.pressure_at_ns + PRESSURE_EVERY_NS {
             return;
         }
-        self.pressure_at_ns = now;
         let used = self.log_used_bytes();
         let p = Pressure {
             log_used_permille: (used * 1000 / self.log.ring.capacity().max(1)) as u32,
             frontend_idle: self.commands_since_report == 0,
-            frontend_slowdown: self.latency.slowdown(),
+            frontend_slowdown: (self.latency.slowdown() * 4.0).round() / 4.0,
         };
+        if p == self.pressure_sent && now < self.pressure_at_ns + 1_000_000_000 {
+            return;
+        }
+        self.pressure_at_ns = now;
+        self.pressure_sent = p;
         self.commands_since_report = 0;
         self.outbox.push(ToDestage::Pressure(p));
     }

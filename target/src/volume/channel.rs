@@ -19,7 +19,7 @@ use crossbeam_channel::Receiver;
 use io_uring::{opcode, types};
 use stager_nvme::bdev::{AlignedBuf, BdevChannel, BdevDone, BdevError, BdevInfo, BdevIo, BdevOp, BlockDevice};
 use stager_nvme::uring::{kind, user_data, Ring};
-use stager_policy::constants::{BLOCK_SIZE, WRITE_BLOCKS_MAX};
+use stager_policy::constants::{BLOCK_SIZE, HOST_OPS_PER_VOLUME_MAX, WRITE_BLOCKS_MAX};
 use stager_policy::{HostOp, Lba, Status};
 
 use super::host::{local_queue, Completion, HostMsg, LocalQueue, WAKE_SLOT};
@@ -65,7 +65,9 @@ impl BlockDevice for VolumeDevice {
             }
             None => {
                 let efd = crate::reactor::new_eventfd()?;
-                let (tx, rx) = crossbeam_channel::unbounded();
+                // Room for every command this channel can have in flight (the engine accepts
+                // at most HOST_OPS_PER_VOLUME_MAX per volume), so the host never finds it full.
+                let (tx, rx) = crossbeam_channel::bounded(2 * HOST_OPS_PER_VOLUME_MAX);
                 let port = Arc::new(ReplyPort { tx, efd });
                 let sent = self
                     .service

@@ -401,7 +401,10 @@ impl EngineHost {
             if let Some(q) = local.completions.get(&route) {
                 q.borrow_mut().push_back(c);
             } else if let Some(p) = self.ports.get(&route) {
-                let _ = p.tx.send(c);
+                if p.tx.try_send(c).is_err() {
+                    // Sized for every command a channel may have in flight: our bug if full.
+                    error!(route, "a volume channel's reply queue is full; a completion is lost");
+                }
                 if !self.touched.contains(&route) {
                     self.touched.push(route);
                 }
