@@ -18,6 +18,17 @@ pub mod kind {
     pub const WAKE: u8 = 4;
 }
 
+/// Slots (the `b` of a `kind::BDEV` `user_data`) a block device channel does not use for its
+/// I/O: a channel's operations are numbered from 0, and the top of the range is reserved.
+pub mod slot {
+    /// A channel's own wake-up operation in its reactor's ring: a passthrough channel's read of
+    /// its ring's eventfd, a VFIO channel's poll timer. Routed to the channel's `on_cqe`.
+    pub const CHANNEL_WAKE: u32 = u32::MAX - 1;
+    /// Left to whoever owns a channel's id (an engine host's own wake-up read); never a
+    /// channel's.
+    pub const OWNER: u32 = u32::MAX;
+}
+
 /// Packs (kind, a: 24 bits, b: 32 bits) into `user_data`.
 pub fn user_data(kind: u8, a: u32, b: u32) -> u64 {
     debug_assert!(a < 1 << 24);

@@ -26,6 +26,7 @@
 pub mod compare;
 pub mod constants;
 pub mod cpu;
+pub mod disk;
 pub mod floor;
 pub mod plot;
 pub mod progress;

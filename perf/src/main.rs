@@ -38,6 +38,9 @@ enum Command {
     Run(RunArgs),
     /// Measure raw loopback TCP request/response with the same sizes and depth (the floor).
     Floor(FloorArgs),
+    /// Measure a file or block device alone (O_DIRECT, durable writes with --sync), the way
+    /// stagerd's flash log writes it.
+    Disk(DiskArgs),
     /// Read back every block recorded in a verify state file and check it.
     Verify(VerifyArgs),
     /// Print a target's discovery log.
@@ -174,6 +177,42 @@ struct FloorArgs {
 }
 
 #[derive(Args)]
+struct DiskArgs {
+    /// The file or block device (its current size; nothing is created).
+    #[arg(long)]
+    file: PathBuf,
+    /// write, randwrite, read, randread.
+    #[arg(short = 'w', long, default_value = "randwrite")]
+    workload: String,
+    #[arg(short = 'q', long = "qd", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    qd: u32,
+    #[arg(short = 's', long, default_value = "4k", value_parser = parse_io_size)]
+    size: usize,
+    /// Use only the first SIZE bytes of the device.
+    #[arg(long, value_parser = parse_io_size)]
+    range: Option<usize>,
+    /// Writes durable on completion (RWF_DSYNC: FUA or a flush), as a log frame is.
+    #[arg(long)]
+    sync: bool,
+    #[arg(short = 't', long, default_value = "10", value_parser = parse_duration)]
+    time: Duration,
+    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    ramp: Duration,
+    /// busy (default: spin on the completion queue, like a reactor) or sleep.
+    #[arg(long, default_value = "busy")]
+    poll: PollMode,
+    /// Pin the thread to this CPU.
+    #[arg(long)]
+    cpu: Option<usize>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
 struct VerifyArgs {
     #[command(flatten)]
     connect: ConnectArgs,
@@ -270,6 +309,7 @@ fn dispatch(cmd: Command) -> Result<i32, PerfError> {
     match cmd {
         Command::Run(a) => cmd_run(a),
         Command::Floor(a) => cmd_floor(a),
+        Command::Disk(a) => cmd_disk(a),
         Command::Verify(a) => cmd_verify(a),
         Command::Discover(a) => cmd_discover(a),
         Command::Compare(a) => {
@@ -339,6 +379,32 @@ fn cmd_floor(a: FloorArgs) -> Result<i32, PerfError> {
         progress: !a.quiet,
     };
     let report = stager_perf::floor::floor(&cfg)?;
+    let _ = report.print_table(&mut std::io::stdout().lock());
+    if let Some(p) = &a.json {
+        report.save(p)?;
+    }
+    for e in &report.errors {
+        eprintln!("stager-perf: {e}");
+    }
+    Ok(if report.errors.is_empty() { EXIT_OK } else { stager_perf::EXIT_FAILURE })
+}
+
+fn cmd_disk(a: DiskArgs) -> Result<i32, PerfError> {
+    let cfg = stager_perf::disk::DiskConfig {
+        name: a.name,
+        path: a.file,
+        workload: a.workload,
+        io_bytes: a.size,
+        queue_depth: a.qd as usize,
+        range_bytes: a.range.map(|r| r as u64),
+        sync: a.sync,
+        time: a.time,
+        ramp: a.ramp,
+        poll: a.poll,
+        cpu: a.cpu,
+        progress: !a.quiet,
+    };
+    let report = stager_perf::disk::disk(&cfg)?;
     let _ = report.print_table(&mut std::io::stdout().lock());
     if let Some(p) = &a.json {
         report.save(p)?;

@@ -31,6 +31,8 @@ pub enum ReportKind {
     Run,
     /// Raw loopback TCP request/response.
     Floor,
+    /// The flash device alone (`stager-perf disk`).
+    Disk,
 }
 
 /// What was measured and how.

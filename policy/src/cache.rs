@@ -130,6 +130,22 @@ impl CleanCache {
         self.pending.remove(&key);
     }
 
+    /// A write to `blocks` blocks from `lba`: [`CleanCache::invalidate`] for each that is
+    /// cached or being filled. Visits only those (a Write Zeroes over a whole volume costs
+    /// what the cache holds of it, not a step per block).
+    pub fn invalidate_range(&mut self, id: VolumeId, lba: Lba, blocks: u64) {
+        let range = (id, lba)..(id, Lba(lba.0.saturating_add(blocks)));
+        let keys: Vec<CacheKey> = self
+            .entries
+            .range(range.clone())
+            .map(|(k, _)| *k)
+            .chain(self.pending.range(range).map(|(k, _)| *k))
+            .collect();
+        for k in keys {
+            self.invalidate(k);
+        }
+    }
+
     /// Starts a fill: returns the slot to write, or None (already cached, already being filled,
     /// or no slot can be freed right now).
     pub fn begin_fill(&mut self, key: CacheKey) -> Option<u32> {
@@ -251,6 +267,21 @@ mod tests {
         let hot = (0..50).filter(|&b| c.contains((VolumeId(1), Lba(b)))).count();
         assert_eq!(hot, 50, "scan evicted {} hot blocks", 50 - hot);
         assert!(c.resident() <= 100);
+    }
+
+    #[test]
+    fn range_invalidation_drops_cached_and_pending_blocks_only_in_range() {
+        let mut c = CleanCache::new(10);
+        for b in [3, 4, 9] {
+            assert!(fill(&mut c, b));
+        }
+        let pending = c.begin_fill((VolumeId(1), Lba(5))).unwrap();
+        assert!(fill(&mut c, 4 + (1 << 40)));
+        c.invalidate_range(VolumeId(1), Lba(4), 1 << 40);
+        assert!(c.contains((VolumeId(1), Lba(3))) && c.contains((VolumeId(1), Lba(4 + (1 << 40)))));
+        assert!(!c.contains((VolumeId(1), Lba(4))) && !c.contains((VolumeId(1), Lba(9))));
+        c.finish_fill((VolumeId(1), Lba(5)), pending, true);
+        assert!(!c.contains((VolumeId(1), Lba(5))), "a cancelled fill must not install");
     }
 
     #[test]

@@ -12,31 +12,56 @@ pub const SUPERBLOCK_COPIES: u64 = 2;
 /// Where the log area starts (after the superblock copies).
 pub const LOG_START: u64 = SUPERBLOCK_COPIES * BLOCK_SIZE_U64;
 
-/// Largest host write, in blocks (1 MiB). A log entry is one header block plus the data, so the
-/// largest entry is 1 MiB + 4 KiB; the log must hold several of them.
+/// Largest host write one log entry holds, in blocks (1 MiB, the transport's default largest
+/// transfer). Larger commands are split by the namespace before they reach the engine.
 pub const WRITE_BLOCKS_MAX: u32 = 256;
+
+/// Entry headers one frame's header block holds: (4096 - 64-byte frame header) / 64. At QD32
+/// 32 concurrent 4 KiB writes share one header block: 4.125 KiB of log per 4 KiB written.
+pub const FRAME_ENTRIES_MAX: usize = 63;
+
+/// Data blocks one frame carries at most (2 MiB): bounds a frame write and the time the writes
+/// grouped into it wait for each other. At least one largest entry must fit.
+pub const FRAME_DATA_BLOCKS_MAX: u32 = 512;
+
+/// Frame writes in flight on one device (group commit depth). Writes arriving while this many
+/// frames are on their way join the next frame instead of paying a device flush each; at QD1
+/// a write never waits (a frame is cut at once when fewer are in flight). Each frame holds
+/// its entries' host buffers until it is durable.
+pub const FRAMES_IN_FLIGHT_MAX: usize = 4;
 
 /// Volumes one flash device can hold; bounded by the superblock size (40 bytes each).
 pub const VOLUMES_PER_DEVICE_MAX: usize = 64;
 
-/// Log writes in flight on one device. Each holds its entry buffer (up to 1 MiB + 4 KiB).
-pub const LOG_WRITES_IN_FLIGHT_MAX: usize = 256;
+/// Host operations outstanding per volume (the NVMe queue depth the target offers, over all
+/// connections). Each may hold a buffer of up to `WRITE_BLOCKS_MAX` blocks.
+pub const HOST_OPS_PER_VOLUME_MAX: usize = 4096;
 
-/// Host operations outstanding per volume (the NVMe queue depth the target offers). Each may
-/// hold a buffer of up to `WRITE_BLOCKS_MAX` blocks.
-pub const HOST_OPS_PER_VOLUME_MAX: usize = 1024;
-
-/// Smallest log the engine accepts: a few of the largest entries plus their pads.
+/// Smallest log the engine accepts: four of the largest entries with their header blocks, so
+/// writes always make progress. (A log this small cuts frames of at most a quarter of itself.)
 pub const LOG_BYTES_MIN: u64 = 4 * (WRITE_BLOCKS_MAX as u64 + 1) * BLOCK_SIZE_U64;
 
-/// A destage batch reads at most this much dirty data into memory (per volume).
-pub const DESTAGE_BATCH_BYTES_MAX: u64 = 8 << 20;
-/// ...and at most this many log entries, which bounds the per-batch bookkeeping.
-pub const DESTAGE_BATCH_ENTRIES_MAX: usize = 1024;
+/// A destage batch collapses at most this much surviving data in memory (per volume). Larger
+/// batches amortise the SAN flush and the intent; smaller ones free log space sooner.
+pub const DESTAGE_BATCH_BYTES_MAX: u64 = 32 << 20;
+/// ...and spans at most this many log entries, which bounds its bookkeeping.
+pub const DESTAGE_BATCH_ENTRIES_MAX: usize = 64 * 1024;
 /// Largest single SAN write the destager issues after collapsing a batch (1 MiB).
 pub const DESTAGE_RUN_BLOCKS_MAX: u64 = 256;
+/// Largest log read of the destager: adjacent entries are read together (sequentially).
+pub const DESTAGE_READ_BYTES_MAX: u64 = 2 << 20;
+/// Log reads of one volume's destager in flight (each holds up to `DESTAGE_READ_BYTES_MAX`).
+pub const DESTAGE_READS_IN_FLIGHT_MAX: usize = 8;
 /// Upper bound of the destager's adaptive in-flight depth (SAN writes per volume).
 pub const DESTAGE_DEPTH_MAX: u32 = 32;
+
+/// Replay reads the log in windows of up to this size (sequentially, several in flight). The
+/// first window is `REPLAY_WINDOW_BYTES_FIRST` and each next one twice the last, so a log
+/// with little in it is not read whole and a full one streams in large reads.
+pub const REPLAY_WINDOW_BYTES: u64 = 4 << 20;
+pub const REPLAY_WINDOW_BYTES_FIRST: u64 = 128 << 10;
+/// Replay windows in flight: enough to keep a device streaming while frames are checked.
+pub const REPLAY_WINDOWS_IN_FLIGHT: usize = 4;
 
 /// SAN retry back-off after an error or an unreachable SAN: doubles from min to max.
 pub const SAN_BACKOFF_MIN_NS: u64 = 1_000_000;
@@ -49,7 +74,13 @@ pub const SUPERBLOCK_RETRY_NS: u64 = 10_000_000;
 /// once its log is empty and this long has passed without another error.
 pub const FLASH_DEGRADED_COOLDOWN_NS: u64 = 1_000_000_000;
 
+/// How often the engine tells the destager how the front end is doing (log fill, latency).
+pub const PRESSURE_EVERY_NS: u64 = 2_000_000;
+
 const _: () = assert!(BLOCK_SIZE.is_power_of_two());
+const _: () = assert!(WRITE_BLOCKS_MAX <= FRAME_DATA_BLOCKS_MAX);
+const _: () = assert!(64 + FRAME_ENTRIES_MAX * 64 <= BLOCK_SIZE);
 const _: () = assert!(DESTAGE_RUN_BLOCKS_MAX * BLOCK_SIZE_U64 <= DESTAGE_BATCH_BYTES_MAX);
-const _: () = assert!((WRITE_BLOCKS_MAX as u64 + 1) * BLOCK_SIZE_U64 <= DESTAGE_BATCH_BYTES_MAX);
+const _: () = assert!((WRITE_BLOCKS_MAX as u64 + 1) * BLOCK_SIZE_U64 <= DESTAGE_READ_BYTES_MAX);
+const _: () = assert!((FRAME_DATA_BLOCKS_MAX as u64 + 1) * BLOCK_SIZE_U64 <= REPLAY_WINDOW_BYTES);
 const _: () = assert!(88 + VOLUMES_PER_DEVICE_MAX * 40 + 4 <= BLOCK_SIZE);

@@ -1,5 +1,6 @@
-//! Identifier newtypes. Mixing up an LBA with a sequence number or a volume with an epoch is
-//! the kind of bug that type-checks silently with bare integers, so each gets its own type.
+//! Identifier newtypes. Mixing up an LBA with a sequence number, a log position with a device
+//! offset, or a host operation with an I/O token is the kind of bug that type-checks silently
+//! with bare integers, so each gets its own type (STYLE.md: Crucible's `JobId`/`ClientId`).
 
 use std::fmt;
 
@@ -21,6 +22,25 @@ pub struct Epoch(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct VolumeId(pub u32);
 
+/// An absolute position in a device's log ring, in bytes. Positions only grow; the device
+/// offset is `log_start + pos % log_bytes` ([`crate::log::Layout::log_offset`]). Every frame
+/// records its position, so a leftover of an earlier lap is never taken for a current one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct LogPos(pub u64);
+
+/// Bumped in the superblock at every recovery; frames carry the incarnation they were written
+/// in, so replay can tell survivors of a dropped torn tail from current frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Incarnation(pub u64);
+
+/// A host operation inside the engine (the driver's own token travels beside it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct OpId(pub u64);
+
+/// Identifies one device I/O (flash or SAN) from submission to completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct IoToken(pub u64);
+
 impl Lba {
     pub fn offset(self, blocks: u64) -> Lba {
         Lba(self.0 + blocks)
@@ -30,6 +50,22 @@ impl Lba {
 impl LogSeq {
     pub fn next(self) -> LogSeq {
         LogSeq(self.0 + 1)
+    }
+}
+
+impl LogPos {
+    pub fn plus(self, bytes: u64) -> LogPos {
+        LogPos(self.0 + bytes)
+    }
+    /// Bytes from `earlier` to here.
+    pub fn since(self, earlier: LogPos) -> u64 {
+        self.0 - earlier.0
+    }
+}
+
+impl Incarnation {
+    pub fn next(self) -> Incarnation {
+        Incarnation(self.0 + 1)
     }
 }
 
@@ -54,5 +90,17 @@ impl fmt::Display for Epoch {
 impl fmt::Display for VolumeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "volume {}", self.0)
+    }
+}
+
+impl fmt::Display for LogPos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "log pos {}", self.0)
+    }
+}
+
+impl fmt::Display for Incarnation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "incarnation {}", self.0)
     }
 }

@@ -1,6 +1,6 @@
 //! The deterministic simulator over many seeds, and proofs that its checkers bite.
 //!
-//! `cargo test -p stager-policy --release` runs `STAGER_SIM_SEEDS` seeds (default 3000 in
+//! `cargo test -p stager-policy --release` runs `STAGER_SIM_SEEDS` seeds (default 10 000 in
 //! release, 200 in debug). Soak: `STAGER_SIM_SOAK_SECONDS=600` keeps going with new seeds for
 //! that long. Reproduce one failure: `STAGER_SIM_SEED=<seed>`.
 
@@ -22,7 +22,7 @@ fn simulator_seeds() {
         }
         return;
     }
-    let default_seeds = if cfg!(debug_assertions) { 200 } else { 3000 };
+    let default_seeds = if cfg!(debug_assertions) { 200 } else { 10_000 };
     let seeds = env_u64("STAGER_SIM_SEEDS").unwrap_or(default_seeds);
     let base = env_u64("STAGER_SIM_SEED_BASE").unwrap_or(0);
     let soak = env_u64("STAGER_SIM_SOAK_SECONDS").map(Duration::from_secs);
@@ -42,7 +42,7 @@ fn simulator_seeds() {
                         if done_count && !soaking {
                             return Ok(totals);
                         }
-                        let stats = run_seed(seed, SimConfig::varied(seed))?;
+                        let stats = run_caught(seed)?;
                         totals[0] += 1;
                         totals[1] += stats.writes_acked;
                         totals[2] += stats.reads_checked;
@@ -70,6 +70,21 @@ fn simulator_seeds() {
         totals[3],
         totals[4]
     );
+}
+
+/// Runs one seed; a panic inside the engine (a broken assertion) is a failure of that seed too.
+fn run_caught(seed: u64) -> Result<stager_policy::sim::SimStats, Failure> {
+    match std::panic::catch_unwind(|| run_seed(seed, SimConfig::varied(seed))) {
+        Ok(r) => r,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(Failure { seed, step: 0, invariant: "an engine assertion", detail: what })
+        }
+    }
 }
 
 /// Runs seeds with a mutation until one fails; returns that failure.

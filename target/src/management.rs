@@ -12,6 +12,11 @@
 //!
 //! The socket file is created with the daemon's umask; anyone who can open it can change
 //! policies, so put it in a directory only operators can reach.
+//!
+//! Each client is served on a thread of its own (at most `CLIENTS_MAX` at once), so a client
+//! that connects and says nothing costs the others nothing; it gets an error line when its
+//! `REQUEST_TIMEOUT` runs out. Anything that is not a request line — garbage, bytes that are not
+//! UTF-8, an unknown `op` — gets `{"ok":false,"error":"bad request: …"}`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -30,6 +35,12 @@ use crate::volume::VolumeService;
 
 /// Largest request line read; real ones are under 100 bytes.
 const REQUEST_BYTES_MAX: u64 = 64 << 10;
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Clients served at once; more are told to try again (each costs a thread).
+const CLIENTS_MAX: usize = 16;
+/// How long `call` waits for stagerd's answer (a status waits up to 5 s for each reactor).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -95,11 +106,26 @@ impl Management {
 }
 
 fn serve(listener: UnixListener, volumes: Option<Arc<VolumeService>>, stop: Arc<AtomicBool>) {
+    let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
-                if let Err(e) = handle(stream, volumes.as_deref()) {
-                    warn!("management request failed: {e}");
+                if clients.fetch_add(1, Ordering::SeqCst) >= CLIENTS_MAX {
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                    let _ =
+                        reply(&stream, &Response::error(format!("{CLIENTS_MAX} clients are being served; try again")));
+                    continue;
+                }
+                let (volumes, clients2) = (volumes.clone(), clients.clone());
+                let spawned = std::thread::Builder::new().name("management-client".into()).spawn(move || {
+                    if let Err(e) = handle(stream, volumes.as_deref()) {
+                        warn!("management request failed: {e}");
+                    }
+                    clients2.fetch_sub(1, Ordering::SeqCst);
+                });
+                if let Err(e) = spawned {
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                    warn!("management socket: cannot start a client thread: {e}");
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
@@ -113,17 +139,32 @@ fn serve(listener: UnixListener, volumes: Option<Arc<VolumeService>>, stop: Arc<
 
 fn handle(stream: UnixStream, volumes: Option<&VolumeService>) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(REQUEST_BYTES_MAX)).read_line(&mut line)?;
-    let response = match serde_json::from_str::<Request>(line.trim()) {
-        Err(e) => Response::error(format!("bad request: {e}")),
-        Ok(req) => answer(req, volumes),
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    let mut line = Vec::new();
+    let read = BufReader::new((&stream).take(REQUEST_BYTES_MAX)).read_until(b'\n', &mut line);
+    let response = match read {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Response::error(format!("no request line within {} s", REQUEST_TIMEOUT.as_secs()))
+        }
+        Err(e) => return Err(e),
+        Ok(0) => return Ok(()),
+        Ok(_) => match std::str::from_utf8(&line) {
+            Err(_) => Response::error("bad request: not UTF-8 text (one JSON object per line)"),
+            Ok(text) => match serde_json::from_str::<Request>(text.trim()) {
+                Err(e) => Response::error(format!("bad request: {e}")),
+                Ok(req) => answer(req, volumes),
+            },
+        },
     };
-    let mut out = serde_json::to_string(&response).map_err(std::io::Error::other)?;
+    reply(&stream, &response)
+}
+
+fn reply(stream: &UnixStream, response: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_string(response).map_err(std::io::Error::other)?;
     out.push('\n');
-    (&stream).write_all(out.as_bytes())
+    let mut s = stream;
+    s.write_all(out.as_bytes())
 }
 
 fn answer(req: Request, volumes: Option<&VolumeService>) -> Response {
@@ -159,14 +200,79 @@ fn answer(req: Request, volumes: Option<&VolumeService>) -> Response {
 
 /// The client side (`stagerctl`, tests): one request, one response.
 pub fn call(path: &Path, req: &Request) -> Result<Response, String> {
-    let stream = UnixStream::connect(path).map_err(|e| {
-        format!("cannot reach stagerd at {}: {e} (is it running, with management.socket set?)", path.display())
+    let p = path.display();
+    let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            format!(
+                "no management socket at {p}: stagerd is not running there (or management.socket names another path)"
+            )
+        }
+        std::io::ErrorKind::ConnectionRefused => {
+            format!("nothing answers at {p}: stagerd is not running (the socket file was left by one that died)")
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            format!("{p}: permission denied (the socket is stagerd's; run as its user)")
+        }
+        _ => format!("cannot reach stagerd at {p}: {e}"),
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let timed_out = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!("stagerd at {p} did not answer within {} s (is it stopped, or hung?)", ANSWER_TIMEOUT.as_secs())
+        }
+        _ => format!("talking to stagerd at {p}: {e}"),
+    };
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(ANSWER_TIMEOUT)).map_err(|e| e.to_string())?;
     let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     line.push('\n');
-    (&stream).write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+    (&stream).write_all(line.as_bytes()).map_err(timed_out)?;
     let mut resp = String::new();
-    BufReader::new((&stream).take(64 << 20)).read_line(&mut resp).map_err(|e| e.to_string())?;
+    BufReader::new((&stream).take(64 << 20)).read_line(&mut resp).map_err(timed_out)?;
+    if resp.is_empty() {
+        return Err(format!("stagerd at {p} closed the connection without an answer"));
+    }
     serde_json::from_str(resp.trim()).map_err(|e| format!("unreadable answer from stagerd: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn raw(path: &Path, bytes: &[u8]) -> String {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (&s).write_all(bytes).unwrap();
+        let mut out = String::new();
+        BufReader::new(&s).read_line(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn clients_are_served_independently_and_garbage_gets_an_error() {
+        let dir = std::env::temp_dir().join(format!("stager-mgmt-{}", std::process::id()));
+        let path = dir.join("m.sock");
+        let m = Management::start(&path, None).unwrap();
+        // A client that connects and says nothing does not hold the others up.
+        let _silent = UnixStream::connect(&path).unwrap();
+        let t = Instant::now();
+        let r = call(&path, &Request::Status).unwrap();
+        assert!(r.ok && r.status.is_some());
+        assert!(t.elapsed() < Duration::from_secs(2), "status took {:?} behind a silent client", t.elapsed());
+        for bad in [&b"\xff\xfe garbage\n"[..], b"{\"op\":\"nope\"}\n", b"not json\n"] {
+            let line = raw(&path, bad);
+            let r: Response = serde_json::from_str(line.trim()).unwrap();
+            assert!(!r.ok && r.error.as_deref().is_some_and(|e| e.starts_with("bad request")), "{line}");
+        }
+        let r = call(&path, &Request::SetPolicy { volume: 1, policy: "write-back".into() }).unwrap();
+        assert_eq!(r.error.as_deref(), Some("this node has no write-back volumes"));
+        m.stop();
+        // Errors that say what is wrong when stagerd is not there.
+        let e = call(&path, &Request::Status).unwrap_err();
+        assert!(e.contains("no management socket"), "{e}");
+        let _left = std::os::unix::net::UnixListener::bind(&path).map(drop);
+        let e = call(&path, &Request::Status).unwrap_err();
+        assert!(e.contains("not running"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -7,6 +7,12 @@
 //! these machines (shared/PERF.md), more than a whole polled round trip. Once idle for longer,
 //! it sleeps in `io_uring_enter` until a completion arrives: a socket receive, a device
 //! completion, or the eventfd. An idle target therefore uses ~0% CPU.
+//!
+//! **Pollers.** Besides connections and namespace channels, a reactor runs [`Poller`]s: the
+//! engine hosts of the flash devices it owns (`volume/host.rs`), polled every turn right after
+//! the completions are dispatched, so a command received in a turn reaches its engine — and
+//! its log write the ring — in that same turn. A poller's ring operations come back under
+//! `kind::BDEV` with an `a` past the namespace channels.
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -24,6 +30,42 @@ use crate::constants::{POOL_KEEP_PER_CLASS, RING_ENTRIES, SLEEP_MAX, TIMER_TICK}
 use crate::subsystem::TargetShared;
 use crate::transport::tcp::Connection;
 use crate::transport::ReactorCtx;
+
+/// Something a reactor polls every turn besides its connections: a flash device's engine host.
+pub trait Poller {
+    /// One turn of work; returns how much was done (0 = idle).
+    fn poll(&mut self, ring: &mut Ring) -> usize;
+    /// A completion of one of its ring operations (`slot` from its `user_data`).
+    fn on_cqe(&mut self, slot: u32, res: i32, ring: &mut Ring);
+    /// Asked before the reactor sleeps: false if something is already waiting for it. Saying
+    /// true means senders must wake the reactor from now on.
+    fn prepare_sleep(&mut self) -> bool;
+    /// The reactor is awake again.
+    fn woke(&mut self);
+    /// Device I/O in flight (a stopping reactor lets it finish).
+    fn busy(&self) -> bool;
+}
+
+impl Poller for crate::volume::host::EngineHost {
+    fn poll(&mut self, ring: &mut Ring) -> usize {
+        crate::volume::host::EngineHost::poll(self, ring)
+    }
+    fn on_cqe(&mut self, slot: u32, res: i32, ring: &mut Ring) {
+        crate::volume::host::EngineHost::on_cqe(self, slot, res, ring)
+    }
+    fn prepare_sleep(&mut self) -> bool {
+        crate::volume::host::EngineHost::prepare_sleep(self)
+    }
+    fn woke(&mut self) {
+        crate::volume::host::EngineHost::woke(self)
+    }
+    fn busy(&self) -> bool {
+        crate::volume::host::EngineHost::busy(self)
+    }
+}
+
+/// How long a stopping reactor waits for its pollers' device I/O.
+const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub enum ReactorMsg {
     Connection(TcpStream, SocketAddr),
@@ -119,6 +161,8 @@ struct Reactor {
     conns: Vec<Option<Connection>>,
     free_conns: Vec<u32>,
     stopping: bool,
+    /// Engine hosts of the flash devices this reactor owns.
+    pollers: Vec<Box<dyn Poller>>,
 }
 
 impl Reactor {
@@ -129,6 +173,16 @@ impl Reactor {
         wake_fd: Arc<OwnedFd>,
     ) -> std::io::Result<Reactor> {
         let ring = Ring::new(RING_ENTRIES)?;
+        // Engines first: this reactor's volume channels find their device's host when they open.
+        let mut pollers: Vec<Box<dyn Poller>> = Vec::new();
+        if let Some(v) = &target.volumes {
+            for plan in v.take_plans(id) {
+                let channel_id = (target.namespaces.len() + pollers.len()) as u32;
+                let host = crate::volume::host::EngineHost::new(plan, channel_id)
+                    .map_err(|e| std::io::Error::other(format!("reactor {id}: {e}")))?;
+                pollers.push(Box::new(host));
+            }
+        }
         let mut channels = Vec::with_capacity(target.namespaces.len());
         for ns in &target.namespaces {
             channels.push(ns.bdev.channel(ns.channel).map_err(|e| {
@@ -147,6 +201,7 @@ impl Reactor {
             conns: Vec::new(),
             free_conns: Vec::new(),
             stopping: false,
+            pollers,
         };
         r.arm_wake();
         Ok(r)
@@ -167,6 +222,7 @@ impl Reactor {
         let mut last_work = Instant::now();
         let mut next_tick = Instant::now() + TIMER_TICK;
         let mut now = Instant::now();
+        let mut stop_since: Option<Instant> = None;
         loop {
             let mut work = 0usize;
             while let Ok(msg) = self.rx.try_recv() {
@@ -182,25 +238,44 @@ impl Reactor {
                 }
             }
             if self.stopping && self.conns.iter().all(|c| c.is_none()) {
-                info!("reactor {} stopped", self.id);
-                return;
+                let since = *stop_since.get_or_insert_with(Instant::now);
+                let busy = self.pollers.iter().any(|p| p.busy());
+                if !busy || since.elapsed() > STOP_DRAIN {
+                    if busy {
+                        warn!("reactor {}: stopping with flash I/O still in flight", self.id);
+                    }
+                    info!("reactor {} stopped", self.id);
+                    return;
+                }
             }
             cqes.clear();
             // One clock read per iteration (below): a spinning reactor spent ~15% of its time
             // in clock_gettime when it read it twice. `now` is the previous iteration's here.
-            let spin = now.duration_since(last_work) < idle_poll;
+            let mut spin = now.duration_since(last_work) < idle_poll;
+            if !spin {
+                // Every poller must agree (and from then on be woken by its senders).
+                let mut all = true;
+                for p in self.pollers.iter_mut() {
+                    all &= p.prepare_sleep();
+                }
+                spin = !all;
+            }
             let reaped = if spin {
                 self.ring.submit_and_reap(&mut cqes)
             } else {
                 let until_tick = next_tick.saturating_duration_since(now).max(std::time::Duration::from_micros(100));
-                self.ring.submit_and_wait(until_tick.min(SLEEP_MAX), &mut cqes)
+                let r = self.ring.submit_and_wait(until_tick.min(SLEEP_MAX), &mut cqes);
+                for p in self.pollers.iter_mut() {
+                    p.woke();
+                }
+                r
             };
             if let Err(e) = reaped {
                 error!("reactor {}: io_uring_enter failed: {e}", self.id);
             }
             now = Instant::now();
             work += cqes.len();
-            let Reactor { ring, channels, pool, target, conns, .. } = self;
+            let Reactor { ring, channels, pool, target, conns, pollers, .. } = self;
             let mut cx = ReactorCtx { ring, channels, pool, target, reactor: self.id };
             let mut rearm_wake = false;
             for &(ud, res) in &cqes {
@@ -217,13 +292,21 @@ impl Reactor {
                         }
                     }
                     kind::BDEV => {
+                        let n = cx.channels.len();
                         if let Some(ch) = cx.channels.get_mut(a as usize) {
                             ch.on_cqe(b, res, cx.ring);
+                        } else if let Some(p) = pollers.get_mut((a as usize).wrapping_sub(n)) {
+                            p.on_cqe(b, res, cx.ring);
                         }
                     }
                     kind::WAKE => rearm_wake = true,
                     _ => warn!("reactor {}: completion with unknown owner {ud:#x}", self.id),
                 }
+            }
+            // Engines run before the channels are polled: what they finish this turn is
+            // answered this turn.
+            for p in pollers.iter_mut() {
+                work += p.poll(cx.ring);
             }
             done.clear();
             for ch in cx.channels.iter_mut() {

@@ -128,6 +128,8 @@ pub struct TargetShared {
     pub limits: Limits,
     /// Total namespaces (the length of each reactor's channel table).
     pub namespaces: Vec<Arc<Namespace>>,
+    /// The write-back volumes: each reactor builds the engines of the flash devices it owns.
+    pub volumes: Option<Arc<crate::volume::VolumeService>>,
 }
 
 /// Transport and controller limits from the configuration.

@@ -72,7 +72,8 @@ impl Target {
             listeners.push((l.name.clone(), sock, addr));
         }
         let all_addrs: Vec<SocketAddr> = listeners.iter().map(|(_, _, a)| *a).collect();
-        // The destage reactor first: volumes' sizes come from their SANs, and their logs are
+        // The volumes first: their sizes come from their SANs (the destage core connects
+        // them); their engines start with the reactors that own them, and their logs are
         // recovered before any host can connect.
         let volumes = VolumeService::start(&config).map_err(StartError::Volumes)?;
         let stop_volumes = |v: &Option<Arc<VolumeService>>| {
@@ -165,7 +166,7 @@ impl Target {
             max_io_bytes: t.max_io_bytes as usize,
             idle_poll: std::time::Duration::from_micros(config.reactors.idle_poll_us),
         };
-        let shared = Arc::new(TargetShared { subsystems, limits, namespaces });
+        let shared = Arc::new(TargetShared { subsystems, limits, namespaces, volumes: volumes.clone() });
         let mut reactors = Vec::new();
         for (id, core) in config.reactors.cores.iter().enumerate() {
             match reactor::spawn(id, Some(*core), shared.clone()) {
@@ -177,6 +178,15 @@ impl Target {
                     stop_volumes(&volumes);
                     return Err(StartError::Reactor { id, source });
                 }
+            }
+        }
+        if let Some(v) = &volumes {
+            if let Err(e) = v.wait_ready() {
+                for mut r in reactors {
+                    r.stop_and_join();
+                }
+                stop_volumes(&volumes);
+                return Err(StartError::Volumes(e));
             }
         }
         let management = match &config.management.socket {

@@ -7,6 +7,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use stager_nvme::bdev::AlignedBuf;
 use stager_target::san::iscsi::{IscsiLun, SanDone, SanError};
 
 const IQN: &str = "iqn.2026-11.dev.stager:test-san";
@@ -71,6 +72,13 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
     (0..len).map(|i| ((i as u64).wrapping_mul(31).wrapping_add(seed.wrapping_mul(0x9E37)) >> 3) as u8).collect()
 }
 
+fn buf_of(data: &[u8]) -> AlignedBuf {
+    let mut b = AlignedBuf::new(data.len());
+    b.set_len(data.len());
+    b.copy_from_slice(data);
+    b
+}
+
 fn wait_all(lun: &mut IscsiLun, n: usize, within: Duration) -> Vec<SanDone> {
     let deadline = Instant::now() + within;
     let mut out = Vec::new();
@@ -98,7 +106,7 @@ fn writes_reach_the_lun_and_read_back() {
     assert!(lun.logged_in());
     // 32 writes of 64 KiB in flight at once.
     for i in 0..32u64 {
-        lun.submit_write(i, i * 256, pattern(i, 65536), false).unwrap();
+        lun.submit_write(i, i * 256, buf_of(&pattern(i, 65536)), false).unwrap();
     }
     assert_eq!(lun.in_flight(), 32);
     for d in wait_all(&mut lun, 32, Duration::from_secs(20)) {
@@ -109,19 +117,30 @@ fn writes_reach_the_lun_and_read_back() {
     assert_eq!((d[0].token, d[0].result.is_ok()), (100, true));
     // Read back through iSCSI, and straight from the LUN's backing file.
     for i in 0..32u64 {
-        lun.submit_read(1000 + i, i * 256, 128).unwrap();
+        lun.submit_read(1000 + i, i * 256, AlignedBuf::new(65536)).unwrap();
     }
     for d in wait_all(&mut lun, 32, Duration::from_secs(20)) {
         let i = d.token - 1000;
-        assert!(d.result.unwrap().unwrap() == pattern(i, 65536), "read {i} differs");
+        assert!(d.result.is_ok(), "read {i}: {:?}", d.result);
+        assert!(d.buf.unwrap()[..] == pattern(i, 65536)[..], "read {i} differs");
     }
     let on_disk = std::fs::read(&file).unwrap();
     for i in 0..32usize {
         assert!(on_disk[i * 131072..i * 131072 + 65536] == pattern(i as u64, 65536)[..], "LUN file block {i}");
     }
     // Out of range is refused locally.
-    assert!(lun.submit_read(1, lun.blocks, 1).is_err());
-    assert!(lun.submit_write(1, 0, vec![0; 100], false).is_err());
+    assert!(lun.submit_read(1, lun.blocks, AlignedBuf::new(512)).is_err());
+    let (_, back) = lun.submit_write(1, 0, buf_of(&[0; 100]), false).unwrap_err();
+    assert_eq!(back.map(|b| b.len()), Some(100), "a refused write hands its buffer back");
+    // WRITE SAME zeroes a range without sending it.
+    lun.submit_write_zeroes(200, 256, 512).unwrap();
+    let d = wait_all(&mut lun, 1, Duration::from_secs(20));
+    assert!(d[0].result.is_ok(), "write zeroes: {:?}", d[0].result);
+    lun.submit_flush(201).unwrap();
+    wait_all(&mut lun, 1, Duration::from_secs(20));
+    let on_disk = std::fs::read(&file).unwrap();
+    assert!(on_disk[256 * 512..768 * 512].iter().all(|&b| b == 0), "WRITE SAME left data behind");
+    assert!(on_disk[0..65536] == pattern(0, 65536)[..] && on_disk[768 * 512..768 * 512 + 4096] != [0u8; 4096][..]);
     drop(lun);
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
@@ -134,7 +153,7 @@ fn a_write_survives_the_san_going_away_and_coming_back() {
     let mut lun = IscsiLun::connect(&tgt.url(), INITIATOR).expect("login");
     drop(tgt); // the SAN dies
     std::thread::sleep(Duration::from_millis(200));
-    lun.submit_write(7, 2048, pattern(7, 4096), false).unwrap();
+    lun.submit_write(7, 2048, buf_of(&pattern(7, 4096)), false).unwrap();
     // While it is down the write does not complete (libiscsi keeps reconnecting).
     let mut out = Vec::new();
     let until = Instant::now() + Duration::from_millis(1500);
@@ -147,7 +166,7 @@ fn a_write_survives_the_san_going_away_and_coming_back() {
     let _tgt = Tgtd::start(&file, port);
     if failed_early {
         // libiscsi gave up on that command: the caller retries it, as the destager will.
-        lun.submit_write(7, 2048, pattern(7, 4096), false).unwrap();
+        lun.submit_write(7, 2048, buf_of(&pattern(7, 4096)), false).unwrap();
     }
     // The caller's retry loop, as the destager runs it: resubmit what the target asks to retry.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -160,7 +179,7 @@ fn a_write_survives_the_san_going_away_and_coming_back() {
             Some(Ok(_)) => break,
             Some(Err(SanError::Retry { .. })) if retries < 5 => {
                 retries += 1;
-                lun.submit_write(7, 2048, pattern(7, 4096), false).unwrap();
+                lun.submit_write(7, 2048, buf_of(&pattern(7, 4096)), false).unwrap();
             }
             Some(Err(e)) => panic!("write failed after the SAN came back: {e}"),
             None => {}

@@ -49,7 +49,7 @@ const NVME_IOCTL_ADMIN_CMD: libc::c_ulong = 0xC048_4E41;
 const NVME_IOCTL_IO_CMD: libc::c_ulong = 0xC048_4E43;
 
 /// The `user_data` slot of the eventfd read armed in the reactor's ring.
-const WAKE_SLOT: u32 = u32::MAX;
+const WAKE_SLOT: u32 = crate::uring::slot::CHANNEL_WAKE;
 
 /// The kernel's `struct nvme_passthru_cmd` (ioctl) and `struct nvme_uring_cmd` (io_uring): the
 /// same 72 bytes, where the ioctl's last word carries the result back and the uring one is

@@ -1,6 +1,7 @@
 //! The local flash device that holds the superblock, the log and the clean read cache.
 
-use super::IoDone;
+use super::{AlignedBuf, IoDone};
+use crate::types::IoToken;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashInfo {
@@ -11,13 +12,16 @@ pub struct FlashInfo {
 }
 
 /// A block device, byte-addressed with 4 KiB aligned offsets and lengths. Completions may come
-/// back in any order; each carries the token given at submission.
+/// back in any order; each carries the token given at submission and the buffers.
 pub trait Flash {
     fn info(&self) -> FlashInfo;
-    fn submit_read(&mut self, token: u64, offset: u64, len: u64);
-    /// `fua`: the write is on stable media when it completes, even with a volatile cache.
-    fn submit_write(&mut self, token: u64, offset: u64, data: Vec<u8>, fua: bool);
-    fn submit_flush(&mut self, token: u64);
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    fn submit_read(&mut self, token: IoToken, offset: u64, buf: AlignedBuf);
+    /// Writes `first` and then every buffer of `gather`, back to back from `offset`, as one
+    /// operation (a log frame: its header block, then each entry's data). `fua`: the data is
+    /// on stable media when it completes, even with a volatile cache.
+    fn submit_write(&mut self, token: IoToken, offset: u64, first: AlignedBuf, gather: Vec<AlignedBuf>, fua: bool);
+    fn submit_flush(&mut self, token: IoToken);
     /// Moves finished operations to `out`; returns how many.
     fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize;
 }

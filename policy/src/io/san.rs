@@ -1,22 +1,33 @@
 //! A volume's SAN LUN (its datastore): an iSCSI LUN through libiscsi, a block device or a file.
 //! Same asynchronous shape as [`super::Flash`]; it can fail or be unreachable for a while.
 
-use super::IoDone;
+use super::{AlignedBuf, IoDone};
+use crate::types::IoToken;
 
 pub trait San {
     /// Size of the LUN in bytes.
     fn size_bytes(&self) -> u64;
-    fn submit_read(&mut self, token: u64, offset: u64, len: u64);
+    /// Whether the LUN can unmap ranges and reads zeroes from them afterwards (thin
+    /// provisioning with LBPRZ, a file's punched holes). Host Deallocate is then logged and
+    /// destaged as an unmap; without it, Deallocate stays advisory.
+    fn unmap_reads_zeroes(&self) -> bool {
+        false
+    }
+    fn submit_read(&mut self, token: IoToken, offset: u64, buf: AlignedBuf);
     /// `fua`: force unit access (the write is in the SAN's stable storage when it completes).
-    fn submit_write(&mut self, token: u64, offset: u64, data: Vec<u8>, fua: bool);
+    fn submit_write(&mut self, token: IoToken, offset: u64, buf: AlignedBuf, fua: bool);
+    /// Zeroes `len` bytes from `offset` without sending them.
+    fn submit_write_zeroes(&mut self, token: IoToken, offset: u64, len: u64);
+    /// Unmaps `len` bytes (only called when [`San::unmap_reads_zeroes`] says so).
+    fn submit_unmap(&mut self, token: IoToken, offset: u64, len: u64);
     /// SYNCHRONIZE CACHE: every write completed before this was submitted is stable when it
     /// completes.
-    fn submit_flush(&mut self, token: u64);
+    fn submit_flush(&mut self, token: IoToken);
     fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize;
 }
 
 /// A SAN that accepts nothing and never completes: for reading a device's log without touching
-/// any volume's datastore (`Engine::open_for_inspection`).
+/// any volume's datastore (`stagerctl flash inspect`).
 pub struct DetachedSan {
     pub size_bytes: u64,
 }
@@ -25,9 +36,11 @@ impl San for DetachedSan {
     fn size_bytes(&self) -> u64 {
         self.size_bytes
     }
-    fn submit_read(&mut self, _token: u64, _offset: u64, _len: u64) {}
-    fn submit_write(&mut self, _token: u64, _offset: u64, _data: Vec<u8>, _fua: bool) {}
-    fn submit_flush(&mut self, _token: u64) {}
+    fn submit_read(&mut self, _token: IoToken, _offset: u64, _buf: AlignedBuf) {}
+    fn submit_write(&mut self, _token: IoToken, _offset: u64, _buf: AlignedBuf, _fua: bool) {}
+    fn submit_write_zeroes(&mut self, _token: IoToken, _offset: u64, _len: u64) {}
+    fn submit_unmap(&mut self, _token: IoToken, _offset: u64, _len: u64) {}
+    fn submit_flush(&mut self, _token: IoToken) {}
     fn poll_completions(&mut self, _out: &mut Vec<IoDone>) -> usize {
         0
     }

@@ -1,43 +1,59 @@
-//! Log entry wire format: a 4 KiB header block followed by the data blocks.
+//! Log entry header wire format: the 64 bytes that describe one host write, Write Zeroes or
+//! Deallocate of one volume.
 //!
-//! The header occupies a whole block so that the data that follows stays 4 KiB aligned for
-//! O_DIRECT and can be read back (for destage or a read hit) without copying. That costs one
-//! block per entry (a 4 KiB write uses 8 KiB of log); batching small writes into one entry is a
-//! later optimisation.
+//! These are exactly the bytes a replica receives for the entry (replication, next issue):
+//! nothing in them belongs to one device's ring. Where the entry sits in a log (position,
+//! incarnation) is recorded once per frame, in the frame header around it (`frame.rs`), so the
+//! same header travels unchanged from the source's log to every replica's log.
 //!
-//! Header layout (little endian, 64 bytes, rest of the block zero):
+//! Layout (little endian, 64 bytes):
 //! ```text
-//!  0 magic u32 | 4 version u16 | 6 kind u8 | 7 reserved u8 | 8 volume u32 | 12 blocks u32
-//! 16 epoch u64 | 24 seq u64 | 32 lba u64 | 40 incarnation u64 | 48 log_pos u64
-//! 56 data_crc u32 (crc32c of the data blocks) | 60 header_crc u32 (crc32c of bytes 0..60)
+//!  0 magic u32 | 4 version u8 | 5 kind u8 | 6 reserved u16 | 8 volume u32 | 12 blocks u32
+//! 16 epoch u64 | 24 seq u64 | 32 lba u64
+//! 40 data_crc u32 (crc32c of the data blocks; 0 for data-less kinds) | 44 reserved (16 bytes)
+//! 60 header_crc u32 (crc32c of bytes 0..60)
 //! ```
-//! Beyond the fields DESIGN.md lists, two guard replay: `log_pos` (the entry's absolute ring
-//! position, so stale entries from an earlier lap are rejected) and `incarnation` (bumped in
-//! the superblock at every recovery, so entries written after a torn tail was dropped can never
-//! be followed by survivors of the dropped tail during a later replay).
+//! `Zeroes` and `Unmap` entries carry no data, whatever their length: zeroing or unmapping a
+//! large range costs 64 bytes of log, not the range in zeros.
 
-use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64, WRITE_BLOCKS_MAX};
+use crate::constants::{BLOCK_SIZE, WRITE_BLOCKS_MAX};
 use crate::types::{Epoch, Lba, LogSeq, VolumeId};
 
 pub const ENTRY_MAGIC: u32 = 0x454c_5453; // "STLE"
-pub const ENTRY_VERSION: u16 = 1;
-pub const HEADER_LEN: usize = 64;
+pub const ENTRY_VERSION: u8 = 2;
+pub const ENTRY_HEADER_LEN: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntryKind {
-    /// Host data for `blocks` blocks at `lba`.
+    /// Host data for `blocks` blocks at `lba`, in the frame after the header block.
     Write,
-    /// Filler: the rest of the ring up to its end is unused; the next entry starts at the
-    /// beginning of the next lap. Entries never wrap, so data stays contiguous.
-    Pad,
+    /// `blocks` blocks at `lba` read as zeroes (Write Zeroes); no data in the log.
+    Zeroes,
+    /// `blocks` blocks at `lba` are deallocated and read as zeroes; destaged as an unmap.
+    Unmap,
 }
 
 impl EntryKind {
     fn to_u8(self) -> u8 {
         match self {
             EntryKind::Write => 1,
-            EntryKind::Pad => 2,
+            EntryKind::Zeroes => 2,
+            EntryKind::Unmap => 3,
         }
+    }
+
+    fn from_u8(k: u8) -> Option<EntryKind> {
+        match k {
+            1 => Some(EntryKind::Write),
+            2 => Some(EntryKind::Zeroes),
+            3 => Some(EntryKind::Unmap),
+            _ => None,
+        }
+    }
+
+    /// Whether the entry's blocks are in the log (the others read as zeroes).
+    pub fn has_data(self) -> bool {
+        self == EntryKind::Write
     }
 }
 
@@ -49,8 +65,6 @@ pub struct EntryHeader {
     pub seq: LogSeq,
     pub lba: Lba,
     pub blocks: u32,
-    pub incarnation: u64,
-    pub log_pos: u64,
     pub data_crc: u32,
 }
 
@@ -61,7 +75,7 @@ pub enum EntryError {
     #[error("bad entry magic {0:#x}")]
     BadMagic(u32),
     #[error("unsupported entry version {0}")]
-    BadVersion(u16),
+    BadVersion(u8),
     #[error("entry header checksum mismatch")]
     BadHeaderCrc,
     #[error("unknown entry kind {0}")]
@@ -73,41 +87,43 @@ pub enum EntryError {
 }
 
 impl EntryHeader {
-    /// Bytes the entry occupies in the log, header block included.
-    pub fn entry_bytes(&self) -> u64 {
-        match self.kind {
-            EntryKind::Write => (1 + self.blocks as u64) * BLOCK_SIZE_U64,
-            EntryKind::Pad => BLOCK_SIZE_U64,
+    /// Log bytes of the entry's data (zero for data-less kinds).
+    pub fn data_bytes(&self) -> u64 {
+        if self.kind.has_data() {
+            self.blocks as u64 * BLOCK_SIZE as u64
+        } else {
+            0
         }
     }
 
-    /// Writes the header (with its checksum) into the first `HEADER_LEN` bytes of `out`.
+    /// Writes the header (with its checksum) into `out[..ENTRY_HEADER_LEN]`.
     pub fn encode(&self, out: &mut [u8]) {
-        assert!(out.len() >= HEADER_LEN);
-        let b = &mut out[..HEADER_LEN];
+        let b = &mut out[..ENTRY_HEADER_LEN];
+        b.fill(0);
         b[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
-        b[4..6].copy_from_slice(&ENTRY_VERSION.to_le_bytes());
-        b[6] = self.kind.to_u8();
-        b[7] = 0;
+        b[4] = ENTRY_VERSION;
+        b[5] = self.kind.to_u8();
         b[8..12].copy_from_slice(&self.volume.0.to_le_bytes());
         b[12..16].copy_from_slice(&self.blocks.to_le_bytes());
         b[16..24].copy_from_slice(&self.epoch.0.to_le_bytes());
         b[24..32].copy_from_slice(&self.seq.0.to_le_bytes());
         b[32..40].copy_from_slice(&self.lba.0.to_le_bytes());
-        b[40..48].copy_from_slice(&self.incarnation.to_le_bytes());
-        b[48..56].copy_from_slice(&self.log_pos.to_le_bytes());
-        b[56..60].copy_from_slice(&self.data_crc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.data_crc.to_le_bytes());
         let crc = crc32c::crc32c(&b[..60]);
         b[60..64].copy_from_slice(&crc.to_le_bytes());
     }
 
     /// Decodes and checks a header. Never panics on arbitrary input.
     pub fn decode(buf: &[u8]) -> Result<EntryHeader, EntryError> {
-        if buf.len() < HEADER_LEN {
-            return Err(EntryError::Truncated { need: HEADER_LEN, got: buf.len() });
+        if buf.len() < ENTRY_HEADER_LEN {
+            return Err(EntryError::Truncated { need: ENTRY_HEADER_LEN, got: buf.len() });
         }
-        let u32_at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
         let magic = u32_at(0);
         if magic != ENTRY_MAGIC {
             return Err(EntryError::BadMagic(magic));
@@ -115,20 +131,13 @@ impl EntryHeader {
         if crc32c::crc32c(&buf[..60]) != u32_at(60) {
             return Err(EntryError::BadHeaderCrc);
         }
-        let version = u16::from_le_bytes([buf[4], buf[5]]);
-        if version != ENTRY_VERSION {
-            return Err(EntryError::BadVersion(version));
+        if buf[4] != ENTRY_VERSION {
+            return Err(EntryError::BadVersion(buf[4]));
         }
-        let kind = match buf[6] {
-            1 => EntryKind::Write,
-            2 => EntryKind::Pad,
-            k => return Err(EntryError::BadKind(k)),
-        };
+        let kind = EntryKind::from_u8(buf[5]).ok_or(EntryError::BadKind(buf[5]))?;
         let blocks = u32_at(12);
-        match kind {
-            EntryKind::Write if blocks == 0 || blocks > WRITE_BLOCKS_MAX => return Err(EntryError::BadLength(blocks)),
-            EntryKind::Pad if blocks != 0 => return Err(EntryError::BadLength(blocks)),
-            _ => {}
+        if blocks == 0 || (kind.has_data() && blocks > WRITE_BLOCKS_MAX) {
+            return Err(EntryError::BadLength(blocks));
         }
         Ok(EntryHeader {
             kind,
@@ -137,15 +146,13 @@ impl EntryHeader {
             epoch: Epoch(u64_at(16)),
             seq: LogSeq(u64_at(24)),
             lba: Lba(u64_at(32)),
-            incarnation: u64_at(40),
-            log_pos: u64_at(48),
-            data_crc: u32_at(56),
+            data_crc: u32_at(40),
         })
     }
 
-    /// Checks `data` (the blocks after the header) against the header's data checksum.
+    /// Checks `data` (the entry's blocks) against the header's data checksum.
     pub fn verify_data(&self, data: &[u8]) -> Result<(), EntryError> {
-        let need = self.blocks as usize * BLOCK_SIZE;
+        let need = self.data_bytes() as usize;
         if data.len() < need {
             return Err(EntryError::Truncated { need, got: data.len() });
         }
@@ -156,92 +163,60 @@ impl EntryHeader {
     }
 }
 
-/// Builds the bytes of a whole write entry (header block + data); fills in `data_crc`.
-pub fn encode_write_entry(mut header: EntryHeader, data: &[u8]) -> Vec<u8> {
-    assert_eq!(header.kind, EntryKind::Write);
-    assert_eq!(data.len(), header.blocks as usize * BLOCK_SIZE);
-    header.data_crc = crc32c::crc32c(data);
-    let mut out = vec![0u8; BLOCK_SIZE + data.len()];
-    header.encode(&mut out[..BLOCK_SIZE]);
-    out[BLOCK_SIZE..].copy_from_slice(data);
-    out
-}
-
-/// Builds a pad entry (one header block).
-pub fn encode_pad_entry(volume: VolumeId, incarnation: u64, log_pos: u64) -> Vec<u8> {
-    let header = EntryHeader {
-        kind: EntryKind::Pad,
-        volume,
-        epoch: Epoch(0),
-        seq: LogSeq(0),
-        lba: Lba(0),
-        blocks: 0,
-        incarnation,
-        log_pos,
-        data_crc: 0,
-    };
-    let mut out = vec![0u8; BLOCK_SIZE];
-    header.encode(&mut out);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    fn sample(blocks: u32) -> (EntryHeader, Vec<u8>) {
-        let data: Vec<u8> = (0..blocks as usize * BLOCK_SIZE).map(|i| (i * 7 + 3) as u8).collect();
-        let header = EntryHeader {
-            kind: EntryKind::Write,
+    fn sample(kind: EntryKind, blocks: u32) -> EntryHeader {
+        EntryHeader {
+            kind,
             volume: VolumeId(7),
             epoch: Epoch(3),
             seq: LogSeq(42),
             lba: Lba(1000),
             blocks,
-            incarnation: 5,
-            log_pos: 123 * 4096,
-            data_crc: 0,
-        };
-        (header, data)
-    }
-
-    #[test]
-    fn round_trip() {
-        let (header, data) = sample(3);
-        let bytes = encode_write_entry(header, &data);
-        assert_eq!(bytes.len() as u64, header.entry_bytes());
-        let decoded = EntryHeader::decode(&bytes).unwrap();
-        assert_eq!(decoded, EntryHeader { data_crc: crc32c::crc32c(&data), ..header });
-        decoded.verify_data(&bytes[BLOCK_SIZE..]).unwrap();
-        let pad = encode_pad_entry(VolumeId(1), 9, 4096);
-        let p = EntryHeader::decode(&pad).unwrap();
-        assert_eq!((p.kind, p.incarnation, p.log_pos, p.entry_bytes()), (EntryKind::Pad, 9, 4096, 4096));
-    }
-
-    #[test]
-    fn truncation_is_detected() {
-        let (header, data) = sample(2);
-        let bytes = encode_write_entry(header, &data);
-        for len in 0..HEADER_LEN {
-            assert!(matches!(EntryHeader::decode(&bytes[..len]), Err(EntryError::Truncated { .. })));
+            data_crc: if kind.has_data() { 0xdead_beef } else { 0 },
         }
-        let h = EntryHeader::decode(&bytes).unwrap();
-        assert!(matches!(h.verify_data(&bytes[BLOCK_SIZE..bytes.len() - 1]), Err(EntryError::Truncated { .. })));
     }
 
     #[test]
-    fn corruption_is_detected() {
-        let (header, data) = sample(1);
-        let bytes = encode_write_entry(header, &data);
-        for i in 0..HEADER_LEN {
-            let mut b = bytes.clone();
-            b[i] ^= 0x10;
-            assert!(EntryHeader::decode(&b).is_err(), "flip in header byte {i} undetected");
+    fn round_trip_every_kind() {
+        for (kind, blocks) in [(EntryKind::Write, 3), (EntryKind::Zeroes, 65536), (EntryKind::Unmap, u32::MAX)] {
+            let h = sample(kind, blocks);
+            let mut b = [0u8; ENTRY_HEADER_LEN];
+            h.encode(&mut b);
+            assert_eq!(EntryHeader::decode(&b).unwrap(), h);
         }
-        let mut b = bytes.clone();
-        b[BLOCK_SIZE + 100] ^= 1;
-        assert_eq!(EntryHeader::decode(&b).unwrap().verify_data(&b[BLOCK_SIZE..]), Err(EntryError::BadDataCrc));
+        assert_eq!(sample(EntryKind::Zeroes, 65536).data_bytes(), 0, "zeroes cost no log data");
+        assert_eq!(sample(EntryKind::Write, 2).data_bytes(), 8192);
+    }
+
+    #[test]
+    fn truncation_corruption_and_bad_lengths_are_detected() {
+        let mut b = [0u8; ENTRY_HEADER_LEN];
+        sample(EntryKind::Write, 2).encode(&mut b);
+        for len in 0..ENTRY_HEADER_LEN {
+            assert!(matches!(EntryHeader::decode(&b[..len]), Err(EntryError::Truncated { .. })));
+        }
+        for i in 0..ENTRY_HEADER_LEN {
+            let mut c = b;
+            c[i] ^= 0x10;
+            assert!(EntryHeader::decode(&c).is_err(), "flip in header byte {i} undetected");
+        }
+        for (kind, blocks) in [(EntryKind::Write, 0), (EntryKind::Write, WRITE_BLOCKS_MAX + 1), (EntryKind::Zeroes, 0)]
+        {
+            let mut c = [0u8; ENTRY_HEADER_LEN];
+            sample(kind, blocks).encode(&mut c);
+            assert_eq!(EntryHeader::decode(&c), Err(EntryError::BadLength(blocks)));
+        }
+        let data = vec![5u8; 8192];
+        let h = EntryHeader { data_crc: crc32c::crc32c(&data), ..sample(EntryKind::Write, 2) };
+        h.verify_data(&data).unwrap();
+        let mut bad = data.clone();
+        bad[4000] ^= 1;
+        assert_eq!(h.verify_data(&bad), Err(EntryError::BadDataCrc));
+        assert!(matches!(h.verify_data(&data[..4096]), Err(EntryError::Truncated { .. })));
     }
 
     #[test]

@@ -1,13 +1,14 @@
-//! The circular log space: where the next entry goes, when to pad to the end of a lap, and
+//! The circular log space: where the next frame goes, when to pad to the end of a lap, and
 //! whether there is room.
 //!
 //! Positions are absolute and only grow. Space is reusable below a *floor* the engine computes:
 //! the tail recorded in the last durable superblock (so a crash never finds the start of its
 //! replay overwritten) and any position an in-flight read still pins. Entries never wrap: one
-//! that does not fit before the end of the lap is preceded by a pad entry and starts at the next
+//! that does not fit before the end of the lap is preceded by a pad frame and starts at the next
 //! lap.
 
 use crate::constants::{BLOCK_SIZE_U64, LOG_BYTES_MIN, LOG_START};
+use crate::types::LogPos;
 
 /// Where the log and the clean cache live on a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,8 +34,8 @@ impl Layout {
     }
 
     /// Device offset of an absolute log position.
-    pub fn log_offset(&self, pos: u64) -> u64 {
-        self.log_start + pos % self.log_bytes
+    pub fn log_offset(&self, pos: LogPos) -> u64 {
+        self.log_start + pos.0 % self.log_bytes
     }
 
     /// Device offset of a clean cache slot.
@@ -44,24 +45,24 @@ impl Layout {
     }
 }
 
-/// Where a reserved entry goes; `pad_at` is set when the rest of the lap must be padded first.
+/// Where a reserved frame goes; `pad_at` is set when the rest of the lap must be padded first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reservation {
-    pub pad_at: Option<u64>,
-    pub pos: u64,
+    pub pad_at: Option<LogPos>,
+    pub pos: LogPos,
 }
 
 #[derive(Clone, Debug)]
 pub struct Ring {
     capacity: u64,
     /// Next free absolute position.
-    pub head: u64,
+    pub head: LogPos,
 }
 
 impl Ring {
-    pub fn new(capacity: u64, head: u64) -> Ring {
+    pub fn new(capacity: u64, head: LogPos) -> Ring {
         assert!(capacity >= LOG_BYTES_MIN && capacity.is_multiple_of(BLOCK_SIZE_U64));
-        assert!(head.is_multiple_of(BLOCK_SIZE_U64));
+        assert!(head.0.is_multiple_of(BLOCK_SIZE_U64));
         Ring { capacity, head }
     }
 
@@ -69,27 +70,34 @@ impl Ring {
         self.capacity
     }
 
-    /// Reserves `bytes` if they fit above `floor` (the oldest position still needed).
-    pub fn reserve(&mut self, bytes: u64, floor: u64) -> Option<Reservation> {
+    /// Where `bytes` would go (padding first if they do not fit the lap), if they fit above
+    /// `floor` (the oldest position still needed). Changes nothing.
+    pub fn place(&self, bytes: u64, floor: LogPos) -> Option<Reservation> {
         assert!(bytes > 0 && bytes.is_multiple_of(BLOCK_SIZE_U64) && bytes <= self.capacity);
         assert!(floor <= self.head, "floor {floor} above head {}", self.head);
-        let to_end = self.capacity - self.head % self.capacity;
-        let (pad_at, pos) = if bytes > to_end { (Some(self.head), self.head + to_end) } else { (None, self.head) };
-        if pos + bytes - floor > self.capacity {
+        let to_end = self.capacity - self.head.0 % self.capacity;
+        let (pad_at, pos) = if bytes > to_end { (Some(self.head), self.head.plus(to_end)) } else { (None, self.head) };
+        if pos.plus(bytes).since(floor) > self.capacity {
             return None;
         }
-        self.head = pos + bytes;
         Some(Reservation { pad_at, pos })
     }
 
+    /// Reserves `bytes` if they fit above `floor`.
+    pub fn reserve(&mut self, bytes: u64, floor: LogPos) -> Option<Reservation> {
+        let r = self.place(bytes, floor)?;
+        self.head = r.pos.plus(bytes);
+        Some(r)
+    }
+
     /// Bytes in use above `floor`.
-    pub fn used(&self, floor: u64) -> u64 {
-        self.head - floor
+    pub fn used(&self, floor: LogPos) -> u64 {
+        self.head.since(floor)
     }
 
     /// Start of the lap after `pos` (where replay continues after a pad).
-    pub fn next_lap(&self, pos: u64) -> u64 {
-        (pos / self.capacity + 1) * self.capacity
+    pub fn next_lap(&self, pos: LogPos) -> LogPos {
+        LogPos((pos.0 / self.capacity + 1) * self.capacity)
     }
 }
 
@@ -109,16 +117,23 @@ mod tests {
     #[test]
     fn wraps_with_a_pad_and_respects_the_floor() {
         let cap = LOG_BYTES_MIN;
-        let mut r = Ring::new(cap, 0);
+        let mut r = Ring::new(cap, LogPos(0));
         let big = cap / 4 + BLOCK_SIZE_U64; // three fit, the fourth does not fit the lap
         for i in 0..3 {
-            assert_eq!(r.reserve(big, 0), Some(Reservation { pad_at: None, pos: i * big }));
+            assert_eq!(r.reserve(big, LogPos(0)), Some(Reservation { pad_at: None, pos: LogPos(i * big) }));
         }
-        assert_eq!(r.reserve(big, 0), None, "log full while the floor is 0");
-        let res = r.reserve(big, 2 * big).unwrap();
-        assert_eq!(res, Reservation { pad_at: Some(3 * big), pos: cap });
-        assert_eq!(r.head, cap + big);
-        assert_eq!(r.next_lap(3 * big), cap);
-        assert_eq!(r.reserve(BLOCK_SIZE_U64, 2 * big), Some(Reservation { pad_at: None, pos: cap + big }));
+        assert_eq!(r.reserve(big, LogPos(0)), None, "log full while the floor is 0");
+        assert_eq!(
+            r.place(big, LogPos(2 * big)),
+            Some(Reservation { pad_at: Some(LogPos(3 * big)), pos: LogPos(cap) })
+        );
+        let res = r.reserve(big, LogPos(2 * big)).unwrap();
+        assert_eq!(res, Reservation { pad_at: Some(LogPos(3 * big)), pos: LogPos(cap) });
+        assert_eq!(r.head, LogPos(cap + big));
+        assert_eq!(r.next_lap(LogPos(3 * big)), LogPos(cap));
+        assert_eq!(
+            r.reserve(BLOCK_SIZE_U64, LogPos(2 * big)),
+            Some(Reservation { pad_at: None, pos: LogPos(cap + big) })
+        );
     }
 }

@@ -10,7 +10,12 @@
 //! Why a destage *intent*: before the destager writes batch (watermark, intent] to the SAN it
 //! persists the intent. After a crash in the middle of that batch, the SAN holds a torn mix of
 //! it; the first batch after recovery then covers at least up to the intent, so the next
-//! completed batch leaves the SAN at a log prefix again (invariant 4).
+//! completed batch leaves the SAN at a log prefix again (invariant 4). The destager asks for
+//! the next batch's intent while the current batch is still on its way to the SAN, so the
+//! superblock write it costs overlaps SAN work instead of adding to it.
+//!
+//! Version 2 goes with the frame log format (`frame.rs`); a device of version 1 (4 KiB header
+//! per entry) is refused with a message rather than misread.
 //!
 //! Layout (little endian, one 4 KiB block):
 //! ```text
@@ -23,10 +28,10 @@
 //! ```
 
 use crate::constants::{BLOCK_SIZE, VOLUMES_PER_DEVICE_MAX};
-use crate::types::{Epoch, LogSeq, VolumeId};
+use crate::types::{Epoch, Incarnation, LogPos, LogSeq, VolumeId};
 
 pub const SUPERBLOCK_MAGIC: u64 = 0x4253_5245_4741_5453; // "STAGERSB"
-pub const SUPERBLOCK_VERSION: u32 = 1;
+pub const SUPERBLOCK_VERSION: u32 = 2;
 const VOLUMES_AT: usize = 88;
 const VOLUME_LEN: usize = 40;
 const CRC_AT: usize = BLOCK_SIZE - 4;
@@ -46,15 +51,15 @@ pub struct SuperblockVolume {
 pub struct Superblock {
     pub device_id: u64,
     pub generation: u64,
-    /// Bumped at every recovery; entries carry the incarnation they were written in.
-    pub incarnation: u64,
+    /// Bumped at every recovery; frames carry the incarnation they were written in.
+    pub incarnation: Incarnation,
     /// Absolute log position replay starts from; everything before it is reclaimed.
-    pub log_tail: u64,
+    pub log_tail: LogPos,
     /// Where this incarnation's entries begin (the head its recovery found). Entries at or
     /// after it must carry this incarnation, entries before it an older one: an entry of an
     /// older incarnation beyond this point was dropped by that recovery, even if the tail has
     /// since moved past every entry written after it.
-    pub incarnation_start: u64,
+    pub incarnation_start: LogPos,
     pub log_start: u64,
     pub log_bytes: u64,
     pub cache_start: u64,
@@ -68,7 +73,7 @@ pub enum SuperblockError {
     Truncated { need: usize, got: usize },
     #[error("no superblock (bad magic)")]
     BadMagic,
-    #[error("unsupported superblock version {0}")]
+    #[error("superblock version {0}, this Stager reads version 2 (version 1 is the log format of the first Stager builds: destage the device with that build's stagerctl, then wipe it)")]
     BadVersion(u32),
     #[error("superblock checksum mismatch")]
     BadCrc,
@@ -87,21 +92,29 @@ impl Superblock {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        assert!(self.volumes.len() <= VOLUMES_PER_DEVICE_MAX);
         let mut b = vec![0u8; BLOCK_SIZE];
+        self.encode_into(&mut b);
+        b
+    }
+
+    /// Encodes into the first block of `out` (an I/O buffer from the engine's pool).
+    pub fn encode_into(&self, out: &mut [u8]) {
+        assert!(self.volumes.len() <= VOLUMES_PER_DEVICE_MAX);
+        let b = &mut out[..BLOCK_SIZE];
+        b.fill(0);
         b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC.to_le_bytes());
         b[8..12].copy_from_slice(&SUPERBLOCK_VERSION.to_le_bytes());
         b[12..16].copy_from_slice(&(self.volumes.len() as u32).to_le_bytes());
         let fields = [
             self.device_id,
             self.generation,
-            self.incarnation,
-            self.log_tail,
+            self.incarnation.0,
+            self.log_tail.0,
             self.log_start,
             self.log_bytes,
             self.cache_start,
             self.cache_slots,
-            self.incarnation_start,
+            self.incarnation_start.0,
         ];
         for (i, f) in fields.iter().enumerate() {
             b[16 + i * 8..24 + i * 8].copy_from_slice(&f.to_le_bytes());
@@ -116,7 +129,6 @@ impl Superblock {
         }
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
-        b
     }
 
     /// Decodes and checks one copy. Never panics on arbitrary input.
@@ -124,8 +136,12 @@ impl Superblock {
         if buf.len() < BLOCK_SIZE {
             return Err(SuperblockError::Truncated { need: BLOCK_SIZE, got: buf.len() });
         }
-        let u32_at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
         if u64_at(0) != SUPERBLOCK_MAGIC {
             return Err(SuperblockError::BadMagic);
         }
@@ -154,13 +170,13 @@ impl Superblock {
         Ok(Superblock {
             device_id: u64_at(16),
             generation: u64_at(24),
-            incarnation: u64_at(32),
-            log_tail: u64_at(40),
+            incarnation: Incarnation(u64_at(32)),
+            log_tail: LogPos(u64_at(40)),
             log_start: u64_at(48),
             log_bytes: u64_at(56),
             cache_start: u64_at(64),
             cache_slots: u64_at(72),
-            incarnation_start: u64_at(80),
+            incarnation_start: LogPos(u64_at(80)),
             volumes,
         })
     }
@@ -185,13 +201,13 @@ mod tests {
         Superblock {
             device_id: 0xfeed,
             generation,
-            incarnation: 3,
-            log_tail: 77 * 4096,
+            incarnation: Incarnation(3),
+            log_tail: LogPos(77 * 4096),
             log_start: 8192,
             log_bytes: 1 << 20,
             cache_start: 8192 + (1 << 20),
             cache_slots: 100,
-            incarnation_start: 40 * 4096,
+            incarnation_start: LogPos(40 * 4096),
             volumes: vec![
                 SuperblockVolume {
                     id: VolumeId(1),

@@ -1,12 +1,14 @@
 //! The deterministic simulator (TigerBeetle's VOPR, scaled to this engine).
 //!
-//! One seed decides everything: the host workload (writes, reads, flushes, policy changes), the
-//! device latencies and therefore every reordering, SAN slow-downs, outages and errors, flash
-//! write errors (some of which land anyway) and transient flash read errors, crashes that tear in-flight writes and drop what a
-//! volatile cache had not flushed, optional SAN power loss with a node crash, and restarts.
-//! After every step the checkers compare the engine against a model of acknowledged writes:
-//! - invariant 1: every block's newest data, wherever the engine says it is (log, memory, clean
-//!   cache, SAN), is the newest acknowledged version (or a newer one still uncertain);
+//! One seed decides everything: the host workload (writes, Write Zeroes, Deallocate, reads,
+//! flushes, policy changes), the device latencies and therefore every reordering, the delays of
+//! the messages between the engine and the destager, SAN slow-downs, outages and errors, flash
+//! write errors (some of which land anyway) and transient flash read errors, crashes that tear
+//! in-flight writes and drop what a volatile cache had not flushed (and every message in
+//! flight), optional SAN power loss with a node crash, and restarts. After every step the
+//! checkers compare both halves against a model of acknowledged writes:
+//! - invariant 1: every block's newest data, wherever the engine says it is (log, memory,
+//!   zeroes, clean cache, SAN), is the newest acknowledged version (or a newer uncertain one);
 //! - invariant 2: at quiescence the SAN alone holds the newest data; at every destage batch no
 //!   block on the SAN is older than its newest acknowledged write-through or destaged version;
 //! - invariant 3: every host read returns the newest acknowledged data;

@@ -28,7 +28,10 @@ pub fn encode_block(out: &mut [u8], id: u64, volume: u32, lba: u64) {
 pub fn decode_block(b: &[u8], volume: u32, lba: u64) -> u64 {
     let id = u64::from_le_bytes(b[0..8].try_into().unwrap());
     if id == 0 {
-        return if b.iter().all(|&x| x == 0) { 0 } else { GARBAGE };
+        // A slice comparison (memcmp), not an early-exit byte loop: zero blocks are common
+        // (Write Zeroes, never-written blocks) and checked after every step.
+        static ZERO: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+        return if b == &ZERO[..] { 0 } else { GARBAGE };
     }
     let fill = (id as u8).wrapping_mul(31).wrapping_add(lba as u8) | 1;
     let ok = u32::from_le_bytes(b[8..12].try_into().unwrap()) == volume
@@ -133,7 +136,7 @@ impl Model {
         self.volumes[vol].power_loss_clock = self.volumes[vol].clock;
         for versions in &mut self.volumes[vol].blocks {
             for ver in versions.iter_mut() {
-                if ver.acked && ver.write_through && !ver.flushed && ver.id != 0 {
+                if ver.acked && ver.write_through && !ver.flushed {
                     ver.acked = false;
                 }
             }

@@ -1,8 +1,10 @@
-//! The simulator's driver: builds devices and an engine from a seed, runs random steps, checks
-//! the invariants after each, crashes and restarts, and drains at the end.
+//! The simulator's driver: builds devices, an engine and its destager from a seed, links them
+//! with a delay line (their messages arrive late but in order, as over a channel between two
+//! cores), runs random steps, checks the invariants after each, crashes and restarts, and
+//! drains at the end.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::rc::Rc;
 
@@ -12,12 +14,13 @@ use rand::{Rng, SeedableRng};
 use super::devices::{DiskHandle, SimDisk};
 use super::model::{decode_block, encode_block, Model, Violation};
 use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64, LOG_BYTES_MIN, LOG_START};
-use crate::engine::{
-    Bugs, Engine, EngineConfig, EngineEvent, EngineState, HostDone, HostOp, Located, LogFullPolicy, Status,
-};
+use crate::destage::{DestageEvent, Destager};
+use crate::engine::{Bugs, Engine, EngineConfig, EngineState, HostDone, HostOp, Located, Status};
+use crate::io::{AlignedBuf, San};
+use crate::link::{FromDestage, ToDestage};
 use crate::policy::WritePolicy;
 use crate::types::{Epoch, Lba, VolumeId};
-use crate::volume::VolumeSpec;
+use crate::VolumeSpec;
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -34,8 +37,9 @@ pub struct SimConfig {
     pub san_drops_writes: bool,
     /// Prints what happens to this (volume index, block): for debugging a failing seed.
     pub trace_block: Option<(usize, u64)>,
-    /// Fixes the log-full policy (random per run when None).
-    pub log_full: Option<LogFullPolicy>,
+    /// Fixes how long a write over dirty blocks waits for log space (random per run when None;
+    /// 0 = write-through at once).
+    pub log_full_wait_ns: Option<u64>,
     /// Fixes whether the flash has a volatile cache (random per seed when None).
     pub flash_volatile: Option<bool>,
 }
@@ -52,7 +56,7 @@ impl Default for SimConfig {
             crashes: true,
             bugs: Bugs::default(),
             san_drops_writes: false,
-            log_full: None,
+            log_full_wait_ns: None,
             flash_volatile: None,
             trace_block: std::env::var("STAGER_SIM_TRACE")
                 .ok()
@@ -99,6 +103,7 @@ impl fmt::Display for Failure {
 #[derive(Clone, Debug, Default)]
 pub struct SimStats {
     pub writes_acked: u64,
+    pub zero_writes_acked: u64,
     pub reads_checked: u64,
     pub flushes: u64,
     pub crashes: u64,
@@ -109,9 +114,57 @@ pub struct SimStats {
 }
 
 enum InFlight {
-    Write { vol: usize, lba: u64, blocks: u32, id: u64, fua: bool },
-    Read { vol: usize, lba: u64, blocks: u32 },
-    Flush { vol: usize, snapshot: u64 },
+    /// `id` 0 is a Write Zeroes (or a logged Deallocate): the blocks read as zeroes.
+    Write {
+        vol: usize,
+        lba: u64,
+        blocks: u32,
+        id: u64,
+        fua: bool,
+    },
+    Read {
+        vol: usize,
+        lba: u64,
+        blocks: u32,
+    },
+    Flush {
+        vol: usize,
+        snapshot: u64,
+    },
+    /// A Deallocate the volume treats as advisory: it must complete and change nothing.
+    Advisory,
+}
+
+/// A one-way message channel with a delay: messages arrive in order, each no earlier than the
+/// one before it.
+struct DelayLine<T> {
+    queue: VecDeque<(u64, T)>,
+    last: u64,
+}
+
+impl<T> DelayLine<T> {
+    fn new() -> Self {
+        DelayLine { queue: VecDeque::new(), last: 0 }
+    }
+
+    fn send(&mut self, msg: T, at: u64) {
+        let at = at.max(self.last);
+        self.last = at;
+        self.queue.push_back((at, msg));
+    }
+
+    fn due(&mut self, now: u64) -> Option<T> {
+        if self.queue.front().is_some_and(|(at, _)| *at <= now) {
+            self.queue.pop_front().map(|(_, m)| m)
+        } else {
+            None
+        }
+    }
+
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.last = 0;
+    }
 }
 
 pub struct Simulator {
@@ -122,20 +175,32 @@ pub struct Simulator {
     pub flash: DiskHandle,
     pub sans: Vec<DiskHandle>,
     pub engine: Engine,
+    pub destager: Destager,
+    to_destage: DelayLine<ToDestage>,
+    to_engine: DelayLine<FromDestage>,
+    /// Longest message delay between the halves in this run.
+    link_delay_max_ns: u64,
     pub model: Model,
     policies: Vec<WritePolicy>,
+    /// Whether each volume's SAN unmaps (Deallocate is logged) or not (advisory).
+    unmap: Vec<bool>,
     in_flight: BTreeMap<u64, InFlight>,
     busy: Vec<Vec<bool>>,
     next_token: u64,
     next_write_id: u64,
     check_cursor: u64,
     step: usize,
+    outbox: Vec<ToDestage>,
+    inbox: Vec<FromDestage>,
+    destage_events: Vec<DestageEvent>,
     pub stats: SimStats,
 }
 
 const VOLUME_ID_BASE: u32 = 10;
 /// Blocks per volume checked for invariant 1 after each step of a large volume.
 const CHECK_WINDOW_BLOCKS: u64 = 64;
+/// Write id standing for "zeroes" in the model (a zero block decodes as 0).
+const ZEROES: u64 = 0;
 
 impl Simulator {
     pub fn new(seed: u64, cfg: SimConfig) -> Simulator {
@@ -163,9 +228,12 @@ impl Simulator {
         let policies: Vec<WritePolicy> = (0..cfg.volumes)
             .map(|i| if i % 3 == 2 { WritePolicy::WriteThrough } else { WritePolicy::WriteBack })
             .collect();
-        let ecfg = Simulator::engine_config(&cfg, &mut rng, flash_bytes);
-        let specs = Simulator::specs(&cfg, &sans, &policies);
-        let engine = Engine::format(ecfg, Box::new(flash.clone()), specs).expect("sim: format");
+        let unmap: Vec<bool> = (0..cfg.volumes).map(|_| rng.gen_bool(0.5)).collect();
+        let link_delay_max_ns = if rng.gen_bool(0.3) { 2_000_000 } else { 20_000 };
+        let ecfg = Simulator::engine_config(&cfg, &mut rng);
+        let specs = Simulator::specs(&cfg, &policies, &unmap);
+        let engine = Engine::format(ecfg, Box::new(flash.port(0)), specs).expect("sim: format");
+        let destager = Simulator::destager(&engine, &flash, &sans);
         let busy = vec![vec![false; cfg.blocks as usize]; cfg.volumes];
         let model = Model::new(cfg.volumes, cfg.blocks);
         let mut sim = Simulator {
@@ -176,37 +244,40 @@ impl Simulator {
             flash,
             sans,
             engine,
+            destager,
+            to_destage: DelayLine::new(),
+            to_engine: DelayLine::new(),
+            link_delay_max_ns,
             model,
             policies,
+            unmap,
             in_flight: BTreeMap::new(),
             busy,
             next_token: 1,
             next_write_id: 1,
             check_cursor: 0,
             step: 0,
+            outbox: Vec::new(),
+            inbox: Vec::new(),
+            destage_events: Vec::new(),
             stats: SimStats::default(),
         };
         sim.settle_until_ready();
         sim
     }
 
-    fn engine_config(cfg: &SimConfig, rng: &mut StdRng, flash_bytes: u64) -> EngineConfig {
-        let _ = flash_bytes;
+    fn engine_config(cfg: &SimConfig, rng: &mut StdRng) -> EngineConfig {
         EngineConfig {
             device_id: 7,
             cache_percent: 5,
-            log_full: match (cfg.log_full, rng.gen_bool(0.5)) {
-                (Some(p), _) => p,
-                (None, true) => LogFullPolicy::Wait { timeout_ns: 50_000_000 },
-                (None, false) => LogFullPolicy::WriteThrough,
-            },
+            log_full_wait_ns: cfg.log_full_wait_ns.unwrap_or(if rng.gen_bool(0.5) { 50_000_000 } else { 0 }),
             gate_timeout_ns: 2_000_000_000,
             san_timeout_ns: 2_000_000_000,
             bugs: cfg.bugs,
         }
     }
 
-    fn specs(cfg: &SimConfig, sans: &[DiskHandle], policies: &[WritePolicy]) -> Vec<VolumeSpec> {
+    fn specs(cfg: &SimConfig, policies: &[WritePolicy], unmap: &[bool]) -> Vec<VolumeSpec> {
         (0..cfg.volumes)
             .map(|i| VolumeSpec {
                 id: VolumeId(VOLUME_ID_BASE + i as u32),
@@ -214,9 +285,18 @@ impl Simulator {
                 blocks: cfg.blocks,
                 policy: policies[i],
                 read_cache: true,
-                san: Box::new(sans[i].clone()),
+                unmap: unmap[i],
             })
             .collect()
+    }
+
+    fn destager(engine: &Engine, flash: &DiskHandle, sans: &[DiskHandle]) -> Destager {
+        let sans: Vec<(VolumeId, Box<dyn San>)> = sans
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (VolumeId(VOLUME_ID_BASE + i as u32), Box::new(s.clone()) as Box<dyn San>))
+            .collect();
+        Destager::new(engine.layout(), Box::new(flash.port(1)), sans)
     }
 
     fn fail(&self, invariant: &'static str, detail: String) -> Failure {
@@ -241,11 +321,41 @@ impl Simulator {
         }
     }
 
-    /// Polls the engine and applies its completions and events to the model and checkers.
+    fn link_delay(&mut self) -> u64 {
+        if self.rng.gen_bool(0.5) {
+            0
+        } else {
+            self.rng.gen_range(0..=self.link_delay_max_ns)
+        }
+    }
+
+    /// Runs both halves and the link until nothing moves, then applies host completions to the
+    /// model and checks invariant 4 at every completed destage batch.
     fn pump(&mut self) -> Result<(), Failure> {
         let now = self.now.get();
-        for _ in 0..16 {
-            if self.engine.poll(now) == 0 {
+        for _ in 0..32 {
+            let mut work = self.engine.poll(now);
+            self.engine.drain_outbox(&mut self.outbox);
+            for m in std::mem::take(&mut self.outbox) {
+                let at = now + self.link_delay();
+                self.to_destage.send(m, at);
+            }
+            while let Some(m) = self.to_destage.due(now) {
+                self.destager.on_message(m, now);
+                work += 1;
+            }
+            work += self.destager.poll(now);
+            self.check_batches()?;
+            self.destager.drain_outbox(&mut self.inbox);
+            for m in std::mem::take(&mut self.inbox) {
+                let at = now + self.link_delay();
+                self.to_engine.send(m, at);
+            }
+            while let Some(m) = self.to_engine.due(now) {
+                self.engine.on_message(m, now);
+                work += 1;
+            }
+            if work == 0 {
                 break;
             }
         }
@@ -256,21 +366,16 @@ impl Simulator {
         }
         let mut events = Vec::new();
         self.engine.drain_events(&mut events);
-        for e in events {
+        Ok(())
+    }
+
+    fn check_batches(&mut self) -> Result<(), Failure> {
+        self.destager.drain_events(&mut self.destage_events);
+        for e in std::mem::take(&mut self.destage_events) {
             if let Some((v, b)) = self.cfg.trace_block {
-                if e != (EngineEvent::BatchDestaged {
-                    volume: VolumeId(VOLUME_ID_BASE + v as u32 + 1000),
-                    watermark: crate::types::LogSeq(0),
-                }) {
-                    eprintln!(
-                        "[{} t={}] event {e:?}; SAN block holds {}",
-                        self.step,
-                        self.now.get(),
-                        self.san_block(v, b)
-                    );
-                }
+                eprintln!("[{} t={}] event {e:?}; SAN block holds {}", self.step, self.now.get(), self.san_block(v, b));
             }
-            if let EngineEvent::BatchDestaged { volume, watermark } = e {
+            if let DestageEvent::BatchDestaged { volume, watermark, .. } = e {
                 self.stats.batches_checked += 1;
                 let vol = (volume.0 - VOLUME_ID_BASE) as usize;
                 for lba in 0..self.cfg.blocks {
@@ -309,6 +414,9 @@ impl Simulator {
                 match d.status {
                     Status::Ok => {
                         self.stats.writes_acked += 1;
+                        if id == ZEROES {
+                            self.stats.zero_writes_acked += 1;
+                        }
                         self.model.write_acked(vol, lba, blocks, id, d.seq.map(|s| s.0), fua);
                     }
                     Status::Busy => self.stats.busy += 1, // stays uncertain
@@ -320,8 +428,11 @@ impl Simulator {
                 match d.status {
                     Status::Ok => {
                         self.stats.reads_checked += 1;
+                        let Some(data) = d.buf.as_ref() else {
+                            return Err(self.fail("invariant 3", "read completed without its buffer".into()));
+                        };
                         for i in 0..blocks as u64 {
-                            let b = &d.data[i as usize * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
+                            let b = &data[i as usize * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
                             let found = decode_block(b, vol as u32, lba + i);
                             self.model
                                 .check(vol, lba + i, found, true, "invariant 3")
@@ -340,6 +451,11 @@ impl Simulator {
                 Status::Busy => self.stats.busy += 1,
                 s => return Err(self.fail("invariant 6", format!("flush ended {s:?}"))),
             },
+            InFlight::Advisory => {
+                if d.status != Status::Ok {
+                    return Err(self.fail("invariant 1", format!("advisory deallocate ended {:?}", d.status)));
+                }
+            }
         }
         Ok(())
     }
@@ -383,6 +499,7 @@ impl Simulator {
                         let f = self.flash.0.borrow();
                         decode_block(&f.image[off as usize..off as usize + BLOCK_SIZE], vol as u32, lba)
                     }
+                    Located::Zero => ZEROES,
                     Located::San => self.san_block(vol, lba),
                 };
                 self.model.check(vol, lba, found, false, "invariant 1").map_err(|v| self.violation(v))?;
@@ -391,8 +508,8 @@ impl Simulator {
         Ok(())
     }
 
-    fn free_range(&mut self, vol: usize) -> Option<(u64, u32)> {
-        let blocks = self.rng.gen_range(1..=self.cfg.max_write_blocks.min(self.cfg.blocks as u32));
+    fn free_range(&mut self, vol: usize, max: u32) -> Option<(u64, u32)> {
+        let blocks = self.rng.gen_range(1..=max.min(self.cfg.blocks as u32));
         let lba = self.rng.gen_range(0..=self.cfg.blocks - blocks as u64);
         let free = (lba..lba + blocks as u64).all(|b| !self.busy[vol][b as usize]);
         free.then_some((lba, blocks))
@@ -400,44 +517,80 @@ impl Simulator {
 
     fn host_action(&mut self) {
         let vol = self.rng.gen_range(0..self.cfg.volumes);
-        let id = VolumeId(VOLUME_ID_BASE + vol as u32);
-        let now = self.now.get();
-        let token = self.next_token;
-        self.next_token += 1;
         let r = self.rng.gen_range(0..100);
-        if r < 55 {
-            let Some((lba, blocks)) = self.free_range(vol) else { return };
-            let wid = self.next_write_id;
-            self.next_write_id += 1;
-            let mut data = vec![0u8; blocks as usize * BLOCK_SIZE];
-            for i in 0..blocks as usize {
-                encode_block(&mut data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE], wid, vol as u32, lba + i as u64);
-            }
+        if r < 50 {
+            let Some((lba, blocks)) = self.free_range(vol, self.cfg.max_write_blocks) else { return };
             let fua = self.rng.gen_bool(0.1);
-            self.set_busy(vol, lba, blocks, true);
-            self.model.write_submitted(vol, lba, blocks, wid);
-            if self.traced(vol, lba, blocks) {
-                eprintln!("[{} t={now}] write {wid} submitted (fua {fua}) policy {:?}", self.step, self.policies[vol]);
-            }
-            self.in_flight.insert(token, InFlight::Write { vol, lba, blocks, id: wid, fua });
-            self.engine.submit(id, token, HostOp::Write { lba: Lba(lba), data, fua }, now);
+            self.submit_write(vol, lba, blocks, fua);
+        } else if r < 55 {
+            // Write Zeroes over a range that may be long (a data-less entry).
+            let Some((lba, blocks)) = self.free_range(vol, 4 * self.cfg.max_write_blocks) else { return };
+            self.submit_zeroes(vol, lba, blocks, false);
+        } else if r < 58 {
+            let Some((lba, blocks)) = self.free_range(vol, 4 * self.cfg.max_write_blocks) else { return };
+            self.submit_zeroes(vol, lba, blocks, true);
         } else if r < 90 {
-            let Some((lba, blocks)) = self.free_range(vol) else { return };
-            self.set_busy(vol, lba, blocks, true);
-            self.in_flight.insert(token, InFlight::Read { vol, lba, blocks });
-            self.engine.submit(id, token, HostOp::Read { lba: Lba(lba), blocks }, now);
+            let Some((lba, blocks)) = self.free_range(vol, self.cfg.max_write_blocks) else { return };
+            self.read(vol, lba, blocks);
         } else if r < 97 {
-            let snapshot = self.model.flush_submitted(vol);
-            self.in_flight.insert(token, InFlight::Flush { vol, snapshot });
-            self.engine.submit(id, token, HostOp::Flush, now);
+            self.flush(vol);
         } else {
             let p = if self.rng.gen_bool(0.5) { WritePolicy::WriteBack } else { WritePolicy::WriteThrough };
-            self.policies[vol] = p;
-            self.engine.set_policy(id, p);
             if self.cfg.trace_block.is_some_and(|(v, _)| v == vol) {
-                eprintln!("[{} t={now}] policy {p:?}", self.step);
+                eprintln!("[{} t={}] policy {p:?}", self.step, self.now.get());
             }
+            self.set_policy(vol, p);
         }
+    }
+
+    fn submit_write(&mut self, vol: usize, lba: u64, blocks: u32, fua: bool) -> u64 {
+        assert!((lba..lba + blocks as u64).all(|b| !self.busy[vol][b as usize]), "sim: overlapping I/O");
+        let wid = self.next_write_id;
+        self.next_write_id += 1;
+        let token = self.next_token;
+        self.next_token += 1;
+        let mut data = AlignedBuf::new(blocks as usize * BLOCK_SIZE);
+        for i in 0..blocks as usize {
+            encode_block(&mut data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE], wid, vol as u32, lba + i as u64);
+        }
+        self.set_busy(vol, lba, blocks, true);
+        self.model.write_submitted(vol, lba, blocks, wid);
+        if self.traced(vol, lba, blocks) {
+            eprintln!(
+                "[{} t={}] write {wid} submitted (fua {fua}) policy {:?}",
+                self.step,
+                self.now.get(),
+                self.policies[vol]
+            );
+        }
+        self.in_flight.insert(token, InFlight::Write { vol, lba, blocks, id: wid, fua });
+        let op = HostOp::Write { lba: Lba(lba), buf: data, fua };
+        self.engine.submit(Simulator::volume_id(vol), token, op, self.now.get());
+        wid
+    }
+
+    /// Write Zeroes, or (`dealloc`) a Deallocate — which changes the blocks only when the
+    /// volume's SAN unmaps; otherwise it is advisory and the model records nothing.
+    fn submit_zeroes(&mut self, vol: usize, lba: u64, blocks: u32, dealloc: bool) {
+        let token = self.next_token;
+        self.next_token += 1;
+        let op = if dealloc {
+            HostOp::Deallocate { lba: Lba(lba), blocks }
+        } else {
+            HostOp::WriteZeroes { lba: Lba(lba), blocks }
+        };
+        if self.traced(vol, lba, blocks) {
+            eprintln!("[{} t={}] zeroes submitted (dealloc {dealloc})", self.step, self.now.get());
+        }
+        if dealloc && !self.unmap[vol] {
+            self.in_flight.insert(token, InFlight::Advisory);
+            self.engine.submit(Simulator::volume_id(vol), token, op, self.now.get());
+            return;
+        }
+        self.set_busy(vol, lba, blocks, true);
+        self.model.write_submitted(vol, lba, blocks, ZEROES);
+        self.in_flight.insert(token, InFlight::Write { vol, lba, blocks, id: ZEROES, fua: false });
+        self.engine.submit(Simulator::volume_id(vol), token, op, self.now.get());
     }
 
     fn fault_action(&mut self) -> Result<(), Failure> {
@@ -468,7 +621,7 @@ impl Simulator {
         Ok(())
     }
 
-    /// Kills the engine mid-flight, tears device state, restarts and recovers.
+    /// Kills both halves mid-flight, tears device state, restarts and recovers.
     pub fn crash_and_restart(&mut self) -> Result<(), Failure> {
         self.stats.crashes += 1;
         let san_power_loss = self.rng.gen_bool(0.25);
@@ -493,15 +646,18 @@ impl Simulator {
                 self.model.san_power_loss(i);
             }
         }
-        // In-flight host commands are lost: their writes stay uncertain in the model.
+        // In-flight host commands and messages between the halves are lost: writes stay
+        // uncertain in the model.
         self.in_flight.clear();
+        self.to_destage.clear();
+        self.to_engine.clear();
         for b in &mut self.busy {
             b.fill(false);
         }
-        let flash_bytes = self.flash.0.borrow().image.len() as u64;
-        let ecfg = Simulator::engine_config(&self.cfg, &mut self.rng, flash_bytes);
-        let specs = Simulator::specs(&self.cfg, &self.sans, &self.policies);
-        self.engine = Engine::open(ecfg, Box::new(self.flash.clone()), specs).expect("sim: open");
+        let ecfg = Simulator::engine_config(&self.cfg, &mut self.rng);
+        let specs = Simulator::specs(&self.cfg, &self.policies, &self.unmap);
+        self.engine = Engine::open(ecfg, Box::new(self.flash.port(0)), specs).expect("sim: open");
+        self.destager = Simulator::destager(&self.engine, &self.flash, &self.sans);
         self.settle_until_ready();
         match self.engine.state() {
             EngineState::Ready => {}
@@ -511,7 +667,7 @@ impl Simulator {
         self.check_all_locations()
     }
 
-    /// One step: maybe a host command, maybe a fault, time passes, the engine runs, checks.
+    /// One step: maybe a host command, maybe a fault, time passes, both halves run, checks.
     pub fn step(&mut self) -> Result<(), Failure> {
         self.step += 1;
         let actions = self.rng.gen_range(0..3);
@@ -531,6 +687,14 @@ impl Simulator {
         self.check_locations()
     }
 
+    fn quiet(&self) -> bool {
+        self.in_flight.is_empty()
+            && self.engine.is_quiescent()
+            && self.destager.is_idle()
+            && self.to_destage.queue.is_empty()
+            && self.to_engine.queue.is_empty()
+    }
+
     /// Ends the run: faults off, everything write-back drains; then the SAN alone must hold
     /// the newest data of every block (invariant 2).
     pub fn drain(&mut self) -> Result<(), Failure> {
@@ -543,13 +707,13 @@ impl Simulator {
         self.flash.0.borrow_mut().fail_writes_until = 0;
         self.flash.0.borrow_mut().fail_reads_until = 0;
         for _ in 0..200_000 {
-            if self.in_flight.is_empty() && self.engine.is_quiescent() {
+            if self.quiet() {
                 break;
             }
             self.advance(200_000);
             self.pump()?;
         }
-        if !(self.in_flight.is_empty() && self.engine.is_quiescent()) {
+        if !self.quiet() {
             return Err(self.fail("invariant 2", "engine did not drain to quiescence".into()));
         }
         self.check_all_locations()?;
@@ -582,25 +746,12 @@ impl Simulator {
 
     /// Submits a write of fresh data; returns its write id.
     pub fn write(&mut self, vol: usize, lba: u64, blocks: u32) -> u64 {
-        assert!((lba..lba + blocks as u64).all(|b| !self.busy[vol][b as usize]), "scenario: overlapping I/O");
-        let wid = self.next_write_id;
-        self.next_write_id += 1;
-        let token = self.next_token;
-        self.next_token += 1;
-        let mut data = vec![0u8; blocks as usize * BLOCK_SIZE];
-        for i in 0..blocks as usize {
-            encode_block(&mut data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE], wid, vol as u32, lba + i as u64);
-        }
-        self.set_busy(vol, lba, blocks, true);
-        self.model.write_submitted(vol, lba, blocks, wid);
-        self.in_flight.insert(token, InFlight::Write { vol, lba, blocks, id: wid, fua: false });
-        self.engine.submit(
-            Simulator::volume_id(vol),
-            token,
-            HostOp::Write { lba: Lba(lba), data, fua: false },
-            self.now.get(),
-        );
-        wid
+        self.submit_write(vol, lba, blocks, false)
+    }
+
+    /// Submits a Write Zeroes.
+    pub fn write_zeroes(&mut self, vol: usize, lba: u64, blocks: u32) {
+        self.submit_zeroes(vol, lba, blocks, false);
     }
 
     pub fn read(&mut self, vol: usize, lba: u64, blocks: u32) {
@@ -608,7 +759,13 @@ impl Simulator {
         self.next_token += 1;
         self.set_busy(vol, lba, blocks, true);
         self.in_flight.insert(token, InFlight::Read { vol, lba, blocks });
-        self.engine.submit(Simulator::volume_id(vol), token, HostOp::Read { lba: Lba(lba), blocks }, self.now.get());
+        let buf = AlignedBuf::new(blocks as usize * BLOCK_SIZE);
+        self.engine.submit(
+            Simulator::volume_id(vol),
+            token,
+            HostOp::Read { lba: Lba(lba), blocks, buf },
+            self.now.get(),
+        );
     }
 
     pub fn flush(&mut self, vol: usize) {
@@ -628,7 +785,7 @@ impl Simulator {
         self.in_flight.len()
     }
 
-    /// Lets time pass in small steps, running the engine and every checker.
+    /// Lets time pass in small steps, running both halves and every checker.
     pub fn run_for(&mut self, ns: u64) -> Result<(), Failure> {
         let end = self.now.get() + ns;
         while self.now.get() < end {
@@ -649,7 +806,7 @@ impl Simulator {
         Ok(())
     }
 
-    /// The write id the model expects as newest for a block.
+    /// The write ids the model allows for a block (the newest acknowledged first).
     pub fn expected(&self, vol: usize, lba: u64) -> Vec<u64> {
         self.model.allowed(vol, lba)
     }

@@ -13,6 +13,7 @@
 //! private data and which is reclaimed exactly once, in the completion callback.
 
 use super::IscsiUrl;
+use stager_nvme::bdev::AlignedBuf;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::os::fd::RawFd;
@@ -53,6 +54,13 @@ struct ScsiSense {
     specific: u32,
     bit_pointer: u8,
     field_pointer: u16,
+}
+
+/// One UNMAP descriptor (`struct unmap_list`, iscsi.h).
+#[repr(C)]
+struct UnmapList {
+    lba: u64,
+    num: u32,
 }
 
 const SENSE_NOT_READY: c_int = 0x02;
@@ -116,6 +124,31 @@ extern "C" {
         private_data: *mut c_void,
     ) -> *mut ScsiTask;
     #[allow(clippy::too_many_arguments)]
+    fn iscsi_writesame16_task(
+        iscsi: *mut IscsiContext,
+        lun: c_int,
+        lba: u64,
+        data: *mut u8,
+        datalen: u32,
+        num_blocks: u32,
+        anchor: c_int,
+        unmap: c_int,
+        wrprotect: c_int,
+        group: c_int,
+        cb: CommandCb,
+        private_data: *mut c_void,
+    ) -> *mut ScsiTask;
+    fn iscsi_unmap_task(
+        iscsi: *mut IscsiContext,
+        lun: c_int,
+        anchor: c_int,
+        group: c_int,
+        list: *mut UnmapList,
+        list_len: c_int,
+        cb: CommandCb,
+        private_data: *mut c_void,
+    ) -> *mut ScsiTask;
+    #[allow(clippy::too_many_arguments)]
     fn iscsi_synchronizecache16_task(
         iscsi: *mut IscsiContext,
         lun: c_int,
@@ -144,20 +177,26 @@ pub enum SanError {
     OutOfRange { lba: u64, blocks: u64, size: u64 },
 }
 
-/// A finished command: read data for reads, nothing for writes and flushes.
+/// A finished command, with the buffer it was given (a read's holds the data).
 #[derive(Debug)]
 pub struct SanDone {
     pub token: u64,
-    pub result: Result<Option<Vec<u8>>, SanError>,
+    pub result: Result<(), SanError>,
+    pub buf: Option<AlignedBuf>,
 }
 
 struct Pending {
     token: u64,
     /// Read destination or write source; must outlive the task (it is freed with us).
-    buf: Vec<u8>,
-    is_read: bool,
+    buf: Option<AlignedBuf>,
+    /// WRITE SAME's one zero block or UNMAP's descriptor; kept alive with the task.
+    aux: Option<Vec<u8>>,
+    unmap: Option<Vec<UnmapList>>,
     done: Rc<RefCell<Vec<SanDone>>>,
 }
+
+/// Blocks one WRITE SAME or UNMAP descriptor covers at most (its length field is 32-bit).
+const ZERO_BLOCKS_MAX: u64 = u32::MAX as u64;
 
 pub struct IscsiLun {
     ctx: NonNull<IscsiContext>,
@@ -165,6 +204,9 @@ pub struct IscsiLun {
     pub url: IscsiUrl,
     pub block_size: u32,
     pub blocks: u64,
+    /// The LUN is thin provisioned and reads zeroes from unmapped blocks (READ CAPACITY(16)
+    /// LBPME and LBPRZ): host Deallocate can be destaged as UNMAP.
+    pub unmap_reads_zeroes: bool,
     done: Rc<RefCell<Vec<SanDone>>>,
     in_flight: usize,
 }
@@ -189,6 +231,7 @@ impl IscsiLun {
             url: parsed,
             block_size: 0,
             blocks: 0,
+            unmap_reads_zeroes: false,
             done: Rc::new(RefCell::new(Vec::new())),
             in_flight: 0,
         };
@@ -205,9 +248,11 @@ impl IscsiLun {
                 return Err(cerr(format!("READ CAPACITY(16) failed: {}", lun.error())));
             }
             let rc = scsi_datain_unmarshall(task) as *const ReadCapacity16;
-            let cap = rc.as_ref().map(|r| (r.returned_lba, r.block_length));
+            let cap = rc.as_ref().map(|r| (r.returned_lba, r.block_length, r.lbpme != 0 && r.lbprz != 0));
             scsi_free_scsi_task(task);
-            let (last_lba, block_size) = cap.ok_or_else(|| cerr("READ CAPACITY(16) returned no data".into()))?;
+            let (last_lba, block_size, thin_zeroes) =
+                cap.ok_or_else(|| cerr("READ CAPACITY(16) returned no data".into()))?;
+            lun.unmap_reads_zeroes = thin_zeroes;
             if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() {
                 return Err(cerr(format!("unusable block size {block_size}")));
             }
@@ -255,23 +300,40 @@ impl IscsiLun {
         Ok(())
     }
 
-    fn pending(&self, token: u64, buf: Vec<u8>, is_read: bool) -> *mut Pending {
-        Box::into_raw(Box::new(Pending { token, buf, is_read, done: self.done.clone() }))
+    fn pending(&self, token: u64, buf: Option<AlignedBuf>) -> *mut Pending {
+        Box::into_raw(Box::new(Pending { token, buf, aux: None, unmap: None, done: self.done.clone() }))
     }
 
-    /// Reclaims a `Pending` whose task could not be created.
-    fn abandon(&mut self, p: *mut Pending) -> SanError {
+    /// Reclaims a `Pending` whose task could not be created, handing its buffer back.
+    fn abandon(&mut self, p: *mut Pending) -> (SanError, Option<AlignedBuf>) {
         // SAFETY: p came from Box::into_raw in `pending` and libiscsi never saw it.
-        drop(unsafe { Box::from_raw(p) });
-        SanError::Command(self.error())
+        let p = unsafe { Box::from_raw(p) };
+        (SanError::Command(self.error()), p.buf)
     }
 
-    pub fn submit_read(&mut self, token: u64, lba: u64, blocks: u32) -> Result<(), SanError> {
-        self.check(lba, blocks as u64)?;
-        let len = blocks as usize * self.block_size as usize;
-        let p = self.pending(token, vec![0; len], true);
+    /// Reads `buf.len()` bytes from `lba` into `buf` (the buffer comes back in the completion).
+    pub fn submit_read(
+        &mut self,
+        token: u64,
+        lba: u64,
+        mut buf: AlignedBuf,
+    ) -> Result<(), (SanError, Option<AlignedBuf>)> {
+        let bs = self.block_size as usize;
+        if buf.is_empty() || !buf.len().is_multiple_of(bs) {
+            return Err((
+                SanError::Command(format!("read of {} bytes is not whole {bs}-byte blocks", buf.len())),
+                Some(buf),
+            ));
+        }
+        if let Err(e) = self.check(lba, (buf.len() / bs) as u64) {
+            return Err((e, Some(buf)));
+        }
+        let len = buf.len();
+        let dst = buf.as_mut_ptr();
+        let p = self.pending(token, Some(buf));
         // SAFETY: ctx live; p stays valid until on_complete reclaims it; the data-in buffer is
-        // p's own Vec, which is not touched again until then.
+        // p's own AlignedBuf (its heap block does not move with the Box), not touched again
+        // until then.
         unsafe {
             let task = iscsi_read16_task(
                 self.ctx.as_ptr(),
@@ -290,28 +352,40 @@ impl IscsiLun {
             if task.is_null() {
                 return Err(self.abandon(p));
             }
-            scsi_task_add_data_in_buffer(task, len as c_int, (*p).buf.as_mut_ptr());
+            scsi_task_add_data_in_buffer(task, len as c_int, dst);
         }
         self.in_flight += 1;
         Ok(())
     }
 
-    /// Writes `data` (whole blocks) at `lba`; `fua` asks the SAN to make it durable first.
-    pub fn submit_write(&mut self, token: u64, lba: u64, data: Vec<u8>, fua: bool) -> Result<(), SanError> {
+    /// Writes `buf` (whole blocks) at `lba`; `fua` asks the SAN to make it durable first.
+    pub fn submit_write(
+        &mut self,
+        token: u64,
+        lba: u64,
+        mut buf: AlignedBuf,
+        fua: bool,
+    ) -> Result<(), (SanError, Option<AlignedBuf>)> {
         let bs = self.block_size as usize;
-        if data.is_empty() || !data.len().is_multiple_of(bs) {
-            return Err(SanError::Command(format!("write of {} bytes is not whole {bs}-byte blocks", data.len())));
+        if buf.is_empty() || !buf.len().is_multiple_of(bs) {
+            return Err((
+                SanError::Command(format!("write of {} bytes is not whole {bs}-byte blocks", buf.len())),
+                Some(buf),
+            ));
         }
-        self.check(lba, (data.len() / bs) as u64)?;
-        let len = data.len();
-        let p = self.pending(token, data, false);
-        // SAFETY: as in submit_read; the write source is p's Vec, alive until completion.
+        if let Err(e) = self.check(lba, (buf.len() / bs) as u64) {
+            return Err((e, Some(buf)));
+        }
+        let len = buf.len();
+        let src = buf.as_mut_ptr();
+        let p = self.pending(token, Some(buf));
+        // SAFETY: as in submit_read; the write source is p's AlignedBuf, alive until completion.
         let task = unsafe {
             iscsi_write16_task(
                 self.ctx.as_ptr(),
                 self.lun,
                 lba,
-                (*p).buf.as_mut_ptr(),
+                src,
                 len as u32,
                 bs as c_int,
                 0,
@@ -330,15 +404,75 @@ impl IscsiLun {
         Ok(())
     }
 
+    /// Zeroes `blocks` blocks from `lba` with WRITE SAME(16) of one zero block (no data sent
+    /// per block).
+    pub fn submit_write_zeroes(&mut self, token: u64, lba: u64, blocks: u64) -> Result<(), SanError> {
+        self.check(lba, blocks)?;
+        if blocks == 0 || blocks > ZERO_BLOCKS_MAX {
+            return Err(SanError::Command(format!("WRITE SAME of {blocks} blocks")));
+        }
+        let bs = self.block_size as usize;
+        let p = self.pending(token, None);
+        // SAFETY: p is ours until the callback; its zero block lives as long as p.
+        let data = unsafe {
+            (*p).aux = Some(vec![0u8; bs]);
+            (*p).aux.as_mut().map(|v| v.as_mut_ptr()).unwrap_or(std::ptr::null_mut())
+        };
+        // SAFETY: as in submit_read; the one-block source lives in p until completion.
+        let task = unsafe {
+            iscsi_writesame16_task(
+                self.ctx.as_ptr(),
+                self.lun,
+                lba,
+                data,
+                bs as u32,
+                blocks as u32,
+                0,
+                0,
+                0,
+                0,
+                on_complete,
+                p as *mut c_void,
+            )
+        };
+        if task.is_null() {
+            return Err(self.abandon(p).0);
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Unmaps `blocks` blocks from `lba` (only when [`IscsiLun::unmap_reads_zeroes`]).
+    pub fn submit_unmap(&mut self, token: u64, lba: u64, blocks: u64) -> Result<(), SanError> {
+        self.check(lba, blocks)?;
+        if blocks == 0 || blocks > ZERO_BLOCKS_MAX {
+            return Err(SanError::Command(format!("UNMAP of {blocks} blocks")));
+        }
+        let p = self.pending(token, None);
+        // SAFETY: p is ours until the callback; the descriptor lives as long as p.
+        let list = unsafe {
+            (*p).unmap = Some(vec![UnmapList { lba, num: blocks as u32 }]);
+            (*p).unmap.as_mut().map(|v| v.as_mut_ptr()).unwrap_or(std::ptr::null_mut())
+        };
+        // SAFETY: as in submit_read; libiscsi reads the one descriptor while building the task.
+        let task =
+            unsafe { iscsi_unmap_task(self.ctx.as_ptr(), self.lun, 0, 0, list, 1, on_complete, p as *mut c_void) };
+        if task.is_null() {
+            return Err(self.abandon(p).0);
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
     /// SYNCHRONIZE CACHE(16) over the whole LUN: every completed write is durable on the SAN.
     pub fn submit_flush(&mut self, token: u64) -> Result<(), SanError> {
-        let p = self.pending(token, Vec::new(), false);
+        let p = self.pending(token, None);
         // SAFETY: as in submit_read.
         let task = unsafe {
             iscsi_synchronizecache16_task(self.ctx.as_ptr(), self.lun, 0, 0, 0, 0, on_complete, p as *mut c_void)
         };
         if task.is_null() {
-            return Err(self.abandon(p));
+            return Err(self.abandon(p).0);
         }
         self.in_flight += 1;
         Ok(())
@@ -382,9 +516,9 @@ extern "C" fn on_complete(_ctx: *mut IscsiContext, status: c_int, command_data: 
     }
     // SAFETY: private is the Box::into_raw'd Pending of exactly this task; libiscsi calls the
     // callback once per task, so it is reclaimed exactly once.
-    let p = unsafe { Box::from_raw(private as *mut Pending) };
+    let mut p = unsafe { Box::from_raw(private as *mut Pending) };
     let result = match status {
-        STATUS_GOOD => Ok(p.is_read.then(|| p.buf.clone())),
+        STATUS_GOOD => Ok(()),
         STATUS_CHECK_CONDITION => {
             let mut sense = ScsiSense::default();
             if !command_data.is_null() {
@@ -400,7 +534,7 @@ extern "C" fn on_complete(_ctx: *mut IscsiContext, status: c_int, command_data: 
         s => Err(SanError::Command(format!("SCSI status {s:#x}"))),
     };
     if let Ok(mut d) = p.done.try_borrow_mut() {
-        d.push(SanDone { token: p.token, result });
+        d.push(SanDone { token: p.token, result, buf: p.buf.take() });
     }
     if !command_data.is_null() {
         // SAFETY: command_data is the task this callback completes; we own freeing it.

@@ -23,7 +23,12 @@ impl IscsiUrl {
         let (host, target, lun) = (parts.next(), parts.next(), parts.next());
         let host = host.filter(|h| !h.is_empty()).ok_or("no host")?;
         let target = target.filter(|t| !t.is_empty()).ok_or("no target IQN")?;
-        let lun = lun.ok_or("no LUN")?.parse::<u16>().map_err(|_| "the LUN is not a number")?;
+        let lun = lun.ok_or("no LUN")?;
+        if lun.is_empty() || !lun.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("the LUN is not a number");
+        }
+        // SCSI flat-space LUNs go up to 16383; libiscsi takes them as such.
+        let lun = lun.parse::<u16>().ok().filter(|&n| n <= 16383).ok_or("the LUN is out of range (0 to 16383)")?;
         let portal = if host.contains(':') { host.to_string() } else { format!("{host}:3260") };
         Ok(IscsiUrl { portal, target: target.to_string(), lun })
     }
@@ -48,6 +53,8 @@ mod tests {
             "iscsi://h",
             "iscsi://h/t",
             "iscsi://h/t/x",
+            "iscsi://h/t/16384",
+            "iscsi://h/t/99999999",
             "iscsi:///t/1",
             "iscsi://h//1",
         ] {

@@ -5,7 +5,6 @@
 //! lock and read its superblock.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -18,7 +17,7 @@ use stager_nvme::bdev::{
 use stager_nvme::uring::{split, Ring};
 use stager_policy::constants::BLOCK_SIZE_U64;
 use stager_policy::log::{Superblock, SuperblockError};
-use stager_policy::{Flash, FlashInfo, IoDone, IoError, San};
+use stager_policy::{Flash, FlashInfo, IoDone, IoError, IoToken, San};
 
 /// io_uring entries of the destage reactor: the engines keep at most a few hundred log writes
 /// and destage reads in flight per device; more wait in the ring's backlog.
@@ -103,36 +102,30 @@ impl SharedRing {
     }
 }
 
-/// A block device as the engine's flash or SAN: submissions go to the shared ring and
-/// completions come back as `IoDone` when the engine polls. The engine's buffers are
-/// `Vec<u8>`; O_DIRECT needs aligned ones, so data is copied here.
+/// A block device as the engine's flash, the destager's log reader, or a volume's SAN: buffers
+/// go to the device's channel as they are (no copies) and come back in the completions.
 pub struct BdevPort {
     dev: Arc<dyn BlockDevice>,
     ring: Rc<SharedRing>,
     channel: Box<dyn BdevChannel>,
     inbox: Vec<(u32, i32)>,
-    /// Tokens of reads in flight (their data goes back to the engine).
-    reads: HashSet<u64>,
     id: u32,
     done: Vec<BdevDone>,
-    /// Completions decided at submission (a range the device does not have).
-    early: Vec<IoDone>,
+    /// An unmap (punched hole) reads as zeroes: true for a regular file.
+    unmap_zeroes: bool,
 }
 
 impl BdevPort {
     pub fn new(dev: Arc<dyn BlockDevice>, ring: Rc<SharedRing>) -> std::io::Result<BdevPort> {
         let id = ring.add_port();
         let channel = dev.channel(id)?;
-        Ok(BdevPort {
-            dev,
-            ring,
-            channel,
-            inbox: Vec::new(),
-            reads: HashSet::new(),
-            done: Vec::new(),
-            early: Vec::new(),
-            id,
-        })
+        Ok(BdevPort { dev, ring, channel, inbox: Vec::new(), done: Vec::new(), id, unmap_zeroes: false })
+    }
+
+    /// Declares that a deallocated range of this device reads as zeroes (a file's holes).
+    pub fn with_unmap_zeroes(mut self, yes: bool) -> BdevPort {
+        self.unmap_zeroes = yes;
+        self
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -143,34 +136,11 @@ impl BdevPort {
         self.channel.in_flight()
     }
 
-    fn submit(&mut self, token: u64, op: BdevOp, offset: u64, len: u64, data: Option<&[u8]>) {
-        let buf = match op {
-            BdevOp::Read => Some(AlignedBuf::new(len as usize)),
-            BdevOp::Write { .. } => {
-                let mut b = AlignedBuf::new(len as usize);
-                if let Some(d) = data {
-                    b.copy_from_slice(d);
-                }
-                Some(b)
-            }
-            _ => None,
-        };
-        if let Some(b) = &buf {
-            if b.len() as u64 != len {
-                // AlignedBuf rounds up to 4 KiB; the engine only asks for whole blocks.
-                self.early.push(IoDone { token, result: Err(IoError::Failed) });
-                return;
-            }
-        }
-        if op == BdevOp::Read {
-            self.reads.insert(token);
-        }
-        self.channel.submit(BdevIo::new(op, offset, len, buf, token), &mut self.ring.ring.borrow_mut());
+    fn submit(&mut self, io: BdevIo) {
+        self.channel.submit(io, &mut self.ring.ring.borrow_mut());
     }
 
     fn poll(&mut self, out: &mut Vec<IoDone>) -> usize {
-        let mut n = self.early.len();
-        out.append(&mut self.early);
         // Without a reactor around (stagerctl), the port keeps the ring moving itself; the
         // reactor's own completions never reach a port's pump, so `foreign` stays empty there.
         self.ring.pump();
@@ -180,18 +150,13 @@ impl BdevPort {
         }
         self.done.clear();
         self.channel.poll(&mut self.done);
+        let n = self.done.len();
         for d in self.done.drain(..) {
-            let is_read = self.reads.remove(&d.token);
-            let result = match d.result {
-                Ok(()) if is_read => Ok(d.buf.map(|b| b.to_vec()).unwrap_or_default()),
-                Ok(()) => Ok(Vec::new()),
-                Err(e) => {
-                    tracing::warn!(device = %self.dev.info().name, "device I/O failed: {e}");
-                    Err(IoError::Failed)
-                }
-            };
-            out.push(IoDone { token: d.token, result });
-            n += 1;
+            let result = d.result.map_err(|e| {
+                tracing::warn!(device = %self.dev.info().name, "device I/O failed: {e}");
+                IoError::Failed
+            });
+            out.push(IoDone { token: IoToken(d.token), result, buf: d.buf, gather: d.gather });
         }
         n
     }
@@ -202,15 +167,18 @@ impl Flash for BdevPort {
         let i = self.dev.info();
         FlashInfo { size_bytes: i.size_bytes(), volatile_cache: i.volatile_cache }
     }
-    fn submit_read(&mut self, token: u64, offset: u64, len: u64) {
-        self.submit(token, BdevOp::Read, offset, len, None);
+    fn submit_read(&mut self, token: IoToken, offset: u64, buf: AlignedBuf) {
+        let len = buf.len() as u64;
+        self.submit(BdevIo::new(BdevOp::Read, offset, len, Some(buf), token.0));
     }
-    fn submit_write(&mut self, token: u64, offset: u64, data: Vec<u8>, fua: bool) {
-        let len = data.len() as u64;
-        self.submit(token, BdevOp::Write { fua }, offset, len, Some(&data));
+    fn submit_write(&mut self, token: IoToken, offset: u64, first: AlignedBuf, gather: Vec<AlignedBuf>, fua: bool) {
+        let len = first.len() as u64 + gather.iter().map(|b| b.len() as u64).sum::<u64>();
+        let mut io = BdevIo::new(BdevOp::Write { fua }, offset, len, Some(first), token.0);
+        io.gather = gather;
+        self.submit(io);
     }
-    fn submit_flush(&mut self, token: u64) {
-        self.submit(token, BdevOp::Flush, 0, 0, None);
+    fn submit_flush(&mut self, token: IoToken) {
+        self.submit(BdevIo::new(BdevOp::Flush, 0, 0, None, token.0));
     }
     fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize {
         self.poll(out)
@@ -221,15 +189,23 @@ impl San for BdevPort {
     fn size_bytes(&self) -> u64 {
         BdevPort::size_bytes(self)
     }
-    fn submit_read(&mut self, token: u64, offset: u64, len: u64) {
-        self.submit(token, BdevOp::Read, offset, len, None);
+    fn unmap_reads_zeroes(&self) -> bool {
+        self.unmap_zeroes
     }
-    fn submit_write(&mut self, token: u64, offset: u64, data: Vec<u8>, fua: bool) {
-        let len = data.len() as u64;
-        self.submit(token, BdevOp::Write { fua }, offset, len, Some(&data));
+    fn submit_read(&mut self, token: IoToken, offset: u64, buf: AlignedBuf) {
+        Flash::submit_read(self, token, offset, buf);
     }
-    fn submit_flush(&mut self, token: u64) {
-        self.submit(token, BdevOp::Flush, 0, 0, None);
+    fn submit_write(&mut self, token: IoToken, offset: u64, buf: AlignedBuf, fua: bool) {
+        Flash::submit_write(self, token, offset, buf, Vec::new(), fua);
+    }
+    fn submit_write_zeroes(&mut self, token: IoToken, offset: u64, len: u64) {
+        self.submit(BdevIo::new(BdevOp::WriteZeroes, offset, len, None, token.0));
+    }
+    fn submit_unmap(&mut self, token: IoToken, offset: u64, len: u64) {
+        self.submit(BdevIo::new(BdevOp::Deallocate, offset, len, None, token.0));
+    }
+    fn submit_flush(&mut self, token: IoToken) {
+        Flash::submit_flush(self, token);
     }
     fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize {
         self.poll(out)
@@ -244,11 +220,19 @@ impl Flash for ReadOnlyFlash {
     fn info(&self) -> FlashInfo {
         self.0.info()
     }
-    fn submit_read(&mut self, token: u64, offset: u64, len: u64) {
-        Flash::submit_read(&mut self.0, token, offset, len);
+    fn submit_read(&mut self, token: IoToken, offset: u64, buf: AlignedBuf) {
+        Flash::submit_read(&mut self.0, token, offset, buf);
     }
-    fn submit_write(&mut self, _token: u64, _offset: u64, _data: Vec<u8>, _fua: bool) {}
-    fn submit_flush(&mut self, _token: u64) {}
+    fn submit_write(
+        &mut self,
+        _token: IoToken,
+        _offset: u64,
+        _first: AlignedBuf,
+        _gather: Vec<AlignedBuf>,
+        _fua: bool,
+    ) {
+    }
+    fn submit_flush(&mut self, _token: IoToken) {}
     fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize {
         self.0.poll(out)
     }
@@ -307,10 +291,10 @@ impl IscsiSan {
         }
     }
 
-    fn after_submit(&mut self, token: u64, r: Result<(), crate::san::iscsi::SanError>) {
-        if let Err(e) = r {
+    fn after_submit(&mut self, token: IoToken, r: Result<(), (crate::san::iscsi::SanError, Option<AlignedBuf>)>) {
+        if let Err((e, buf)) = r {
             self.log_error("submission failed", &e);
-            self.early.push(IoDone { token, result: Err(Self::map_err(&e)) });
+            self.early.push(IoDone::new(token, Err(Self::map_err(&e)), buf));
         }
     }
 }
@@ -320,18 +304,31 @@ impl San for IscsiSan {
     fn size_bytes(&self) -> u64 {
         self.lun.blocks * self.lun.block_size as u64
     }
-    fn submit_read(&mut self, token: u64, offset: u64, len: u64) {
+    fn unmap_reads_zeroes(&self) -> bool {
+        self.lun.unmap_reads_zeroes
+    }
+    fn submit_read(&mut self, token: IoToken, offset: u64, buf: AlignedBuf) {
         let bs = self.lun.block_size as u64;
-        let r = self.lun.submit_read(token, offset / bs, (len / bs) as u32);
+        let r = self.lun.submit_read(token.0, offset / bs, buf);
         self.after_submit(token, r);
     }
-    fn submit_write(&mut self, token: u64, offset: u64, data: Vec<u8>, fua: bool) {
+    fn submit_write(&mut self, token: IoToken, offset: u64, buf: AlignedBuf, fua: bool) {
         let bs = self.lun.block_size as u64;
-        let r = self.lun.submit_write(token, offset / bs, data, fua);
+        let r = self.lun.submit_write(token.0, offset / bs, buf, fua);
         self.after_submit(token, r);
     }
-    fn submit_flush(&mut self, token: u64) {
-        let r = self.lun.submit_flush(token);
+    fn submit_write_zeroes(&mut self, token: IoToken, offset: u64, len: u64) {
+        let bs = self.lun.block_size as u64;
+        let r = self.lun.submit_write_zeroes(token.0, offset / bs, len / bs).map_err(|e| (e, None));
+        self.after_submit(token, r);
+    }
+    fn submit_unmap(&mut self, token: IoToken, offset: u64, len: u64) {
+        let bs = self.lun.block_size as u64;
+        let r = self.lun.submit_unmap(token.0, offset / bs, len / bs).map_err(|e| (e, None));
+        self.after_submit(token, r);
+    }
+    fn submit_flush(&mut self, token: IoToken) {
+        let r = self.lun.submit_flush(token.0).map_err(|e| (e, None));
         self.after_submit(token, r);
     }
     fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize {
@@ -358,11 +355,8 @@ impl San for IscsiSan {
             self.log_error("session error", &e);
         }
         for d in self.done.drain(..) {
-            let result = match d.result {
-                Ok(data) => Ok(data.unwrap_or_default()),
-                Err(e) => Err(Self::map_err(&e)),
-            };
-            out.push(IoDone { token: d.token, result });
+            let result = d.result.map_err(|e| Self::map_err(&e));
+            out.push(IoDone::new(IoToken(d.token), result, d.buf));
             n += 1;
         }
         if self.lun.in_flight() > 0 && !self.armed {
@@ -450,4 +444,38 @@ pub fn probe_superblock(dev: &dyn BlockDevice) -> std::io::Result<Probe> {
 /// Opens a flash device (any driver) or a SAN file.
 pub fn open_flash_device(spec: &DeviceSpec) -> std::io::Result<Arc<dyn BlockDevice>> {
     open_device(spec)
+}
+
+/// Makes sure every block of a flash *file* up to `size` has been written once: a log write
+/// into a hole or an unwritten extent makes the file system allocate or convert it, and with
+/// RWF_DSYNC that metadata change costs a journal commit on every such write. A newly created
+/// or extended file is filled with zeroes once, here (about a second per GiB); a block device
+/// or a file already that large is left alone.
+pub fn prepare_flash_file(path: &Path, size: Option<u64>) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let Some(size) = size else { return Ok(()) };
+    let old = match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => return Ok(()),
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    if old >= size {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    tracing::info!("{}: writing zeroes to {} MiB of new flash file once", path.display(), (size - old) >> 20);
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(path)?;
+    let start = old - old % BLOCK_SIZE_U64;
+    f.seek(SeekFrom::Start(start))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = start;
+    while at < size {
+        let n = ((size - at) as usize).min(zeros.len());
+        f.write_all(&zeros[..n])?;
+        at += n as u64;
+    }
+    f.sync_all()
 }

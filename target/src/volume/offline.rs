@@ -1,7 +1,8 @@
 //! A flash device without a daemon (DESIGN.md, "Flash device moved to another node"):
 //! [`inspect`] replays its log read-only and reports the volumes and dirty bytes it holds;
 //! [`destage`] recovers it and destages every dirty block to the volumes' SANs named in a
-//! configuration file. Both run the same engine and recovery as stagerd, on the caller's thread.
+//! configuration file. Both run the same engine, recovery and destager as stagerd, on the
+//! caller's thread.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,8 @@ use stager_nvme::bdev::{BlockDevice, DeviceSpec};
 use stager_policy::constants::BLOCK_SIZE_U64;
 use stager_policy::io::MonotonicClock;
 use stager_policy::log::{Layout, Superblock};
-use stager_policy::{Clock, Engine, EngineConfig, EngineState, VolumeId, VolumeSpec, WritePolicy};
+use stager_policy::node::Node;
+use stager_policy::{Clock, Destager, Engine, EngineConfig, EngineState, San, VolumeId, VolumeSpec, WritePolicy};
 
 use super::devices::{
     open_flash_device, probe_superblock, BdevPort, LockError, OwnerLock, Probe, ReadOnlyFlash, SharedRing,
@@ -38,13 +40,37 @@ fn read_superblock(dev: &dyn BlockDevice, path: &str) -> Result<Superblock, Stri
     }
 }
 
+/// Something an offline tool drives on its own thread: an engine alone, or a node.
+trait Drivable {
+    fn state(&self) -> &EngineState;
+    fn poll(&mut self, now: u64) -> usize;
+}
+
+impl Drivable for Engine {
+    fn state(&self) -> &EngineState {
+        Engine::state(self)
+    }
+    fn poll(&mut self, now: u64) -> usize {
+        Engine::poll(self, now)
+    }
+}
+
+impl Drivable for Node {
+    fn state(&self) -> &EngineState {
+        self.engine.state()
+    }
+    fn poll(&mut self, now: u64) -> usize {
+        Node::poll(self, now)
+    }
+}
+
 /// Drives `e` until `done` says so; `what` names the wait in the timeout error.
-fn drive(
-    e: &mut Engine,
+fn drive<D: Drivable>(
+    e: &mut D,
     clock: &MonotonicClock,
     timeout: Duration,
     what: &str,
-    done: impl Fn(&Engine) -> bool,
+    done: impl Fn(&D) -> bool,
 ) -> Result<(), String> {
     let start = Instant::now();
     while !done(e) {
@@ -82,7 +108,7 @@ pub fn inspect(device: &DeviceSpec) -> Result<Inspection, String> {
         path: path.clone(),
         owned_by_running_process: owned,
         superblock_generation: sb.generation,
-        incarnation: sb.incarnation,
+        incarnation: sb.incarnation.0,
         device,
     })
 }
@@ -106,6 +132,7 @@ pub struct DestageProgress {
 
 /// Recovers the device's log and destages every volume on it to the SAN `config` gives it,
 /// then leaves the device clean (watermarks persisted). Refuses a device another process owns.
+/// The engine and its destager run on this thread, linked by a plain queue ([`Node`]).
 pub fn destage(
     device: &DeviceSpec,
     config: &Config,
@@ -120,6 +147,7 @@ pub fn destage(
         .ok_or_else(|| format!("{path}: its superblock's layout does not fit a {size}-byte device"))?;
     let ring = SharedRing::new().map_err(|e| format!("io_uring: {e}"))?;
     let mut specs = Vec::new();
+    let mut sans: Vec<(VolumeId, Box<dyn San>)> = Vec::new();
     let mut labels = Vec::new();
     for v in &sb.volumes {
         let san = config.subsystems.iter().flat_map(|s| &s.namespaces).find_map(|n| match &n.backend {
@@ -140,39 +168,36 @@ pub fn destage(
             blocks: v.blocks,
             policy: WritePolicy::WriteThrough,
             read_cache: false,
-            san: port,
+            unmap: port.unmap_reads_zeroes(),
         });
+        sans.push((v.id, port));
     }
-    let port = BdevPort::new(dev, ring).map_err(|e| format!("io_uring: {e}"))?;
+    let io = |e: std::io::Error| format!("io_uring: {e}");
     let cfg = EngineConfig { device_id: sb.device_id, cache_percent, ..EngineConfig::default() };
-    let mut e = Engine::open(cfg, Box::new(port), specs).map_err(|e| e.to_string())?;
+    let engine = Engine::open(cfg, Box::new(BdevPort::new(dev.clone(), ring.clone()).map_err(io)?), specs)
+        .map_err(|e| e.to_string())?;
+    let destager = Destager::new(engine.layout(), Box::new(BdevPort::new(dev, ring).map_err(io)?), sans);
+    let mut node = Node::new(engine, destager);
     let clock = MonotonicClock::new();
-    drive(&mut e, &clock, Duration::from_secs(3600), "recovery", |e| *e.state() == EngineState::Ready)?;
-    let ids: Vec<VolumeId> = e.volume_ids();
-    let dirty = |e: &Engine| ids.iter().filter_map(|id| e.volume_metrics(*id)).map(|m| m.dirty_bytes).sum::<u64>();
-    let dirty_at_start = dirty(&e);
+    drive(&mut node, &clock, Duration::from_secs(3600), "recovery", |n| *n.engine.state() == EngineState::Ready)?;
+    let ids: Vec<VolumeId> = node.engine.volume_ids();
+    let dirty = |n: &Node| ids.iter().filter_map(|id| n.engine.volume_metrics(*id)).map(|m| m.dirty_bytes).sum::<u64>();
+    let dirty_at_start = dirty(&node);
     let started = Instant::now();
     let mut last_report = Instant::now();
     let mut last_progress = (Instant::now(), dirty_at_start);
-    loop {
-        let now_dirty = dirty(&e);
+    while !node.is_quiescent() {
+        let now_dirty = dirty(&node);
         if last_report.elapsed() > Duration::from_millis(100) {
             progress(&DestageProgress { dirty_at_start, dirty_now: now_dirty });
             last_report = Instant::now();
-        }
-        let persisted = ids
-            .iter()
-            .filter_map(|id| e.volume_metrics(*id))
-            .all(|m| m.persisted_watermark == m.watermark && m.watermark_lag_entries == 0);
-        if now_dirty == 0 && persisted && !e.io_in_flight() {
-            break;
         }
         if now_dirty < last_progress.1 {
             last_progress = (Instant::now(), now_dirty);
         } else if last_progress.0.elapsed() > Duration::from_secs(300) {
             let unreachable: Vec<String> = ids
                 .iter()
-                .filter_map(|id| e.volume_metrics(*id))
+                .filter_map(|id| node.engine.volume_metrics(*id))
                 .filter(|m| !m.san_reachable)
                 .map(|m| format!("volume {}", m.id.0))
                 .collect();
@@ -182,7 +207,7 @@ pub fn destage(
                 if unreachable.is_empty() { "none".into() } else { unreachable.join(", ") }
             ));
         }
-        if e.poll(clock.now_ns()) == 0 {
+        if node.poll(clock.now_ns()) == 0 {
             std::thread::sleep(Duration::from_micros(50));
         }
     }

@@ -1,71 +1,77 @@
-//! The destage reactor: one thread per node (DESIGN.md, "Runtime model") that owns the
-//! write-back engine of every flash device — log writes, the read cache, destage to the SANs,
-//! recovery at start. The engine is single-owner and `!Send`, so everything it touches (flash
-//! ports, SAN sessions, the engine itself) is built on this thread and never leaves it.
+//! The volume service: what `Target` holds of the write-back volumes, and the destage core.
 //!
-//! Front-end reactors reach it only by messages: a [`VolumeChannel`](super::channel) sends each
-//! host command as an [`EngineMsg::Io`] over a crossbeam channel (which also wakes this thread
-//! when it sleeps); completions go back on the channel's own reply queue plus an eventfd that
-//! the front-end reactor has armed in its io_uring, so a sleeping reactor wakes at once.
+//! [`VolumeService::start`] opens and locks every flash device, reads its superblock (a damaged
+//! one refuses the start), and starts the **destage core** — one thread per node (DESIGN.md,
+//! "Runtime model"), pinned to `destage.core` if given — which connects every volume's SAN and
+//! builds each device's [`Destager`] there (SAN sessions and the destager are single-owner and
+//! never leave that thread). It then prepares a [`HostPlan`] per device: the owner reactor
+//! (device `i` → reactor `i % reactors`) builds the device's engine from it when it starts,
+//! so the log is appended on the core that receives the commands.
 //!
-//! Polling is adaptive like the front-end reactors': spin while there was work within
-//! `destage.idle_poll_us`, then sleep in `io_uring_enter` on the reactor's one ring
-//! ([`SharedRing`]), which every flash and SAN file I/O, every iSCSI socket poll and the
-//! message eventfd complete into — so whichever comes first wakes it. Senders write that eventfd
-//! only while the reactor says it sleeps (an atomic flag checked after queueing), so a busy
-//! reactor costs them no system call. The sleep is capped at `IDLE_SLEEP` for the engine's
-//! timers (back-off retries, the degraded cool-down).
+//! The destage core talks to each engine host only in messages ([`stager_policy::link`]) over
+//! bounded crossbeam channels, with an eventfd that wakes a sleeping thread; a full channel
+//! keeps messages on the sender's side until there is room. Like the reactors it spins while
+//! there was work within `destage.idle_poll_us`, then sleeps in `io_uring_enter` on its one
+//! ring ([`SharedRing`]), which every flash read, SAN file I/O, iSCSI socket poll and its
+//! message eventfd complete into; senders write the eventfd only while it says it sleeps.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
-use stager_nvme::bdev::DeviceSpec;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use stager_nvme::bdev::{BlockDevice, DeviceSpec};
 use stager_policy::io::MonotonicClock;
+use stager_policy::log::Layout;
 use stager_policy::{
-    Clock, Engine, EngineConfig, EngineEvent, EngineState, HostDone, HostOp, LogFullPolicy, San, Status, VolumeId,
-    VolumeSpec, WritePolicy,
+    Clock, DestageEvent, Destager, EngineConfig, Epoch, FromDestage, San, ToDestage, VolumeId, VolumeSpec, WritePolicy,
 };
 use tracing::{error, info, warn};
 
-use super::devices::{open_flash_device, probe_superblock, BdevPort, OwnerLock, Probe, SharedRing};
-use super::status::{human_bytes, DeviceStatus, NodeStatus};
+use super::devices::{open_flash_device, prepare_flash_file, probe_superblock, BdevPort, OwnerLock, Probe, SharedRing};
+use super::host::{host_waker, Completion, HostMsg, HostPlan, Ready};
+use super::status::{human_bytes, NodeStatus};
 use crate::config::{BackendConfig, Config, SanConfig};
 use crate::reactor::{new_eventfd, wake};
 
-/// Longest sleep of an idle destage reactor.
+/// Longest sleep of an idle destage core.
 const IDLE_SLEEP: Duration = Duration::from_millis(5);
-/// How often the reactor logs destage progress while a volume has dirty data.
+/// How often the destage core logs destage progress while a volume has dirty data.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
-/// How long stop waits for in-flight host commands and device I/O.
+/// How long stop waits for in-flight device I/O.
 const STOP_DRAIN: Duration = Duration::from_secs(10);
+/// Messages a host's inbox holds (commands from other reactors, the destager's messages); a
+/// full one keeps the sender's messages on its side. Each may carry a buffer of up to 1 MiB.
+const HOST_INBOX: usize = 8192;
+/// Messages the destage core's inbox holds (dirty records, host SAN traffic, pressure).
+const DESTAGE_INBOX: usize = 16384;
 
-/// One reply to a front-end channel.
-pub(crate) struct Reply {
-    pub token: u32,
-    pub status: Status,
-    pub data: Vec<u8>,
-}
-
-/// Where a front-end channel's replies go, and the eventfd that wakes its reactor.
-pub(crate) struct ReplyPort {
-    pub tx: Sender<Reply>,
+/// How a thread that may sleep is woken: an eventfd, written only while it says it sleeps.
+pub(crate) struct Waker {
     pub efd: OwnedFd,
+    /// Set by the owner just before it sleeps; senders write the eventfd only then.
+    pub sleeping: AtomicBool,
 }
 
-pub(crate) enum EngineMsg {
-    Register { port: u32, reply: Arc<ReplyPort> },
-    Unregister { port: u32 },
-    Io { dev: u16, volume: VolumeId, port: u32, token: u32, op: HostOp },
-    SetPolicy { volume: u32, policy: WritePolicy, reply: Sender<Result<String, String>> },
-    Status { reply: Sender<NodeStatus> },
-    Stop,
+impl Waker {
+    /// After queueing a message: SeqCst pairs with the owner's store-then-check, so either it
+    /// sees the message before sleeping or we see its flag and wake it.
+    pub fn wake_if_sleeping(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            wake(&self.efd);
+        }
+    }
+}
+
+/// Where a remote channel's completions go, and the eventfd that wakes its reactor.
+pub(crate) struct ReplyPort {
+    pub tx: Sender<Completion>,
+    pub efd: OwnedFd,
 }
 
 /// A volume as the front end sees it.
@@ -77,29 +83,50 @@ pub struct VolumeInfo {
     pub export: String,
 }
 
-/// How the destage reactor is woken from its sleep in `io_uring_enter`.
-pub(crate) struct Waker {
-    efd: OwnedFd,
-    /// Set by the reactor just before it sleeps; senders write the eventfd only then.
-    sleeping: AtomicBool,
+/// What other threads keep of a device: its host's inbox.
+pub(crate) struct DeviceHandle {
+    pub name: String,
+    pub path: PathBuf,
+    pub tx: Sender<HostMsg>,
+    pub waker: Arc<Waker>,
+    pub ready: Arc<Ready>,
+    pub volumes: Vec<VolumeId>,
 }
 
-/// The handle the rest of stagerd keeps: send messages, ask for status, stop.
+impl DeviceHandle {
+    /// Queues a message for the host and wakes its reactor if it sleeps.
+    pub fn send(&self, msg: HostMsg) -> bool {
+        if self.tx.try_send(msg).is_err() {
+            return false;
+        }
+        self.waker.wake_if_sleeping();
+        true
+    }
+}
+
+/// The handle the rest of stagerd keeps: the devices' hosts, the destage core, status, stop.
 pub struct VolumeService {
-    tx: Sender<EngineMsg>,
-    waker: Arc<Waker>,
-    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
     pub volumes: Vec<VolumeInfo>,
-    pub(crate) next_port: std::sync::atomic::AtomicU32,
+    pub(crate) devices: Vec<DeviceHandle>,
+    plans: Mutex<Vec<Option<HostPlan>>>,
+    /// Held while stagerd owns the flash devices (released when it exits, even by kill -9).
+    _locks: Vec<OwnerLock>,
+    destage_waker: Arc<Waker>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    started: Instant,
+    /// Routes of remote channels (the `route` half of a host token).
+    pub(crate) next_route: AtomicU32,
 }
 
-/// What the reactor builds, gathered from the configuration on the caller's thread.
+/// A flash device as the configuration describes it, with what was found on it.
 struct FlashPlan {
     name: String,
-    /// How logs and status name the device (its path, or `vfio:ADDRESS`).
     path: PathBuf,
-    device: DeviceSpec,
+    bdev: Arc<dyn BlockDevice>,
+    lock: OwnerLock,
     cache_percent: u32,
+    probe: Probe,
     volumes: Vec<VolumePlan>,
 }
 
@@ -112,161 +139,11 @@ struct VolumePlan {
     size_bytes: Option<u64>,
 }
 
-impl VolumeService {
-    /// Starts the destage reactor if the configuration has volumes: opens and locks the flash
-    /// devices, connects the SANs, formats new devices or recovers existing logs, and returns
-    /// once every engine is ready (or with the first reason one cannot be).
-    pub fn start(config: &Config) -> Result<Option<Arc<VolumeService>>, String> {
-        let mut plans: Vec<FlashPlan> = config
-            .flash
-            .iter()
-            .map(|f| FlashPlan {
-                name: f.name.clone(),
-                path: PathBuf::from(f.device().label()),
-                device: f.device(),
-                cache_percent: f.cache_percent,
-                volumes: Vec::new(),
-            })
-            .collect();
-        for s in &config.subsystems {
-            for n in &s.namespaces {
-                if let BackendConfig::Volume { id, flash, policy, read_cache, san, size_bytes } = &n.backend {
-                    let Some(p) = plans.iter_mut().find(|p| &p.name == flash) else {
-                        return Err(format!("volume {id}: no flash device named {flash}"));
-                    };
-                    p.volumes.push(VolumePlan {
-                        id: *id,
-                        export: format!("{}/{}", s.nqn, n.nsid),
-                        policy: *policy,
-                        read_cache: *read_cache,
-                        san: san.clone(),
-                        size_bytes: *size_bytes,
-                    });
-                }
-            }
-        }
-        plans.retain(|p| {
-            if p.volumes.is_empty() {
-                warn!("flash {} ({}) has no volumes; not opened", p.name, p.path.display());
-            }
-            !p.volumes.is_empty()
-        });
-        if plans.is_empty() {
-            return Ok(None);
-        }
-        let core = config.destage.core;
-        let idle_poll = Duration::from_micros(config.destage.idle_poll_us);
-        let log_full = LogFullPolicy::Wait { timeout_ns: config.destage.log_full_wait_ms.saturating_mul(1_000_000) };
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
-        let efd = new_eventfd().map_err(|e| format!("destage reactor: eventfd: {e}"))?;
-        let waker = Arc::new(Waker { efd, sleeping: AtomicBool::new(false) });
-        let waker2 = waker.clone();
-        let thread = std::thread::Builder::new()
-            .name("destage".into())
-            .spawn(move || {
-                if let Some(c) = core {
-                    if !core_affinity::set_for_current(core_affinity::CoreId { id: c }) {
-                        warn!("destage reactor: could not pin to core {c}; running unpinned");
-                    }
-                }
-                match Reactor::build(plans, rx, waker2, idle_poll, log_full) {
-                    Ok(mut r) => {
-                        let _ = ready_tx.send(Ok(r.volume_infos()));
-                        r.run();
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start the destage reactor: {e}"))?;
-        match ready_rx.recv() {
-            Ok(Ok(volumes)) => Ok(Some(Arc::new(VolumeService {
-                tx,
-                waker,
-                thread: std::sync::Mutex::new(Some(thread)),
-                volumes,
-                next_port: std::sync::atomic::AtomicU32::new(1),
-            }))),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => {
-                let _ = thread.join();
-                Err("the destage reactor died while starting".into())
-            }
-        }
-    }
-
-    /// Queues a message and wakes the reactor if it sleeps; false once it has stopped.
-    pub(crate) fn send(&self, msg: EngineMsg) -> bool {
-        if self.tx.send(msg).is_err() {
-            return false;
-        }
-        // SeqCst pairs with the reactor's store-then-check: either it sees our message before
-        // sleeping, or we see its flag and wake it.
-        if self.waker.sleeping.load(Ordering::SeqCst) {
-            wake(&self.waker.efd);
-        }
-        true
-    }
-
-    pub fn status(&self) -> Result<NodeStatus, String> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        if !self.send(EngineMsg::Status { reply: tx }) {
-            return Err("the destage reactor is not running".to_string());
-        }
-        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "the destage reactor did not answer".to_string())
-    }
-
-    /// Changes a volume's requested policy live; returns a line saying what happened.
-    pub fn set_policy(&self, volume: u32, policy: WritePolicy) -> Result<String, String> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        if !self.send(EngineMsg::SetPolicy { volume, policy, reply: tx }) {
-            return Err("the destage reactor is not running".to_string());
-        }
-        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "the destage reactor did not answer".to_string())?
-    }
-
-    /// Lets in-flight work finish (bounded), then stops the reactor. Dirty data stays in the
-    /// flash logs; the next start replays and destages it.
-    pub fn stop(&self) {
-        self.send(EngineMsg::Stop);
-        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(t) = handle {
-            let _ = t.join();
-        }
-    }
-}
-
-struct Device {
-    name: String,
-    path: PathBuf,
-    engine: Engine,
-    /// Held while the engine owns the device.
-    _lock: OwnerLock,
-    /// (export, SAN description) per volume id.
-    names: HashMap<u32, (String, String)>,
-    blocks: HashMap<u32, u64>,
-}
-
-struct Reactor {
-    devices: Vec<Device>,
-    ring: Rc<SharedRing>,
-    rx: Receiver<EngineMsg>,
-    waker: Arc<Waker>,
-    /// The eventfd read lands here; boxed so its address is stable while the read is armed.
-    wake_buf: Box<[u8; 8]>,
-    foreign: Vec<(u64, i32)>,
-    ports: HashMap<u32, Arc<ReplyPort>>,
-    idle_poll: Duration,
-    clock: MonotonicClock,
-    started: Instant,
-    done: Vec<HostDone>,
-    events: Vec<EngineEvent>,
-    touched: Vec<u32>,
+/// What the destage core found of a volume's SAN.
+struct SanFound {
+    id: u32,
+    blocks: u64,
+    unmap: bool,
 }
 
 pub(crate) fn san_label(san: &SanConfig) -> String {
@@ -288,8 +165,10 @@ pub(crate) fn open_san(id: u32, san: &SanConfig, ring: &Rc<SharedRing>) -> Resul
             };
             let dev = open_flash_device(&spec)
                 .map_err(|e| format!("volume {id}: cannot open SAN file {}: {e}", path.display()))?;
+            let is_file = std::fs::metadata(path).is_ok_and(|m| m.is_file());
             let port = BdevPort::new(dev, ring.clone()).map_err(|e| format!("volume {id}: SAN file: {e}"))?;
-            Ok(Box::new(port))
+            // A file's punched holes read as zeroes; a block device's discards may not.
+            Ok(Box::new(port.with_unmap_zeroes(is_file)))
         }
         #[cfg(feature = "iscsi")]
         SanConfig::Iscsi { url, initiator } => {
@@ -319,142 +198,369 @@ fn new_device_id(path: &std::path::Path) -> u64 {
     h.finish().max(1)
 }
 
-impl Reactor {
-    fn build(
-        plans: Vec<FlashPlan>,
-        rx: Receiver<EngineMsg>,
-        waker: Arc<Waker>,
-        idle_poll: Duration,
-        log_full: LogFullPolicy,
-    ) -> Result<Reactor, String> {
-        let clock = MonotonicClock::new();
-        let ring = SharedRing::new().map_err(|e| format!("destage reactor: io_uring: {e}"))?;
+impl VolumeService {
+    /// Opens the flash devices, starts the destage core (which connects the SANs) and prepares
+    /// each device's engine for its owner reactor. None when the configuration has no volumes.
+    pub fn start(config: &Config) -> Result<Option<Arc<VolumeService>>, String> {
+        let mut plans = Vec::new();
+        for f in &config.flash {
+            let mut volumes = Vec::new();
+            for s in &config.subsystems {
+                for n in &s.namespaces {
+                    if let BackendConfig::Volume { id, flash, policy, read_cache, san, size_bytes } = &n.backend {
+                        if flash == &f.name {
+                            volumes.push(VolumePlan {
+                                id: *id,
+                                export: format!("{}/{}", s.nqn, n.nsid),
+                                policy: *policy,
+                                read_cache: *read_cache,
+                                san: san.clone(),
+                                size_bytes: *size_bytes,
+                            });
+                        }
+                    }
+                }
+            }
+            let device = f.device();
+            if volumes.is_empty() {
+                warn!("flash {} ({}) has no volumes; not opened", f.name, device.label());
+                continue;
+            }
+            let what = format!("flash {} ({})", f.name, device.label());
+            // Ownership first: nothing is extended or written under another process's feet.
+            if f.size.is_some() && !f.path.exists() {
+                if let Some(dir) = f.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| format!("{what}: cannot create its folder: {e}"))?;
+                }
+                std::fs::File::create(&f.path).map_err(|e| format!("{what}: cannot create: {e}"))?;
+            }
+            let lock = OwnerLock::take_device(&device, true).map_err(|e| format!("{what}: {e}"))?;
+            prepare_flash_file(&f.path, f.size).map_err(|e| format!("{what}: cannot prepare the file: {e}"))?;
+            let bdev = open_flash_device(&device).map_err(|e| format!("{what}: cannot open: {e}"))?;
+            let probe = probe_superblock(&*bdev).map_err(|e| format!("{what}: cannot read its superblock: {e}"))?;
+            if let Probe::Damaged(why) = &probe {
+                return Err(format!(
+                    "{what}: its superblock is damaged ({why}); refusing to format over it. \
+                     `stagerctl flash inspect` shows what is there"
+                ));
+            }
+            plans.push(FlashPlan {
+                name: f.name.clone(),
+                path: PathBuf::from(device.label()),
+                bdev,
+                lock,
+                cache_percent: f.cache_percent,
+                probe,
+                volumes,
+            });
+        }
+        if plans.is_empty() {
+            return Ok(None);
+        }
+        let reactors = config.reactors.cores.len().max(1);
+        let destage_waker = Arc::new(Waker {
+            efd: new_eventfd().map_err(|e| format!("destage core: eventfd: {e}"))?,
+            sleeping: AtomicBool::new(false),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let (to_destage, destage_rx) = crossbeam_channel::bounded::<(u16, ToDestage)>(DESTAGE_INBOX);
+        // Each device's host inbox, made here so the destage core and the other reactors can
+        // reach it before the owner reactor starts.
+        let mut inboxes = Vec::new();
+        for _ in &plans {
+            let (tx, rx) = crossbeam_channel::bounded::<HostMsg>(HOST_INBOX);
+            let waker = host_waker().map_err(|e| format!("eventfd: {e}"))?;
+            inboxes.push((tx, rx, waker));
+        }
+        let core_devices: Vec<CoreDevicePlan> = plans
+            .iter()
+            .enumerate()
+            .map(|(i, p)| CoreDevicePlan {
+                dev: i as u16,
+                name: p.name.clone(),
+                bdev: p.bdev.clone(),
+                cache_percent: p.cache_percent,
+                volumes: p.volumes.iter().map(|v| (v.id, v.san.clone(), v.size_bytes)).collect(),
+                to_host: inboxes[i].0.clone(),
+                host_waker: inboxes[i].2.clone(),
+            })
+            .collect();
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let core = config.destage.core;
+        let idle_poll = Duration::from_micros(config.destage.idle_poll_us);
+        let (waker2, stop2) = (destage_waker.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("destage".into())
+            .spawn(move || {
+                if let Some(c) = core {
+                    if !core_affinity::set_for_current(core_affinity::CoreId { id: c }) {
+                        warn!("destage core: could not pin to core {c}; running unpinned");
+                    }
+                }
+                match DestageCore::build(core_devices, destage_rx, waker2, stop2, idle_poll) {
+                    Ok((mut core, found)) => {
+                        let _ = ready_tx.send(Ok(found));
+                        core.run();
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the destage core: {e}"))?;
+        let found: Vec<Vec<SanFound>> = match ready_rx.recv() {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err("the destage core died while starting".into());
+            }
+        };
+        let log_full_wait_ns = config.destage.log_full_wait_ms.saturating_mul(1_000_000);
+        let mut volumes = Vec::new();
         let mut devices = Vec::new();
-        for p in plans {
-            let what = format!("flash {} ({})", p.name, p.path.display());
-            let dev = open_flash_device(&p.device).map_err(|e| format!("{what}: cannot open: {e}"))?;
-            let lock = OwnerLock::take_device(&p.device, true).map_err(|e| format!("{what}: {e}"))?;
-            let probe = probe_superblock(&*dev).map_err(|e| format!("{what}: cannot read its superblock: {e}"))?;
+        let mut host_plans = Vec::new();
+        let mut locks = Vec::new();
+        for (i, (p, (tx, rx, waker))) in plans.into_iter().zip(inboxes).enumerate() {
             let mut specs = Vec::new();
             let mut names = HashMap::new();
-            let mut blocks_of = HashMap::new();
-            for v in &p.volumes {
-                let san = open_san(v.id, &v.san, &ring)?;
+            for (v, f) in p.volumes.iter().zip(&found[i]) {
+                debug_assert_eq!(v.id, f.id);
+                names.insert(v.id, (v.export.clone(), san_label(&v.san)));
+                volumes.push(VolumeInfo {
+                    id: VolumeId(v.id),
+                    dev: i as u16,
+                    blocks: f.blocks,
+                    export: v.export.clone(),
+                });
+                specs.push(VolumeSpec {
+                    id: VolumeId(v.id),
+                    epoch: Epoch(1),
+                    blocks: f.blocks,
+                    policy: v.policy,
+                    read_cache: v.read_cache,
+                    unmap: f.unmap,
+                });
+            }
+            let (format, device_id) = match &p.probe {
+                Probe::Formatted(sb) => (false, sb.device_id),
+                _ => (true, new_device_id(&p.path)),
+            };
+            let cfg =
+                EngineConfig { device_id, cache_percent: p.cache_percent, log_full_wait_ns, ..EngineConfig::default() };
+            let ready = Arc::new(Ready::default());
+            devices.push(DeviceHandle {
+                name: p.name.clone(),
+                path: p.path.clone(),
+                tx,
+                waker: waker.clone(),
+                ready: ready.clone(),
+                volumes: specs.iter().map(|s| s.id).collect(),
+            });
+            host_plans.push(Some(HostPlan {
+                dev: i as u16,
+                name: p.name,
+                path: p.path,
+                owner: i % reactors,
+                bdev: p.bdev,
+                cfg,
+                specs,
+                format,
+                names,
+                inbox: rx,
+                waker,
+                to_destage: to_destage.clone(),
+                destage_waker: destage_waker.clone(),
+                ready,
+            }));
+            locks.push(p.lock);
+        }
+        Ok(Some(Arc::new(VolumeService {
+            volumes,
+            devices,
+            plans: Mutex::new(host_plans),
+            _locks: locks,
+            destage_waker,
+            stop,
+            thread: Mutex::new(Some(thread)),
+            started: Instant::now(),
+            next_route: AtomicU32::new(1),
+        })))
+    }
+
+    /// The devices reactor `reactor` owns, for it to build their engines (taken once).
+    pub(crate) fn take_plans(&self, reactor: usize) -> Vec<HostPlan> {
+        let Ok(mut plans) = self.plans.lock() else { return Vec::new() };
+        plans.iter_mut().filter(|p| p.as_ref().is_some_and(|p| p.owner == reactor)).filter_map(|p| p.take()).collect()
+    }
+
+    /// Waits until every device's engine is ready (formatted, or its log replayed), logging
+    /// progress; the first failure ends the wait.
+    pub fn wait_ready(&self) -> Result<(), String> {
+        let start = Instant::now();
+        for d in &self.devices {
+            loop {
+                match d.ready.wait(Duration::from_secs(2)) {
+                    Some(Ok(line)) => {
+                        info!("{line}");
+                        break;
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => info!(
+                        "flash {} ({}): still recovering after {:.0} s",
+                        d.name,
+                        d.path.display(),
+                        start.elapsed().as_secs_f64()
+                    ),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn device(&self, dev: u16) -> Option<&DeviceHandle> {
+        self.devices.get(dev as usize)
+    }
+
+    pub fn status(&self) -> Result<NodeStatus, String> {
+        let mut devices = Vec::new();
+        for d in &self.devices {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if !d.send(HostMsg::Status { reply: tx }) {
+                return Err(format!("flash {}: its reactor is not running", d.name));
+            }
+            let s = rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?;
+            devices.push(s);
+        }
+        Ok(NodeStatus { pid: std::process::id(), uptime_s: self.started.elapsed().as_secs_f64(), devices })
+    }
+
+    /// Changes a volume's requested policy live; returns a line saying what happened.
+    pub fn set_policy(&self, volume: u32, policy: WritePolicy) -> Result<String, String> {
+        let Some(d) = self.devices.iter().find(|d| d.volumes.contains(&VolumeId(volume))) else {
+            return Err(format!("no volume {volume} on this node"));
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if !d.send(HostMsg::SetPolicy { volume: VolumeId(volume), policy, reply: tx }) {
+            return Err(format!("flash {}: its reactor is not running", d.name));
+        }
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
+    }
+
+    /// Stops the destage core (after the reactors: the engines are gone). Dirty data stays in
+    /// the flash logs; the next start replays and destages it.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        wake(&self.destage_waker.efd);
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = handle {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the destage core needs of a device.
+struct CoreDevicePlan {
+    dev: u16,
+    name: String,
+    bdev: Arc<dyn BlockDevice>,
+    cache_percent: u32,
+    volumes: Vec<(u32, SanConfig, Option<u64>)>,
+    to_host: Sender<HostMsg>,
+    host_waker: Arc<Waker>,
+}
+
+struct CoreDevice {
+    name: String,
+    destager: Destager,
+    volumes: Vec<VolumeId>,
+    to_host: Sender<HostMsg>,
+    host_waker: Arc<Waker>,
+    /// Messages the host's inbox had no room for yet.
+    backlog: VecDeque<FromDestage>,
+    out: Vec<FromDestage>,
+    events: Vec<DestageEvent>,
+}
+
+struct DestageCore {
+    devices: Vec<CoreDevice>,
+    ring: Rc<SharedRing>,
+    inbox: Receiver<(u16, ToDestage)>,
+    waker: Arc<Waker>,
+    /// The eventfd read lands here; boxed so its address is stable while the read is armed.
+    wake_buf: Box<[u8; 8]>,
+    foreign: Vec<(u64, i32)>,
+    stop: Arc<AtomicBool>,
+    idle_poll: Duration,
+    clock: MonotonicClock,
+}
+
+impl DestageCore {
+    fn build(
+        plans: Vec<CoreDevicePlan>,
+        inbox: Receiver<(u16, ToDestage)>,
+        waker: Arc<Waker>,
+        stop: Arc<AtomicBool>,
+        idle_poll: Duration,
+    ) -> Result<(DestageCore, Vec<Vec<SanFound>>), String> {
+        let ring = SharedRing::new().map_err(|e| format!("destage core: io_uring: {e}"))?;
+        let mut devices = Vec::new();
+        let mut found_all = Vec::new();
+        for p in plans {
+            let size = p.bdev.info().size_bytes();
+            let layout = Layout::for_device(size, p.cache_percent)
+                .ok_or_else(|| format!("flash {}: {size} bytes is too small for a log", p.name))?;
+            let mut sans: Vec<(VolumeId, Box<dyn San>)> = Vec::new();
+            let mut found = Vec::new();
+            for (id, san_cfg, size_bytes) in &p.volumes {
+                let san = open_san(*id, san_cfg, &ring)?;
                 let san_bytes = san.size_bytes();
-                let bytes = v.size_bytes.unwrap_or(san_bytes);
+                let bytes = size_bytes.unwrap_or(san_bytes);
                 if bytes > san_bytes {
                     return Err(format!(
-                        "volume {}: size {} is larger than its SAN ({})",
-                        v.id,
+                        "volume {id}: size {} is larger than its SAN ({})",
                         human_bytes(bytes),
                         human_bytes(san_bytes)
                     ));
                 }
                 let blocks = bytes / stager_policy::constants::BLOCK_SIZE_U64;
                 if blocks == 0 {
-                    return Err(format!("volume {}: its SAN holds less than one 4 KiB block", v.id));
+                    return Err(format!("volume {id}: its SAN holds less than one 4 KiB block"));
                 }
-                names.insert(v.id, (v.export.clone(), san_label(&v.san)));
-                blocks_of.insert(v.id, blocks);
-                specs.push(VolumeSpec {
-                    id: VolumeId(v.id),
-                    epoch: stager_policy::Epoch(1),
-                    blocks,
-                    policy: v.policy,
-                    read_cache: v.read_cache,
-                    san,
-                });
+                found.push(SanFound { id: *id, blocks, unmap: san.unmap_reads_zeroes() });
+                sans.push((VolumeId(*id), san));
             }
-            let port = BdevPort::new(dev, ring.clone()).map_err(|e| format!("{what}: {e}"))?;
-            let mut cfg = EngineConfig { cache_percent: p.cache_percent, log_full, ..EngineConfig::default() };
-            let engine = match probe {
-                Probe::Blank => {
-                    cfg.device_id = new_device_id(&p.path);
-                    info!("{what}: no superblock; formatting as device {:#x}", cfg.device_id);
-                    Engine::format(cfg, Box::new(port), specs)
-                }
-                Probe::Formatted(sb) => {
-                    cfg.device_id = sb.device_id;
-                    info!(
-                        "{what}: device {:#x}, superblock generation {}; replaying its log",
-                        sb.device_id, sb.generation
-                    );
-                    Engine::open(cfg, Box::new(port), specs)
-                }
-                Probe::Damaged(why) => {
-                    return Err(format!(
-                        "{what}: its superblock is damaged ({why}); refusing to format over it. \
-                         `stagerctl flash inspect` shows what is there"
-                    ))
-                }
-            }
-            .map_err(|e| format!("{what}: {e}"))?;
-            devices.push(Device { name: p.name, path: p.path, engine, _lock: lock, names, blocks: blocks_of });
+            let reader = BdevPort::new(p.bdev.clone(), ring.clone()).map_err(|e| format!("flash {}: {e}", p.name))?;
+            let volumes = sans.iter().map(|(id, _)| *id).collect();
+            devices.push(CoreDevice {
+                name: p.name,
+                destager: Destager::new(layout, Box::new(reader), sans),
+                volumes,
+                to_host: p.to_host,
+                host_waker: p.host_waker,
+                backlog: VecDeque::new(),
+                out: Vec::new(),
+                events: Vec::new(),
+            });
+            let _ = p.dev;
+            found_all.push(found);
         }
-        let mut r = Reactor {
+        let mut core = DestageCore {
             devices,
             ring,
-            rx,
+            inbox,
             waker,
             wake_buf: Box::new([0; 8]),
             foreign: Vec::new(),
-            ports: HashMap::new(),
+            stop,
             idle_poll,
-            clock,
-            started: Instant::now(),
-            done: Vec::new(),
-            events: Vec::new(),
-            touched: Vec::new(),
+            clock: MonotonicClock::new(),
         };
-        r.wait_ready()?;
-        r.arm_wake();
-        Ok(r)
-    }
-
-    /// Drives format/recovery until every engine is ready, logging progress.
-    fn wait_ready(&mut self) -> Result<(), String> {
-        let start = Instant::now();
-        let mut last_log = Instant::now();
-        loop {
-            let now = self.clock.now_ns();
-            let mut all_ready = true;
-            let mut work = 0;
-            for d in &mut self.devices {
-                work += d.engine.poll(now);
-                match d.engine.state() {
-                    EngineState::Ready => {}
-                    EngineState::Failed(why) => {
-                        return Err(format!("flash {} ({}): cannot open its log: {why}", d.name, d.path.display()))
-                    }
-                    _ => all_ready = false,
-                }
-            }
-            if all_ready {
-                break;
-            }
-            if work == 0 {
-                // Recovery reads one entry at a time: sleep until the flash answers.
-                self.ring.wait(Duration::from_millis(1));
-            }
-            if last_log.elapsed() > Duration::from_secs(2) {
-                info!("flash logs: still recovering after {:.0} s", start.elapsed().as_secs_f64());
-                last_log = Instant::now();
-            }
-        }
-        for d in &self.devices {
-            let dirty: u64 =
-                d.engine.volume_ids().iter().filter_map(|id| d.engine.volume_metrics(*id)).map(|m| m.dirty_bytes).sum();
-            info!(
-                "flash {} ready in {:.3} s: {} volume(s), {} dirty to destage, log {} of {} used",
-                d.name,
-                start.elapsed().as_secs_f64(),
-                d.engine.volume_ids().len(),
-                human_bytes(dirty),
-                human_bytes(d.engine.log_used_bytes()),
-                human_bytes(d.engine.log_capacity_bytes()),
-            );
-        }
-        Ok(())
+        core.arm_wake();
+        Ok((core, found_all))
     }
 
     fn arm_wake(&mut self) {
@@ -475,131 +581,48 @@ impl Reactor {
         }
     }
 
-    fn volume_infos(&self) -> Vec<VolumeInfo> {
-        let mut out = Vec::new();
-        for (di, d) in self.devices.iter().enumerate() {
-            for id in d.engine.volume_ids() {
-                out.push(VolumeInfo {
-                    id,
-                    dev: di as u16,
-                    blocks: d.blocks.get(&id.0).copied().unwrap_or(0),
-                    export: d.names.get(&id.0).map(|n| n.0.clone()).unwrap_or_default(),
-                });
-            }
-        }
-        out
-    }
-
-    fn status(&self) -> NodeStatus {
-        NodeStatus {
-            pid: std::process::id(),
-            uptime_s: self.started.elapsed().as_secs_f64(),
-            devices: self
-                .devices
-                .iter()
-                .map(|d| {
-                    DeviceStatus::of_engine(&d.name, &d.path.display().to_string(), &d.engine, |id| {
-                        d.names.get(&id.0).cloned().unwrap_or_default()
-                    })
-                })
-                .collect(),
-        }
-    }
-
-    fn set_policy(&mut self, volume: u32, policy: WritePolicy) -> Result<String, String> {
-        for d in &mut self.devices {
-            if d.engine.set_policy(VolumeId(volume), policy) {
-                let m = d.engine.volume_metrics(VolumeId(volume));
-                let dirty = m.as_ref().map_or(0, |m| m.dirty_bytes);
-                let eff = m.map_or(policy, |m| m.effective);
-                let mut line = format!("volume {volume}: requested {policy}, effective {eff}");
-                if policy == WritePolicy::WriteThrough && dirty > 0 {
-                    line.push_str(&format!("; destaging {} of dirty data", human_bytes(dirty)));
-                }
-                return Ok(line);
-            }
-        }
-        Err(format!("no volume {volume} on this node"))
-    }
-
-    /// Handles queued messages; returns (work done, stop requested).
-    fn handle_messages(&mut self, now: u64) -> (usize, bool) {
+    fn poll(&mut self, now: u64) -> usize {
         let mut work = 0;
-        let mut stop = false;
-        while let Ok(msg) = self.rx.try_recv() {
+        while let Ok((dev, msg)) = self.inbox.try_recv() {
             work += 1;
-            stop |= self.handle(msg, now);
-        }
-        (work, stop)
-    }
-
-    fn handle(&mut self, msg: EngineMsg, now: u64) -> bool {
-        match msg {
-            EngineMsg::Io { dev, volume, port, token, op } => {
-                let t = (u64::from(port) << 32) | u64::from(token);
-                match self.devices.get_mut(dev as usize) {
-                    Some(d) => d.engine.submit(volume, t, op, now),
-                    None => self.reply(t, Status::UnknownVolume, Vec::new()),
-                }
-            }
-            EngineMsg::Register { port, reply } => {
-                self.ports.insert(port, reply);
-            }
-            EngineMsg::Unregister { port } => {
-                self.ports.remove(&port);
-            }
-            EngineMsg::SetPolicy { volume, policy, reply } => {
-                let r = self.set_policy(volume, policy);
-                let _ = reply.send(r);
-            }
-            EngineMsg::Status { reply } => {
-                let _ = reply.send(self.status());
-            }
-            EngineMsg::Stop => return true,
-        }
-        false
-    }
-
-    fn reply(&mut self, token: u64, status: Status, data: Vec<u8>) {
-        let port = (token >> 32) as u32;
-        if let Some(p) = self.ports.get(&port) {
-            let _ = p.tx.send(Reply { token: token as u32, status, data });
-            if !self.touched.contains(&port) {
-                self.touched.push(port);
+            match self.devices.get_mut(dev as usize) {
+                Some(d) => d.destager.on_message(msg, now),
+                None => error!("destage core: message for unknown device {dev}"),
             }
         }
-    }
-
-    /// Polls every engine once and routes what completed; returns the work done.
-    fn poll_engines(&mut self, now: u64) -> usize {
-        let mut work = 0;
-        let mut done = std::mem::take(&mut self.done);
         for d in &mut self.devices {
-            work += d.engine.poll(now);
-            d.engine.drain_completions(&mut done);
-            d.engine.drain_events(&mut self.events);
-        }
-        work += done.len();
-        for h in done.drain(..) {
-            self.reply(h.token, h.status, h.data);
-        }
-        self.done = done;
-        for e in self.events.drain(..) {
-            match e {
-                EngineEvent::BatchDestaged { .. } => {}
-                EngineEvent::FlashDegraded => {
-                    error!("flash write error: volumes on this device run write-through until its log drains")
+            work += d.destager.poll(now);
+            d.destager.drain_outbox(&mut d.out);
+            d.backlog.extend(d.out.drain(..));
+            let mut sent = false;
+            while let Some(m) = d.backlog.pop_front() {
+                match d.to_host.try_send(HostMsg::Destage(m)) {
+                    Ok(()) => sent = true,
+                    Err(TrySendError::Full(HostMsg::Destage(m))) => {
+                        d.backlog.push_front(m);
+                        break;
+                    }
+                    Err(_) => {
+                        d.backlog.clear();
+                        break;
+                    }
                 }
-                EngineEvent::FlashHealthy => info!("flash device healthy again: volumes back to their policies"),
-                EngineEvent::SanUnreachable { volume } => {
-                    warn!("{volume}: SAN unreachable; dirty data stays in flash, retrying with back-off")
-                }
-                EngineEvent::SanReachable { volume } => info!("{volume}: SAN reachable again; destage resumes"),
             }
-        }
-        for port in self.touched.drain(..) {
-            if let Some(p) = self.ports.get(&port) {
-                wake(&p.efd);
+            if sent {
+                d.host_waker.wake_if_sleeping();
+            }
+            d.destager.drain_events(&mut d.events);
+            for e in d.events.drain(..) {
+                match e {
+                    DestageEvent::BatchDestaged { .. } => {}
+                    DestageEvent::SanUnreachable { volume } => {
+                        warn!("{volume}: SAN unreachable; dirty data stays in flash, retrying with back-off")
+                    }
+                    DestageEvent::SanReachable { volume } => info!("{volume}: SAN reachable again; destage resumes"),
+                    DestageEvent::LogReadFailed { volume, error } => {
+                        error!("{volume}: cannot read dirty data back from flash {}: {error}; retrying", d.name)
+                    }
+                }
             }
         }
         work
@@ -607,16 +630,18 @@ impl Reactor {
 
     fn log_progress(&self) {
         for d in &self.devices {
-            for id in d.engine.volume_ids() {
-                let Some(m) = d.engine.volume_metrics(id) else { continue };
-                if m.dirty_bytes > 0 || !m.san_reachable {
+            for id in &d.volumes {
+                let (Some(r), Some(pending)) = (d.destager.report(*id), d.destager.pending_bytes(*id)) else {
+                    continue;
+                };
+                if pending > 0 || !r.reachable {
                     info!(
-                        "{id}: {} dirty, destaging {}/s (depth {}), SAN latency {:.0} µs{}",
-                        human_bytes(m.dirty_bytes),
-                        human_bytes(m.destage_rate_bytes_per_s as u64),
-                        m.destage_depth,
-                        m.san_latency_ns_ewma / 1000.0,
-                        if m.san_reachable { "" } else { ", SAN UNREACHABLE" }
+                        "{id}: {} to destage, destaging {}/s (depth {}), SAN latency {:.0} µs{}",
+                        human_bytes(pending),
+                        human_bytes(r.destage_rate_bytes_per_s as u64),
+                        r.destage_depth,
+                        r.latency_ns_ewma / 1000.0,
+                        if r.reachable { "" } else { ", SAN UNREACHABLE" }
                     );
                 }
             }
@@ -624,29 +649,28 @@ impl Reactor {
     }
 
     fn run(&mut self) {
-        info!("destage reactor running ({} flash device(s))", self.devices.len());
+        info!("destage core running ({} flash device(s))", self.devices.len());
         let mut last_work = Instant::now();
         let mut last_progress = Instant::now();
         let mut stopping: Option<Instant> = None;
         loop {
             let now_ns = self.clock.now_ns();
-            let (mut work, stop) = self.handle_messages(now_ns);
-            if stop && stopping.is_none() {
-                stopping = Some(Instant::now());
-            }
-            work += self.poll_engines(now_ns);
+            let work = self.poll(now_ns);
             self.reap_foreign();
             let now = Instant::now();
             if work > 0 {
                 last_work = now;
             }
+            if self.stop.load(Ordering::SeqCst) && stopping.is_none() {
+                stopping = Some(now);
+            }
             if let Some(since) = stopping {
-                let busy = self.devices.iter().any(|d| d.engine.host_ops_in_flight() > 0 || d.engine.io_in_flight());
+                let busy = self.devices.iter().any(|d| d.destager.io_in_flight());
                 if !busy || since.elapsed() > STOP_DRAIN {
                     if busy {
-                        warn!("destage reactor: stopping with device I/O still in flight");
+                        warn!("destage core: stopping with device I/O still in flight");
                     }
-                    info!("destage reactor stopped");
+                    info!("destage core stopped");
                     return;
                 }
             }
@@ -659,7 +683,7 @@ impl Reactor {
             }
             // Sleep until a device, a SAN socket or a message completes into the ring.
             self.waker.sleeping.store(true, Ordering::SeqCst);
-            if self.rx.is_empty() {
+            if self.inbox.is_empty() && !self.stop.load(Ordering::SeqCst) {
                 self.ring.wait(IDLE_SLEEP);
             }
             self.waker.sleeping.store(false, Ordering::SeqCst);

@@ -60,7 +60,7 @@ use crate::status::Status;
 use crate::uring::{kind, user_data, Ring};
 
 /// The `user_data` slot of the wake-up timer armed in the reactor's ring.
-const TIMER_SLOT: u32 = u32::MAX;
+const TIMER_SLOT: u32 = crate::uring::slot::CHANNEL_WAKE;
 
 /// The wake-up timer's period. Static: the kernel reads it when it takes the timer from the
 /// submission queue, which may be after the channel that queued it is gone.

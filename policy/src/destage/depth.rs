@@ -1,0 +1,146 @@
+//! How hard the destager pushes the SAN: an AIMD window of SAN writes in flight, driven by SAN
+//! latency, and bent by what the front end reports (DESIGN.md: as fast as the SAN allows
+//! without overwhelming it; faster when the cache fills or the front end is idle; slower when
+//! front-end latency suffers).
+//!
+//! The window grows by one per window's worth of fast completions and halves (at most once per
+//! observed latency) when a completion is slower than a multiple of the best latency seen —
+//! the sign of a SAN queueing our writes. Urgency (the log past half full, or an idle front
+//! end) tolerates four times the best latency instead of two. When the front end's flash
+//! latency is well above its best and nothing is urgent, the destager backs off to a quarter
+//! of its window and one log read at a time, leaving the device to the hosts.
+
+use crate::constants::{DESTAGE_DEPTH_MAX, DESTAGE_READS_IN_FLIGHT_MAX};
+use crate::link::Pressure;
+
+#[derive(Clone, Debug)]
+pub struct DepthController {
+    window: f64,
+    /// Baseline latency; drifts up slowly so a permanently slower SAN resets it.
+    min_latency_ns: f64,
+    last_cut_ns: u64,
+    pub latency_ewma_ns: f64,
+}
+
+impl Default for DepthController {
+    fn default() -> Self {
+        DepthController { window: 1.0, min_latency_ns: f64::MAX, last_cut_ns: 0, latency_ewma_ns: 0.0 }
+    }
+}
+
+/// Log fill (per mille) from which destaging is urgent.
+const URGENT_LOG_PERMILLE: u32 = 500;
+/// Front-end slowdown (latency over its best) from which the destager backs off.
+const BACKOFF_SLOWDOWN: f32 = 2.0;
+
+impl DepthController {
+    pub fn limit(&self) -> usize {
+        (self.window as usize).clamp(1, DESTAGE_DEPTH_MAX as usize)
+    }
+
+    pub fn observe(&mut self, latency_ns: u64) {
+        let l = latency_ns as f64;
+        self.latency_ewma_ns = if self.latency_ewma_ns == 0.0 { l } else { self.latency_ewma_ns * 0.9 + l * 0.1 };
+        if l < self.min_latency_ns {
+            self.min_latency_ns = l;
+        } else {
+            self.min_latency_ns += (l - self.min_latency_ns) / 1024.0;
+        }
+    }
+
+    pub fn on_success(&mut self, latency_ns: u64, now: u64, urgent: bool) {
+        self.observe(latency_ns);
+        let factor = if urgent { 4.0 } else { 2.0 };
+        let target = self.min_latency_ns * factor + 20_000.0;
+        if (latency_ns as f64) <= target {
+            self.window += 1.0 / self.window;
+        } else if now.saturating_sub(self.last_cut_ns) >= latency_ns {
+            self.window = (self.window / 2.0).max(1.0);
+            self.last_cut_ns = now;
+        }
+        self.window = self.window.min(DESTAGE_DEPTH_MAX as f64);
+    }
+
+    pub fn on_error(&mut self, now: u64) {
+        self.window = 1.0;
+        self.last_cut_ns = now;
+    }
+}
+
+/// What the front end's pressure means for the destager right now.
+pub fn urgent(p: &Pressure) -> bool {
+    p.log_used_permille >= URGENT_LOG_PERMILLE || p.frontend_idle
+}
+
+pub fn backing_off(p: &Pressure) -> bool {
+    !urgent(p) && p.frontend_slowdown > BACKOFF_SLOWDOWN
+}
+
+/// SAN writes in flight allowed now.
+pub fn write_limit(d: &DepthController, p: &Pressure) -> usize {
+    if backing_off(p) {
+        (d.limit() / 4).max(1)
+    } else {
+        d.limit()
+    }
+}
+
+/// Log reads in flight allowed now.
+pub fn read_limit(p: &Pressure) -> usize {
+    if backing_off(p) {
+        1
+    } else {
+        DESTAGE_READS_IN_FLIGHT_MAX
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aimd_grows_on_fast_completions_and_halves_on_slow_ones() {
+        let mut d = DepthController::default();
+        let mut now = 0;
+        for _ in 0..200 {
+            now += 100_000;
+            d.on_success(100_000, now, false);
+        }
+        let grown = d.limit();
+        assert!(grown >= 10, "window only {grown}");
+        now += 10_000_000;
+        d.on_success(5_000_000, now, false);
+        assert!(d.limit() <= grown / 2 + 1);
+        d.on_error(now);
+        assert_eq!(d.limit(), 1);
+    }
+
+    #[test]
+    fn urgency_tolerates_more_latency() {
+        let mut calm = DepthController::default();
+        let mut urgent = DepthController::default();
+        let mut now = 0;
+        for i in 0..400 {
+            now += 1_000_000;
+            let lat = if i < 10 { 100_000 } else { 300_000 };
+            calm.on_success(lat, now, false);
+            urgent.on_success(lat, now, true);
+        }
+        assert!(urgent.limit() > calm.limit(), "urgent {} calm {}", urgent.limit(), calm.limit());
+    }
+
+    #[test]
+    fn a_suffering_front_end_slows_the_destager_unless_the_log_is_filling() {
+        let mut d = DepthController::default();
+        for i in 0..200 {
+            d.on_success(100_000, i * 100_000, false);
+        }
+        let calm = Pressure { log_used_permille: 100, frontend_idle: false, frontend_slowdown: 1.1 };
+        let hurt = Pressure { frontend_slowdown: 5.0, ..calm };
+        let hurt_but_full = Pressure { log_used_permille: 800, ..hurt };
+        assert_eq!(write_limit(&d, &calm), d.limit());
+        assert!(write_limit(&d, &hurt) <= d.limit() / 4 + 1 && read_limit(&hurt) == 1);
+        assert_eq!(write_limit(&d, &hurt_but_full), d.limit());
+        assert!(urgent(&Pressure { frontend_idle: true, ..hurt }));
+    }
+}

@@ -1,0 +1,538 @@
+//! The destager: the back half of a flash device, on the node's destage core. It owns the
+//! volumes' SANs and reads the device's log (through a read-only port of its own), and talks
+//! to the engine only in messages ([`crate::link`]): the engine tells it which entries are
+//! dirty and sends host SAN traffic (read misses, write-through writes, flushes); it answers
+//! with intent requests, destaged watermarks and SAN completions. Nothing it does is on a
+//! host's critical path.
+//!
+//! Per volume, batches follow one another (`batch.rs` plans them):
+//! 1. a batch takes the dirty entries up to a sequence number, bounded by
+//!    `DESTAGE_BATCH_BYTES_MAX`, and always covering the persisted intent (after a crash, the
+//!    interrupted batch is redone whole);
+//! 2. before its first SAN write, the superblock must hold an intent covering it (invariant 4
+//!    after a crash): the destager asks for the *next* batch's intent while the current one is
+//!    still being written, so that superblock write overlaps SAN work;
+//! 3. its log reads run ahead — also while the previous batch is still being written — and
+//!    each run goes to the SAN once its data is in, up to an adaptive depth (`depth.rs`);
+//! 4. when every run is written, SYNCHRONIZE CACHE; only then is the batch done and the
+//!    watermark moves. The next batch's writes start only now, so at every completed batch the
+//!    SAN holds the volume as of a log prefix (invariant 4).
+
+mod batch;
+pub mod depth;
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::constants::{
+    BLOCK_SIZE_U64, DESTAGE_BATCH_BYTES_MAX, DESTAGE_BATCH_ENTRIES_MAX, SAN_BACKOFF_MAX_NS, SAN_BACKOFF_MIN_NS,
+};
+use crate::engine::PoolExt;
+use crate::io::{AlignedBuf, BufPool, Flash, IoDone, IoError, San};
+use crate::link::{DirtyRecord, FromDestage, Pressure, SanReport, SanRequest, ToDestage};
+use crate::log::Layout;
+use crate::types::{IoToken, LogSeq, VolumeId};
+use batch::{Batch, RunKind};
+use depth::DepthController;
+
+/// How often the destager reports a volume's SAN numbers to the engine.
+const REPORT_EVERY_NS: u64 = 100_000_000;
+
+/// A batch's SAN flush completed: the SAN holds the volume as of `watermark` (the simulator
+/// checks invariant 4 at exactly this moment; stagerd logs it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DestageEvent {
+    BatchDestaged {
+        volume: VolumeId,
+        watermark: LogSeq,
+        bytes: u64,
+    },
+    SanUnreachable {
+        volume: VolumeId,
+    },
+    SanReachable {
+        volume: VolumeId,
+    },
+    /// Dirty data that cannot be read back from the log (retried, never skipped).
+    LogReadFailed {
+        volume: VolumeId,
+        error: String,
+    },
+}
+
+enum Op {
+    LogRead { vi: usize, batch: u64, read: usize },
+    Run { vi: usize, run: usize, sent_ns: u64 },
+    Flush { vi: usize },
+    Host { vi: usize, token: IoToken, sent_ns: u64, read: bool },
+}
+
+/// SAN reachability as the destager sees it, with retry back-off.
+struct Health {
+    reachable: bool,
+    backoff_ns: u64,
+    retry_at: u64,
+    errors: u64,
+}
+
+impl Health {
+    fn failed(&mut self, now: u64) {
+        self.errors += 1;
+        self.backoff_ns =
+            if self.reachable { SAN_BACKOFF_MIN_NS } else { (self.backoff_ns * 2).min(SAN_BACKOFF_MAX_NS) };
+        self.reachable = false;
+        self.retry_at = now + self.backoff_ns;
+    }
+
+    fn may_try(&self, now: u64) -> bool {
+        self.reachable || now >= self.retry_at
+    }
+}
+
+struct VolumeDestager {
+    id: VolumeId,
+    san: Box<dyn San>,
+    /// The engine's Start arrived: the state below is valid.
+    started: bool,
+    watermark: LogSeq,
+    persisted_intent: LogSeq,
+    requested_intent: LogSeq,
+    /// Dirty entries not in a batch yet, in sequence order.
+    dirty: VecDeque<DirtyRecord>,
+    dirty_bytes: u64,
+    /// The batch being written (or read, if nothing is being written).
+    current: Option<Batch>,
+    /// The following batch, planned early so its reads overlap the current one's writes.
+    next: Option<Batch>,
+    health: Health,
+    depth: DepthController,
+    rate_bytes_per_s: f64,
+    destaged_bytes_total: u64,
+    reported: SanReport,
+    report_at_ns: u64,
+    host_ops: usize,
+}
+
+pub struct Destager {
+    layout: Layout,
+    flash: Box<dyn Flash>,
+    pool: BufPool,
+    volumes: Vec<VolumeDestager>,
+    ops: HashMap<IoToken, Op>,
+    next_id: u64,
+    outbox: Vec<FromDestage>,
+    events: Vec<DestageEvent>,
+    pressure: Pressure,
+    scratch: Vec<IoDone>,
+}
+
+impl Destager {
+    /// The destager of a device laid out as `layout`, reading its log through `flash`, with
+    /// each volume's SAN.
+    pub fn new(layout: Layout, flash: Box<dyn Flash>, sans: Vec<(VolumeId, Box<dyn San>)>) -> Destager {
+        let volumes = sans
+            .into_iter()
+            .map(|(id, san)| VolumeDestager {
+                id,
+                san,
+                started: false,
+                watermark: LogSeq(0),
+                persisted_intent: LogSeq(0),
+                requested_intent: LogSeq(0),
+                dirty: VecDeque::new(),
+                dirty_bytes: 0,
+                current: None,
+                next: None,
+                health: Health { reachable: true, backoff_ns: SAN_BACKOFF_MIN_NS, retry_at: 0, errors: 0 },
+                depth: DepthController::default(),
+                rate_bytes_per_s: 0.0,
+                destaged_bytes_total: 0,
+                reported: SanReport { reachable: true, ..SanReport::default() },
+                report_at_ns: 0,
+                host_ops: 0,
+            })
+            .collect();
+        Destager {
+            layout,
+            flash,
+            pool: BufPool::new(64),
+            volumes,
+            ops: HashMap::new(),
+            next_id: 1,
+            outbox: Vec::new(),
+            events: Vec::new(),
+            pressure: Pressure { log_used_permille: 0, frontend_idle: true, frontend_slowdown: 1.0 },
+            scratch: Vec::new(),
+        }
+    }
+
+    fn token(&mut self, op: Op) -> IoToken {
+        let t = IoToken(self.next_id);
+        self.next_id += 1;
+        self.ops.insert(t, op);
+        t
+    }
+
+    fn volume_index(&self, id: VolumeId) -> Option<usize> {
+        self.volumes.iter().position(|v| v.id == id)
+    }
+
+    pub fn drain_outbox(&mut self, out: &mut Vec<FromDestage>) {
+        out.append(&mut self.outbox);
+    }
+
+    pub fn drain_events(&mut self, out: &mut Vec<DestageEvent>) {
+        out.append(&mut self.events);
+    }
+
+    /// Nothing dirty, no batch, nothing in flight.
+    pub fn is_idle(&self) -> bool {
+        self.ops.is_empty()
+            && self.volumes.iter().all(|v| v.dirty.is_empty() && v.current.is_none() && v.next.is_none())
+    }
+
+    pub fn io_in_flight(&self) -> bool {
+        !self.ops.is_empty()
+    }
+
+    /// Bytes of dirty data the destager knows of and has not destaged (status).
+    pub fn pending_bytes(&self, id: VolumeId) -> Option<u64> {
+        let v = &self.volumes[self.volume_index(id)?];
+        Some(v.dirty_bytes + v.current.as_ref().map_or(0, |b| b.bytes) + v.next.as_ref().map_or(0, |b| b.bytes))
+    }
+
+    pub fn report(&self, id: VolumeId) -> Option<SanReport> {
+        let v = &self.volumes[self.volume_index(id)?];
+        Some(self.report_of(v))
+    }
+
+    fn report_of(&self, v: &VolumeDestager) -> SanReport {
+        SanReport {
+            reachable: v.health.reachable,
+            errors: v.health.errors,
+            latency_ns_ewma: v.depth.latency_ewma_ns,
+            destage_rate_bytes_per_s: v.rate_bytes_per_s,
+            destage_depth: depth::write_limit(&v.depth, &self.pressure),
+            destaged_bytes_total: v.destaged_bytes_total,
+        }
+    }
+
+    pub fn on_message(&mut self, msg: ToDestage, now: u64) {
+        match msg {
+            ToDestage::Start { volume, watermark, intent } => {
+                let Some(vi) = self.volume_index(volume) else { return };
+                let v = &mut self.volumes[vi];
+                v.started = true;
+                v.watermark = watermark;
+                v.persisted_intent = intent;
+                v.requested_intent = intent;
+            }
+            ToDestage::Dirty { volume, records } => {
+                let Some(vi) = self.volume_index(volume) else { return };
+                let v = &mut self.volumes[vi];
+                for r in records {
+                    assert!(
+                        r.seq > v.watermark && v.dirty.back().is_none_or(|d| d.seq < r.seq),
+                        "destager: {volume} dirty {} out of order",
+                        r.seq
+                    );
+                    v.dirty_bytes += r.blocks * BLOCK_SIZE_U64 * u64::from(r.kind.has_data());
+                    v.dirty.push_back(r);
+                }
+            }
+            ToDestage::IntentPersisted { volume, intent } => {
+                let Some(vi) = self.volume_index(volume) else { return };
+                let v = &mut self.volumes[vi];
+                v.persisted_intent = v.persisted_intent.max(intent);
+            }
+            ToDestage::San { volume, token, op } => {
+                let Some(vi) = self.volume_index(volume) else { return };
+                self.host_request(vi, token, op, now);
+            }
+            ToDestage::Pressure(p) => self.pressure = p,
+        }
+    }
+
+    fn host_request(&mut self, vi: usize, token: IoToken, op: SanRequest, now: u64) {
+        let read = matches!(op, SanRequest::Read { .. });
+        let t = self.token(Op::Host { vi, token, sent_ns: now, read });
+        self.volumes[vi].host_ops += 1;
+        let san = &mut self.volumes[vi].san;
+        match op {
+            SanRequest::Read { offset, buf } => san.submit_read(t, offset, buf),
+            SanRequest::Write { offset, buf, fua } => san.submit_write(t, offset, buf, fua),
+            SanRequest::WriteZeroes { offset, len } => san.submit_write_zeroes(t, offset, len),
+            SanRequest::Unmap { offset, len } => san.submit_unmap(t, offset, len),
+            SanRequest::Flush => san.submit_flush(t),
+        }
+    }
+
+    /// Makes progress: completions, batches, reads, SAN writes, flushes. Returns the work done.
+    pub fn poll(&mut self, now: u64) -> usize {
+        let mut work = 0;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        self.flash.poll_completions(&mut scratch);
+        for vi in 0..self.volumes.len() {
+            self.volumes[vi].san.poll_completions(&mut scratch);
+        }
+        for done in scratch.drain(..) {
+            work += 1;
+            self.on_done(done, now);
+        }
+        self.scratch = scratch;
+        for vi in 0..self.volumes.len() {
+            work += self.poll_volume(vi, now);
+            self.maybe_report(vi, now);
+        }
+        work
+    }
+
+    /// The next batch's last sequence number: bounded by bytes and entries, but always covering
+    /// the persisted intent.
+    fn next_upto(v: &VolumeDestager) -> Option<LogSeq> {
+        let mut upto = None;
+        let mut bytes = 0u64;
+        for (n, r) in v.dirty.iter().enumerate() {
+            let within = n < DESTAGE_BATCH_ENTRIES_MAX && bytes < DESTAGE_BATCH_BYTES_MAX;
+            if !within && r.seq > v.persisted_intent {
+                break;
+            }
+            bytes += r.blocks * BLOCK_SIZE_U64 * u64::from(r.kind.has_data());
+            upto = Some(r.seq);
+        }
+        upto
+    }
+
+    fn plan(&mut self, vi: usize, now: u64) -> Option<Batch> {
+        let v = &mut self.volumes[vi];
+        let upto = Self::next_upto(v)?;
+        let n = v.dirty.partition_point(|r| r.seq <= upto);
+        let records: Vec<DirtyRecord> = v.dirty.drain(..n).collect();
+        v.dirty_bytes -= records.iter().map(|r| r.blocks * BLOCK_SIZE_U64 * u64::from(r.kind.has_data())).sum::<u64>();
+        let id = self.next_id;
+        self.next_id += 1;
+        Some(Batch::plan(id, upto, records, self.layout.log_bytes, &mut self.pool, now))
+    }
+
+    fn poll_volume(&mut self, vi: usize, now: u64) -> usize {
+        if !self.volumes[vi].started {
+            return 0;
+        }
+        let mut work = 0;
+        if self.volumes[vi].current.is_none() {
+            let promoted = self.volumes[vi].next.take();
+            let batch = match promoted {
+                Some(b) => Some(b),
+                None => self.plan(vi, now),
+            };
+            if let Some(mut b) = batch {
+                b.started_ns = now;
+                self.volumes[vi].current = Some(b);
+                work += 1;
+            }
+        }
+        if self.volumes[vi].next.is_none() && self.volumes[vi].current.is_some() && !self.volumes[vi].dirty.is_empty() {
+            self.volumes[vi].next = self.plan(vi, now);
+            work += 1;
+        }
+        // Intent: the batch that writes next, and the one after it, ahead of time.
+        let want = self.volumes[vi].next.as_ref().or(self.volumes[vi].current.as_ref()).map(|b| b.upto);
+        if let Some(upto) = want {
+            let v = &mut self.volumes[vi];
+            if upto > v.requested_intent {
+                v.requested_intent = upto;
+                self.outbox.push(FromDestage::NeedIntent { volume: v.id, upto });
+                work += 1;
+            }
+        }
+        work += self.issue_reads(vi);
+        work += self.issue_writes(vi, now);
+        work
+    }
+
+    fn issue_reads(&mut self, vi: usize) -> usize {
+        let limit = depth::read_limit(&self.pressure);
+        let mut work = 0;
+        for next in [false, true] {
+            loop {
+                let v = &mut self.volumes[vi];
+                let in_flight = v.current.as_ref().map_or(0, |b| b.reads_in_flight)
+                    + v.next.as_ref().map_or(0, |b| b.reads_in_flight);
+                let batch = if next { v.next.as_mut() } else { v.current.as_mut() };
+                let Some(b) = batch else { break };
+                if in_flight >= limit || b.next_read == b.reads.len() {
+                    break;
+                }
+                let read = b.next_read;
+                b.next_read += 1;
+                b.reads_in_flight += 1;
+                let (pos, len, batch) = (b.reads[read].pos, b.reads[read].len, b.id);
+                let buf = self.pool.get(len as usize);
+                let token = self.token(Op::LogRead { vi, batch, read });
+                self.flash.submit_read(token, self.layout.log_offset(pos), buf);
+                work += 1;
+            }
+        }
+        work
+    }
+
+    fn issue_writes(&mut self, vi: usize, now: u64) -> usize {
+        let mut work = 0;
+        let limit = depth::write_limit(&self.volumes[vi].depth, &self.pressure);
+        let v = &mut self.volumes[vi];
+        let Some(b) = v.current.as_mut() else { return 0 };
+        if v.persisted_intent < b.upto {
+            return 0;
+        }
+        let mut submits = Vec::new();
+        while b.in_flight < limit && v.health.may_try(now) {
+            let Some(run) = b.ready.pop_front() else { break };
+            b.in_flight += 1;
+            submits.push(run);
+            if !v.health.reachable {
+                break; // one probe at a time while the SAN is down
+            }
+        }
+        let flush = b.all_written() && b.in_flight == 0 && !b.flush_in_flight && v.health.may_try(now);
+        if flush {
+            b.flush_in_flight = true;
+        }
+        for run in submits {
+            let token = self.token(Op::Run { vi, run, sent_ns: now });
+            let v = &mut self.volumes[vi];
+            let Some(b) = v.current.as_mut() else { unreachable!() };
+            let r = &mut b.runs[run];
+            let offset = r.lba.0 * BLOCK_SIZE_U64;
+            let len = r.blocks * BLOCK_SIZE_U64;
+            match r.kind {
+                RunKind::Data => {
+                    let buf = r.buf.take().expect("destager: data run without its data");
+                    v.san.submit_write(token, offset, buf, false);
+                }
+                RunKind::Zero => v.san.submit_write_zeroes(token, offset, len),
+                RunKind::Unmap => v.san.submit_unmap(token, offset, len),
+            }
+            work += 1;
+        }
+        if flush {
+            let token = self.token(Op::Flush { vi });
+            self.volumes[vi].san.submit_flush(token);
+            work += 1;
+        }
+        work
+    }
+
+    fn san_result(&mut self, vi: usize, ok: bool, now: u64) {
+        let v = &mut self.volumes[vi];
+        if ok {
+            if !v.health.reachable {
+                v.health.reachable = true;
+                v.health.backoff_ns = SAN_BACKOFF_MIN_NS;
+                self.events.push(DestageEvent::SanReachable { volume: v.id });
+            }
+        } else {
+            if v.health.reachable {
+                self.events.push(DestageEvent::SanUnreachable { volume: v.id });
+            }
+            v.health.failed(now);
+        }
+    }
+
+    fn on_done(&mut self, done: IoDone, now: u64) {
+        let Some(op) = self.ops.remove(&done.token) else {
+            panic!("destager: completion for unknown token {:?}", done.token)
+        };
+        match op {
+            Op::LogRead { vi, batch, read } => {
+                let data = done.buf.expect("destager: log read without its buffer");
+                let v = &mut self.volumes[vi];
+                let found = [v.current.as_mut(), v.next.as_mut()].into_iter().flatten().find(|b| b.id == batch);
+                let Some(b) = found else { return self.pool.put(data) };
+                b.reads_in_flight -= 1;
+                let checked = done.result.map_err(|e| e.to_string()).and_then(|()| b.read_done(read, &data));
+                if let Err(error) = checked {
+                    // Dirty data that cannot be read back: read it again; it is never skipped.
+                    tracing::error!(volume = v.id.0, "destage read failed ({error}); retrying");
+                    self.events.push(DestageEvent::LogReadFailed { volume: v.id, error });
+                    let (pos, len) = (b.reads[read].pos, b.reads[read].len);
+                    b.reads_in_flight += 1;
+                    let _ = len;
+                    let token = self.token(Op::LogRead { vi, batch, read });
+                    self.flash.submit_read(token, self.layout.log_offset(pos), data);
+                    return;
+                }
+                self.pool.put(data);
+            }
+            Op::Run { vi, run, sent_ns } => {
+                let ok = done.result.is_ok();
+                self.san_result(vi, ok, now);
+                let urgent = depth::urgent(&self.pressure);
+                let v = &mut self.volumes[vi];
+                let Some(b) = v.current.as_mut() else { return self.pool.put_opt(done.buf) };
+                b.in_flight -= 1;
+                if ok {
+                    v.depth.on_success(now.saturating_sub(sent_ns), now, urgent);
+                    b.runs_done += 1;
+                    self.pool.put_opt(done.buf);
+                } else {
+                    v.depth.on_error(now);
+                    b.runs[run].buf = done.buf;
+                    b.ready.push_back(run);
+                }
+            }
+            Op::Flush { vi } => {
+                let ok = done.result.is_ok();
+                self.san_result(vi, ok, now);
+                let v = &mut self.volumes[vi];
+                let Some(b) = v.current.as_mut() else { return };
+                b.flush_in_flight = false;
+                if ok {
+                    let Some(b) = v.current.take() else { return };
+                    assert!(b.upto > v.watermark, "destager: watermark would move back");
+                    v.watermark = b.upto;
+                    v.destaged_bytes_total += b.bytes;
+                    let elapsed = now.saturating_sub(b.started_ns).max(1) as f64 / 1e9;
+                    let rate = b.bytes as f64 / elapsed;
+                    v.rate_bytes_per_s =
+                        if v.rate_bytes_per_s == 0.0 { rate } else { v.rate_bytes_per_s * 0.7 + rate * 0.3 };
+                    tracing::debug!(volume = v.id.0, watermark = b.upto.0, bytes = b.bytes, "destage batch durable");
+                    self.events.push(DestageEvent::BatchDestaged { volume: v.id, watermark: b.upto, bytes: b.bytes });
+                    self.outbox.push(FromDestage::Destaged { volume: v.id, watermark: b.upto });
+                    for r in b.runs {
+                        self.pool.put_opt(r.buf);
+                    }
+                }
+            }
+            Op::Host { vi, token, sent_ns, read } => {
+                let ok = done.result.is_ok();
+                let v = &mut self.volumes[vi];
+                v.host_ops -= 1;
+                if ok && read {
+                    v.depth.observe(now.saturating_sub(sent_ns));
+                }
+                let result: Result<(), IoError> = done.result;
+                self.outbox.push(FromDestage::SanDone { volume: v.id, token, result, buf: done.buf });
+            }
+        }
+    }
+
+    /// Reports a volume's SAN numbers to the engine: at once when reachability or errors
+    /// change, every `REPORT_EVERY_NS` while destage moves, every 5 s otherwise.
+    fn maybe_report(&mut self, vi: usize, now: u64) {
+        let report = self.report_of(&self.volumes[vi]);
+        let v = &mut self.volumes[vi];
+        let urgent = report.reachable != v.reported.reachable || report.errors != v.reported.errors;
+        let moved = report != v.reported;
+        let every = if moved { REPORT_EVERY_NS } else { 5_000_000_000 };
+        if urgent || now >= v.report_at_ns + every {
+            v.report_at_ns = now;
+            v.reported = report;
+            self.outbox.push(FromDestage::Report { volume: v.id, report });
+        }
+    }
+
+    /// Returns buffers to this destager's pool (a driver handing back what it does not need).
+    pub fn recycle(&mut self, buf: AlignedBuf) {
+        self.pool.put(buf);
+    }
+}

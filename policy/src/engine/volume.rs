@@ -1,0 +1,392 @@
+//! Per-volume state owned by the engine: identity, policy, sequence numbers and watermarks, the
+//! dirty index, host operations in flight, SAN health as the front end sees it, metrics.
+//!
+//! The write state machine lives here as [`WriteState`]; every transition goes through
+//! [`Volume::enter`], which counts it and emits a trace point (STYLE.md, "How state moves").
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::constants::{SAN_BACKOFF_MAX_NS, SAN_BACKOFF_MIN_NS};
+use crate::engine::Status;
+use crate::index::DirtyIndex;
+use crate::io::AlignedBuf;
+use crate::link::SanReport;
+use crate::log::EntryKind;
+use crate::policy::{EffectiveReason, WritePolicy};
+use crate::types::{Epoch, IoToken, Lba, LogPos, LogSeq, OpId, VolumeId};
+
+/// What the target configures for a volume on the engine's side.
+#[derive(Clone, Debug)]
+pub struct VolumeSpec {
+    pub id: VolumeId,
+    pub epoch: Epoch,
+    pub blocks: u64,
+    pub policy: WritePolicy,
+    /// Insert clean copies of SAN reads into flash (read acceleration).
+    pub read_cache: bool,
+    /// The SAN unmaps and then reads zeroes: host Deallocate is logged and destaged as an
+    /// unmap. Without it Deallocate is advisory and changes nothing.
+    pub unmap: bool,
+}
+
+/// The life of a host write, with the work it waits for inside each state.
+///
+/// Write-back: `Received → Queued → Logging → Logged → Acked` (the destager then takes the
+/// entry: `Destaged → Clean` are counted per entry, not per host op). Write-through:
+/// `Received → Gated → SanWriting → Acked`. A write-back write whose log write failed goes
+/// `Logging → Abandoned → Acked`, acknowledged once the persisted watermark covers it.
+/// Replication will add `Replicating { acks }` between `Logging` and `Logged`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteState {
+    Received,
+    /// In the appender's queue, waiting for the next frame or for log space.
+    Queued {
+        since_ns: u64,
+    },
+    /// In the frame at `frame`, whose write is on its way to flash.
+    Logging {
+        frame: LogPos,
+    },
+    /// Durable in the log as `seq`; acknowledged once every earlier frame is too.
+    Logged {
+        seq: LogSeq,
+    },
+    /// Its log write failed: destaged from memory, acknowledged when the persisted watermark
+    /// reaches `seq`.
+    Abandoned {
+        seq: LogSeq,
+    },
+    /// Write-through, waiting until none of its blocks is dirty (invariant 2).
+    Gated {
+        deadline_ns: u64,
+    },
+    /// Write-through, at the SAN (or waiting to retry there).
+    SanWriting {
+        deadline_ns: u64,
+        retry: bool,
+    },
+    Acked,
+    /// Per-entry states counted for the operator: on the SAN, then covered by a persisted
+    /// watermark.
+    Destaged,
+    Clean,
+}
+
+pub const WRITE_STATES: usize = 10;
+
+impl WriteState {
+    pub fn index(self) -> usize {
+        match self {
+            WriteState::Received => 0,
+            WriteState::Queued { .. } => 1,
+            WriteState::Logging { .. } => 2,
+            WriteState::Logged { .. } => 3,
+            WriteState::Abandoned { .. } => 4,
+            WriteState::Gated { .. } => 5,
+            WriteState::SanWriting { .. } => 6,
+            WriteState::Acked => 7,
+            WriteState::Destaged => 8,
+            WriteState::Clean => 9,
+        }
+    }
+
+    pub fn name(index: usize) -> &'static str {
+        ["received", "queued", "logging", "logged", "abandoned", "gated", "san_writing", "acked", "destaged", "clean"]
+            .get(index)
+            .copied()
+            .unwrap_or("?")
+    }
+}
+
+/// A host operation in flight.
+pub(crate) enum PendingOp {
+    Write(WriteOp),
+    Read(ReadOp),
+    Flush(FlushOp),
+}
+
+pub(crate) struct WriteOp {
+    pub token: u64,
+    pub kind: EntryKind,
+    pub lba: Lba,
+    pub blocks: u64,
+    /// The host's buffer while the engine holds it (not while a log or SAN write has it).
+    pub buf: Option<AlignedBuf>,
+    pub fua: bool,
+    pub state: WriteState,
+}
+
+pub(crate) struct ReadOp {
+    pub token: u64,
+    pub lba: Lba,
+    /// The host's buffer; lent to the device while a read that covers all of it is in flight.
+    pub buf: Option<AlignedBuf>,
+    pub parts_pending: usize,
+    /// SAN parts (block offset, blocks, into the read's own buffer) waiting for a retry.
+    pub san_retry: Vec<(u32, u32, bool)>,
+    pub deadline_ns: u64,
+    /// Set when the read cannot succeed; reported once every part in flight is back.
+    pub failed: Option<Status>,
+    pub received_ns: u64,
+    /// Served from flash only (for the front-end latency the destager watches).
+    pub flash_only: bool,
+}
+
+pub(crate) struct FlushOp {
+    pub token: u64,
+    /// Write-through acknowledgements the flush must cover (`Volume::wt_acks` at submission).
+    pub need: u64,
+    pub deadline_ns: u64,
+}
+
+/// What a host SAN request (through the destager) is for.
+pub(crate) enum SanOp {
+    Write {
+        op: OpId,
+    },
+    /// Part `off..off+n` of a read; `whole`: into the read's own buffer.
+    Read {
+        op: OpId,
+        off: u32,
+        n: u32,
+        whole: bool,
+    },
+    Flush {
+        covers: u64,
+    },
+}
+
+/// An acknowledged entry not yet covered by the persisted watermark, in sequence order.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DirtyMeta {
+    pub seq: LogSeq,
+    pub lba: Lba,
+    pub blocks: u64,
+    /// Log bytes of its data (0 for zeroes/unmap): what `dirty_bytes` reports.
+    pub bytes: u64,
+}
+
+/// SAN reachability and retry back-off for host commands (DESIGN.md: SAN down → retry with
+/// back-off, dirty data stays in flash, the volume reports it).
+pub(crate) struct SanHealth {
+    pub reachable: bool,
+    pub backoff_ns: u64,
+    pub retry_at: u64,
+    pub errors: u64,
+}
+
+impl SanHealth {
+    pub fn new() -> SanHealth {
+        SanHealth { reachable: true, backoff_ns: SAN_BACKOFF_MIN_NS, retry_at: 0, errors: 0 }
+    }
+
+    pub fn failed(&mut self, now: u64) {
+        self.errors += 1;
+        if self.reachable {
+            self.backoff_ns = SAN_BACKOFF_MIN_NS;
+        } else {
+            self.backoff_ns = (self.backoff_ns * 2).min(SAN_BACKOFF_MAX_NS);
+        }
+        self.reachable = false;
+        self.retry_at = now + self.backoff_ns;
+    }
+
+    pub fn succeeded(&mut self) {
+        self.reachable = true;
+        self.backoff_ns = SAN_BACKOFF_MIN_NS;
+    }
+
+    pub fn may_try(&self, now: u64) -> bool {
+        self.reachable || now >= self.retry_at
+    }
+}
+
+/// Operator-visible numbers for one volume.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeMetrics {
+    pub id: VolumeId,
+    pub requested: WritePolicy,
+    pub effective: WritePolicy,
+    pub reason: EffectiveReason,
+    /// Log bytes of acknowledged data not yet covered by the persisted watermark.
+    pub dirty_bytes: u64,
+    pub dirty_entries: u64,
+    pub destaged_bytes_total: u64,
+    /// Exponentially weighted destage rate.
+    pub destage_rate_bytes_per_s: f64,
+    pub san_latency_ns_ewma: f64,
+    pub san_reachable: bool,
+    pub san_errors: u64,
+    pub destage_depth: usize,
+    /// Newest acknowledged sequence number minus the persisted watermark.
+    pub watermark_lag_entries: u64,
+    pub watermark: LogSeq,
+    pub persisted_watermark: LogSeq,
+    pub read_hits_dirty: u64,
+    pub read_hits_clean: u64,
+    pub read_misses: u64,
+    pub log_full_waits: u64,
+    pub log_full_fallthroughs: u64,
+    pub gated_writes: u64,
+    pub busy_returns: u64,
+    /// How many times each [`WriteState`] was entered (index: [`WriteState::index`]).
+    pub state_entries: [u64; WRITE_STATES],
+}
+
+impl VolumeMetrics {
+    /// Fraction of read blocks served from flash (dirty or clean).
+    pub fn hit_ratio(&self) -> f64 {
+        let hits = self.read_hits_dirty + self.read_hits_clean;
+        let total = hits + self.read_misses;
+        if total == 0 {
+            0.0
+        } else {
+            hits as f64 / total as f64
+        }
+    }
+}
+
+pub(crate) struct Volume {
+    pub id: VolumeId,
+    pub epoch: Epoch,
+    pub blocks: u64,
+    pub requested: WritePolicy,
+    pub read_cache: bool,
+    pub unmap: bool,
+    pub next_seq: LogSeq,
+    /// Highest seq destaged and SAN-flushed (what the destager reported).
+    pub watermark: LogSeq,
+    /// Watermark in the last durable superblock.
+    pub persisted_watermark: LogSeq,
+    /// Destage intent the destager asked for, and the one in the last durable superblock.
+    pub intent: LogSeq,
+    pub persisted_intent: LogSeq,
+    pub index: DirtyIndex,
+    /// Acknowledged entries above the persisted watermark, in seq order.
+    pub dirty: VecDeque<DirtyMeta>,
+    dirty_bytes: u64,
+    pub ops: HashMap<OpId, PendingOp>,
+    /// Write-through writes waiting for their blocks to become clean (invariant 2).
+    pub gated: VecDeque<OpId>,
+    /// Write-through writes waiting to retry on the SAN.
+    pub san_retries: Vec<OpId>,
+    /// Reads waiting to retry SAN parts.
+    pub read_retries: Vec<OpId>,
+    /// Host flushes waiting for a SAN flush.
+    pub flushes: Vec<OpId>,
+    /// Counts write-through acknowledgements; a SAN flush submitted at count `c` makes the
+    /// first `c` durable (invariant 6).
+    pub wt_acks: u64,
+    pub san_flushed_upto: u64,
+    pub host_san_flush_in_flight: bool,
+    /// Host SAN requests in flight through the destager.
+    pub san_ops: HashMap<IoToken, SanOp>,
+    pub san_health: SanHealth,
+    /// Abandoned writes acknowledged once the persisted watermark reaches their seq.
+    pub acks_on_persist: Vec<(LogSeq, OpId)>,
+    pub metrics: VolumeMetrics,
+}
+
+impl Volume {
+    pub fn new(spec: VolumeSpec) -> Volume {
+        Volume {
+            id: spec.id,
+            epoch: spec.epoch,
+            blocks: spec.blocks,
+            requested: spec.policy,
+            read_cache: spec.read_cache,
+            unmap: spec.unmap,
+            next_seq: LogSeq(1),
+            watermark: LogSeq(0),
+            persisted_watermark: LogSeq(0),
+            intent: LogSeq(0),
+            persisted_intent: LogSeq(0),
+            index: DirtyIndex::default(),
+            dirty: VecDeque::new(),
+            dirty_bytes: 0,
+            ops: HashMap::new(),
+            gated: VecDeque::new(),
+            san_retries: Vec::new(),
+            read_retries: Vec::new(),
+            flushes: Vec::new(),
+            // A previous run may have left acknowledged write-through data in the SAN's cache:
+            // the first host flush after start must flush the SAN (found by the simulator).
+            wt_acks: 1,
+            san_flushed_upto: 0,
+            host_san_flush_in_flight: false,
+            san_ops: HashMap::new(),
+            san_health: SanHealth::new(),
+            acks_on_persist: Vec::new(),
+            metrics: VolumeMetrics {
+                id: spec.id,
+                requested: spec.policy,
+                effective: spec.policy,
+                reason: EffectiveReason::AsRequested,
+                dirty_bytes: 0,
+                dirty_entries: 0,
+                destaged_bytes_total: 0,
+                destage_rate_bytes_per_s: 0.0,
+                san_latency_ns_ewma: 0.0,
+                san_reachable: true,
+                san_errors: 0,
+                destage_depth: 1,
+                watermark_lag_entries: 0,
+                watermark: LogSeq(0),
+                persisted_watermark: LogSeq(0),
+                read_hits_dirty: 0,
+                read_hits_clean: 0,
+                read_misses: 0,
+                log_full_waits: 0,
+                log_full_fallthroughs: 0,
+                gated_writes: 0,
+                busy_returns: 0,
+                state_entries: [0; WRITE_STATES],
+            },
+        }
+    }
+
+    /// Records a write state transition (counter + trace point).
+    pub fn enter(&mut self, op: OpId, from: WriteState, to: WriteState) {
+        self.metrics.state_entries[to.index()] += 1;
+        tracing::trace!(volume = self.id.0, op = op.0, ?from, ?to, "write state");
+    }
+
+    /// The newest acknowledged sequence number.
+    pub fn last_acked_seq(&self) -> LogSeq {
+        self.dirty.back().map(|r| r.seq).unwrap_or(self.persisted_watermark).max(self.persisted_watermark)
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes
+    }
+
+    pub fn push_dirty(&mut self, r: DirtyMeta) {
+        assert!(self.dirty.back().is_none_or(|d| d.seq < r.seq), "volume: dirty entries out of order");
+        self.dirty_bytes += r.bytes;
+        self.dirty.push_back(r);
+    }
+
+    /// Forgets the entries the persisted watermark now covers: their blocks leave the index
+    /// (unless a newer entry holds them). Returns how many.
+    pub fn persist_clean(&mut self) -> u64 {
+        let mut n = 0;
+        while self.dirty.front().is_some_and(|r| r.seq <= self.persisted_watermark) {
+            let Some(r) = self.dirty.pop_front() else { break };
+            self.dirty_bytes -= r.bytes;
+            self.index.remove_clean(r.lba, r.blocks, self.persisted_watermark);
+            self.metrics.state_entries[WriteState::Clean.index()] += 1;
+            n += 1;
+        }
+        n
+    }
+
+    pub fn apply_report(&mut self, r: &SanReport) {
+        let m = &mut self.metrics;
+        m.san_latency_ns_ewma = r.latency_ns_ewma;
+        m.destage_rate_bytes_per_s = r.destage_rate_bytes_per_s;
+        m.destage_depth = r.destage_depth;
+        m.destaged_bytes_total = r.destaged_bytes_total;
+        m.san_reachable = r.reachable && self.san_health.reachable;
+        m.san_errors = r.errors + self.san_health.errors;
+    }
+}

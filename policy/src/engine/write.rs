@@ -1,0 +1,396 @@
+//! Writes: the write-back path (queue → frame → log → acknowledgement in log order), the
+//! write-through path and its gate (invariant 2), the full log, and what a failed log write
+//! turns into.
+//!
+//! Write-through: a write waits while any of its blocks is dirty (until the *persisted*
+//! watermark covers them), then goes to the SAN through the destager. The destager can then
+//! never put older data over it, not even by replaying the log after a crash.
+//!
+//! Full log: a write whose blocks are clean goes write-through at once (so a full log costs
+//! write-through speed, never less); one over dirty blocks waits for space up to
+//! `log_full_wait_ns`, then goes write-through behind the gate.
+
+use std::rc::Rc;
+
+use super::appender::{FrameState, Queued};
+use super::volume::{DirtyMeta, PendingOp, SanOp, WriteOp, WriteState};
+use super::{Engine, EngineEvent, FlashOp, PoolExt, Status};
+use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::index::DirtyLoc;
+use crate::io::{AlignedBuf, IoDone, IoError};
+use crate::link::{DirtyRecord, SanRequest, ToDestage};
+use crate::log::{EntryKind, FrameHeader};
+use crate::policy::WritePolicy;
+use crate::types::{IoToken, Lba, LogPos, OpId};
+
+impl Engine {
+    pub(super) fn write_op(&mut self, vi: usize, op: OpId) -> &mut WriteOp {
+        match self.volumes[vi].ops.get_mut(&op) {
+            Some(PendingOp::Write(w)) => w,
+            _ => panic!("engine: op {op:?} is not a pending write"),
+        }
+    }
+
+    pub(super) fn set_write_state(&mut self, vi: usize, op: OpId, to: WriteState) {
+        let w = self.write_op(vi, op);
+        let from = w.state;
+        w.state = to;
+        self.volumes[vi].enter(op, from, to);
+    }
+
+    /// A host request for the SAN, sent through the destager.
+    pub(super) fn san_request(&mut self, vi: usize, op: SanOp, req: SanRequest) -> IoToken {
+        // Dirty records gathered so far go first: the destager sees the log in order.
+        self.flush_dirty_out();
+        let token = IoToken(self.next_id());
+        self.volumes[vi].san_ops.insert(token, op);
+        self.outbox.push(ToDestage::San { volume: self.volumes[vi].id, token, op: req });
+        token
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start_write(
+        &mut self,
+        vi: usize,
+        token: u64,
+        kind: EntryKind,
+        lba: Lba,
+        blocks: u64,
+        buf: Option<AlignedBuf>,
+        fua: bool,
+        now: u64,
+    ) {
+        let id = self.volumes[vi].id;
+        self.cache.invalidate_range(id, lba, blocks);
+        let op = OpId(self.next_id());
+        let w = WriteOp { token, kind, lba, blocks, buf, fua, state: WriteState::Received };
+        self.volumes[vi].ops.insert(op, PendingOp::Write(w));
+        self.volumes[vi].enter(op, WriteState::Received, WriteState::Received);
+        if self.effective(vi).0 == WritePolicy::WriteThrough {
+            return self.start_write_through(vi, op, now);
+        }
+        let buf = self.write_op(vi, op).buf.take();
+        self.set_write_state(vi, op, WriteState::Queued { since_ns: now });
+        self.log.queue.push_back(Queued { vi, op, kind, lba, blocks, buf, since_ns: now, waited: false });
+    }
+
+    /// Queued writes that may not wait for the log: the volume went write-through, or the log
+    /// is full and they are clean (or waited long enough).
+    pub(super) fn poll_queue(&mut self, now: u64) -> usize {
+        let mut work = 0;
+        let full = self.log.log_full;
+        let mut i = 0;
+        while i < self.log.queue.len() {
+            let q = &self.log.queue[i];
+            let vi = q.vi;
+            let write_through = self.effective(vi).0 == WritePolicy::WriteThrough;
+            let reroute = if write_through {
+                true
+            } else if !full {
+                false
+            } else if now >= q.since_ns + self.cfg.log_full_wait_ns {
+                self.volumes[vi].metrics.log_full_fallthroughs += 1;
+                true
+            } else {
+                let (lba, blocks) = (q.lba, q.blocks);
+                let clean = !self.volumes[vi].index.overlaps(lba, blocks)
+                    && !self
+                        .log
+                        .queue
+                        .iter()
+                        .take(i)
+                        .any(|e| e.vi == vi && e.lba.0 < lba.0 + blocks && lba.0 < e.lba.0 + e.blocks);
+                if clean {
+                    self.volumes[vi].metrics.log_full_fallthroughs += 1;
+                } else if !self.log.queue[i].waited {
+                    self.log.queue[i].waited = true;
+                    self.volumes[vi].metrics.log_full_waits += 1;
+                }
+                clean
+            };
+            if !reroute {
+                i += 1;
+                continue;
+            }
+            let Some(q) = self.log.queue.remove(i) else { break };
+            self.write_op(vi, q.op).buf = q.buf;
+            self.start_write_through(vi, q.op, now);
+            work += 1;
+        }
+        work
+    }
+
+    fn log_fua(&self) -> bool {
+        self.info.volatile_cache && !self.cfg.bugs.no_fua_on_volatile_flash
+    }
+
+    /// Cuts as many frames as may be in flight and writes them: header block + host buffers.
+    pub(super) fn cut_frames(&mut self, now: u64) -> usize {
+        if self.degraded.is_some() {
+            return 0;
+        }
+        let mut work = 0;
+        loop {
+            let floor = self.reclaim_floor();
+            let volumes = &mut self.volumes;
+            let writes = self.log.cut(floor, |vi| {
+                let v = &mut volumes[vi];
+                let seq = v.next_seq;
+                v.next_seq = seq.next();
+                (v.id, v.epoch, seq)
+            });
+            if writes.is_empty() {
+                return work;
+            }
+            let fua = self.log_fua();
+            for w in writes {
+                let mut header = self.pool.get(BLOCK_SIZE);
+                FrameHeader::encode(w.kind, self.log.incarnation, w.pos, &w.entries, &mut header);
+                let token = self.token(FlashOp::Frame { pos: w.pos, submitted_ns: now });
+                let offset = self.layout.log_offset(w.pos);
+                self.flash.submit_write(token, offset, header, w.bufs, fua);
+                work += 1;
+            }
+            let Some(frame) = self.log.frames.back() else { return work };
+            let pos = frame.pos;
+            let ops: Vec<(usize, OpId)> = frame.entries.iter().filter_map(|e| Some((e.vi, e.op?))).collect();
+            for (vi, op) in ops {
+                self.set_write_state(vi, op, WriteState::Logging { frame: pos });
+            }
+        }
+    }
+
+    /// A frame's write came back.
+    pub(super) fn frame_written(&mut self, pos: LogPos, submitted_ns: u64, done: IoDone, now: u64) {
+        self.pool.put_opt(done.buf);
+        let ok = done.result.is_ok();
+        let failed_first = self.log.written(pos, ok, done.gather);
+        if ok {
+            self.observe_latency(now.saturating_sub(submitted_ns));
+            let i = self.log.frames.partition_point(|f| f.pos < pos);
+            if self.log.frames[i].state == FrameState::Written {
+                let logged: Vec<(usize, OpId, crate::types::LogSeq)> =
+                    self.log.frames[i].entries.iter().filter_map(|e| Some((e.vi, e.op?, e.header.seq))).collect();
+                for (vi, op, seq) in logged {
+                    self.set_write_state(vi, op, WriteState::Logged { seq });
+                }
+            }
+        } else {
+            tracing::warn!(pos = pos.0, "flash log write failed; device degraded to write-through");
+            self.enter_degraded(now);
+            if failed_first {
+                self.log.abandon_unacked();
+            }
+        }
+    }
+
+    /// Acknowledges written frames in log order and hands abandoned ones to the destager.
+    pub(super) fn advance_acks(&mut self, now: u64) -> usize {
+        let _ = now;
+        let mut work = 0;
+        while let Some(f) = self.log.ackable() {
+            let state = f.state;
+            let mut bufs = std::mem::take(&mut f.bufs).into_iter();
+            let entries: Vec<_> = f.entries.iter_mut().map(|e| (e.vi, e.op.take(), e.header, e.data_pos)).collect();
+            self.log.advance();
+            for (vi, op, h, data_pos) in entries {
+                let buf = if h.kind.has_data() { bufs.next() } else { None };
+                let abandoned = state == FrameState::Abandoned;
+                let (loc, memory, buf) = match h.kind {
+                    EntryKind::Write if abandoned => {
+                        let Some(data) = buf else { panic!("engine: abandoned write without its data") };
+                        // The destager gets a copy; the index keeps the original for reads.
+                        let mut copy = self.pool.get(data.len());
+                        copy.copy_from_slice(&data);
+                        (DirtyLoc::Memory { buf: Rc::new(data), first_block: 0 }, Some(copy), None)
+                    }
+                    EntryKind::Write => (DirtyLoc::Log { data_pos }, None, buf),
+                    k => (DirtyLoc::Zero { unmap: k == EntryKind::Unmap }, None, None),
+                };
+                let v = &mut self.volumes[vi];
+                v.index.insert(h.lba, h.blocks as u64, h.seq, loc);
+                v.push_dirty(DirtyMeta { seq: h.seq, lba: h.lba, blocks: h.blocks as u64, bytes: h.data_bytes() });
+                self.dirty_out[vi].push(DirtyRecord {
+                    seq: h.seq,
+                    kind: h.kind,
+                    lba: h.lba,
+                    blocks: h.blocks as u64,
+                    data_pos,
+                    data_crc: h.data_crc,
+                    memory,
+                });
+                let Some(op) = op else { continue };
+                if abandoned {
+                    // Acknowledged once the persisted watermark covers it: until then a crash
+                    // would replay older entries of its blocks and nothing would put it back.
+                    self.set_write_state(vi, op, WriteState::Abandoned { seq: h.seq });
+                    self.volumes[vi].acks_on_persist.push((h.seq, op));
+                } else {
+                    let Some(PendingOp::Write(w)) = self.volumes[vi].ops.remove(&op) else {
+                        panic!("engine: logged write without its op")
+                    };
+                    self.volumes[vi].enter(op, w.state, WriteState::Acked);
+                    self.complete(vi, w.token, Status::Ok, buf, Some(h.seq));
+                }
+            }
+            work += 1;
+        }
+        work
+    }
+
+    pub(super) fn start_write_through(&mut self, vi: usize, op: OpId, now: u64) {
+        let deadline_ns = now + self.cfg.gate_timeout_ns;
+        self.set_write_state(vi, op, WriteState::Gated { deadline_ns });
+        let (lba, blocks) = {
+            let w = self.write_op(vi, op);
+            (w.lba, w.blocks)
+        };
+        if self.volumes[vi].index.overlaps(lba, blocks) {
+            self.volumes[vi].metrics.gated_writes += 1;
+        }
+        self.volumes[vi].gated.push_back(op);
+        self.poll_gated(vi, now);
+    }
+
+    /// Releases write-through writes whose blocks are clean (invariant 2).
+    pub(super) fn poll_gated(&mut self, vi: usize, now: u64) -> usize {
+        let mut work = 0;
+        let mut i = 0;
+        while i < self.volumes[vi].gated.len() {
+            let op = self.volumes[vi].gated[i];
+            let (lba, blocks, state) = {
+                let w = self.write_op(vi, op);
+                (w.lba, w.blocks, w.state)
+            };
+            let WriteState::Gated { deadline_ns } = state else { panic!("engine: gated write in state {state:?}") };
+            let dirty = self.volumes[vi].index.overlaps(lba, blocks) && !self.cfg.bugs.skip_write_through_gate;
+            if !dirty {
+                self.volumes[vi].gated.remove(i);
+                let deadline_ns = now + self.cfg.san_timeout_ns;
+                self.set_write_state(vi, op, WriteState::SanWriting { deadline_ns, retry: false });
+                self.submit_san_write(vi, op);
+                work += 1;
+            } else if now >= deadline_ns {
+                self.volumes[vi].gated.remove(i);
+                let Some(PendingOp::Write(w)) = self.volumes[vi].ops.remove(&op) else { unreachable!() };
+                self.complete(vi, w.token, Status::Busy, w.buf, None);
+                work += 1;
+            } else {
+                i += 1;
+            }
+        }
+        work
+    }
+
+    fn submit_san_write(&mut self, vi: usize, op: OpId) {
+        let (kind, lba, blocks, buf, fua) = {
+            let w = self.write_op(vi, op);
+            (w.kind, w.lba, w.blocks, w.buf.take(), w.fua)
+        };
+        let offset = lba.0 * BLOCK_SIZE_U64;
+        let len = blocks * BLOCK_SIZE_U64;
+        let req = match (kind, buf) {
+            (EntryKind::Write, Some(buf)) => SanRequest::Write { offset, buf, fua },
+            (EntryKind::Write, None) => panic!("engine: write-through write without its data"),
+            (EntryKind::Zeroes, _) => SanRequest::WriteZeroes { offset, len },
+            (EntryKind::Unmap, _) => SanRequest::Unmap { offset, len },
+        };
+        self.san_request(vi, SanOp::Write { op }, req);
+    }
+
+    /// A host SAN request came back from the destager.
+    pub(super) fn on_san_done(
+        &mut self,
+        vi: usize,
+        token: IoToken,
+        result: Result<(), IoError>,
+        buf: Option<AlignedBuf>,
+        now: u64,
+    ) {
+        let Some(op) = self.volumes[vi].san_ops.remove(&token) else {
+            tracing::warn!(volume = self.volumes[vi].id.0, "SAN completion for an unknown request");
+            self.pool.put_opt(buf);
+            return;
+        };
+        let id = self.volumes[vi].id;
+        match &result {
+            Ok(()) => {
+                if !self.volumes[vi].san_health.reachable {
+                    self.events.push(EngineEvent::SanReachable { volume: id });
+                    tracing::info!(volume = id.0, "SAN reachable again");
+                }
+                self.volumes[vi].san_health.succeeded();
+            }
+            Err(e) => {
+                if self.volumes[vi].san_health.reachable {
+                    self.events.push(EngineEvent::SanUnreachable { volume: id });
+                    tracing::warn!(volume = id.0, error = %e, "SAN error; retrying with back-off");
+                }
+                self.volumes[vi].san_health.failed(now);
+            }
+        }
+        match op {
+            SanOp::Write { op } => match result {
+                Ok(()) => {
+                    let Some(PendingOp::Write(w)) = self.volumes[vi].ops.remove(&op) else {
+                        panic!("engine: SAN write without its op")
+                    };
+                    self.volumes[vi].enter(op, w.state, WriteState::Acked);
+                    if self.cfg.bugs.skip_write_through_gate {
+                        self.volumes[vi].index.remove_range(w.lba, w.blocks);
+                    }
+                    if !w.fua {
+                        self.volumes[vi].wt_acks += 1;
+                    }
+                    if let Some(data) = buf.as_ref() {
+                        self.fill_cache(vi, w.lba, data);
+                    }
+                    self.complete(vi, w.token, Status::Ok, buf, None);
+                }
+                Err(_) => {
+                    let w = self.write_op(vi, op);
+                    w.buf = buf;
+                    let WriteState::SanWriting { deadline_ns, .. } = w.state else {
+                        panic!("engine: SAN write in {:?}", w.state)
+                    };
+                    w.state = WriteState::SanWriting { deadline_ns, retry: true };
+                    self.volumes[vi].san_retries.push(op);
+                }
+            },
+            SanOp::Read { op, off, n, whole } => self.san_read_done(vi, op, off, n, whole, result, buf, now),
+            SanOp::Flush { covers } => {
+                self.pool.put_opt(buf);
+                let v = &mut self.volumes[vi];
+                v.host_san_flush_in_flight = false;
+                if result.is_ok() {
+                    v.san_flushed_upto = v.san_flushed_upto.max(covers);
+                }
+            }
+        }
+    }
+
+    pub(super) fn poll_retries(&mut self, vi: usize, now: u64) -> usize {
+        let mut work = 0;
+        if !self.volumes[vi].san_retries.is_empty() {
+            for op in std::mem::take(&mut self.volumes[vi].san_retries) {
+                let WriteState::SanWriting { deadline_ns, .. } = self.write_op(vi, op).state else {
+                    panic!("engine: SAN retry of a write not at the SAN")
+                };
+                if now >= deadline_ns {
+                    // The SAN may or may not hold the data: not acknowledged, host retries.
+                    let Some(PendingOp::Write(w)) = self.volumes[vi].ops.remove(&op) else { unreachable!() };
+                    self.complete(vi, w.token, Status::Busy, w.buf, None);
+                    work += 1;
+                } else if self.volumes[vi].san_health.may_try(now) {
+                    self.write_op(vi, op).state = WriteState::SanWriting { deadline_ns, retry: false };
+                    self.submit_san_write(vi, op);
+                    work += 1;
+                } else {
+                    self.volumes[vi].san_retries.push(op);
+                }
+            }
+        }
+        work += self.poll_read_retries(vi, now);
+        work
+    }
+}

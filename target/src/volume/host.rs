@@ -1,0 +1,462 @@
+//! The engine host: a flash device's [`Engine`] living on the front-end reactor that owns the
+//! device, as one of that reactor's pollers.
+//!
+//! It appends to the log on the reactor's own io_uring (the device's `BdevChannel`, so a log
+//! frame is one gathered write of the header block and the hosts' buffers), acknowledges in log
+//! order and serves reads — all on the thread that received the commands. Commands from this
+//! reactor's namespaces arrive through a local queue (no message, no wake-up); commands from
+//! other reactors, the destager's messages and the management requests arrive on one bounded
+//! channel with an eventfd armed in this reactor's ring. Messages for the destage core leave
+//! on its bounded channel; a full channel keeps them here until there is room.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use io_uring::{opcode, types};
+use stager_nvme::bdev::{AlignedBuf, BdevChannel, BdevDone, BdevIo, BdevOp, BlockDevice};
+use stager_nvme::uring::{kind, user_data, Ring};
+use stager_policy::io::MonotonicClock;
+use stager_policy::{
+    Clock, Engine, EngineConfig, EngineEvent, EngineState, Flash, FlashInfo, FromDestage, HostDone, HostOp, IoDone,
+    IoError, IoToken, Status, ToDestage, VolumeId, VolumeSpec, WritePolicy,
+};
+use tracing::{error, info, warn};
+
+use super::service::{ReplyPort, Waker};
+use super::status::DeviceStatus;
+
+/// `user_data` slot of the host's eventfd read (device slots never reach it).
+pub(crate) const WAKE_SLOT: u32 = u32::MAX;
+
+/// What a remote channel, the destage core or the management thread sends a host.
+pub(crate) enum HostMsg {
+    Io { route: u32, token: u32, volume: VolumeId, op: HostOp },
+    Register { route: u32, port: Arc<ReplyPort> },
+    Unregister { route: u32 },
+    Destage(FromDestage),
+    Status { reply: Sender<DeviceStatus> },
+    SetPolicy { volume: VolumeId, policy: WritePolicy, reply: Sender<Result<String, String>> },
+}
+
+/// One completion for a channel: its token, how it ended, the buffer back.
+pub(crate) struct Completion {
+    pub token: u32,
+    pub status: Status,
+    pub buf: Option<AlignedBuf>,
+}
+
+/// The queue between this reactor's volume channels and the host (same thread).
+#[derive(Default)]
+pub(crate) struct LocalQueue {
+    pub commands: VecDeque<(u32, u32, VolumeId, HostOp)>,
+    pub completions: HashMap<u32, Rc<RefCell<VecDeque<Completion>>>>,
+}
+
+/// Whether a device's engine is ready (Target::start waits for it before accepting hosts).
+#[derive(Default)]
+pub(crate) struct Ready {
+    state: Mutex<Option<Result<String, String>>>,
+    cv: Condvar,
+}
+
+impl Ready {
+    pub fn set(&self, r: Result<String, String>) {
+        if let Ok(mut s) = self.state.lock() {
+            if s.is_none() {
+                *s = Some(r);
+                self.cv.notify_all();
+            }
+        }
+    }
+
+    /// Waits up to `timeout`; None while still recovering.
+    pub fn wait(&self, timeout: std::time::Duration) -> Option<Result<String, String>> {
+        let s = self.state.lock().ok()?;
+        let (s, _) = self.cv.wait_timeout_while(s, timeout, |s| s.is_none()).ok()?;
+        s.clone()
+    }
+}
+
+/// Everything a reactor needs to build a device's host (prepared by `VolumeService::start`).
+pub(crate) struct HostPlan {
+    pub dev: u16,
+    pub name: String,
+    pub path: PathBuf,
+    pub owner: usize,
+    pub bdev: Arc<dyn BlockDevice>,
+    pub cfg: EngineConfig,
+    pub specs: Vec<VolumeSpec>,
+    /// A blank device is formatted; a formatted one replayed.
+    pub format: bool,
+    /// (export, SAN description) per volume id.
+    pub names: HashMap<u32, (String, String)>,
+    pub inbox: Receiver<HostMsg>,
+    pub waker: Arc<Waker>,
+    pub to_destage: Sender<(u16, ToDestage)>,
+    pub destage_waker: Arc<Waker>,
+    pub ready: Arc<Ready>,
+}
+
+/// The engine's flash: I/O queued for the host to submit on the reactor's ring, completions
+/// handed back when the engine polls.
+#[derive(Default)]
+struct FlashQueue {
+    pending: VecDeque<BdevIo>,
+    done: Vec<IoDone>,
+}
+
+struct UringFlash {
+    info: FlashInfo,
+    q: Rc<RefCell<FlashQueue>>,
+}
+
+impl Flash for UringFlash {
+    fn info(&self) -> FlashInfo {
+        self.info
+    }
+    fn submit_read(&mut self, token: IoToken, offset: u64, buf: AlignedBuf) {
+        let len = buf.len() as u64;
+        self.q.borrow_mut().pending.push_back(BdevIo::new(BdevOp::Read, offset, len, Some(buf), token.0));
+    }
+    fn submit_write(&mut self, token: IoToken, offset: u64, first: AlignedBuf, gather: Vec<AlignedBuf>, fua: bool) {
+        let len = first.len() as u64 + gather.iter().map(|b| b.len() as u64).sum::<u64>();
+        let mut io = BdevIo::new(BdevOp::Write { fua }, offset, len, Some(first), token.0);
+        io.gather = gather;
+        self.q.borrow_mut().pending.push_back(io);
+    }
+    fn submit_flush(&mut self, token: IoToken) {
+        self.q.borrow_mut().pending.push_back(BdevIo::new(BdevOp::Flush, 0, 0, None, token.0));
+    }
+    fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize {
+        let mut q = self.q.borrow_mut();
+        let n = q.done.len();
+        out.append(&mut q.done);
+        n
+    }
+}
+
+thread_local! {
+    /// The hosts living on this reactor, by device, for its volume channels to find.
+    static LOCAL: RefCell<HashMap<u16, Rc<RefCell<LocalQueue>>>> = RefCell::new(HashMap::new());
+}
+
+/// The local queue of device `dev`'s host, if this thread owns it.
+pub(crate) fn local_queue(dev: u16) -> Option<Rc<RefCell<LocalQueue>>> {
+    LOCAL.with(|l| l.borrow().get(&dev).cloned())
+}
+
+pub(crate) struct EngineHost {
+    dev: u16,
+    name: String,
+    path: PathBuf,
+    engine: Engine,
+    flash: Rc<RefCell<FlashQueue>>,
+    channel: Box<dyn BdevChannel>,
+    /// The `a` of this host's `user_data` (its device channel and its wake-up read).
+    channel_id: u32,
+    local: Rc<RefCell<LocalQueue>>,
+    inbox: Receiver<HostMsg>,
+    waker: Arc<Waker>,
+    wake_buf: Box<[u8; 8]>,
+    armed: bool,
+    ports: HashMap<u32, Arc<ReplyPort>>,
+    touched: Vec<u32>,
+    to_destage: Sender<(u16, ToDestage)>,
+    destage_waker: Arc<Waker>,
+    /// Messages the destage core's channel had no room for yet.
+    backlog: VecDeque<ToDestage>,
+    names: HashMap<u32, (String, String)>,
+    ready: Arc<Ready>,
+    reported_ready: bool,
+    clock: MonotonicClock,
+    started: Instant,
+    done: Vec<HostDone>,
+    outbox: Vec<ToDestage>,
+    events: Vec<EngineEvent>,
+    bdev_done: Vec<BdevDone>,
+}
+
+impl EngineHost {
+    /// Builds the engine of `plan` on this reactor; `channel_id` routes its device completions.
+    pub fn new(plan: HostPlan, channel_id: u32) -> Result<EngineHost, String> {
+        let what = format!("flash {} ({})", plan.name, plan.path.display());
+        let channel = plan.bdev.channel(channel_id).map_err(|e| format!("{what}: cannot open a channel: {e}"))?;
+        let flash = Rc::new(RefCell::new(FlashQueue::default()));
+        let info = plan.bdev.info();
+        let port = UringFlash {
+            info: FlashInfo { size_bytes: info.size_bytes(), volatile_cache: info.volatile_cache },
+            q: flash.clone(),
+        };
+        let engine = if plan.format {
+            info!("{what}: no superblock; formatting as device {:#x}", plan.cfg.device_id);
+            Engine::format(plan.cfg, Box::new(port), plan.specs)
+        } else {
+            info!("{what}: device {:#x}; replaying its log", plan.cfg.device_id);
+            Engine::open(plan.cfg, Box::new(port), plan.specs)
+        }
+        .map_err(|e| format!("{what}: {e}"))?;
+        let local = Rc::new(RefCell::new(LocalQueue::default()));
+        LOCAL.with(|l| l.borrow_mut().insert(plan.dev, local.clone()));
+        Ok(EngineHost {
+            dev: plan.dev,
+            name: plan.name,
+            path: plan.path,
+            engine,
+            flash,
+            channel,
+            channel_id,
+            local,
+            inbox: plan.inbox,
+            waker: plan.waker,
+            wake_buf: Box::new([0; 8]),
+            armed: false,
+            ports: HashMap::new(),
+            touched: Vec::new(),
+            to_destage: plan.to_destage,
+            destage_waker: plan.destage_waker,
+            backlog: VecDeque::new(),
+            names: plan.names,
+            ready: plan.ready,
+            reported_ready: false,
+            clock: MonotonicClock::new(),
+            started: Instant::now(),
+            done: Vec::new(),
+            outbox: Vec::new(),
+            events: Vec::new(),
+            bdev_done: Vec::new(),
+        })
+    }
+
+    fn arm(&mut self, ring: &mut Ring) {
+        if self.armed {
+            return;
+        }
+        let e = opcode::Read::new(types::Fd(self.waker.efd.as_raw_fd()), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(user_data(kind::BDEV, self.channel_id(), WAKE_SLOT));
+        ring.push(e);
+        self.armed = true;
+    }
+
+    fn channel_id(&self) -> u32 {
+        self.channel_id
+    }
+
+    /// A completion of this host's ring operations (its device's, or its wake-up read).
+    pub fn on_cqe(&mut self, slot: u32, res: i32, ring: &mut Ring) {
+        if slot == WAKE_SLOT {
+            self.armed = false;
+            return;
+        }
+        self.channel.on_cqe(slot, res, ring);
+    }
+
+    /// Whether this host may let its reactor sleep: it says so (and must be woken by senders)
+    /// only when nothing is waiting for it.
+    pub fn prepare_sleep(&mut self) -> bool {
+        self.waker.sleeping.store(true, Ordering::SeqCst);
+        if !self.inbox.is_empty() || !self.local.borrow().commands.is_empty() || !self.backlog.is_empty() {
+            self.waker.sleeping.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    pub fn woke(&mut self) {
+        self.waker.sleeping.store(false, Ordering::SeqCst);
+    }
+
+    /// Device I/O still in flight (a stopping reactor waits for it).
+    pub fn busy(&self) -> bool {
+        self.channel.in_flight() > 0 || !self.flash.borrow().pending.is_empty()
+    }
+
+    /// One turn: take commands and messages, run the engine, route what finished, submit its
+    /// device I/O. Returns the work done.
+    pub fn poll(&mut self, ring: &mut Ring) -> usize {
+        let now = self.clock.now_ns();
+        let mut work = 0;
+        // Device completions first: acknowledgements cut the latency of everything after.
+        self.bdev_done.clear();
+        self.channel.poll(&mut self.bdev_done);
+        if !self.bdev_done.is_empty() {
+            let mut q = self.flash.borrow_mut();
+            for d in self.bdev_done.drain(..) {
+                let result = d.result.map_err(|e| {
+                    warn!(device = %self.name, "flash I/O failed: {e}");
+                    IoError::Failed
+                });
+                q.done.push(IoDone { token: IoToken(d.token), result, buf: d.buf, gather: d.gather });
+                work += 1;
+            }
+        }
+        loop {
+            let cmd = self.local.borrow_mut().commands.pop_front();
+            let Some((route, token, volume, op)) = cmd else { break };
+            self.engine.submit(volume, (u64::from(route) << 32) | u64::from(token), op, now);
+            work += 1;
+        }
+        while let Ok(msg) = self.inbox.try_recv() {
+            work += 1;
+            self.handle(msg, now);
+        }
+        work += self.engine.poll(now);
+        self.route_completions();
+        self.engine.drain_outbox(&mut self.outbox);
+        self.send_to_destage();
+        self.log_events();
+        if !self.reported_ready {
+            match self.engine.state() {
+                EngineState::Ready => {
+                    self.reported_ready = true;
+                    self.ready.set(Ok(self.ready_line()));
+                }
+                EngineState::Failed(why) => {
+                    self.reported_ready = true;
+                    let why = format!("flash {} ({}): cannot open its log: {why}", self.name, self.path.display());
+                    error!("{why}");
+                    self.ready.set(Err(why));
+                }
+                _ => {}
+            }
+        }
+        let pending: Vec<BdevIo> = self.flash.borrow_mut().pending.drain(..).collect();
+        for io in pending {
+            self.channel.submit(io, ring);
+            work += 1;
+        }
+        self.arm(ring);
+        work
+    }
+
+    fn ready_line(&self) -> String {
+        let e = &self.engine;
+        let dirty: u64 = e.volume_ids().iter().filter_map(|id| e.volume_metrics(*id)).map(|m| m.dirty_bytes).sum();
+        format!(
+            "flash {} ready in {:.3} s: {} volume(s), {} dirty to destage, log {} of {} used",
+            self.name,
+            self.started.elapsed().as_secs_f64(),
+            e.volume_ids().len(),
+            super::status::human_bytes(dirty),
+            super::status::human_bytes(e.log_used_bytes()),
+            super::status::human_bytes(e.log_capacity_bytes()),
+        )
+    }
+
+    fn handle(&mut self, msg: HostMsg, now: u64) {
+        match msg {
+            HostMsg::Io { route, token, volume, op } => {
+                self.engine.submit(volume, (u64::from(route) << 32) | u64::from(token), op, now)
+            }
+            HostMsg::Register { route, port } => {
+                self.ports.insert(route, port);
+            }
+            HostMsg::Unregister { route } => {
+                self.ports.remove(&route);
+            }
+            HostMsg::Destage(m) => self.engine.on_message(m, now),
+            HostMsg::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            HostMsg::SetPolicy { volume, policy, reply } => {
+                let r = if self.engine.set_policy(volume, policy) {
+                    let m = self.engine.volume_metrics(volume);
+                    let dirty = m.as_ref().map_or(0, |m| m.dirty_bytes);
+                    let eff = m.map_or(policy, |m| m.effective);
+                    let mut line = format!("volume {}: requested {policy}, effective {eff}", volume.0);
+                    if policy == WritePolicy::WriteThrough && dirty > 0 {
+                        line.push_str(&format!("; destaging {} of dirty data", super::status::human_bytes(dirty)));
+                    }
+                    Ok(line)
+                } else {
+                    Err(format!("no volume {} on this device", volume.0))
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    pub fn status(&self) -> DeviceStatus {
+        DeviceStatus::of_engine(&self.name, &self.path.display().to_string(), &self.engine, |id| {
+            self.names.get(&id.0).cloned().unwrap_or_default()
+        })
+    }
+
+    fn route_completions(&mut self) {
+        self.engine.drain_completions(&mut self.done);
+        if self.done.is_empty() {
+            return;
+        }
+        let local = self.local.borrow();
+        for d in self.done.drain(..) {
+            let route = (d.token >> 32) as u32;
+            let c = Completion { token: d.token as u32, status: d.status, buf: d.buf };
+            if let Some(q) = local.completions.get(&route) {
+                q.borrow_mut().push_back(c);
+            } else if let Some(p) = self.ports.get(&route) {
+                if p.tx.try_send(c).is_err() {
+                    // Sized for every command a channel may have in flight: our bug if full.
+                    error!(route, "a volume channel's reply queue is full; a completion is lost");
+                }
+                if !self.touched.contains(&route) {
+                    self.touched.push(route);
+                }
+            }
+        }
+        drop(local);
+        for route in self.touched.drain(..) {
+            if let Some(p) = self.ports.get(&route) {
+                crate::reactor::wake(&p.efd);
+            }
+        }
+    }
+
+    fn send_to_destage(&mut self) {
+        self.backlog.extend(self.outbox.drain(..));
+        let mut sent = false;
+        while let Some(m) = self.backlog.pop_front() {
+            match self.to_destage.try_send((self.dev, m)) {
+                Ok(()) => sent = true,
+                Err(TrySendError::Full((_, m))) => {
+                    self.backlog.push_front(m);
+                    break;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.backlog.clear();
+                    break;
+                }
+            }
+        }
+        if sent {
+            self.destage_waker.wake_if_sleeping();
+        }
+    }
+
+    fn log_events(&mut self) {
+        self.engine.drain_events(&mut self.events);
+        for e in self.events.drain(..) {
+            match e {
+                EngineEvent::FlashDegraded => {
+                    error!("flash {}: write error: its volumes run write-through until its log drains", self.name)
+                }
+                EngineEvent::FlashHealthy => info!("flash {} healthy again: volumes back to their policies", self.name),
+                EngineEvent::SanUnreachable { volume } => {
+                    warn!("{volume}: SAN unreachable for host I/O; retrying with back-off")
+                }
+                EngineEvent::SanReachable { volume } => info!("{volume}: SAN reachable again for host I/O"),
+            }
+        }
+    }
+}
+
+/// The eventfd a host's senders write (shared with them).
+pub(crate) fn host_waker() -> std::io::Result<Arc<Waker>> {
+    Ok(Arc::new(Waker { efd: crate::reactor::new_eventfd()?, sleeping: AtomicBool::new(false) }))
+}
