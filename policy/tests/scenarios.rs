@@ -279,7 +279,14 @@ fn plant_frame(sim: &mut Simulator, seq: u64, id: u64, tear: impl Fn(&mut Vec<u8
     let zeroes =
         EntryHeader { kind: EntryKind::Zeroes, seq: LogSeq(seq + 1), lba: Lba(8), blocks: 4, data_crc: 0, ..entry };
     let mut frame = vec![0u8; 3 * BLOCK_SIZE];
-    FrameHeader::encode(FrameKind::Data, sim.engine.incarnation(), head, &[entry, zeroes], &mut frame);
+    FrameHeader::encode(
+        FrameKind::Data,
+        sim.engine.device_id(),
+        sim.engine.incarnation(),
+        head,
+        &[entry, zeroes],
+        &mut frame,
+    );
     frame[BLOCK_SIZE..].copy_from_slice(&data);
     tear(&mut frame);
     let off = sim.engine.log_offset(head) as usize;
@@ -337,6 +344,37 @@ fn a_whole_planted_frame_replays_both_its_packed_entries() {
     sim.sans[0].0.borrow_mut().down_until = 0;
     ok(sim.drain());
     assert_eq!(sim.san_value(0, 1), w2);
+}
+
+#[test]
+fn a_reformatted_device_never_replays_its_previous_format() {
+    // Found by a reviewer on real files: after the superblocks were zeroed and the device
+    // reformatted, replay ran on into the previous format's frames (same positions, incarnation
+    // and sequence numbers) and destaged their stale data over newer writes.
+    let cfg = SimConfig { flash_volatile: Some(false), ..quiet(1) };
+    let mut sim = Simulator::new(15, cfg);
+    // The first format's log: one frame per write (QD1), seq 1..=40 to blocks 0..=39, destaged.
+    let mut old = Vec::new();
+    for b in 0..40 {
+        old.push(sim.write(0, b, 1));
+        ok(sim.settle(100 * MS));
+    }
+    ok(sim.reformat(0xbeef));
+    // The second format: frames at the same positions, incarnation 1 and seq 1..=10 again,
+    // over blocks 20..=29, kept in the log. The old frames after them have seq 11..=40.
+    hold_destage(&mut sim, 0);
+    let mut new = Vec::new();
+    for b in 20..30 {
+        new.push(sim.write(0, b, 1));
+        ok(sim.settle(100 * MS));
+    }
+    ok(sim.crash_and_restart());
+    let m = sim.engine.volume_metrics(VolumeId(10)).unwrap();
+    assert_eq!(m.dirty_entries, 10, "replay went past the new format's frames: {m:?}");
+    sim.sans[0].0.borrow_mut().down_until = 0;
+    ok(sim.drain());
+    assert_eq!(sim.san_value(0, 25), new[5], "an old frame was destaged over a newer write");
+    assert_eq!(sim.san_value(0, 35), old[35]);
 }
 
 #[test]

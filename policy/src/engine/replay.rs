@@ -226,6 +226,15 @@ impl Replay {
                 Err(e) => return self.finish(format!("at {}: {e}", self.cursor.0), pool),
             };
             let pos = self.cursor;
+            if header.device_id != sb.device_id {
+                return self.finish(
+                    format!(
+                        "at {}: frame of device {:#x}, not {:#x} (an earlier format)",
+                        pos.0, header.device_id, sb.device_id
+                    ),
+                    pool,
+                );
+            }
             if header.pos != pos {
                 return self.finish(format!("at {}: frame from position {} (earlier lap)", pos.0, header.pos.0), pool);
             }
@@ -384,6 +393,11 @@ mod tests {
 
     /// A log image of `frames` frames of `per` one-block writes each, from position 0.
     fn log_image(frames: usize, per: usize) -> Vec<u8> {
+        log_image_of(9, frames, per)
+    }
+
+    /// The same, written by device `device`.
+    fn log_image_of(device: u64, frames: usize, per: usize) -> Vec<u8> {
         let mut img = vec![0u8; LOG_BYTES_MIN as usize];
         let mut pos = 0usize;
         let mut seq = 1;
@@ -404,7 +418,7 @@ mod tests {
                 data.extend_from_slice(&block);
                 seq += 1;
             }
-            FrameHeader::encode(FrameKind::Data, Incarnation(2), LogPos(pos as u64), &entries, &mut img[pos..]);
+            FrameHeader::encode(FrameKind::Data, device, Incarnation(2), LogPos(pos as u64), &entries, &mut img[pos..]);
             img[pos + BLOCK_SIZE..pos + BLOCK_SIZE + data.len()].copy_from_slice(&data);
             pos += BLOCK_SIZE + data.len();
         }
@@ -446,6 +460,18 @@ mod tests {
         assert_eq!(out.frames.len(), 25, "stop: {}", out.stop_reason);
         assert_eq!(out.head, LogPos(25 * 41 * 4096));
         assert!(out.stop_reason.contains("no frame here"), "{}", out.stop_reason);
+    }
+
+    #[test]
+    fn frames_of_an_earlier_format_are_never_replayed() {
+        // The device was reformatted (new device id 9) over a log of device 5 whose frames line
+        // up exactly: same positions, incarnation and sequence numbers.
+        let mut img = log_image_of(5, 10, 3);
+        let new = log_image(2, 3);
+        img[..2 * 4 * BLOCK_SIZE].copy_from_slice(&new[..2 * 4 * BLOCK_SIZE]);
+        let out = run(&img);
+        assert_eq!(out.frames.len(), 2);
+        assert!(out.stop_reason.contains("earlier format"), "{}", out.stop_reason);
     }
 
     #[test]

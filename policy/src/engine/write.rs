@@ -145,7 +145,7 @@ impl Engine {
             let fua = self.log_fua();
             for w in writes {
                 let mut header = self.pool.get(BLOCK_SIZE);
-                FrameHeader::encode(w.kind, self.log.incarnation, w.pos, &w.entries, &mut header);
+                FrameHeader::encode(w.kind, self.cfg.device_id, self.log.incarnation, w.pos, &w.entries, &mut header);
                 let token = self.token(FlashOp::Frame { pos: w.pos, submitted_ns: now });
                 let offset = self.layout.log_offset(w.pos);
                 self.flash.submit_write(token, offset, header, w.bufs, fua);

@@ -6,15 +6,18 @@
 //! write (header + data iovecs). Packing headers is what keeps the log compact: 32 concurrent
 //! 4 KiB writes cost 33 blocks of log, not 64.
 //!
-//! The frame header holds what belongs to this device's ring — the frame's absolute position
-//! and the incarnation it was written in — so the entry headers inside stay byte-identical to
-//! what a replica receives (`entry.rs`).
+//! The frame header holds what belongs to this device's ring — the device's id (new at every
+//! format), the frame's absolute position and the incarnation it was written in — so the entry
+//! headers inside stay byte-identical to what a replica receives (`entry.rs`). The device id
+//! keeps a reformatted device from ever replaying its previous format's frames, whose
+//! positions, incarnations and sequence numbers can line up with the new ones.
 //!
 //! Layout of the header block (little endian, 4 KiB):
 //! ```text
 //!  0 magic u32 | 4 version u16 | 6 kind u8 | 7 reserved u8 | 8 entries u16 | 10 reserved u16
 //! 12 data_blocks u32 (sum of the Write entries' blocks) | 16 incarnation u64 | 24 pos u64
-//! 32 reserved (28 bytes) | 60 header_crc u32: crc32c of bytes 0..60 and of the entry headers
+//! 32 device_id u64 | 40 reserved (20 bytes) | 60 header_crc u32: crc32c of bytes 0..60 and of
+//! each entry header's first 60 bytes
 //! 64 entry headers, 64 bytes each (`entry.rs`); the rest of the block is zero
 //! ```
 //! A `Pad` frame has no entries and fills the ring to the end of its lap: frames never wrap, so
@@ -42,6 +45,8 @@ pub enum FrameKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrameHeader {
     pub kind: FrameKind,
+    /// The format the frame belongs to (the superblock's device id).
+    pub device_id: u64,
     pub incarnation: Incarnation,
     pub pos: LogPos,
     pub data_blocks: u32,
@@ -75,7 +80,14 @@ impl FrameHeader {
 
     /// Writes a frame header into `out` (one block). `entries` must respect the limits; the
     /// data blocks are the Write entries' blocks.
-    pub fn encode(kind: FrameKind, incarnation: Incarnation, pos: LogPos, entries: &[EntryHeader], out: &mut [u8]) {
+    pub fn encode(
+        kind: FrameKind,
+        device_id: u64,
+        incarnation: Incarnation,
+        pos: LogPos,
+        entries: &[EntryHeader],
+        out: &mut [u8],
+    ) {
         assert!(out.len() >= BLOCK_SIZE && entries.len() <= FRAME_ENTRIES_MAX);
         let data_blocks: u64 = entries.iter().map(|e| e.data_bytes() / BLOCK_SIZE_U64).sum();
         assert!(data_blocks <= FRAME_DATA_BLOCKS_MAX as u64, "frame: {data_blocks} data blocks");
@@ -92,6 +104,7 @@ impl FrameHeader {
         b[12..16].copy_from_slice(&(data_blocks as u32).to_le_bytes());
         b[16..24].copy_from_slice(&incarnation.0.to_le_bytes());
         b[24..32].copy_from_slice(&pos.0.to_le_bytes());
+        b[32..40].copy_from_slice(&device_id.to_le_bytes());
         for (i, e) in entries.iter().enumerate() {
             e.encode(&mut b[ENTRIES_AT + i * ENTRY_HEADER_LEN..]);
         }
@@ -149,6 +162,7 @@ impl FrameHeader {
         }
         Ok(FrameHeader {
             kind,
+            device_id: u64_at(32),
             incarnation: Incarnation(u64_at(16)),
             pos: LogPos(u64_at(24)),
             data_blocks,
@@ -200,11 +214,11 @@ mod tests {
     fn round_trip_and_data_offsets() {
         let list = entries(FRAME_ENTRIES_MAX);
         let mut b = vec![0xAAu8; BLOCK_SIZE];
-        FrameHeader::encode(FrameKind::Data, Incarnation(4), LogPos(8192 * 3), &list, &mut b);
+        FrameHeader::encode(FrameKind::Data, 0xd1, Incarnation(4), LogPos(8192 * 3), &list, &mut b);
         let f = FrameHeader::decode(&b).unwrap();
         assert_eq!(
-            (f.kind, f.incarnation, f.pos, f.entries.len()),
-            (FrameKind::Data, Incarnation(4), LogPos(24576), 63)
+            (f.kind, f.device_id, f.incarnation, f.pos, f.entries.len()),
+            (FrameKind::Data, 0xd1, Incarnation(4), LogPos(24576), 63)
         );
         assert_eq!(f.entries, list);
         let blocks: u64 = list.iter().map(|e| e.data_bytes() / 4096).sum();
@@ -213,7 +227,7 @@ mod tests {
         assert_eq!(f.data_offset(1), 4096 + list[0].data_bytes());
         assert_eq!(f.data_offset(3), 4096 + list[0].data_bytes() + list[1].data_bytes());
         let mut p = vec![0u8; BLOCK_SIZE];
-        FrameHeader::encode(FrameKind::Pad, Incarnation(4), LogPos(4096), &[], &mut p);
+        FrameHeader::encode(FrameKind::Pad, 0xd1, Incarnation(4), LogPos(4096), &[], &mut p);
         assert_eq!(FrameHeader::decode(&p).unwrap().kind, FrameKind::Pad);
     }
 
@@ -221,7 +235,7 @@ mod tests {
     fn a_tear_anywhere_in_the_header_block_is_detected() {
         let list = entries(10);
         let mut b = vec![0u8; BLOCK_SIZE];
-        FrameHeader::encode(FrameKind::Data, Incarnation(1), LogPos(0), &list, &mut b);
+        FrameHeader::encode(FrameKind::Data, 7, Incarnation(1), LogPos(0), &list, &mut b);
         let used = 64 + 10 * 64;
         for i in 0..used {
             let mut c = b.clone();
@@ -233,7 +247,7 @@ mod tests {
         let mut old = vec![0u8; BLOCK_SIZE];
         let older: Vec<EntryHeader> =
             entries(40).into_iter().map(|e| EntryHeader { seq: LogSeq(e.seq.0 + 1000), ..e }).collect();
-        FrameHeader::encode(FrameKind::Data, Incarnation(1), LogPos(0), &older, &mut old);
+        FrameHeader::encode(FrameKind::Data, 7, Incarnation(1), LogPos(0), &older, &mut old);
         let mut torn = b.clone();
         torn[512..].copy_from_slice(&old[512..]);
         assert!(FrameHeader::decode(&torn).is_err());

@@ -131,6 +131,17 @@ impl Model {
         }
     }
 
+    /// The flash device was drained and reformatted: every acknowledged version is on the SAN,
+    /// and sequence numbers start again from 1, so no version keeps its old one.
+    pub fn reformatted(&mut self, vol: usize) {
+        for versions in &mut self.volumes[vol].blocks {
+            for ver in versions.iter_mut().filter(|v| v.acked) {
+                ver.seq = None;
+                ver.write_through = true;
+            }
+        }
+    }
+
     /// The SAN lost its volatile cache.
     pub fn san_power_loss(&mut self, vol: usize) {
         self.volumes[vol].power_loss_clock = self.volumes[vol].clock;

@@ -193,6 +193,8 @@ pub struct Simulator {
     outbox: Vec<ToDestage>,
     inbox: Vec<FromDestage>,
     destage_events: Vec<DestageEvent>,
+    /// The flash device's id (changes when the simulator reformats it).
+    device_id: u64,
     pub stats: SimStats,
 }
 
@@ -260,6 +262,7 @@ impl Simulator {
             outbox: Vec::new(),
             inbox: Vec::new(),
             destage_events: Vec::new(),
+            device_id: 7,
             stats: SimStats::default(),
         };
         sim.settle_until_ready();
@@ -268,7 +271,7 @@ impl Simulator {
 
     fn engine_config(cfg: &SimConfig, rng: &mut StdRng) -> EngineConfig {
         EngineConfig {
-            device_id: 7,
+            device_id: 7, // crash_and_restart and reformat put the current one in
             cache_percent: 5,
             log_full_wait_ns: cfg.log_full_wait_ns.unwrap_or(if rng.gen_bool(0.5) { 50_000_000 } else { 0 }),
             gate_timeout_ns: 2_000_000_000,
@@ -654,7 +657,8 @@ impl Simulator {
         for b in &mut self.busy {
             b.fill(false);
         }
-        let ecfg = Simulator::engine_config(&self.cfg, &mut self.rng);
+        let mut ecfg = Simulator::engine_config(&self.cfg, &mut self.rng);
+        ecfg.device_id = self.device_id;
         let specs = Simulator::specs(&self.cfg, &self.policies, &self.unmap);
         self.engine = Engine::open(ecfg, Box::new(self.flash.port(0)), specs).expect("sim: open");
         self.destager = Simulator::destager(&self.engine, &self.flash, &self.sans);
@@ -817,6 +821,33 @@ impl Simulator {
 
     pub fn busy_returns(&self) -> u64 {
         self.stats.busy
+    }
+
+    /// What an operator does to reuse a device: drain it to the SAN, stop, zero both superblock
+    /// copies, start again — the engine formats it as a new device (`device_id`). The previous
+    /// format's frames are still in the log area.
+    pub fn reformat(&mut self, device_id: u64) -> Result<(), Failure> {
+        self.drain()?;
+        for vol in 0..self.cfg.volumes {
+            self.model.reformatted(vol);
+        }
+        {
+            let mut f = self.flash.0.borrow_mut();
+            f.image[..2 * BLOCK_SIZE].fill(0);
+            if let Some(d) = f.durable.as_mut() {
+                d[..2 * BLOCK_SIZE].fill(0);
+            }
+        }
+        self.to_destage.clear();
+        self.to_engine.clear();
+        let mut ecfg = Simulator::engine_config(&self.cfg, &mut self.rng);
+        ecfg.device_id = device_id;
+        self.device_id = device_id;
+        let specs = Simulator::specs(&self.cfg, &self.policies, &self.unmap);
+        self.engine = Engine::format(ecfg, Box::new(self.flash.port(0)), specs).expect("sim: format");
+        self.destager = Simulator::destager(&self.engine, &self.flash, &self.sans);
+        self.settle_until_ready();
+        self.pump()
     }
 }
 
