@@ -22,7 +22,10 @@ use stager_nvme::uring::{kind, user_data, Ring};
 use stager_policy::constants::{BLOCK_SIZE, HOST_OPS_PER_VOLUME_MAX, WRITE_BLOCKS_MAX};
 use stager_policy::{HostOp, Lba, Status};
 
-use super::host::{local_queue, Completion, HostMsg, LocalQueue, WAKE_SLOT};
+use super::host::{local_queue, Completion, HostMsg, LocalQueue};
+
+/// `user_data` slot of a remote channel's reply eventfd read: a channel's own wake-up.
+const WAKE_SLOT: u32 = stager_nvme::uring::slot::CHANNEL_WAKE;
 use super::service::{ReplyPort, VolumeInfo, VolumeService};
 
 /// Largest piece one host command is split into: the engine's largest write.

@@ -32,8 +32,9 @@ use tracing::{error, info, warn};
 use super::service::{ReplyPort, Waker};
 use super::status::DeviceStatus;
 
-/// `user_data` slot of the host's eventfd read (device slots never reach it).
-pub(crate) const WAKE_SLOT: u32 = u32::MAX;
+/// `user_data` slot of the host's eventfd read: the host owns its device channel's id, and a
+/// channel never uses this slot (`uring::slot`).
+const WAKE_SLOT: u32 = stager_nvme::uring::slot::OWNER;
 
 /// What a remote channel, the destage core or the management thread sends a host.
 pub(crate) enum HostMsg {
