@@ -2,7 +2,7 @@
 //! checkers (so every invariant is checked after every step of each scenario too).
 
 use stager_policy::constants::{BLOCK_SIZE, BLOCK_SIZE_U64, LOG_BYTES_MIN};
-use stager_policy::log::{EntryHeader, EntryKind, FrameHeader, FrameKind};
+use stager_policy::log::{EntryHeader, EntryKind, FrameHeader, FrameKind, FrameStamp};
 use stager_policy::sim::{encode_block, SimConfig, Simulator};
 use stager_policy::{AlignedBuf, Epoch, Lba, LogSeq, VolumeId, WritePolicy};
 
@@ -279,14 +279,8 @@ fn plant_frame(sim: &mut Simulator, seq: u64, id: u64, tear: impl Fn(&mut Vec<u8
     let zeroes =
         EntryHeader { kind: EntryKind::Zeroes, seq: LogSeq(seq + 1), lba: Lba(8), blocks: 4, data_crc: 0, ..entry };
     let mut frame = vec![0u8; 3 * BLOCK_SIZE];
-    FrameHeader::encode(
-        FrameKind::Data,
-        sim.engine.device_id(),
-        sim.engine.incarnation(),
-        head,
-        &[entry, zeroes],
-        &mut frame,
-    );
+    let stamp = FrameStamp::new(sim.engine.device_id(), sim.engine.incarnation(), head);
+    FrameHeader::encode(FrameKind::Data, stamp, head, &[entry, zeroes], &mut frame);
     frame[BLOCK_SIZE..].copy_from_slice(&data);
     tear(&mut frame);
     let off = sim.engine.log_offset(head) as usize;

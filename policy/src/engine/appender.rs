@@ -63,6 +63,8 @@ pub(crate) enum FrameState {
 
 pub(crate) struct Frame {
     pub pos: LogPos,
+    /// Where the next frame starts (a pad's end is the next lap).
+    pub end: LogPos,
     pub entries: Vec<FrameEntry>,
     pub state: FrameState,
     /// The device still holds the write (and its buffers).
@@ -79,6 +81,8 @@ pub(crate) struct Frame {
 pub(crate) struct FrameWrite {
     pub kind: FrameKind,
     pub pos: LogPos,
+    /// Frames before this were acknowledged (recorded in the header for replay).
+    pub acked_upto: LogPos,
     pub entries: Vec<EntryHeader>,
     pub bufs: Vec<AlignedBuf>,
 }
@@ -91,6 +95,8 @@ pub(crate) struct Appender {
     pub frames: VecDeque<Frame>,
     /// Frames before this index are acknowledged (or abandoned and handed over).
     pub acked: usize,
+    /// Where the last acknowledged frame ends (or where this incarnation began).
+    pub acked_end: LogPos,
     pub in_flight: usize,
     /// The last cut found no room for the head of the queue.
     pub log_full: bool,
@@ -103,6 +109,7 @@ impl Appender {
         let frame_blocks_max = (FRAME_DATA_BLOCKS_MAX as u64).min(ring.capacity() / BLOCK_SIZE_U64 / 4 - 1);
         Appender {
             frame_blocks_max,
+            acked_end: ring.head,
             ring,
             incarnation,
             queue: VecDeque::new(),
@@ -145,6 +152,7 @@ impl Appender {
         if let Some(pad_at) = res.pad_at {
             self.frames.push_back(Frame {
                 pos: pad_at,
+                end: res.pos,
                 entries: Vec::new(),
                 state: FrameState::Writing,
                 in_flight: true,
@@ -152,7 +160,13 @@ impl Appender {
                 handed_over: false,
             });
             self.in_flight += 1;
-            out.push(FrameWrite { kind: FrameKind::Pad, pos: pad_at, entries: Vec::new(), bufs: Vec::new() });
+            out.push(FrameWrite {
+                kind: FrameKind::Pad,
+                pos: pad_at,
+                acked_upto: self.acked_end,
+                entries: Vec::new(),
+                bufs: Vec::new(),
+            });
         }
         let mut entries = Vec::with_capacity(n);
         let mut headers = Vec::with_capacity(n);
@@ -170,6 +184,7 @@ impl Appender {
         }
         self.frames.push_back(Frame {
             pos: res.pos,
+            end: res.pos.plus(bytes),
             entries,
             state: FrameState::Writing,
             in_flight: true,
@@ -177,7 +192,13 @@ impl Appender {
             handed_over: false,
         });
         self.in_flight += 1;
-        out.push(FrameWrite { kind: FrameKind::Data, pos: res.pos, entries: headers, bufs });
+        out.push(FrameWrite {
+            kind: FrameKind::Data,
+            pos: res.pos,
+            acked_upto: self.acked_end,
+            entries: headers,
+            bufs,
+        });
         out
     }
 
@@ -233,6 +254,7 @@ impl Appender {
         let f = &mut self.frames[self.acked];
         if f.state == FrameState::Written {
             f.state = FrameState::Acked;
+            self.acked_end = f.end;
         } else {
             f.handed_over = true;
         }

@@ -863,8 +863,13 @@ impl Engine {
                 v.next_seq = v.next_seq.max(e.seq.next());
                 entries.push(FrameEntry { vi, op: None, header: *e, data_pos });
             }
+            let end = match h.kind {
+                crate::log::FrameKind::Pad => self.log.ring.next_lap(pos),
+                crate::log::FrameKind::Data => pos.plus(h.bytes()),
+            };
             self.log.frames.push_back(Frame {
                 pos,
+                end,
                 entries,
                 state: FrameState::Acked,
                 in_flight: false,

@@ -363,7 +363,7 @@ impl Replay {
 mod tests {
     use super::*;
     use crate::constants::{BLOCK_SIZE, LOG_BYTES_MIN};
-    use crate::log::{EntryHeader, EntryKind, SuperblockVolume};
+    use crate::log::{EntryHeader, EntryKind, FrameStamp, SuperblockVolume};
     use crate::types::{Epoch, Lba};
 
     fn layout() -> Layout {
@@ -418,7 +418,8 @@ mod tests {
                 data.extend_from_slice(&block);
                 seq += 1;
             }
-            FrameHeader::encode(FrameKind::Data, device, Incarnation(2), LogPos(pos as u64), &entries, &mut img[pos..]);
+            let stamp = FrameStamp::new(device, Incarnation(2), LogPos(pos as u64));
+            FrameHeader::encode(FrameKind::Data, stamp, LogPos(pos as u64), &entries, &mut img[pos..]);
             img[pos + BLOCK_SIZE..pos + BLOCK_SIZE + data.len()].copy_from_slice(&data);
             pos += BLOCK_SIZE + data.len();
         }

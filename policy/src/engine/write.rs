@@ -19,7 +19,7 @@ use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::index::DirtyLoc;
 use crate::io::{AlignedBuf, IoDone, IoError};
 use crate::link::{DirtyRecord, SanRequest, ToDestage};
-use crate::log::{EntryKind, FrameHeader};
+use crate::log::{EntryKind, FrameHeader, FrameStamp};
 use crate::policy::WritePolicy;
 use crate::types::{IoToken, Lba, LogPos, OpId};
 
@@ -145,7 +145,8 @@ impl Engine {
             let fua = self.log_fua();
             for w in writes {
                 let mut header = self.pool.get(BLOCK_SIZE);
-                FrameHeader::encode(w.kind, self.cfg.device_id, self.log.incarnation, w.pos, &w.entries, &mut header);
+                let stamp = FrameStamp::new(self.cfg.device_id, self.log.incarnation, w.acked_upto);
+                FrameHeader::encode(w.kind, stamp, w.pos, &w.entries, &mut header);
                 let token = self.token(FlashOp::Frame { pos: w.pos, submitted_ns: now });
                 let offset = self.layout.log_offset(w.pos);
                 self.flash.submit_write(token, offset, header, w.bufs, fua);

@@ -16,8 +16,8 @@
 //! ```text
 //!  0 magic u32 | 4 version u16 | 6 kind u8 | 7 reserved u8 | 8 entries u16 | 10 reserved u16
 //! 12 data_blocks u32 (sum of the Write entries' blocks) | 16 incarnation u64 | 24 pos u64
-//! 32 device_id u64 | 40 reserved (20 bytes) | 60 header_crc u32: crc32c of bytes 0..60 and of
-//! each entry header's first 60 bytes
+//! 32 device_id u64 | 40 acked_upto u64 | 48 reserved (12 bytes)
+//! 60 header_crc u32: crc32c of bytes 0..60 and of each entry header's first 60 bytes
 //! 64 entry headers, 64 bytes each (`entry.rs`); the rest of the block is zero
 //! ```
 //! A `Pad` frame has no entries and fills the ring to the end of its lap: frames never wrap, so
@@ -25,6 +25,10 @@
 //!
 //! A frame is valid only whole: its header checksum covers every entry header, and each entry's
 //! data has its own checksum, so a torn frame (header or data) is never taken for a written one.
+//!
+//! `acked_upto` is where acknowledged frames ended when this one was cut: every frame before
+//! it was durable and its writes acknowledged. Replay uses it to tell a frame damaged after it
+//! was acknowledged (a later frame claims past it) from a torn tail (nothing does).
 
 use super::entry::{EntryError, EntryHeader, ENTRY_HEADER_LEN};
 use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64, FRAME_DATA_BLOCKS_MAX, FRAME_ENTRIES_MAX};
@@ -42,11 +46,27 @@ pub enum FrameKind {
     Pad,
 }
 
+/// What a frame header records about the ring it is written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameStamp {
+    pub device_id: u64,
+    pub incarnation: Incarnation,
+    pub acked_upto: LogPos,
+}
+
+impl FrameStamp {
+    pub fn new(device_id: u64, incarnation: Incarnation, acked_upto: LogPos) -> FrameStamp {
+        FrameStamp { device_id, incarnation, acked_upto }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrameHeader {
     pub kind: FrameKind,
     /// The format the frame belongs to (the superblock's device id).
     pub device_id: u64,
+    /// Frames before this position were acknowledged when this one was cut.
+    pub acked_upto: LogPos,
     pub incarnation: Incarnation,
     pub pos: LogPos,
     pub data_blocks: u32,
@@ -80,14 +100,7 @@ impl FrameHeader {
 
     /// Writes a frame header into `out` (one block). `entries` must respect the limits; the
     /// data blocks are the Write entries' blocks.
-    pub fn encode(
-        kind: FrameKind,
-        device_id: u64,
-        incarnation: Incarnation,
-        pos: LogPos,
-        entries: &[EntryHeader],
-        out: &mut [u8],
-    ) {
+    pub fn encode(kind: FrameKind, stamp: FrameStamp, pos: LogPos, entries: &[EntryHeader], out: &mut [u8]) {
         assert!(out.len() >= BLOCK_SIZE && entries.len() <= FRAME_ENTRIES_MAX);
         let data_blocks: u64 = entries.iter().map(|e| e.data_bytes() / BLOCK_SIZE_U64).sum();
         assert!(data_blocks <= FRAME_DATA_BLOCKS_MAX as u64, "frame: {data_blocks} data blocks");
@@ -102,9 +115,10 @@ impl FrameHeader {
         };
         b[8..10].copy_from_slice(&(entries.len() as u16).to_le_bytes());
         b[12..16].copy_from_slice(&(data_blocks as u32).to_le_bytes());
-        b[16..24].copy_from_slice(&incarnation.0.to_le_bytes());
+        b[16..24].copy_from_slice(&stamp.incarnation.0.to_le_bytes());
         b[24..32].copy_from_slice(&pos.0.to_le_bytes());
-        b[32..40].copy_from_slice(&device_id.to_le_bytes());
+        b[32..40].copy_from_slice(&stamp.device_id.to_le_bytes());
+        b[40..48].copy_from_slice(&stamp.acked_upto.0.to_le_bytes());
         for (i, e) in entries.iter().enumerate() {
             e.encode(&mut b[ENTRIES_AT + i * ENTRY_HEADER_LEN..]);
         }
@@ -163,6 +177,7 @@ impl FrameHeader {
         Ok(FrameHeader {
             kind,
             device_id: u64_at(32),
+            acked_upto: LogPos(u64_at(40)),
             incarnation: Incarnation(u64_at(16)),
             pos: LogPos(u64_at(24)),
             data_blocks,
@@ -214,11 +229,17 @@ mod tests {
     fn round_trip_and_data_offsets() {
         let list = entries(FRAME_ENTRIES_MAX);
         let mut b = vec![0xAAu8; BLOCK_SIZE];
-        FrameHeader::encode(FrameKind::Data, 0xd1, Incarnation(4), LogPos(8192 * 3), &list, &mut b);
+        FrameHeader::encode(
+            FrameKind::Data,
+            FrameStamp::new(0xd1, Incarnation(4), LogPos(4096)),
+            LogPos(8192 * 3),
+            &list,
+            &mut b,
+        );
         let f = FrameHeader::decode(&b).unwrap();
         assert_eq!(
-            (f.kind, f.device_id, f.incarnation, f.pos, f.entries.len()),
-            (FrameKind::Data, 0xd1, Incarnation(4), LogPos(24576), 63)
+            (f.kind, f.device_id, f.incarnation, f.pos, f.acked_upto, f.entries.len()),
+            (FrameKind::Data, 0xd1, Incarnation(4), LogPos(24576), LogPos(4096), 63)
         );
         assert_eq!(f.entries, list);
         let blocks: u64 = list.iter().map(|e| e.data_bytes() / 4096).sum();
@@ -227,7 +248,13 @@ mod tests {
         assert_eq!(f.data_offset(1), 4096 + list[0].data_bytes());
         assert_eq!(f.data_offset(3), 4096 + list[0].data_bytes() + list[1].data_bytes());
         let mut p = vec![0u8; BLOCK_SIZE];
-        FrameHeader::encode(FrameKind::Pad, 0xd1, Incarnation(4), LogPos(4096), &[], &mut p);
+        FrameHeader::encode(
+            FrameKind::Pad,
+            FrameStamp::new(0xd1, Incarnation(4), LogPos(0)),
+            LogPos(4096),
+            &[],
+            &mut p,
+        );
         assert_eq!(FrameHeader::decode(&p).unwrap().kind, FrameKind::Pad);
     }
 
@@ -235,7 +262,7 @@ mod tests {
     fn a_tear_anywhere_in_the_header_block_is_detected() {
         let list = entries(10);
         let mut b = vec![0u8; BLOCK_SIZE];
-        FrameHeader::encode(FrameKind::Data, 7, Incarnation(1), LogPos(0), &list, &mut b);
+        FrameHeader::encode(FrameKind::Data, FrameStamp::new(7, Incarnation(1), LogPos(0)), LogPos(0), &list, &mut b);
         let used = 64 + 10 * 64;
         for i in 0..used {
             let mut c = b.clone();
@@ -247,7 +274,13 @@ mod tests {
         let mut old = vec![0u8; BLOCK_SIZE];
         let older: Vec<EntryHeader> =
             entries(40).into_iter().map(|e| EntryHeader { seq: LogSeq(e.seq.0 + 1000), ..e }).collect();
-        FrameHeader::encode(FrameKind::Data, 7, Incarnation(1), LogPos(0), &older, &mut old);
+        FrameHeader::encode(
+            FrameKind::Data,
+            FrameStamp::new(7, Incarnation(1), LogPos(0)),
+            LogPos(0),
+            &older,
+            &mut old,
+        );
         let mut torn = b.clone();
         torn[512..].copy_from_slice(&old[512..]);
         assert!(FrameHeader::decode(&torn).is_err());

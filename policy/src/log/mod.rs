@@ -19,6 +19,6 @@ pub mod ring;
 pub mod superblock;
 
 pub use entry::{EntryError, EntryHeader, EntryKind};
-pub use frame::{FrameError, FrameHeader, FrameKind};
+pub use frame::{FrameError, FrameHeader, FrameKind, FrameStamp};
 pub use ring::{Layout, Reservation, Ring};
 pub use superblock::{Superblock, SuperblockError, SuperblockVolume};
