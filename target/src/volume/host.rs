@@ -452,6 +452,7 @@ impl EngineHost {
                     warn!("{volume}: SAN unreachable for host I/O; retrying with back-off")
                 }
                 EngineEvent::SanReachable { volume } => info!("{volume}: SAN reachable again for host I/O"),
+                EngineEvent::LinkDown { link, volume, why } => warn!("{volume}: replication {link} down: {why}"),
             }
         }
     }

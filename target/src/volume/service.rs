@@ -343,6 +343,8 @@ impl VolumeService {
                     policy: v.policy,
                     read_cache: v.read_cache,
                     unmap: f.unmap,
+                    replicas: Vec::new(),
+                    source: None,
                 });
             }
             let (format, device_id) = match &p.probe {

@@ -70,6 +70,8 @@ impl VolumeStatus {
             reason: match m.reason {
                 stager_policy::EffectiveReason::AsRequested => "as-requested".into(),
                 stager_policy::EffectiveReason::FlashDegraded => "flash-degraded".into(),
+                stager_policy::EffectiveReason::ReplicaUnavailable => "replica-unavailable".into(),
+                stager_policy::EffectiveReason::ReplicaSyncing => "replica-syncing".into(),
             },
             dirty_bytes: m.dirty_bytes,
             clean_cached_bytes,
