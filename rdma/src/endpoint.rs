@@ -52,10 +52,11 @@ pub struct EndpointStats {
     pub refusals: u64,
 }
 
+#[allow(clippy::large_enum_variant)] // one per peer, moved once to its reactor
 enum Backend {
     Tcp(TcpEndpoint),
     #[cfg(feature = "verbs")]
-    Verbs(Box<crate::verbs::VerbsEndpoint>),
+    Verbs(crate::verbs::VerbsEndpoint),
 }
 
 /// One peer. `Send`; used by one thread at a time.
@@ -80,7 +81,7 @@ impl Endpoint {
 
     #[cfg(feature = "verbs")]
     pub(crate) fn verbs(ep: crate::verbs::VerbsEndpoint) -> Endpoint {
-        Endpoint { backend: Backend::Verbs(Box::new(ep)) }
+        Endpoint { backend: Backend::Verbs(ep) }
     }
 
     /// The peer's node id (authenticated).
