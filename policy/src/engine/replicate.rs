@@ -681,6 +681,17 @@ impl Engine {
         self.volumes.iter().filter_map(|v| Some((v.id, v.source.clone()?, v.dirty_bytes()))).collect()
     }
 
+    /// The replica nodes a volume wants (empty unless write-back+N).
+    pub fn volume_replicas(&self, id: VolumeId) -> Vec<String> {
+        self.volume_index(id).map(|vi| self.volumes[vi].replicas.clone()).unwrap_or_default()
+    }
+
+    /// For a replica copy: the newest sequence number it received.
+    pub fn copy_received(&self, id: VolumeId) -> Option<LogSeq> {
+        let v = &self.volumes[self.volume_index(id)?];
+        v.is_copy().then(|| LogSeq(v.next_seq.0 - 1))
+    }
+
     /// For a replicated volume: the lowest sequence number every replica has durable.
     pub fn replicas_durable(&self, id: VolumeId) -> Option<LogSeq> {
         let vi = self.volume_index(id)?;
