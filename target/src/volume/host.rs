@@ -77,9 +77,12 @@ pub(crate) enum HostMsg {
     Status {
         reply: Sender<DeviceStatus>,
     },
+    /// `copies`: the replica count the operator named (`write-back+N`), checked against the
+    /// volume's configuration.
     SetPolicy {
         volume: VolumeId,
         policy: WritePolicy,
+        copies: Option<usize>,
         reply: Sender<Result<String, String>>,
     },
     /// A volume's epoch (what a source presents to its replicas).
@@ -528,12 +531,24 @@ impl EngineHost {
                 }
                 let _ = reply.send(r);
             }
-            HostMsg::SetPolicy { volume, policy, reply } => {
-                let r = if self.engine.set_policy(volume, policy) {
+            HostMsg::SetPolicy { volume, policy, copies, reply } => {
+                let have = self.engine.volume_replicas(volume).len();
+                let r = if copies.is_some_and(|n| n != have) {
+                    Err(format!(
+                        "volume {} keeps {have} replica(s) as configured; changing how many needs a configuration \
+                         change and a restart",
+                        volume.0
+                    ))
+                } else if self.engine.set_policy(volume, policy) {
                     let m = self.engine.volume_metrics(volume);
                     let dirty = m.as_ref().map_or(0, |m| m.dirty_bytes);
                     let eff = m.map_or(policy, |m| m.effective);
-                    let mut line = format!("volume {}: requested {policy}, effective {eff}", volume.0);
+                    let shown = if policy == WritePolicy::WriteBack && have > 0 {
+                        format!("write-back+{have}")
+                    } else {
+                        policy.to_string()
+                    };
+                    let mut line = format!("volume {}: requested {shown}, effective {eff}", volume.0);
                     if policy == WritePolicy::WriteThrough && dirty > 0 {
                         line.push_str(&format!("; destaging {} of dirty data", super::status::human_bytes(dirty)));
                     }

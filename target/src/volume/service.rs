@@ -469,12 +469,12 @@ impl VolumeService {
     }
 
     /// Changes a volume's requested policy live; returns a line saying what happened.
-    pub fn set_policy(&self, volume: u32, policy: WritePolicy) -> Result<String, String> {
+    pub fn set_policy(&self, volume: u32, policy: WritePolicy, copies: Option<usize>) -> Result<String, String> {
         let Some(d) = self.devices.iter().find(|d| d.volumes.contains(&VolumeId(volume))) else {
             return Err(format!("no volume {volume} on this node"));
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if !d.send(HostMsg::SetPolicy { volume: VolumeId(volume), policy, reply: tx }) {
+        if !d.send(HostMsg::SetPolicy { volume: VolumeId(volume), policy, copies, reply: tx }) {
             return Err(format!("flash {}: its reactor is not running", d.name));
         }
         rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
