@@ -207,3 +207,85 @@ fn write_back_plus_one_keeps_every_acknowledged_write_in_the_replicas_log() {
     // Destaging is lazy on the source: most of the 400 writes were still in the copy.
     assert!(from_copy > 0 || cv.bytes == 0, "the copy held {} bytes but destaged no block", cv.bytes);
 }
+
+#[test]
+fn write_back_plus_two_waits_for_both_replicas_and_a_stale_source_is_refused() {
+    let d = dir("plus2");
+    let b = TestTarget::start(replica_config(&d, "node-b", &["node-a"]));
+    let c = TestTarget::start(replica_config(&d, "node-c", &["node-a"]));
+    let b_addr = b.target.as_ref().unwrap().fabric_addr().unwrap();
+    let c_addr = c.target.as_ref().unwrap().fabric_addr().unwrap();
+    let peers = [("node-b", b_addr), ("node-c", c_addr)];
+    let a_cfg = source_config(&d, "node-a", "a-flash.img", &[(9, 1, vec!["node-b", "node-c"])], &peers);
+    for run in 0..2 {
+        let a = TestTarget::start(a_cfg.clone());
+        wait_in_sync(a.target.as_ref().unwrap(), 9);
+        let mut host = a.connect(&opts());
+        let q = host.io_queue(0);
+        for i in 0..100u64 {
+            write(q, 1, i * 8, &pattern(run * 1000 + i, BS));
+        }
+        let s = status(a.target.as_ref().unwrap());
+        let v = &s.devices[0].volumes[0];
+        assert_eq!(v.requested_policy, "write-back+2");
+        assert_eq!(v.replicas.len(), 2);
+        for r in &v.replicas {
+            assert_eq!(r.state, "in-sync", "{r:?}");
+            assert!(r.durable_seq >= 100 * (run + 1), "{} durable only to {}", r.node, r.durable_seq);
+        }
+        for t in [&b, &c] {
+            let copy = &status(t.target.as_ref().unwrap()).devices[0].copies;
+            assert!(copy.iter().any(|c| c.volume == 9 && c.durable_seq >= 100), "{copy:?}");
+        }
+    }
+    // The same node id and volume on a fresh flash device: its epoch (that of a first start)
+    // is older than the one the replicas saw from the real node-a's second start.
+    let stale_cfg = source_config(&d, "node-a", "stale-flash.img", &[(9, 1, vec!["node-b", "node-c"])], &peers);
+    let stale = TestTarget::start(stale_cfg);
+    std::thread::sleep(Duration::from_secs(2));
+    let s = status(stale.target.as_ref().unwrap());
+    let v = &s.devices[0].volumes[0];
+    assert_eq!(v.effective_policy, "write-through", "a stale source must not run write-back: {v:?}");
+    assert_eq!(v.reason, "replica-unavailable");
+    assert!(v.replicas.iter().all(|r| r.state == "down"), "{:?}", v.replicas);
+    // It still serves writes (through to the SAN), and the replicas' copies were not touched.
+    let mut host = stale.connect(&opts());
+    write(host.io_queue(0), 1, 3000, &pattern(7, BS));
+    for t in [&b, &c] {
+        let copy = &status(t.target.as_ref().unwrap()).devices[0].copies;
+        assert!(copy.iter().any(|c| c.volume == 9 && c.durable_seq >= 200), "{copy:?}");
+    }
+}
+
+#[test]
+fn a_replica_discards_its_copy_lazily_once_the_source_publishes_its_watermark() {
+    let d = dir("lazy");
+    let b = TestTarget::start(replica_config(&d, "node-b", &["node-a"]));
+    let b_addr = b.target.as_ref().unwrap().fabric_addr().unwrap();
+    let a = TestTarget::start(source_config(&d, "node-a", "a-flash.img", &[(4, 1, vec!["node-b"])], &[("node-b", b_addr)]));
+    let at = a.target.as_ref().unwrap();
+    wait_in_sync(at, 4);
+    let mut host = a.connect(&opts());
+    for i in 0..300u64 {
+        write(host.io_queue(0), 1, (i * 3) % 2000, &pattern(i, 2 * BS));
+    }
+    let copy_bytes = |t: &TestTarget| status(t.target.as_ref().unwrap()).devices[0].copies[0].bytes;
+    assert!(copy_bytes(&b) > 0, "the replica holds the entries right after the writes");
+    // The source destages (a fast SAN file) and publishes its watermark; the replica applies
+    // it once its source has been quiet for a while, then frees its log with one superblock.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sa = status(at);
+        let va = &sa.devices[0].volumes[0];
+        let sb = status(b.target.as_ref().unwrap());
+        let c = &sb.devices[0].copies[0];
+        if va.dirty_bytes == 0 && c.bytes == 0 {
+            assert_eq!(c.watermark, va.persisted_watermark, "the copy's watermark is the source's");
+            assert_eq!(va.replicas[0].watermark, va.persisted_watermark, "the source knows the replica has it");
+            assert_eq!(sb.devices[0].log_used_bytes, 0, "the replica's log is free again");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the copy was never discarded: source {va:?}, copy {c:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

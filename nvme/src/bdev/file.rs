@@ -183,6 +183,24 @@ impl FileChannel {
     }
 }
 
+impl Drop for FileChannel {
+    /// The kernel may still read into or write from the buffers of operations in flight (the
+    /// ring is its owner's, not ours, so we cannot wait for them here): leak those buffers
+    /// rather than free memory the kernel may still write. Owners drain before they drop.
+    fn drop(&mut self) {
+        if self.in_flight > 0 {
+            tracing::error!(
+                device = %self.info.name,
+                in_flight = self.in_flight,
+                "channel dropped with operations in flight; leaking their buffers"
+            );
+            for s in self.slots.drain(..).flatten() {
+                std::mem::forget(s);
+            }
+        }
+    }
+}
+
 impl BdevChannel for FileChannel {
     fn submit(&mut self, io: BdevIo, ring: &mut Ring) {
         if let Err(e) = check_range(&self.info, &io) {

@@ -102,6 +102,8 @@ pub fn inspect(device: &DeviceSpec) -> Result<Inspection, String> {
     let mut e = Engine::open_for_inspection(Box::new(ReadOnlyFlash(port)), &sb).map_err(|e| e.to_string())?;
     let clock = MonotonicClock::new();
     drive(&mut e, &clock, Duration::from_secs(3600), "log replay", |e| e.replay_done())?;
+    // Replay reads ahead: let those reads land before the buffers go.
+    drive(&mut e, &clock, Duration::from_secs(60), "finishing reads", |e| !e.io_in_flight())?;
     let mut device = DeviceStatus::of_engine("-", path, &e, |_| (String::new(), String::new()));
     device.state = "replayed read-only".into();
     Ok(Inspection {
