@@ -25,6 +25,8 @@
 //! - [`engine`]: the front half — `appender` (group commit), `superblock` (its writer),
 //!   `replay` (recovery), `volume` (per-volume state) and, by concern, writes, reads, flushes;
 //!   [`index`]: the dirty extent map; [`cache`]: the clean read cache (S3-FIFO).
+//! - [`replica`]: replication (write-back+1/+2) — the record, acknowledgement and publication
+//!   wire formats and the two ends of a link; the engine side is `engine/replicate.rs`.
 //! - [`destage`]: the back half — batches (`batch`) and the depth/rate controller (`depth`).
 //! - [`node`]: both halves on one thread, linked by a plain queue (offline tools, tests).
 //! - [`sim`]: the deterministic simulator, its device models, the model of acknowledged writes
@@ -46,15 +48,16 @@ pub mod link;
 pub mod log;
 pub mod node;
 pub mod policy;
+pub mod replica;
 pub mod sim;
 pub mod types;
 
 pub use destage::{DestageEvent, Destager};
 pub use engine::{
-    Bugs, Engine, EngineConfig, EngineEvent, EngineState, HostDone, HostOp, ReplayReport, Status, VolumeMetrics,
-    VolumeSpec, WriteState,
+    Bugs, CopyState, Engine, EngineConfig, EngineEvent, EngineState, HostDone, HostOp, LinkStatus, ReplayReport,
+    Status, VolumeMetrics, VolumeSpec, WriteState, RING_BYTES_MIN,
 };
-pub use io::{AlignedBuf, BufPool, Clock, Flash, FlashInfo, IoDone, IoError, San};
+pub use io::{AlignedBuf, BufPool, Clock, Fabric, FabricError, FabricEvent, Flash, FlashInfo, IoDone, IoError, San};
 pub use link::{FromDestage, ToDestage};
 pub use policy::{EffectiveReason, WritePolicy};
-pub use types::{Epoch, Incarnation, IoToken, Lba, LogPos, LogSeq, OpId, VolumeId};
+pub use types::{Epoch, Incarnation, IoToken, Lba, LinkId, LogPos, LogSeq, OpId, VolumeId};

@@ -22,6 +22,23 @@ pub enum EffectiveReason {
     AsRequested,
     /// The flash device had a write error: write-through until its log drains.
     FlashDegraded,
+    /// A write-back+N volume misses a replica link (not connected yet, or lost): write-through
+    /// until every replica is back and in sync.
+    ReplicaUnavailable,
+    /// Every replica is connected, but one lacks entries that are not destaged yet:
+    /// write-through until they are and the replica knows it.
+    ReplicaSyncing,
+}
+
+impl fmt::Display for EffectiveReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EffectiveReason::AsRequested => "as requested",
+            EffectiveReason::FlashDegraded => "flash degraded",
+            EffectiveReason::ReplicaUnavailable => "replica unavailable",
+            EffectiveReason::ReplicaSyncing => "replica syncing",
+        })
+    }
 }
 
 impl WritePolicy {

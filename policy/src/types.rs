@@ -33,6 +33,11 @@ pub struct LogPos(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Incarnation(pub u64);
 
+/// One replication link of an engine: a volume between its source and one replica (the
+/// target numbers them; the engine only matches events to links).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct LinkId(pub u32);
+
 /// A host operation inside the engine (the driver's own token travels beside it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct OpId(pub u64);
@@ -63,6 +68,12 @@ impl LogPos {
     }
 }
 
+impl Epoch {
+    pub fn next(self) -> Epoch {
+        Epoch(self.0 + 1)
+    }
+}
+
 impl Incarnation {
     pub fn next(self) -> Incarnation {
         Incarnation(self.0 + 1)
@@ -90,6 +101,12 @@ impl fmt::Display for Epoch {
 impl fmt::Display for VolumeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "volume {}", self.0)
+    }
+}
+
+impl fmt::Display for LinkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "link {}", self.0)
     }
 }
 

@@ -104,6 +104,106 @@ pub struct Config {
     pub destage: DestageConfig,
     #[serde(default)]
     pub management: ManagementConfig,
+    /// This node in a cluster: its id, fault domain, replication fabric and peers. Needed for
+    /// write-back+1/+2 volumes (on their source) and to keep copies for peers (on replicas).
+    #[serde(default)]
+    pub node: Option<NodeConfig>,
+}
+
+/// This node and how it reaches its peers for replication.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Unique in the cluster: letters, digits, `.`, `_`, `-`; at most 31 bytes (it is written
+    /// into the flash superblock of every replica that keeps a copy for this node).
+    pub id: String,
+    /// Where this node fails together with others (a rack, a power feed); replicas belong in
+    /// other fault domains.
+    #[serde(default)]
+    pub fault_domain: Option<String>,
+    pub fabric: FabricYaml,
+    /// The nodes this one replicates to or keeps copies for. Any other node is refused.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// The flash device that keeps copies for peers (the first `flash` device when left out).
+    #[serde(default)]
+    pub replica_flash: Option<String>,
+}
+
+/// The replication fabric (`node.fabric`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FabricYaml {
+    /// `tcp` (default: one-sided writes in software over TCP) or `verbs` (RDMA RC queue pairs;
+    /// needs a stagerd built with the `verbs` feature and an RDMA device).
+    #[serde(default)]
+    pub kind: FabricKindYaml,
+    /// The set-up listener peers connect to (both kinds; verbs exchanges queue-pair addresses
+    /// over it).
+    pub listen: SocketAddr,
+    /// Verbs: the RDMA device (e.g. `rxe0`); the first one when left out.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// The cluster secret nodes authenticate each other with (HMAC challenge in both
+    /// directions when a link is set up). At least 16 bytes. Or `secret_file`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// A peer silent this long is down.
+    #[serde(default = "default_peer_timeout_ms")]
+    pub peer_timeout_ms: u64,
+    /// Each replicated volume's record ring on each replica (replica memory, registered for
+    /// RDMA): bounds the data on its way to a replica.
+    #[serde(default = "default_ring_size", deserialize_with = "de_size")]
+    pub ring_size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum FabricKindYaml {
+    #[default]
+    #[serde(rename = "tcp")]
+    Tcp,
+    #[serde(rename = "verbs")]
+    Verbs,
+}
+
+/// A peer node (`node.peers[]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: String,
+    /// Its fabric set-up listener.
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub fault_domain: Option<String>,
+}
+
+fn default_peer_timeout_ms() -> u64 {
+    5000
+}
+
+fn default_ring_size() -> u64 {
+    32 << 20
+}
+
+/// Shortest cluster secret accepted.
+pub const SECRET_BYTES_MIN: usize = 16;
+
+impl FabricYaml {
+    /// The secret's bytes (from `secret` or the first line of `secret_file`).
+    pub fn secret_bytes(&self) -> Result<Vec<u8>, String> {
+        match (&self.secret, &self.secret_file) {
+            (Some(s), None) => Ok(s.as_bytes().to_vec()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?;
+                Ok(text.lines().next().unwrap_or("").trim().as_bytes().to_vec())
+            }
+            (Some(_), Some(_)) => Err("give `secret` or `secret_file`, not both".into()),
+            (None, None) => Err("needs `secret` or `secret_file` (the cluster secret nodes authenticate with)".into()),
+        }
+    }
 }
 
 /// A local flash device: a file or block device, an NVMe namespace through io_uring
@@ -423,6 +523,8 @@ pub enum BackendConfig {
         san: SanConfig,
         /// Exported size; the SAN LUN's size when left out.
         size_bytes: Option<u64>,
+        /// write-back+N: the peer nodes that keep a copy of every dirty entry (N of them).
+        replicas: Vec<String>,
     },
 }
 
@@ -566,7 +668,9 @@ struct BackendSpec {
     flash: Option<String>,
     /// Parsed where it is read; a bad one is reported naming the key.
     #[serde(default, deserialize_with = "de_opt_policy")]
-    policy: Option<WritePolicy>,
+    policy: Option<(WritePolicy, usize)>,
+    #[serde(default)]
+    replicas: Option<Vec<String>>,
     #[serde(default)]
     read_cache: Option<bool>,
     #[serde(default)]
@@ -618,6 +722,7 @@ impl TryFrom<BackendSpec> for BackendConfig {
                 ("id", s.id.is_some()),
                 ("flash", s.flash.is_some()),
                 ("policy", s.policy.is_some()),
+                ("replicas", s.replicas.is_some()),
                 ("read_cache", s.read_cache.is_some()),
                 ("san", s.san.is_some()),
             ];
@@ -640,7 +745,22 @@ impl TryFrom<BackendSpec> for BackendConfig {
                         b.0
                     ));
                 }
-                let policy = s.policy.unwrap_or(WritePolicy::WriteBack);
+                let (policy, copies) = s.policy.unwrap_or((WritePolicy::WriteBack, 0));
+                let replicas = s.replicas.unwrap_or_default();
+                if replicas.len() != copies {
+                    return Err(if copies == 0 {
+                        format!(
+                            "`replicas` names {} node(s) but the policy keeps no copies; use `policy: write-back+{}`",
+                            replicas.len(),
+                            replicas.len()
+                        )
+                    } else {
+                        format!(
+                            "`policy: write-back+{copies}` needs `replicas` naming {copies} peer node(s), it names {}",
+                            replicas.len()
+                        )
+                    });
+                }
                 Ok(BackendConfig::Volume {
                     id: s.id.ok_or("`kind: volume` needs `id` (a number, unique in the file)")?,
                     flash: s.flash.ok_or("`kind: volume` needs `flash` (the name of a `flash` device)")?,
@@ -648,6 +768,7 @@ impl TryFrom<BackendSpec> for BackendConfig {
                     read_cache: s.read_cache.unwrap_or(true),
                     san: s.san.ok_or("`kind: volume` needs `san` (e.g. `san: { kind: file, path: san.img }`)")?,
                     size_bytes: s.size.map(|b| b.0),
+                    replicas,
                 })
             }
             BackendKind::Memory => {
@@ -859,6 +980,7 @@ pub fn embedded_default() -> Config {
                         direct: true,
                     },
                     size_bytes: None,
+                    replicas: Vec::new(),
                 },
                 uuid: None,
             }],
@@ -875,6 +997,7 @@ pub fn embedded_default() -> Config {
         }],
         destage: DestageConfig::default(),
         management: ManagementConfig { socket: Some(PathBuf::from(DEFAULT_MANAGEMENT_SOCKET)) },
+        node: None,
     }
 }
 
@@ -893,6 +1016,7 @@ impl Config {
             flash: Vec::new(),
             destage: DestageConfig::default(),
             management: ManagementConfig::default(),
+            node: None,
         }
     }
 
@@ -919,13 +1043,111 @@ impl Config {
         let mut files: HashMap<PathBuf, String> = HashMap::new();
         check_flash(&self.flash, &mut files)?;
         check_destage(&self.destage, cpus)?;
-        check_subsystems(&self.subsystems, &self.listeners, &self.flash, &mut files)
+        check_subsystems(&self.subsystems, &self.listeners, &self.flash, &mut files)?;
+        check_node(self)
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Validation
 // ---------------------------------------------------------------------------------------------
+
+/// A node id: what replicas record in their superblocks.
+fn check_node_id(key: &str, id: &str) -> Result<(), Problem> {
+    let ok = !id.is_empty()
+        && id.len() <= stager_policy::log::superblock::NODE_NAME_MAX
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(problem(
+            key,
+            format!(
+                "{id:?} is not a node id: 1 to {} letters, digits, `.`, `_` or `-`",
+                stager_policy::log::superblock::NODE_NAME_MAX
+            ),
+        ))
+    }
+}
+
+fn check_node(c: &Config) -> Result<(), Problem> {
+    let mut replicated: Vec<(String, &Vec<String>)> = Vec::new();
+    for (si, s) in c.subsystems.iter().enumerate() {
+        for (ni, n) in s.namespaces.iter().enumerate() {
+            if let BackendConfig::Volume { replicas, .. } = &n.backend {
+                if !replicas.is_empty() {
+                    replicated.push((format!("subsystems[{si}].namespaces[{ni}].backend.replicas"), replicas));
+                }
+            }
+        }
+    }
+    let Some(node) = &c.node else {
+        if let Some((key, _)) = replicated.first() {
+            return Err(problem(
+                key.clone(),
+                "a replicated volume needs a `node:` section (this node's id, its fabric and its peers)",
+            ));
+        }
+        return Ok(());
+    };
+    check_node_id("node.id", &node.id)?;
+    let mut seen = HashSet::new();
+    for (i, p) in node.peers.iter().enumerate() {
+        let key = format!("node.peers[{i}].id");
+        check_node_id(&key, &p.id)?;
+        if p.id == node.id {
+            return Err(problem(key, format!("{:?} is this node's own id", p.id)));
+        }
+        if !seen.insert(p.id.as_str()) {
+            return Err(problem(key, format!("peer {:?} is listed twice", p.id)));
+        }
+        if p.address == node.fabric.listen {
+            return Err(problem(format!("node.peers[{i}].address"), "is this node's own fabric listener"));
+        }
+    }
+    if !node.peers.is_empty() {
+        match node.fabric.secret_bytes() {
+            Err(e) => return Err(problem("node.fabric", e)),
+            Ok(s) if s.len() < SECRET_BYTES_MIN => {
+                return Err(problem(
+                    "node.fabric.secret",
+                    format!("is {} bytes; at least {SECRET_BYTES_MIN} are needed", s.len()),
+                ))
+            }
+            Ok(_) => {}
+        }
+    }
+    if !(100..=600_000).contains(&node.fabric.peer_timeout_ms) {
+        return Err(problem("node.fabric.peer_timeout_ms", "must be from 100 to 600000"));
+    }
+    let ring_min = stager_policy::RING_BYTES_MIN;
+    if node.fabric.ring_size < ring_min || node.fabric.ring_size > (1 << 30) {
+        return Err(problem(
+            "node.fabric.ring_size",
+            format!("{} is out of range {ring_min}..=1GiB", node.fabric.ring_size),
+        ));
+    }
+    if let Some(f) = &node.replica_flash {
+        if !c.flash.iter().any(|d| &d.name == f) {
+            return Err(problem("node.replica_flash", format!("no `flash` device is named {f:?}")));
+        }
+    }
+    for (key, replicas) in replicated {
+        let mut mine = HashSet::new();
+        for r in replicas {
+            if r == &node.id {
+                return Err(problem(key, format!("{r:?} is this node: a replica must be another node")));
+            }
+            if !node.peers.iter().any(|p| &p.id == r) {
+                return Err(problem(key, format!("{r:?} is not in `node.peers`")));
+            }
+            if !mine.insert(r) {
+                return Err(problem(key, format!("{r:?} is named twice: each copy must be on another node")));
+            }
+        }
+    }
+    Ok(())
+}
 
 fn check_reactors(r: &ReactorConfig, cpus: &[usize]) -> Result<(), Problem> {
     if r.cores.is_empty() {
@@ -1618,9 +1840,31 @@ fn de_size_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     ByteSize32::deserialize(d).map(|b| b.0)
 }
 
-fn de_opt_policy<'de, D: Deserializer<'de>>(d: D) -> Result<Option<WritePolicy>, D::Error> {
+fn de_opt_policy<'de, D: Deserializer<'de>>(d: D) -> Result<Option<(WritePolicy, usize)>, D::Error> {
     let s = Option::<String>::deserialize(d)?;
-    s.map(|s| s.parse::<WritePolicy>().map_err(|e| de::Error::custom(format!("`policy`: {e}")))).transpose()
+    s.map(|s| parse_policy(&s).map_err(|e| de::Error::custom(format!("`policy`: {e}")))).transpose()
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ByteSize::deserialize(d).map(|b| b.0)
+}
+
+/// `write-through`, `write-back`, `write-back+1` or `write-back+2`: the policy and how many
+/// peers keep a copy of every dirty entry.
+pub fn parse_policy(s: &str) -> Result<(WritePolicy, usize), String> {
+    match s {
+        "write-back+1" => Ok((WritePolicy::WriteBack, 1)),
+        "write-back+2" => Ok((WritePolicy::WriteBack, 2)),
+        _ => s.parse::<WritePolicy>().map(|p| (p, 0)).map_err(|e| {
+            if s.starts_with("write-back+") {
+                format!(
+                    "unknown write policy {s:?} (write-back keeps at most 2 replicas: write-back+1 or write-back+2)"
+                )
+            } else {
+                format!("{e}; or write-back+1, write-back+2")
+            }
+        }),
+    }
 }
 
 fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {

@@ -123,7 +123,7 @@ fn reload_policies(path: &std::path::Path, running: &mut Config, target: &Target
         if before == policy {
             continue;
         }
-        match target.volumes().map(|v| v.set_policy(*id, *policy)) {
+        match target.volumes().map(|v| v.set_policy(*id, *policy, None)) {
             Some(Ok(m)) => {
                 tracing::info!("SIGHUP: {m}");
                 applied += 1;
@@ -174,6 +174,24 @@ fn describe(c: &Config) {
         }
     }
     println!("  reactors on cores {:?}", c.reactors.cores);
+    if let Some(n) = &c.node {
+        let domain = n.fault_domain.as_deref().map(|d| format!(", fault domain {d}")).unwrap_or_default();
+        let kind = match n.fabric.kind {
+            config::FabricKindYaml::Tcp => "tcp",
+            config::FabricKindYaml::Verbs => "verbs",
+        };
+        println!("  node {}{domain}: {kind} fabric on {}", n.id, n.fabric.listen);
+        for p in &n.peers {
+            println!("    peer {} at {}", p.id, p.address);
+        }
+        if !n.peers.is_empty() {
+            let f = n.replica_flash.clone().or_else(|| c.flash.first().map(|f| f.name.clone()));
+            match f {
+                Some(f) => println!("    copies for peers kept on flash {f}"),
+                None => println!("    no flash device: this node keeps no copies for peers"),
+            }
+        }
+    }
 }
 
 fn backend_text(b: &BackendConfig) -> String {
@@ -191,10 +209,16 @@ fn backend_text(b: &BackendConfig) -> String {
             format!("NVMe passthrough {}, {block_size}-byte blocks", path.display())
         }
         BackendConfig::Vfio { pci, block_size } => format!("NVMe on VFIO {pci}, {block_size}-byte blocks"),
-        BackendConfig::Volume { id, flash, policy, san, .. } => {
+        BackendConfig::Volume { id, flash, policy, san, replicas, .. } => {
             let san = match san {
                 config::SanConfig::File { path, .. } => format!("file {}", path.display()),
                 config::SanConfig::Iscsi { url, .. } => url.clone(),
+            };
+            let policy = match (policy, replicas.len()) {
+                (stager_policy::WritePolicy::WriteBack, n) if n > 0 => {
+                    format!("write-back+{n} (replicas {})", replicas.join(", "))
+                }
+                (p, _) => p.to_string(),
             };
             format!("volume {id}, {policy} on flash {flash}, SAN {san}")
         }

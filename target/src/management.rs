@@ -182,12 +182,12 @@ fn answer(req: Request, volumes: Option<&VolumeService>) -> Response {
             },
         },
         Request::SetPolicy { volume, policy } => {
-            let policy = match policy.parse::<WritePolicy>() {
-                Ok(p) => p,
+            let (policy, copies) = match crate::config::parse_policy(&policy) {
+                Ok((p, n)) => (p, (p == WritePolicy::WriteBack && policy.contains('+')).then_some(n)),
                 Err(e) => return Response::error(e),
             };
             let Some(v) = volumes else { return Response::error("this node has no write-back volumes") };
-            match v.set_policy(volume, policy) {
+            match v.set_policy(volume, policy, copies) {
                 Ok(m) => {
                     info!("management: {m}");
                     Response { ok: true, status: None, message: Some(m), error: None }

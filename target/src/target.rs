@@ -30,6 +30,8 @@ pub enum StartError {
     Volumes(String),
     #[error("management socket: {0}")]
     Management(String),
+    #[error("replication: {0}")]
+    Replication(String),
 }
 
 pub struct Target {
@@ -40,6 +42,7 @@ pub struct Target {
     listen_addrs: Vec<SocketAddr>,
     volumes: Option<Arc<VolumeService>>,
     management: Option<crate::management::Management>,
+    replication: Option<crate::volume::replication::Replication>,
 }
 
 impl Target {
@@ -189,6 +192,17 @@ impl Target {
                 return Err(StartError::Volumes(e));
             }
         }
+        // Replication links once the engines are ready (a source presents its new epoch).
+        let replication = match crate::volume::replication::Replication::start(&config, volumes.as_ref()) {
+            Ok(r) => r,
+            Err(e) => {
+                for mut r in reactors {
+                    r.stop_and_join();
+                }
+                stop_volumes(&volumes);
+                return Err(StartError::Replication(e));
+            }
+        };
         let management = match &config.management.socket {
             Some(path) => match crate::management::Management::start(path, volumes.clone()) {
                 Ok(m) => Some(m),
@@ -212,7 +226,7 @@ impl Target {
             info!("listening on {addr} (listener {name}, NVMe/TCP)");
             acceptors.push(h);
         }
-        Ok(Target { shared, reactors, acceptors, stop, listen_addrs: all_addrs, volumes, management })
+        Ok(Target { shared, reactors, acceptors, stop, listen_addrs: all_addrs, volumes, management, replication })
     }
 
     /// The address listener `i` actually bound (useful with port 0).
@@ -225,10 +239,18 @@ impl Target {
         self.volumes.as_ref()
     }
 
+    /// The replication fabric's set-up listener, when the node has peers.
+    pub fn fabric_addr(&self) -> Option<SocketAddr> {
+        self.replication.as_ref().map(|r| r.local_addr())
+    }
+
     /// Stops accepting, finishes in-flight I/O, closes connections, syncs devices.
     pub fn shutdown(mut self) {
         if let Some(m) = self.management.take() {
             m.stop();
+        }
+        if let Some(r) = self.replication.take() {
+            r.stop();
         }
         self.stop.store(true, Ordering::Relaxed);
         for a in self.acceptors.drain(..) {

@@ -46,7 +46,15 @@ fn volume_config(d: &Path, policy: WritePolicy) -> Config {
     let san = SanConfig::File { path: d.join("san.img"), size_bytes: Some(VOLUME_BYTES), direct: true };
     c.subsystems[0].namespaces = vec![NamespaceConfig {
         nsid: 1,
-        backend: BackendConfig::Volume { id: 3, flash: "f0".into(), policy, read_cache: true, san, size_bytes: None },
+        backend: BackendConfig::Volume {
+            id: 3,
+            flash: "f0".into(),
+            policy,
+            read_cache: true,
+            san,
+            size_bytes: None,
+            replicas: Vec::new(),
+        },
         uuid: None,
     }];
     c

@@ -24,10 +24,11 @@ use crate::io::AlignedBuf;
 use crate::log::{EntryHeader, EntryKind, FrameKind, Ring};
 use crate::types::{Epoch, Incarnation, Lba, LogPos, LogSeq, OpId, VolumeId};
 
-/// A write waiting for a frame.
+/// A write waiting for a frame: a host's (with its op), or an entry a source sent for a
+/// replica copy (`preset`: its header, sequence number and epoch are the source's).
 pub(crate) struct Queued {
     pub vi: usize,
-    pub op: OpId,
+    pub op: Option<OpId>,
     pub kind: EntryKind,
     pub lba: Lba,
     pub blocks: u64,
@@ -37,6 +38,7 @@ pub(crate) struct Queued {
     pub since_ns: u64,
     /// It has waited for log space (counted once).
     pub waited: bool,
+    pub preset: Option<EntryHeader>,
 }
 
 /// One entry of a frame, from the cut until its space is reclaimed.
@@ -173,11 +175,15 @@ impl Appender {
         let mut bufs = Vec::with_capacity(n);
         let mut data_pos = res.pos.plus(BLOCK_SIZE_U64);
         for q in self.queue.drain(..n) {
-            let (volume, epoch, s) = seq(q.vi);
-            let data_crc = q.buf.as_ref().map(|b| crc32c::crc32c(&b[..])).unwrap_or(0);
-            let header =
-                EntryHeader { kind: q.kind, volume, epoch, seq: s, lba: q.lba, blocks: q.blocks as u32, data_crc };
-            entries.push(FrameEntry { vi: q.vi, op: Some(q.op), header, data_pos });
+            let header = match q.preset {
+                Some(h) => h,
+                None => {
+                    let (volume, epoch, s) = seq(q.vi);
+                    let data_crc = q.buf.as_ref().map(|b| crc32c::crc32c(&b[..])).unwrap_or(0);
+                    EntryHeader { kind: q.kind, volume, epoch, seq: s, lba: q.lba, blocks: q.blocks as u32, data_crc }
+                }
+            };
+            entries.push(FrameEntry { vi: q.vi, op: q.op, header, data_pos });
             headers.push(header);
             data_pos = data_pos.plus(header.data_bytes());
             bufs.extend(q.buf);
@@ -292,13 +298,14 @@ mod tests {
         b.fill(op as u8);
         Queued {
             vi: 0,
-            op: OpId(op),
+            op: Some(OpId(op)),
             kind: EntryKind::Write,
             lba: Lba(op * 10),
             blocks,
             buf: Some(b),
             since_ns: 0,
             waited: false,
+            preset: None,
         }
     }
 

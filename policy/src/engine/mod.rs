@@ -26,6 +26,7 @@ pub mod appender;
 mod flush;
 mod read;
 pub mod replay;
+pub mod replicate;
 pub mod superblock;
 pub mod volume;
 mod write;
@@ -39,9 +40,11 @@ use crate::io::{AlignedBuf, BufPool, Flash, FlashInfo, IoDone};
 use crate::link::{DirtyRecord, FromDestage, Pressure, ToDestage};
 use crate::log::{FrameHeader, Layout, Ring, Superblock, SuperblockVolume};
 use crate::policy::{EffectiveReason, WritePolicy};
-use crate::types::{Epoch, Incarnation, IoToken, Lba, LogPos, LogSeq, OpId, VolumeId};
+use crate::types::{Epoch, Incarnation, IoToken, Lba, LinkId, LogPos, LogSeq, OpId, VolumeId};
 use appender::{Appender, Frame, FrameEntry, FrameState};
 use replay::{Replay, ReplayRead};
+use replicate::Link;
+pub use replicate::{CopyState, LinkStatus, RING_BYTES_MIN};
 use superblock::{SbSnapshot, SuperblockWriter};
 use volume::{DirtyMeta, PendingOp, Volume};
 pub use volume::{VolumeMetrics, VolumeSpec, WriteState, WRITE_STATES};
@@ -108,6 +111,12 @@ pub struct Bugs {
     pub no_fua_on_volatile_flash: bool,
     /// Host flushes complete without flushing the SAN (breaks invariant 6).
     pub host_flush_skips_san: bool,
+    /// Writes of a replicated volume are acknowledged once the local log has them, without
+    /// waiting for the replicas (a replica's copy then misses acknowledged writes).
+    pub ack_before_replicas: bool,
+    /// Write-through writes ignore blocks a replica may not know are destaged (its copy
+    /// destaged later puts older data over them).
+    pub skip_replica_gate: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -122,6 +131,9 @@ pub struct EngineConfig {
     pub gate_timeout_ns: u64,
     /// How long host I/O waits on an unreachable SAN before `Busy`.
     pub san_timeout_ns: u64,
+    /// Replica copies on the device are destaged like the node's own volumes (the offline
+    /// `stagerctl flash destage` of a replica's flash); online they only wait for their source.
+    pub destage_replica_copies: bool,
     #[doc(hidden)]
     pub bugs: Bugs,
 }
@@ -134,6 +146,7 @@ impl Default for EngineConfig {
             log_full_wait_ns: 5_000_000_000,
             gate_timeout_ns: 30_000_000_000,
             san_timeout_ns: 30_000_000_000,
+            destage_replica_copies: false,
             bugs: Bugs::default(),
         }
     }
@@ -152,8 +165,18 @@ pub enum EngineState {
 pub enum EngineEvent {
     FlashDegraded,
     FlashHealthy,
-    SanUnreachable { volume: VolumeId },
-    SanReachable { volume: VolumeId },
+    SanUnreachable {
+        volume: VolumeId,
+    },
+    SanReachable {
+        volume: VolumeId,
+    },
+    /// A replication link failed or was refused; the target closes its connection.
+    LinkDown {
+        link: LinkId,
+        volume: VolumeId,
+        why: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +296,9 @@ pub struct Engine {
     commands_since_report: u64,
     pressure_at_ns: u64,
     pressure_sent: Pressure,
+    pub(crate) fabric: Option<Box<dyn crate::io::Fabric>>,
+    pub(crate) links: BTreeMap<LinkId, Link>,
+    pub(crate) fabric_events: Vec<crate::io::FabricEvent>,
 }
 
 impl Engine {
@@ -323,6 +349,9 @@ impl Engine {
             commands_since_report: 0,
             pressure_at_ns: 0,
             pressure_sent: Pressure::default(),
+            fabric: None,
+            links: BTreeMap::new(),
+            fabric_events: Vec::new(),
         })
     }
 
@@ -332,6 +361,7 @@ impl Engine {
         let size = flash.info().size_bytes;
         let layout = Layout::for_device(size, cfg.cache_percent).ok_or(EngineError::DeviceTooSmall(size))?;
         let mut e = Engine::build(cfg, flash, specs, layout)?;
+        e.bump_replicated_epochs();
         e.state = EngineState::Formatting;
         for generation in [1, 2] {
             let sb = e.superblock(generation, LogPos(0));
@@ -370,7 +400,7 @@ impl Engine {
         if layout.log_bytes < LOG_BYTES_MIN || !layout.log_bytes.is_multiple_of(BLOCK_SIZE_U64) {
             return Err(EngineError::DeviceTooSmall(flash.info().size_bytes));
         }
-        let cfg = EngineConfig { device_id: sb.device_id, ..EngineConfig::default() };
+        let cfg = EngineConfig { device_id: sb.device_id, destage_replica_copies: true, ..EngineConfig::default() };
         let specs = sb
             .volumes
             .iter()
@@ -381,6 +411,8 @@ impl Engine {
                 policy: WritePolicy::WriteBack,
                 read_cache: false,
                 unmap: false,
+                replicas: Vec::new(),
+                source: v.source.clone(),
             })
             .collect();
         let mut e = Engine::build(cfg, flash, specs, layout)?;
@@ -391,6 +423,15 @@ impl Engine {
 
     pub fn state(&self) -> &EngineState {
         &self.state
+    }
+
+    /// A replicated volume starts every run at a new epoch (persisted before any replica
+    /// attaches), so a stale copy of this node — an old device image, a second node configured
+    /// with the same volume — is refused by replicas that saw a newer one (invariant 5).
+    fn bump_replicated_epochs(&mut self) {
+        for v in self.volumes.iter_mut().filter(|v| !v.replicas.is_empty()) {
+            v.epoch = v.epoch.next();
+        }
     }
 
     /// True once log replay has finished (or failed): the index and dirty lists are rebuilt.
@@ -459,6 +500,7 @@ impl Engine {
                     blocks: v.blocks,
                     watermark: v.watermark,
                     intent: v.intent,
+                    source: v.source.clone(),
                 })
                 .collect(),
         }
@@ -474,7 +516,13 @@ impl Engine {
 
     /// Whether writes are acknowledged from the log right now.
     pub(crate) fn effective(&self, vi: usize) -> (WritePolicy, EffectiveReason) {
-        WritePolicy::effective(self.volumes[vi].requested, self.degraded.is_some())
+        let (p, why) = WritePolicy::effective(self.volumes[vi].requested, self.degraded.is_some());
+        if p == WritePolicy::WriteBack {
+            if let Some(why) = self.replication_effective(vi) {
+                return (WritePolicy::WriteThrough, why);
+            }
+        }
+        (p, why)
     }
 
     /// Changes a volume's requested policy (live). Switching to write-through makes the
@@ -507,10 +555,13 @@ impl Engine {
     /// True when nothing is dirty, nothing is in flight and the superblock is current.
     pub fn is_quiescent(&self) -> bool {
         self.state == EngineState::Ready
-            && self
-                .volumes
-                .iter()
-                .all(|v| v.dirty.is_empty() && v.ops.is_empty() && v.index.is_empty() && v.san_ops.is_empty())
+            && self.volumes.iter().all(|v| {
+                (v.dirty.is_empty() || (v.is_copy() && !self.cfg.destage_replica_copies))
+                    && v.ops.is_empty()
+                    && v.index.is_empty()
+                    && v.san_ops.is_empty()
+                    && v.waiting.is_empty()
+            })
             && self.flash_ops.is_empty()
             && self.log.is_idle()
             && self.sb.is_idle()
@@ -600,7 +651,7 @@ impl Engine {
 
     /// Submits a host command; its completion comes out of `drain_completions`.
     pub fn submit(&mut self, id: VolumeId, token: u64, op: HostOp, now: u64) {
-        let Some(vi) = self.volume_index(id) else {
+        let Some(vi) = self.volume_index(id).filter(|&vi| !self.volumes[vi].is_copy()) else {
             return self.reject(id, token, Status::UnknownVolume, op.into_buf());
         };
         if self.state != EngineState::Ready || self.read_only {
@@ -714,8 +765,10 @@ impl Engine {
             self.started = true;
             self.send_start();
         }
+        work += self.poll_fabric(now);
         work += self.advance_acks(now);
         self.reclaim();
+        work += self.poll_replication(now);
         work += self.cut_frames(now);
         work += self.poll_queue(now);
         for vi in 0..self.volumes.len() {
@@ -733,6 +786,9 @@ impl Engine {
     fn send_start(&mut self) {
         for vi in 0..self.volumes.len() {
             let v = &self.volumes[vi];
+            if v.is_copy() && !self.cfg.destage_replica_copies {
+                continue;
+            }
             self.outbox.push(ToDestage::Start {
                 volume: v.id,
                 watermark: v.persisted_watermark,
@@ -825,8 +881,25 @@ impl Engine {
         self.sb = SuperblockWriter::new(sb.generation);
         self.persisted_tail = sb.log_tail;
         self.log = Appender::new(Ring::new(self.layout.log_bytes, head), incarnation);
+        // Replica copies kept for other nodes are not configured: the superblock names them.
+        for s in &sb.volumes {
+            if s.source.is_some() && self.volume_index(s.id).is_none() {
+                self.volumes.push(Volume::new(VolumeSpec {
+                    id: s.id,
+                    epoch: s.epoch,
+                    blocks: s.blocks,
+                    policy: WritePolicy::WriteBack,
+                    read_cache: false,
+                    unmap: false,
+                    replicas: Vec::new(),
+                    source: s.source.clone(),
+                }));
+                self.dirty_out.push(Vec::new());
+            }
+        }
         for v in &mut self.volumes {
             if let Some(s) = sb.volume(v.id) {
+                v.persisted_epoch = s.epoch;
                 v.epoch = v.epoch.max(s.epoch);
                 v.watermark = s.watermark;
                 v.persisted_watermark = s.watermark;
@@ -843,13 +916,18 @@ impl Engine {
                 let vi = self.volume_index(e.volume).expect("replay: entry of an unknown volume");
                 let data_pos = pos.plus(h.data_offset(i));
                 let v = &mut self.volumes[vi];
+                // A copy's entries wait for its source (no index, no destage), unless an
+                // operator destages the copy.
+                let own = !v.is_copy() || self.cfg.destage_replica_copies;
                 if e.seq > v.watermark {
+                    v.push_dirty(DirtyMeta { seq: e.seq, lba: e.lba, blocks: e.blocks as u64, bytes: e.data_bytes() });
+                }
+                if e.seq > v.watermark && own {
                     let loc = match e.kind {
                         crate::log::EntryKind::Write => DirtyLoc::Log { data_pos },
                         k => DirtyLoc::Zero { unmap: k == crate::log::EntryKind::Unmap },
                     };
                     v.index.insert(e.lba, e.blocks as u64, e.seq, loc);
-                    v.push_dirty(DirtyMeta { seq: e.seq, lba: e.lba, blocks: e.blocks as u64, bytes: e.data_bytes() });
                     self.dirty_out[vi].push(DirtyRecord {
                         seq: e.seq,
                         kind: e.kind,
@@ -893,6 +971,7 @@ impl Engine {
             self.state = EngineState::Ready;
             return;
         }
+        self.bump_replicated_epochs();
         // The new incarnation must be durable before any frame is written with it.
         self.sb.want();
     }
@@ -938,7 +1017,8 @@ impl Engine {
             return 0;
         }
         let tail = self.log.tail();
-        let snapshot = SbSnapshot { tail, volumes: self.volumes.iter().map(|v| (v.watermark, v.intent)).collect() };
+        let snapshot =
+            SbSnapshot { tail, volumes: self.volumes.iter().map(|v| (v.watermark, v.intent, v.epoch)).collect() };
         let generation = self.sb.start(snapshot);
         let sb = self.superblock(generation, tail);
         let mut buf = self.pool.get(BLOCK_SIZE);
@@ -952,12 +1032,13 @@ impl Engine {
     fn superblock_durable(&mut self, snapshot: SbSnapshot) {
         assert!(snapshot.tail >= self.persisted_tail, "engine: persisted tail moved back");
         self.persisted_tail = snapshot.tail;
-        for (vi, (wm, intent)) in snapshot.volumes.into_iter().enumerate() {
+        for (vi, (wm, intent, epoch)) in snapshot.volumes.into_iter().enumerate() {
             let v = &mut self.volumes[vi];
+            v.persisted_epoch = v.persisted_epoch.max(epoch);
             v.persisted_watermark = v.persisted_watermark.max(wm);
             if intent > v.persisted_intent {
                 v.persisted_intent = intent;
-                if self.started {
+                if self.started && (!v.is_copy() || self.cfg.destage_replica_copies) {
                     self.outbox.push(ToDestage::IntentPersisted { volume: v.id, intent });
                 }
             }

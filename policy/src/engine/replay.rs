@@ -200,7 +200,8 @@ impl Replay {
                 return self.fail(format!("device id {:#x} in superblock, {device_id:#x} configured", sb.device_id));
             }
             for v in &sb.volumes {
-                if !volumes.contains(&v.id) {
+                // Replica copies kept for other nodes are not configured here.
+                if v.source.is_none() && !volumes.contains(&v.id) {
                     return self.fail(format!("{} has data on this device but is not configured", v.id));
                 }
             }
@@ -288,7 +289,8 @@ impl Replay {
             // Sequence numbers rise by one per entry, except across numbers the watermark
             // already covers: entries whose log write failed were destaged from memory.
             let next = expected.get(&e.volume).copied().unwrap_or(LogSeq(0));
-            let gap_is_clean = e.seq.0.saturating_sub(1) <= vol.watermark.0;
+            // A replica copy continues wherever its source's link resumed: numbers only rise.
+            let gap_is_clean = e.seq.0.saturating_sub(1) <= vol.watermark.0 || vol.source.is_some();
             if e.seq < next || (e.seq > next && !gap_is_clean) {
                 if next == LogSeq(0) {
                     tracing::error!(
@@ -387,6 +389,7 @@ mod tests {
                 blocks: 100,
                 watermark: LogSeq(0),
                 intent: LogSeq(0),
+                source: None,
             }],
         }
     }

@@ -8,13 +8,13 @@
 //! clean index entries, release gated writes, tell the destager its intent is safe).
 
 use crate::constants::SUPERBLOCK_RETRY_NS;
-use crate::types::{LogPos, LogSeq};
+use crate::types::{Epoch, LogPos, LogSeq};
 
 #[derive(Clone, Debug)]
 pub(crate) struct SbSnapshot {
     pub tail: LogPos,
-    /// (watermark, intent) per volume, in the engine's volume order.
-    pub volumes: Vec<(LogSeq, LogSeq)>,
+    /// (watermark, intent, epoch) per volume, in the engine's volume order.
+    pub volumes: Vec<(LogSeq, LogSeq, Epoch)>,
 }
 
 pub(crate) struct SuperblockWriter {
@@ -78,7 +78,7 @@ mod tests {
         assert!(!w.due(0));
         w.want();
         assert!(w.due(0));
-        let snap = SbSnapshot { tail: LogPos(4096), volumes: vec![(LogSeq(3), LogSeq(5))] };
+        let snap = SbSnapshot { tail: LogPos(4096), volumes: vec![(LogSeq(3), LogSeq(5), Epoch(1))] };
         assert_eq!(w.start(snap.clone()), 8);
         w.want();
         assert!(!w.due(0), "a second write waits for the first");

@@ -27,6 +27,12 @@ pub struct VolumeSpec {
     /// The SAN unmaps and then reads zeroes: host Deallocate is logged and destaged as an
     /// unmap. Without it Deallocate is advisory and changes nothing.
     pub unmap: bool,
+    /// Write-back+N: the nodes that keep a copy of every dirty entry (0, 1 or 2). Writes are
+    /// acknowledged once every one of them has the entry durable too.
+    pub replicas: Vec<String>,
+    /// Set for a *replica copy*: this device keeps `source`'s entries of the volume (no host
+    /// I/O, no destage unless an operator destages the copy by hand).
+    pub source: Option<String>,
 }
 
 /// The life of a host write, with the work it waits for inside each state.
@@ -35,7 +41,8 @@ pub struct VolumeSpec {
 /// entry: `Destaged → Clean` are counted per entry, not per host op). Write-through:
 /// `Received → Gated → SanWriting → Acked`. A write-back write whose log write failed goes
 /// `Logging → Abandoned → Acked`, acknowledged once the persisted watermark covers it.
-/// Replication will add `Replicating { acks }` between `Logging` and `Logged`.
+/// A write of a replicated volume waits in `Replicating` after `Logged` until every replica has
+/// it durable (or, if a replica is lost meanwhile, goes `Abandoned`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteState {
     Received,
@@ -51,8 +58,13 @@ pub enum WriteState {
     Logged {
         seq: LogSeq,
     },
-    /// Its log write failed: destaged from memory, acknowledged when the persisted watermark
-    /// reaches `seq`.
+    /// Durable in the local log and acknowledged in log order there; waiting for the replicas
+    /// to report it durable.
+    Replicating {
+        seq: LogSeq,
+    },
+    /// Its log write failed (or a replica was lost before it had it): destaged from memory or
+    /// the log, acknowledged when the persisted watermark reaches `seq`.
     Abandoned {
         seq: LogSeq,
     },
@@ -72,7 +84,7 @@ pub enum WriteState {
     Clean,
 }
 
-pub const WRITE_STATES: usize = 10;
+pub const WRITE_STATES: usize = 11;
 
 impl WriteState {
     pub fn index(self) -> usize {
@@ -87,14 +99,27 @@ impl WriteState {
             WriteState::Acked => 7,
             WriteState::Destaged => 8,
             WriteState::Clean => 9,
+            WriteState::Replicating { .. } => 10,
         }
     }
 
     pub fn name(index: usize) -> &'static str {
-        ["received", "queued", "logging", "logged", "abandoned", "gated", "san_writing", "acked", "destaged", "clean"]
-            .get(index)
-            .copied()
-            .unwrap_or("?")
+        [
+            "received",
+            "queued",
+            "logging",
+            "logged",
+            "abandoned",
+            "gated",
+            "san_writing",
+            "acked",
+            "destaged",
+            "clean",
+            "replicating",
+        ]
+        .get(index)
+        .copied()
+        .unwrap_or("?")
     }
 }
 
@@ -284,6 +309,24 @@ pub(crate) struct Volume {
     pub san_health: SanHealth,
     /// Abandoned writes acknowledged once the persisted watermark reaches their seq.
     pub acks_on_persist: Vec<(LogSeq, OpId)>,
+    /// Replication (source side): the replica nodes wanted, the links attached to them,
+    /// writes durable here waiting for the replicas, and entries destaged but not yet known
+    /// to every replica (invariant 2 with replicas, see `replicate.rs`).
+    pub replicas: Vec<String>,
+    pub links: Vec<crate::types::LinkId>,
+    pub waiting: VecDeque<(LogSeq, OpId, Option<AlignedBuf>)>,
+    pub unpublished: DirtyIndex,
+    pub unpublished_list: VecDeque<DirtyMeta>,
+    /// Sequence numbers up to here belong to entries only a replica holds (see `poll_void`).
+    pub void_upto: LogSeq,
+    /// Replica copy side: the source node, the newest watermark it published (applied lazily
+    /// to `watermark`), whether it asked to persist at once, when its last record came.
+    pub source: Option<String>,
+    pub published: LogSeq,
+    pub publish_urgent: bool,
+    pub last_record_ns: u64,
+    /// Epoch in the last durable superblock.
+    pub persisted_epoch: Epoch,
     pub metrics: VolumeMetrics,
 }
 
@@ -317,6 +360,17 @@ impl Volume {
             san_ops: HashMap::new(),
             san_health: SanHealth::new(),
             acks_on_persist: Vec::new(),
+            replicas: spec.replicas,
+            links: Vec::new(),
+            waiting: VecDeque::new(),
+            unpublished: DirtyIndex::default(),
+            unpublished_list: VecDeque::new(),
+            void_upto: LogSeq(0),
+            source: spec.source,
+            published: LogSeq(0),
+            publish_urgent: false,
+            last_record_ns: 0,
+            persisted_epoch: Epoch(0),
             metrics: VolumeMetrics {
                 id: spec.id,
                 requested: spec.policy,
@@ -367,17 +421,36 @@ impl Volume {
     }
 
     /// Forgets the entries the persisted watermark now covers: their blocks leave the index
-    /// (unless a newer entry holds them). Returns how many.
+    /// (unless a newer entry holds them). With replicas attached, they stay in `unpublished`
+    /// until every replica has persisted that watermark. Returns how many.
     pub fn persist_clean(&mut self) -> u64 {
         let mut n = 0;
+        let track = !self.links.is_empty() && self.source.is_none();
         while self.dirty.front().is_some_and(|r| r.seq <= self.persisted_watermark) {
             let Some(r) = self.dirty.pop_front() else { break };
             self.dirty_bytes -= r.bytes;
             self.index.remove_clean(r.lba, r.blocks, self.persisted_watermark);
+            if track {
+                self.unpublished.insert(r.lba, r.blocks, r.seq, crate::index::DirtyLoc::Zero { unmap: false });
+                self.unpublished_list.push_back(r);
+            }
             self.metrics.state_entries[WriteState::Clean.index()] += 1;
             n += 1;
         }
         n
+    }
+
+    /// Entries every attached replica now knows are destaged leave `unpublished`.
+    pub fn prune_unpublished(&mut self, replicas_watermark: LogSeq) {
+        while self.unpublished_list.front().is_some_and(|r| r.seq <= replicas_watermark) {
+            let Some(r) = self.unpublished_list.pop_front() else { break };
+            self.unpublished.remove_clean(r.lba, r.blocks, replicas_watermark);
+        }
+    }
+
+    /// Whether this volume is a replica copy kept for another node.
+    pub fn is_copy(&self) -> bool {
+        self.source.is_some()
     }
 
     pub fn apply_report(&mut self, r: &SanReport) {

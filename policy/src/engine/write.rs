@@ -71,7 +71,17 @@ impl Engine {
         }
         let buf = self.write_op(vi, op).buf.take();
         self.set_write_state(vi, op, WriteState::Queued { since_ns: now });
-        self.log.queue.push_back(Queued { vi, op, kind, lba, blocks, buf, since_ns: now, waited: false });
+        self.log.queue.push_back(Queued {
+            vi,
+            op: Some(op),
+            kind,
+            lba,
+            blocks,
+            buf,
+            since_ns: now,
+            waited: false,
+            preset: None,
+        });
     }
 
     /// Queued writes that may not wait for the log: the volume went write-through, or the log
@@ -83,6 +93,11 @@ impl Engine {
         while i < self.log.queue.len() {
             let q = &self.log.queue[i];
             let vi = q.vi;
+            if q.op.is_none() {
+                // A replica copy's entry has no SAN to go to: it waits for log space.
+                i += 1;
+                continue;
+            }
             let write_through = self.effective(vi).0 == WritePolicy::WriteThrough;
             let reroute = if write_through {
                 true
@@ -113,8 +128,9 @@ impl Engine {
                 continue;
             }
             let Some(q) = self.log.queue.remove(i) else { break };
-            self.write_op(vi, q.op).buf = q.buf;
-            self.start_write_through(vi, q.op, now);
+            let Some(op) = q.op else { unreachable!("engine: a copy's entry rerouted") };
+            self.write_op(vi, op).buf = q.buf;
+            self.start_write_through(vi, op, now);
             work += 1;
         }
         work
@@ -147,6 +163,8 @@ impl Engine {
                 let mut header = self.pool.get(BLOCK_SIZE);
                 let stamp = FrameStamp::new(self.cfg.device_id, self.log.incarnation, w.acked_upto);
                 FrameHeader::encode(w.kind, stamp, w.pos, &w.entries, &mut header);
+                // Replicas get the frame's entries from the same buffers, at the same moment.
+                self.replicate_frame(&w.entries, &w.bufs);
                 let token = self.token(FlashOp::Frame { pos: w.pos, submitted_ns: now });
                 let offset = self.layout.log_offset(w.pos);
                 self.flash.submit_write(token, offset, header, w.bufs, fua);
@@ -209,8 +227,17 @@ impl Engine {
                     k => (DirtyLoc::Zero { unmap: k == EntryKind::Unmap }, None, None),
                 };
                 let v = &mut self.volumes[vi];
-                v.index.insert(h.lba, h.blocks as u64, h.seq, loc);
                 v.push_dirty(DirtyMeta { seq: h.seq, lba: h.lba, blocks: h.blocks as u64, bytes: h.data_bytes() });
+                if v.is_copy() {
+                    // A replica copy's entry: durable here; its buffer goes back to the pool.
+                    if !abandoned {
+                        self.copy_durable(vi, h.seq);
+                    }
+                    self.pool.put_opt(buf);
+                    self.pool.put_opt(memory);
+                    continue;
+                }
+                v.index.insert(h.lba, h.blocks as u64, h.seq, loc);
                 self.dirty_out[vi].push(DirtyRecord {
                     seq: h.seq,
                     kind: h.kind,
@@ -227,6 +254,7 @@ impl Engine {
                     self.set_write_state(vi, op, WriteState::Abandoned { seq: h.seq });
                     self.volumes[vi].acks_on_persist.push((h.seq, op));
                 } else {
+                    let Some(buf) = self.replicated_ack(vi, op, h.seq, buf) else { continue };
                     let Some(PendingOp::Write(w)) = self.volumes[vi].ops.remove(&op) else {
                         panic!("engine: logged write without its op")
                     };
@@ -264,7 +292,11 @@ impl Engine {
                 (w.lba, w.blocks, w.state)
             };
             let WriteState::Gated { deadline_ns } = state else { panic!("engine: gated write in state {state:?}") };
-            let dirty = self.volumes[vi].index.overlaps(lba, blocks) && !self.cfg.bugs.skip_write_through_gate;
+            // Destaged blocks a replica may not know are destaged count as dirty too: its copy
+            // destaged later must not put older data over this write.
+            let v = &self.volumes[vi];
+            let unpublished = v.unpublished.overlaps(lba, blocks) && !self.cfg.bugs.skip_replica_gate;
+            let dirty = (v.index.overlaps(lba, blocks) || unpublished) && !self.cfg.bugs.skip_write_through_gate;
             if !dirty {
                 self.volumes[vi].gated.remove(i);
                 let deadline_ns = now + self.cfg.san_timeout_ns;

@@ -12,10 +12,12 @@
 //! sends, so nothing is copied between the socket and the flash.
 
 mod clock;
+mod fabric;
 mod flash;
 mod san;
 
 pub use clock::{Clock, MonotonicClock};
+pub use fabric::{Fabric, FabricError, FabricEvent};
 pub use flash::{Flash, FlashInfo};
 pub use san::{DetachedSan, San};
 pub use stager_nvme::bdev::{AlignedBuf, BufPool};

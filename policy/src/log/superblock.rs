@@ -23,9 +23,16 @@
 //! 32 incarnation u64 | 40 log_tail u64 | 48 log_start u64 | 56 log_bytes u64
 //! 64 cache_start u64 | 72 cache_slots u64 | 80 incarnation_start u64
 //! 88 volumes[volume_count] (40 bytes each:
-//!    id u32, reserved u32, epoch u64, blocks u64, watermark u64, intent u64)
+//!    id u32, flags u8 (bit 0: a replica copy), source u8 (its index in the node table),
+//!    reserved u16, epoch u64, blocks u64, watermark u64, intent u64)
+//! 2648 nodes[8] (32 bytes each: name length u8, name bytes): the source nodes of replica copies
 //! 4092 crc32c of bytes 0..4092
 //! ```
+//!
+//! A *replica copy* is a volume whose entries another node (its source) sent this node to hold
+//! (write-back+1/+2): its watermark is the one the source published, its epoch the newest the
+//! source presented. Replay rebuilds it like any volume, so `stagerctl flash destage` can take a
+//! replica's copy to the volume's SAN when the source is lost.
 
 use crate::constants::{BLOCK_SIZE, VOLUMES_PER_DEVICE_MAX};
 use crate::types::{Epoch, Incarnation, LogPos, LogSeq, VolumeId};
@@ -35,8 +42,16 @@ pub const SUPERBLOCK_VERSION: u32 = 2;
 const VOLUMES_AT: usize = 88;
 const VOLUME_LEN: usize = 40;
 const CRC_AT: usize = BLOCK_SIZE - 4;
+const NODES_AT: usize = VOLUMES_AT + VOLUMES_PER_DEVICE_MAX * VOLUME_LEN;
+/// Source nodes a device can hold replica copies for.
+pub const NODES_MAX: usize = 8;
+const NODE_LEN: usize = 32;
+/// Longest node name (bytes).
+pub const NODE_NAME_MAX: usize = NODE_LEN - 1;
+const FLAG_REPLICA: u8 = 1;
+const _: () = assert!(NODES_AT + NODES_MAX * NODE_LEN <= CRC_AT);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SuperblockVolume {
     pub id: VolumeId,
     pub epoch: Epoch,
@@ -45,6 +60,8 @@ pub struct SuperblockVolume {
     pub watermark: LogSeq,
     /// The destager may have started writing entries up to here to the SAN.
     pub intent: LogSeq,
+    /// For a replica copy: the node it is a copy for.
+    pub source: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +96,8 @@ pub enum SuperblockError {
     BadCrc,
     #[error("superblock names {0} volumes, more than a device can hold")]
     TooManyVolumes(u32),
+    #[error("superblock's replica copy names node #{0}, which its node table does not hold")]
+    BadNode(u8),
 }
 
 impl Superblock {
@@ -100,6 +119,16 @@ impl Superblock {
     /// Encodes into the first block of `out` (an I/O buffer from the engine's pool).
     pub fn encode_into(&self, out: &mut [u8]) {
         assert!(self.volumes.len() <= VOLUMES_PER_DEVICE_MAX);
+        let mut nodes: Vec<&str> = Vec::new();
+        for v in &self.volumes {
+            if let Some(s) = v.source.as_deref() {
+                assert!(s.len() <= NODE_NAME_MAX, "superblock: node name {s:?} too long");
+                if !nodes.contains(&s) {
+                    nodes.push(s);
+                }
+            }
+        }
+        assert!(nodes.len() <= NODES_MAX, "superblock: replica copies of more than {NODES_MAX} nodes");
         let b = &mut out[..BLOCK_SIZE];
         b.fill(0);
         b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC.to_le_bytes());
@@ -122,10 +151,19 @@ impl Superblock {
         for (i, v) in self.volumes.iter().enumerate() {
             let o = VOLUMES_AT + i * VOLUME_LEN;
             b[o..o + 4].copy_from_slice(&v.id.0.to_le_bytes());
+            if let Some(s) = v.source.as_deref() {
+                b[o + 4] = FLAG_REPLICA;
+                b[o + 5] = nodes.iter().position(|n| *n == s).unwrap_or(0) as u8;
+            }
             b[o + 8..o + 16].copy_from_slice(&v.epoch.0.to_le_bytes());
             b[o + 16..o + 24].copy_from_slice(&v.blocks.to_le_bytes());
             b[o + 24..o + 32].copy_from_slice(&v.watermark.0.to_le_bytes());
             b[o + 32..o + 40].copy_from_slice(&v.intent.0.to_le_bytes());
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            let o = NODES_AT + i * NODE_LEN;
+            b[o] = n.len() as u8;
+            b[o + 1..o + 1 + n.len()].copy_from_slice(n.as_bytes());
         }
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
@@ -155,18 +193,28 @@ impl Superblock {
         if count as usize > VOLUMES_PER_DEVICE_MAX {
             return Err(SuperblockError::TooManyVolumes(count));
         }
+        let node = |i: u8| -> Result<String, SuperblockError> {
+            let o = NODES_AT + i as usize * NODE_LEN;
+            let len = buf[o] as usize;
+            if i as usize >= NODES_MAX || len == 0 || len > NODE_NAME_MAX {
+                return Err(SuperblockError::BadNode(i));
+            }
+            String::from_utf8(buf[o + 1..o + 1 + len].to_vec()).map_err(|_| SuperblockError::BadNode(i))
+        };
         let volumes = (0..count as usize)
             .map(|i| {
                 let o = VOLUMES_AT + i * VOLUME_LEN;
-                SuperblockVolume {
+                let source = if buf[o + 4] & FLAG_REPLICA != 0 { Some(node(buf[o + 5])?) } else { None };
+                Ok(SuperblockVolume {
                     id: VolumeId(u32_at(o)),
                     epoch: Epoch(u64_at(o + 8)),
                     blocks: u64_at(o + 16),
                     watermark: LogSeq(u64_at(o + 24)),
                     intent: LogSeq(u64_at(o + 32)),
-                }
+                    source,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, SuperblockError>>()?;
         Ok(Superblock {
             device_id: u64_at(16),
             generation: u64_at(24),
@@ -215,6 +263,7 @@ mod tests {
                     blocks: 64,
                     watermark: LogSeq(9),
                     intent: LogSeq(12),
+                    source: None,
                 },
                 SuperblockVolume {
                     id: VolumeId(5),
@@ -222,6 +271,7 @@ mod tests {
                     blocks: 128,
                     watermark: LogSeq(0),
                     intent: LogSeq(0),
+                    source: Some("node-a".into()),
                 },
             ],
         }
@@ -239,6 +289,7 @@ mod tests {
                     blocks: 1,
                     watermark: LogSeq(2),
                     intent: LogSeq(3),
+                    source: (i % 3 == 0).then(|| format!("node-{}-{}", i % 8, "x".repeat(20))),
                 })
                 .collect(),
             ..sample(1)

@@ -24,9 +24,10 @@
 //! blocks are 4 KiB and written atomically by the SAN, and epochs never change (no replicas yet).
 
 mod devices;
+pub mod fabric;
 mod model;
 mod run;
 
 pub use devices::{DiskHandle, SimDisk};
 pub use model::{decode_block, encode_block, Model};
-pub use run::{run_seed, Failure, SimConfig, SimStats, Simulator};
+pub use run::{run_seed, Failure, ReplicaNode, SimConfig, SimStats, Simulator};

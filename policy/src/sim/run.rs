@@ -12,14 +12,16 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::devices::{DiskHandle, SimDisk};
+use super::fabric::{FabricPort, Net, NetHandle};
 use super::model::{decode_block, encode_block, Model, Violation};
 use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64, LOG_BYTES_MIN, LOG_START};
 use crate::destage::{DestageEvent, Destager};
-use crate::engine::{Bugs, Engine, EngineConfig, EngineState, HostDone, HostOp, Located, Status};
+use crate::engine::{Bugs, Engine, EngineConfig, EngineEvent, EngineState, HostDone, HostOp, Located, Status};
 use crate::io::{AlignedBuf, San};
 use crate::link::{FromDestage, ToDestage};
+use crate::node::Node;
 use crate::policy::WritePolicy;
-use crate::types::{Epoch, Lba, VolumeId};
+use crate::types::{Epoch, Lba, LinkId, VolumeId};
 use crate::VolumeSpec;
 
 #[derive(Clone, Debug)]
@@ -42,6 +44,12 @@ pub struct SimConfig {
     pub log_full_wait_ns: Option<u64>,
     /// Fixes whether the flash has a volatile cache (random per seed when None).
     pub flash_volatile: Option<bool>,
+    /// Replica nodes (0, 1 or 2): the write-back volumes become write-back+N, linked to them
+    /// through the simulated fabric.
+    pub replicas: usize,
+    /// With replicas: whether the run may end by losing the source and destaging a replica's
+    /// copy to the SANs (random per seed when None).
+    pub failover: Option<bool>,
 }
 
 impl Default for SimConfig {
@@ -58,6 +66,8 @@ impl Default for SimConfig {
             san_drops_writes: false,
             log_full_wait_ns: None,
             flash_volatile: None,
+            replicas: 0,
+            failover: None,
             trace_block: std::env::var("STAGER_SIM_TRACE")
                 .ok()
                 .and_then(|v| v.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))),
@@ -77,6 +87,7 @@ impl SimConfig {
             max_write_blocks: if rng.gen_bool(0.75) { 8 } else { 48 },
             // Now and then a long run: many laps of the log, many crashes in one history.
             steps: if rng.gen_bool(0.05) { 2_000 } else { 300 },
+            replicas: [0, 0, 0, 0, 0, 1, 1, 1, 2, 2][rng.gen_range(0..10)],
             ..SimConfig::default()
         }
     }
@@ -111,6 +122,10 @@ pub struct SimStats {
     pub busy: u64,
     pub flash_errors: u64,
     pub san_outages: u64,
+    pub link_failures: u64,
+    pub replica_crashes: u64,
+    pub failovers: u64,
+    pub failover_blocks_checked: u64,
 }
 
 enum InFlight {
@@ -167,6 +182,28 @@ impl<T> DelayLine<T> {
     }
 }
 
+/// A replica node: its flash and its engine (no destager: copies wait for their source).
+pub struct ReplicaNode {
+    pub flash: DiskHandle,
+    pub engine: Engine,
+    device_id: u64,
+}
+
+/// The simulator's control plane for one (volume, replica) link, as the target runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkSlot {
+    None,
+    /// The replica was asked to open its copy at `epoch`; the link waits for it.
+    Opening {
+        link: LinkId,
+        epoch: Epoch,
+    },
+    Up(LinkId),
+}
+
+/// Record ring of every simulated link.
+const SIM_RING_BYTES: u64 = crate::engine::RING_BYTES_MIN;
+
 pub struct Simulator {
     pub seed: u64,
     cfg: SimConfig,
@@ -196,6 +233,10 @@ pub struct Simulator {
     /// The flash device's id (changes when the simulator reformats it).
     device_id: u64,
     pub stats: SimStats,
+    pub net: NetHandle,
+    pub replica_nodes: Vec<ReplicaNode>,
+    links: Vec<Vec<LinkSlot>>,
+    engine_events: Vec<EngineEvent>,
 }
 
 const VOLUME_ID_BASE: u32 = 10;
@@ -234,8 +275,28 @@ impl Simulator {
         let link_delay_max_ns = if rng.gen_bool(0.3) { 2_000_000 } else { 20_000 };
         let ecfg = Simulator::engine_config(&cfg, &mut rng);
         let specs = Simulator::specs(&cfg, &policies, &unmap);
-        let engine = Engine::format(ecfg, Box::new(flash.port(0)), specs).expect("sim: format");
+        let net =
+            Net::new(StdRng::seed_from_u64(rng.gen()), now.clone(), if rng.gen_bool(0.3) { 500_000 } else { 20_000 });
+        let mut engine = Engine::format(ecfg, Box::new(flash.port(0)), specs).expect("sim: format");
+        engine.set_fabric(Box::new(FabricPort { net: net.clone(), node: 0 }));
         let destager = Simulator::destager(&engine, &flash, &sans);
+        let replica_nodes: Vec<ReplicaNode> = (0..cfg.replicas)
+            .map(|r| {
+                let f = SimDisk::create(
+                    flash_bytes,
+                    rng.gen_bool(0.5),
+                    false,
+                    StdRng::seed_from_u64(rng.gen()),
+                    now.clone(),
+                );
+                let device_id = 100 + r as u64;
+                let rcfg = EngineConfig { device_id, ..Simulator::engine_config(&cfg, &mut rng) };
+                let mut e = Engine::format(rcfg, Box::new(f.port(0)), Vec::new()).expect("sim: format replica");
+                e.set_fabric(Box::new(FabricPort { net: net.clone(), node: r + 1 }));
+                ReplicaNode { flash: f, engine: e, device_id }
+            })
+            .collect();
+        let links = vec![vec![LinkSlot::None; cfg.replicas]; cfg.volumes];
         let busy = vec![vec![false; cfg.blocks as usize]; cfg.volumes];
         let model = Model::new(cfg.volumes, cfg.blocks);
         let mut sim = Simulator {
@@ -264,8 +325,18 @@ impl Simulator {
             destage_events: Vec::new(),
             device_id: 7,
             stats: SimStats::default(),
+            net,
+            replica_nodes,
+            links,
+            engine_events: Vec::new(),
         };
+        if sim.cfg.trace_block.is_some() {
+            eprintln!("[sim] {:?}", sim.cfg);
+        }
         sim.settle_until_ready();
+        for r in 0..sim.replica_nodes.len() {
+            sim.settle_replica(r);
+        }
         sim
     }
 
@@ -276,6 +347,7 @@ impl Simulator {
             log_full_wait_ns: cfg.log_full_wait_ns.unwrap_or(if rng.gen_bool(0.5) { 50_000_000 } else { 0 }),
             gate_timeout_ns: 2_000_000_000,
             san_timeout_ns: 2_000_000_000,
+            destage_replica_copies: false,
             bugs: cfg.bugs,
         }
     }
@@ -289,6 +361,12 @@ impl Simulator {
                 policy: policies[i],
                 read_cache: true,
                 unmap: unmap[i],
+                replicas: if i % 3 != 2 {
+                    (0..cfg.replicas).map(Simulator::replica_name).collect()
+                } else {
+                    Vec::new()
+                },
+                source: None,
             })
             .collect()
     }
@@ -324,6 +402,84 @@ impl Simulator {
         }
     }
 
+    pub fn replica_name(r: usize) -> String {
+        format!("replica-{r}")
+    }
+
+    fn settle_replica(&mut self, r: usize) {
+        for _ in 0..100_000 {
+            if !matches!(self.replica_nodes[r].engine.state(), EngineState::Formatting | EngineState::Recovering) {
+                return;
+            }
+            self.advance(50_000);
+            let now = self.now.get();
+            self.replica_nodes[r].engine.poll(now);
+        }
+    }
+
+    /// The target's part of replication: opens each replicated volume's links to its replicas
+    /// (the replica's copy first, then the source's side), and notices links that went down.
+    fn connect_links(&mut self) {
+        if self.replica_nodes.is_empty() || *self.engine.state() != EngineState::Ready {
+            return;
+        }
+        for vol in 0..self.cfg.volumes {
+            let id = Simulator::volume_id(vol);
+            for r in 0..self.replica_nodes.len() {
+                let slot = self.links[vol][r];
+                let up = |l: LinkId| self.net.borrow().is_up(l);
+                let next = match slot {
+                    LinkSlot::Up(l) if up(l) => slot,
+                    LinkSlot::Up(_) => LinkSlot::None,
+                    LinkSlot::None => {
+                        if !self.links[vol].is_empty() && !self.wants_replica(vol, r) {
+                            continue;
+                        }
+                        let Some(epoch) = self.engine.volume_epoch(id) else { continue };
+                        let rep = &mut self.replica_nodes[r].engine;
+                        match rep.open_replica_copy(id, self.cfg.blocks, "source", epoch) {
+                            Ok(()) => {
+                                let link = self.net.borrow_mut().connect(
+                                    0,
+                                    r + 1,
+                                    crate::replica::wire::BLOCK_LEN,
+                                    (crate::replica::wire::RING_OFFSET + SIM_RING_BYTES) as usize,
+                                );
+                                LinkSlot::Opening { link, epoch }
+                            }
+                            Err(_) => LinkSlot::None,
+                        }
+                    }
+                    LinkSlot::Opening { link, .. } if !up(link) => LinkSlot::None,
+                    LinkSlot::Opening { link, epoch } => {
+                        let rep = &mut self.replica_nodes[r].engine;
+                        match rep.replica_copy_ready(id, epoch) {
+                            None => slot,
+                            Some(copy) => {
+                                let ok = rep.attach_inbound(id, link, "source", SIM_RING_BYTES).is_ok()
+                                    && self
+                                        .engine
+                                        .attach_replica(id, link, &Simulator::replica_name(r), SIM_RING_BYTES, copy)
+                                        .is_ok();
+                                if ok {
+                                    LinkSlot::Up(link)
+                                } else {
+                                    self.net.borrow_mut().fail(link, "set-up refused");
+                                    LinkSlot::None
+                                }
+                            }
+                        }
+                    }
+                };
+                self.links[vol][r] = next;
+            }
+        }
+    }
+
+    fn wants_replica(&self, vol: usize, r: usize) -> bool {
+        vol % 3 != 2 && r < self.cfg.replicas
+    }
+
     fn link_delay(&mut self) -> u64 {
         if self.rng.gen_bool(0.5) {
             0
@@ -336,8 +492,22 @@ impl Simulator {
     /// model and checks invariant 4 at every completed destage batch.
     fn pump(&mut self) -> Result<(), Failure> {
         let now = self.now.get();
+        self.connect_links();
         for _ in 0..32 {
             let mut work = self.engine.poll(now);
+            for rn in &mut self.replica_nodes {
+                work += rn.engine.poll(now);
+                // Copies are not destaged online: the replica's destager messages go nowhere.
+                rn.engine.drain_outbox(&mut self.outbox);
+                self.outbox.clear();
+                rn.engine.drain_events(&mut self.engine_events);
+            }
+            self.engine.drain_events(&mut self.engine_events);
+            for e in self.engine_events.drain(..) {
+                if let EngineEvent::LinkDown { link, .. } = e {
+                    self.net.borrow_mut().fail(link, "dropped by an end");
+                }
+            }
             self.engine.drain_outbox(&mut self.outbox);
             for m in std::mem::take(&mut self.outbox) {
                 let at = now + self.link_delay();
@@ -367,8 +537,6 @@ impl Simulator {
         for d in done {
             self.on_done(d)?;
         }
-        let mut events = Vec::new();
-        self.engine.drain_events(&mut events);
         Ok(())
     }
 
@@ -620,8 +788,41 @@ impl Simulator {
             self.flash.0.borrow_mut().fail_reads_until = now + self.rng.gen_range(100_000..2_000_000);
         } else if r < 44 && self.cfg.crashes {
             self.crash_and_restart()?;
+        } else if r < 54 && !self.replica_nodes.is_empty() {
+            let vol = self.rng.gen_range(0..self.cfg.volumes);
+            let rep = self.rng.gen_range(0..self.replica_nodes.len());
+            if let LinkSlot::Up(l) = self.links[vol][rep] {
+                self.stats.link_failures += 1;
+                self.net.borrow_mut().fail(l, "simulated link failure");
+            }
+        } else if r < 58 && !self.replica_nodes.is_empty() && self.cfg.crashes {
+            let rep = self.rng.gen_range(0..self.replica_nodes.len());
+            self.crash_replica(rep);
+        } else if r < 64 && !self.replica_nodes.is_empty() {
+            self.net.borrow_mut().busy_ppm = if self.rng.gen_bool(0.5) { 0 } else { 200_000 };
         }
         Ok(())
+    }
+
+    /// A replica node crashes (its flash loses what was in flight and unflushed) and restarts.
+    pub fn crash_replica(&mut self, r: usize) {
+        self.stats.replica_crashes += 1;
+        self.net.borrow_mut().node_down(r + 1);
+        {
+            let mut f = self.replica_nodes[r].flash.0.borrow_mut();
+            f.crash_in_flight();
+            f.power_loss();
+        }
+        for vol in 0..self.cfg.volumes {
+            self.links[vol][r] = LinkSlot::None;
+        }
+        let device_id = self.replica_nodes[r].device_id;
+        let rcfg = EngineConfig { device_id, ..Simulator::engine_config(&self.cfg, &mut self.rng) };
+        let port = self.replica_nodes[r].flash.port(0);
+        let mut e = Engine::open(rcfg, Box::new(port), Vec::new()).expect("sim: open replica");
+        e.set_fabric(Box::new(FabricPort { net: self.net.clone(), node: r + 1 }));
+        self.replica_nodes[r].engine = e;
+        self.settle_replica(r);
     }
 
     /// Kills both halves mid-flight, tears device state, restarts and recovers.
@@ -650,7 +851,11 @@ impl Simulator {
             }
         }
         // In-flight host commands and messages between the halves are lost: writes stay
-        // uncertain in the model.
+        // uncertain in the model. Every replication link of this node goes down.
+        self.net.borrow_mut().node_down(0);
+        for l in &mut self.links {
+            l.fill(LinkSlot::None);
+        }
         self.in_flight.clear();
         self.to_destage.clear();
         self.to_engine.clear();
@@ -661,6 +866,7 @@ impl Simulator {
         ecfg.device_id = self.device_id;
         let specs = Simulator::specs(&self.cfg, &self.policies, &self.unmap);
         self.engine = Engine::open(ecfg, Box::new(self.flash.port(0)), specs).expect("sim: open");
+        self.engine.set_fabric(Box::new(FabricPort { net: self.net.clone(), node: 0 }));
         self.destager = Simulator::destager(&self.engine, &self.flash, &self.sans);
         self.settle_until_ready();
         match self.engine.state() {
@@ -693,6 +899,7 @@ impl Simulator {
 
     fn quiet(&self) -> bool {
         self.in_flight.is_empty()
+            && self.net.borrow().idle()
             && self.engine.is_quiescent()
             && self.destager.is_idle()
             && self.to_destage.queue.is_empty()
@@ -734,7 +941,80 @@ impl Simulator {
         for _ in 0..self.cfg.steps {
             self.step()?;
         }
+        let coin = self.rng.gen_bool(0.5);
+        if !self.replica_nodes.is_empty() && self.cfg.failover.unwrap_or(coin) {
+            return self.failover();
+        }
         self.drain()
+    }
+
+    /// Ends the run by losing the source for good: its node is gone with whatever was in
+    /// flight; one replica also crashes, restarts its flash offline and destages its copies to
+    /// the SANs (what `stagerctl flash destage` does on a replica). Every volume whose link to
+    /// that replica was in sync must then read, from its SAN alone, as the host was promised.
+    pub fn failover(&mut self) -> Result<(), Failure> {
+        self.stats.failovers += 1;
+        let r = self.rng.gen_range(0..self.replica_nodes.len());
+        let status = self.engine.link_status();
+        let in_sync: Vec<usize> = (0..self.cfg.volumes)
+            .filter(|&vol| match self.links[vol][r] {
+                LinkSlot::Up(l) => status.iter().any(|s| s.link == l && s.state == "in-sync"),
+                _ => false,
+            })
+            .collect();
+        // The source vanishes: nothing more of it reaches a SAN or a replica.
+        self.net.borrow_mut().node_down(0);
+        for s in &self.sans {
+            s.0.borrow_mut().crash_in_flight();
+        }
+        self.flash.0.borrow_mut().crash_in_flight();
+        self.in_flight.clear();
+        self.to_destage.clear();
+        self.to_engine.clear();
+        // Drop the source's ports' pending completions: a fresh engine on the replica only.
+        for rn in &self.replica_nodes {
+            let mut f = rn.flash.0.borrow_mut();
+            f.crash_in_flight();
+            f.power_loss();
+        }
+        let rn = &self.replica_nodes[r];
+        let cfg = EngineConfig {
+            device_id: rn.device_id,
+            destage_replica_copies: true,
+            ..Simulator::engine_config(&self.cfg, &mut self.rng)
+        };
+        let engine = Engine::open(cfg, Box::new(rn.flash.port(0)), Vec::new()).expect("sim: open copy");
+        let sans: Vec<(VolumeId, Box<dyn San>)> = (0..self.cfg.volumes)
+            .filter(|&vol| self.wants_replica(vol, r))
+            .map(|vol| (Simulator::volume_id(vol), Box::new(self.sans[vol].clone()) as Box<dyn San>))
+            .collect();
+        let destager = Destager::new(engine.layout(), Box::new(rn.flash.port(1)), sans);
+        let mut node = Node::new(engine, destager);
+        let mut quiet = false;
+        for _ in 0..400_000 {
+            self.advance(100_000);
+            node.poll(self.now.get());
+            if *node.engine.state() == EngineState::Ready && node.is_quiescent() {
+                quiet = true;
+                break;
+            }
+            if let EngineState::Failed(why) = node.engine.state() {
+                return Err(self.fail("replica failover", format!("the copy does not recover: {why}")));
+            }
+        }
+        if !quiet {
+            return Err(self.fail("replica failover", "destaging the copy did not finish".into()));
+        }
+        for &vol in &in_sync {
+            for lba in 0..self.cfg.blocks {
+                let found = self.san_block(vol, lba);
+                self.stats.failover_blocks_checked += 1;
+                self.model
+                    .check(vol, lba, found, false, "replica failover (invariant 1 with replicas)")
+                    .map_err(|v| self.violation(v))?;
+            }
+        }
+        Ok(())
     }
 }
 

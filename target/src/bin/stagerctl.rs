@@ -6,7 +6,8 @@
 //! - `stagerctl flash inspect DEVICE` — the volumes and dirty bytes a flash device holds,
 //!   read-only, without a daemon (a device moved from another node).
 //! - `stagerctl flash destage DEVICE --config FILE` — destage a device's dirty data to the SANs
-//!   the file names, with a progress bar; refuses a device a running stagerd owns.
+//!   the file names, with a progress bar; refuses a device a running stagerd owns. On a
+//!   replica's flash it destages the copies it keeps (the source node's file names the SANs).
 //!
 //! DEVICE is a flash file or block device, an NVMe generic device `/dev/ngXnY` (driven by io_uring
 //! passthrough), or `vfio:ADDRESS` for an NVMe controller bound to vfio-pci (the same names
@@ -162,7 +163,24 @@ fn run(cmd: Cmd) -> Result<(), String> {
                     v.persisted_watermark
                 );
             }
-            let dirty: u64 = i.device.volumes.iter().map(|v| v.dirty_bytes).sum();
+            for c in &i.device.copies {
+                println!(
+                    "  copy of volume {} for node {}: {} above the source's watermark (seq {}), newest entry seq {}",
+                    c.volume,
+                    c.source,
+                    human_bytes(c.bytes),
+                    c.watermark,
+                    c.durable_seq
+                );
+            }
+            let dirty: u64 = i.device.volumes.iter().map(|v| v.dirty_bytes).sum::<u64>()
+                + i.device.copies.iter().map(|c| c.bytes).sum::<u64>();
+            if !i.device.copies.is_empty() {
+                println!(
+                    "  (a replica's copies: if their source is lost for good, destage them with the source's \
+                     configuration, which names the volumes' SANs)"
+                );
+            }
             if dirty > 0 {
                 println!("  {} to destage: stagerctl flash destage {} --config FILE", human_bytes(dirty), i.path);
             } else {

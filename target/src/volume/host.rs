@@ -24,26 +24,92 @@ use stager_nvme::bdev::{AlignedBuf, BdevChannel, BdevDone, BdevIo, BdevOp, Block
 use stager_nvme::uring::{kind, user_data, Ring};
 use stager_policy::io::MonotonicClock;
 use stager_policy::{
-    Clock, Engine, EngineConfig, EngineEvent, EngineState, Flash, FlashInfo, FromDestage, HostDone, HostOp, IoDone,
-    IoError, IoToken, Status, ToDestage, VolumeId, VolumeSpec, WritePolicy,
+    Clock, CopyState, Engine, EngineConfig, EngineEvent, EngineState, Epoch, Flash, FlashInfo, FromDestage, HostDone,
+    HostOp, IoDone, IoError, IoToken, LinkId, Status, ToDestage, VolumeId, VolumeSpec, WritePolicy,
 };
+use stager_rdma::{Endpoint, Region, RemoteKey};
 use tracing::{error, info, warn};
 
+use super::fabric_hub::FabricHub;
 use super::service::{ReplyPort, Waker};
 use super::status::DeviceStatus;
 
 /// `user_data` slot of the host's eventfd read: the host owns its device channel's id, and a
 /// channel never uses this slot (`uring::slot`).
 const WAKE_SLOT: u32 = stager_nvme::uring::slot::OWNER;
+/// Slots of the io_uring polls on replication endpoints: `FABRIC_SLOT_TOP - link` (below the
+/// reserved slots, far above any channel's I/O slots).
+const FABRIC_SLOT_TOP: u32 = stager_nvme::uring::slot::CHANNEL_WAKE - 1;
+const FABRIC_SLOTS: u32 = 1 << 20;
+/// How long a replica copy may take to become durable when a source opens it.
+const COPY_OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A copy being opened for a source: (volume, epoch, reply, deadline).
+type OpeningCopy = (VolumeId, Epoch, Sender<Result<CopyState, String>>, Instant);
+
+/// A replication link a control thread set up, handed to the host that will poll it.
+pub(crate) struct LinkHandoff {
+    pub link: LinkId,
+    pub volume: VolumeId,
+    pub peer: String,
+    pub ring_bytes: u64,
+    pub ep: Endpoint,
+    pub local: Arc<Region>,
+    pub remote: RemoteKey,
+}
 
 /// What a remote channel, the destage core or the management thread sends a host.
 pub(crate) enum HostMsg {
-    Io { route: u32, token: u32, volume: VolumeId, op: HostOp },
-    Register { route: u32, port: Arc<ReplyPort> },
-    Unregister { route: u32 },
+    Io {
+        route: u32,
+        token: u32,
+        volume: VolumeId,
+        op: HostOp,
+    },
+    Register {
+        route: u32,
+        port: Arc<ReplyPort>,
+    },
+    Unregister {
+        route: u32,
+    },
     Destage(FromDestage),
-    Status { reply: Sender<DeviceStatus> },
-    SetPolicy { volume: VolumeId, policy: WritePolicy, reply: Sender<Result<String, String>> },
+    Status {
+        reply: Sender<DeviceStatus>,
+    },
+    /// `copies`: the replica count the operator named (`write-back+N`), checked against the
+    /// volume's configuration.
+    SetPolicy {
+        volume: VolumeId,
+        policy: WritePolicy,
+        copies: Option<usize>,
+        reply: Sender<Result<String, String>>,
+    },
+    /// A volume's epoch (what a source presents to its replicas).
+    Epoch {
+        volume: VolumeId,
+        reply: Sender<Option<Epoch>>,
+    },
+    /// Replica side: open the copy of `volume` kept for `source`; the reply comes once it is
+    /// durable (or refused).
+    OpenCopy {
+        volume: VolumeId,
+        blocks: u64,
+        source: String,
+        epoch: Epoch,
+        reply: Sender<Result<CopyState, String>>,
+    },
+    /// Replica side: the source's link for a copy, to poll from now on.
+    AttachInbound {
+        link: LinkHandoff,
+        reply: Sender<Result<(), String>>,
+    },
+    /// Source side: a link to one of a volume's replicas, which holds `copy`.
+    AttachReplica {
+        link: LinkHandoff,
+        copy: CopyState,
+        reply: Sender<Result<Epoch, String>>,
+    },
 }
 
 /// One completion for a channel: its token, how it ended, the buffer back.
@@ -103,6 +169,9 @@ pub(crate) struct HostPlan {
     pub to_destage: Sender<(u16, ToDestage)>,
     pub destage_waker: Arc<Waker>,
     pub ready: Arc<Ready>,
+    /// Where the host reports replication links that went down (the replication service
+    /// reconnects them).
+    pub link_down: Option<Sender<(LinkId, String)>>,
 }
 
 /// The engine's flash: I/O queued for the host to submit on the reactor's ring, completions
@@ -182,6 +251,13 @@ pub(crate) struct EngineHost {
     outbox: Vec<ToDestage>,
     events: Vec<EngineEvent>,
     bdev_done: Vec<BdevDone>,
+    hub: FabricHub,
+    to_arm: Vec<(LinkId, std::os::fd::RawFd)>,
+    /// Links removed while their poll was armed: cancel it.
+    to_cancel: Vec<LinkId>,
+    link_down: Option<Sender<(LinkId, String)>>,
+    /// Copies being opened, answered once durable.
+    opening: Vec<OpeningCopy>,
 }
 
 impl EngineHost {
@@ -203,6 +279,9 @@ impl EngineHost {
             Engine::open(plan.cfg, Box::new(port), plan.specs)
         }
         .map_err(|e| format!("{what}: {e}"))?;
+        let mut engine = engine;
+        let hub = FabricHub::default();
+        engine.set_fabric(Box::new(hub.clone()));
         let local = Rc::new(RefCell::new(LocalQueue::default()));
         LOCAL.with(|l| l.borrow_mut().insert(plan.dev, local.clone()));
         Ok(EngineHost {
@@ -232,6 +311,11 @@ impl EngineHost {
             outbox: Vec::new(),
             events: Vec::new(),
             bdev_done: Vec::new(),
+            hub,
+            to_arm: Vec::new(),
+            to_cancel: Vec::new(),
+            link_down: plan.link_down,
+            opening: Vec::new(),
         })
     }
 
@@ -256,6 +340,10 @@ impl EngineHost {
             self.armed = false;
             return;
         }
+        if slot <= FABRIC_SLOT_TOP && slot > FABRIC_SLOT_TOP - FABRIC_SLOTS {
+            self.hub.fired(LinkId(FABRIC_SLOT_TOP - slot));
+            return;
+        }
         self.channel.on_cqe(slot, res, ring);
     }
 
@@ -263,7 +351,12 @@ impl EngineHost {
     /// only when nothing is waiting for it.
     pub fn prepare_sleep(&mut self) -> bool {
         self.waker.sleeping.store(true, Ordering::SeqCst);
-        if !self.inbox.is_empty() || !self.local.borrow().commands.is_empty() || !self.backlog.is_empty() {
+        if !self.inbox.is_empty()
+            || !self.local.borrow().commands.is_empty()
+            || !self.backlog.is_empty()
+            || !self.hub.arm_all()
+            || !self.opening.is_empty()
+        {
             self.waker.sleeping.store(false, Ordering::SeqCst);
             return false;
         }
@@ -333,8 +426,54 @@ impl EngineHost {
             self.channel.submit(io, ring);
             work += 1;
         }
+        work += self.poll_opening();
+        self.arm_links(ring);
         self.arm(ring);
         work
+    }
+
+    /// Arms an io_uring poll on each link endpoint's wait fd (so a sleeping reactor wakes for
+    /// the fabric) and cancels those of links that are gone.
+    fn arm_links(&mut self, ring: &mut Ring) {
+        for link in self.to_cancel.drain(..) {
+            let ud = user_data(kind::BDEV, self.channel_id, FABRIC_SLOT_TOP - link.0);
+            ring.push(opcode::AsyncCancel::new(ud).build().user_data(user_data(
+                kind::BDEV,
+                self.channel_id,
+                FABRIC_SLOT_TOP,
+            )));
+        }
+        self.hub.to_arm(&mut self.to_arm);
+        for (link, fd) in self.to_arm.drain(..) {
+            let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(user_data(
+                kind::BDEV,
+                self.channel_id,
+                FABRIC_SLOT_TOP - link.0,
+            ));
+            ring.push(e);
+        }
+    }
+
+    /// Replies to sources whose copies became durable (or could not in time).
+    fn poll_opening(&mut self) -> usize {
+        if self.opening.is_empty() {
+            return 0;
+        }
+        let now = Instant::now();
+        let before = self.opening.len();
+        let engine = &self.engine;
+        self.opening.retain(|(volume, epoch, reply, deadline)| {
+            if let Some(copy) = engine.replica_copy_ready(*volume, *epoch) {
+                let _ = reply.send(Ok(copy));
+                false
+            } else if now > *deadline {
+                let _ = reply.send(Err(format!("the copy of {volume} did not become durable in time")));
+                false
+            } else {
+                true
+            }
+        });
+        before - self.opening.len()
     }
 
     fn ready_line(&self) -> String {
@@ -366,12 +505,50 @@ impl EngineHost {
             HostMsg::Status { reply } => {
                 let _ = reply.send(self.status());
             }
-            HostMsg::SetPolicy { volume, policy, reply } => {
-                let r = if self.engine.set_policy(volume, policy) {
+            HostMsg::Epoch { volume, reply } => {
+                let _ = reply.send(self.engine.volume_epoch(volume));
+            }
+            HostMsg::OpenCopy { volume, blocks, source, epoch, reply } => {
+                match self.engine.open_replica_copy(volume, blocks, &source, epoch) {
+                    Ok(()) => self.opening.push((volume, epoch, reply, Instant::now() + COPY_OPEN_TIMEOUT)),
+                    Err(why) => {
+                        let _ = reply.send(Err(why));
+                    }
+                }
+            }
+            HostMsg::AttachInbound { link: h, reply } => {
+                let r = self.engine.attach_inbound(h.volume, h.link, &h.peer, h.ring_bytes);
+                if r.is_ok() {
+                    info!("{}: keeping the copy for node {} over {}", h.volume, h.peer, h.link);
+                    self.hub.add(h.link, h.ep, h.local, h.remote);
+                }
+                let _ = reply.send(r);
+            }
+            HostMsg::AttachReplica { link: h, copy, reply } => {
+                let r = self.engine.attach_replica(h.volume, h.link, &h.peer, h.ring_bytes, copy);
+                if r.is_ok() {
+                    self.hub.add(h.link, h.ep, h.local, h.remote);
+                }
+                let _ = reply.send(r);
+            }
+            HostMsg::SetPolicy { volume, policy, copies, reply } => {
+                let have = self.engine.volume_replicas(volume).len();
+                let r = if copies.is_some_and(|n| n != have) {
+                    Err(format!(
+                        "volume {} keeps {have} replica(s) as configured; changing how many needs a configuration \
+                         change and a restart",
+                        volume.0
+                    ))
+                } else if self.engine.set_policy(volume, policy) {
                     let m = self.engine.volume_metrics(volume);
                     let dirty = m.as_ref().map_or(0, |m| m.dirty_bytes);
                     let eff = m.map_or(policy, |m| m.effective);
-                    let mut line = format!("volume {}: requested {policy}, effective {eff}", volume.0);
+                    let shown = if policy == WritePolicy::WriteBack && have > 0 {
+                        format!("write-back+{have}")
+                    } else {
+                        policy.to_string()
+                    };
+                    let mut line = format!("volume {}: requested {shown}, effective {eff}", volume.0);
                     if policy == WritePolicy::WriteThrough && dirty > 0 {
                         line.push_str(&format!("; destaging {} of dirty data", super::status::human_bytes(dirty)));
                     }
@@ -385,9 +562,11 @@ impl EngineHost {
     }
 
     pub fn status(&self) -> DeviceStatus {
-        DeviceStatus::of_engine(&self.name, &self.path.display().to_string(), &self.engine, |id| {
+        let mut s = DeviceStatus::of_engine(&self.name, &self.path.display().to_string(), &self.engine, |id| {
             self.names.get(&id.0).cloned().unwrap_or_default()
-        })
+        });
+        (s.fabric_write_bytes, s.fabric_staged_copies) = self.hub.stats();
+        s
     }
 
     fn route_completions(&mut self) {
@@ -452,6 +631,17 @@ impl EngineHost {
                     warn!("{volume}: SAN unreachable for host I/O; retrying with back-off")
                 }
                 EngineEvent::SanReachable { volume } => info!("{volume}: SAN reachable again for host I/O"),
+                EngineEvent::LinkDown { link, volume, why } => {
+                    warn!("{volume}: replication {link} down: {why}");
+                    let armed = self.hub.0.borrow().links.get(&link).is_some_and(|l| l.armed);
+                    self.hub.remove(link);
+                    if armed {
+                        self.to_cancel.push(link);
+                    }
+                    if let Some(tx) = &self.link_down {
+                        let _ = tx.send((link, why));
+                    }
+                }
             }
         }
     }

@@ -10,13 +10,18 @@
 //!   channel (local queue on the owner reactor, one message hop from any other).
 //! - [`devices`]: the `Flash`/`San` over real devices (io_uring files and block devices, iSCSI
 //!   through libiscsi), the flash ownership lock and the superblock probe.
+//! - [`fabric_hub`]: a host's replication links (endpoints and regions), the engine's `Fabric`.
+//! - [`replication`]: setting links up — the fabric, connecting to replicas, accepting sources,
+//!   the control messages, reconnecting links that went down.
 //! - [`status`]: the JSON/table of `stagerctl status`.
 //! - [`offline`]: `stagerctl flash inspect|destage` — opening a device without a daemon.
 
 pub mod channel;
 pub mod devices;
+pub(crate) mod fabric_hub;
 pub(crate) mod host;
 pub mod offline;
+pub mod replication;
 pub mod service;
 pub mod status;
 

@@ -169,11 +169,19 @@ pub fn destage(
             policy: WritePolicy::WriteThrough,
             read_cache: false,
             unmap: port.unmap_reads_zeroes(),
+            replicas: Vec::new(),
+            source: v.source.clone(),
         });
         sans.push((v.id, port));
     }
     let io = |e: std::io::Error| format!("io_uring: {e}");
-    let cfg = EngineConfig { device_id: sb.device_id, cache_percent, ..EngineConfig::default() };
+    // A replica's copies are destaged like the node's own volumes (the source is lost).
+    let cfg = EngineConfig {
+        device_id: sb.device_id,
+        cache_percent,
+        destage_replica_copies: true,
+        ..EngineConfig::default()
+    };
     let engine = Engine::open(cfg, Box::new(BdevPort::new(dev.clone(), ring.clone()).map_err(io)?), specs)
         .map_err(|e| e.to_string())?;
     let destager = Destager::new(engine.layout(), Box::new(BdevPort::new(dev, ring).map_err(io)?), sans);

@@ -117,6 +117,10 @@ pub struct VolumeService {
     started: Instant,
     /// Routes of remote channels (the `route` half of a host token).
     pub(crate) next_route: AtomicU32,
+    /// The device that keeps replica copies for peers.
+    pub(crate) replica_dev: Option<u16>,
+    /// Hosts report replication links that went down here (taken by the replication service).
+    link_down: Mutex<Option<Receiver<(stager_policy::LinkId, String)>>>,
 }
 
 /// A flash device as the configuration describes it, with what was found on it.
@@ -137,6 +141,7 @@ struct VolumePlan {
     read_cache: bool,
     san: SanConfig,
     size_bytes: Option<u64>,
+    replicas: Vec<String>,
 }
 
 /// What the destage core found of a volume's SAN.
@@ -203,11 +208,20 @@ impl VolumeService {
     /// each device's engine for its owner reactor. None when the configuration has no volumes.
     pub fn start(config: &Config) -> Result<Option<Arc<VolumeService>>, String> {
         let mut plans = Vec::new();
+        // The device that keeps replica copies for peers (a node with peers keeps them).
+        let replica_flash = config
+            .node
+            .as_ref()
+            .filter(|n| !n.peers.is_empty())
+            .and_then(|n| n.replica_flash.clone().or_else(|| config.flash.first().map(|f| f.name.clone())));
+        let mut replica_dev = None;
         for f in &config.flash {
             let mut volumes = Vec::new();
             for s in &config.subsystems {
                 for n in &s.namespaces {
-                    if let BackendConfig::Volume { id, flash, policy, read_cache, san, size_bytes } = &n.backend {
+                    if let BackendConfig::Volume { id, flash, policy, read_cache, san, size_bytes, replicas } =
+                        &n.backend
+                    {
                         if flash == &f.name {
                             volumes.push(VolumePlan {
                                 id: *id,
@@ -216,15 +230,20 @@ impl VolumeService {
                                 read_cache: *read_cache,
                                 san: san.clone(),
                                 size_bytes: *size_bytes,
+                                replicas: replicas.clone(),
                             });
                         }
                     }
                 }
             }
             let device = f.device();
-            if volumes.is_empty() {
+            let keeps_copies = replica_flash.as_deref() == Some(f.name.as_str());
+            if volumes.is_empty() && !keeps_copies {
                 warn!("flash {} ({}) has no volumes; not opened", f.name, device.label());
                 continue;
+            }
+            if keeps_copies {
+                replica_dev = Some(plans.len() as u16);
             }
             let what = format!("flash {} ({})", f.name, device.label());
             // Ownership first: nothing is extended or written under another process's feet.
@@ -320,6 +339,7 @@ impl VolumeService {
             }
         };
         let log_full_wait_ns = config.destage.log_full_wait_ms.saturating_mul(1_000_000);
+        let (link_down_tx, link_down_rx) = crossbeam_channel::unbounded();
         let mut volumes = Vec::new();
         let mut devices = Vec::new();
         let mut host_plans = Vec::new();
@@ -343,6 +363,8 @@ impl VolumeService {
                     policy: v.policy,
                     read_cache: v.read_cache,
                     unmap: f.unmap,
+                    replicas: v.replicas.clone(),
+                    source: None,
                 });
             }
             let (format, device_id) = match &p.probe {
@@ -375,6 +397,7 @@ impl VolumeService {
                 to_destage: to_destage.clone(),
                 destage_waker: destage_waker.clone(),
                 ready,
+                link_down: Some(link_down_tx.clone()),
             }));
             locks.push(p.lock);
         }
@@ -388,6 +411,8 @@ impl VolumeService {
             thread: Mutex::new(Some(thread)),
             started: Instant::now(),
             next_route: AtomicU32::new(1),
+            replica_dev,
+            link_down: Mutex::new(Some(link_down_rx)),
         })))
     }
 
@@ -421,6 +446,11 @@ impl VolumeService {
         Ok(())
     }
 
+    /// The channel of "link down" reports (once).
+    pub(crate) fn take_link_down(&self) -> Option<Receiver<(stager_policy::LinkId, String)>> {
+        self.link_down.lock().ok().and_then(|mut l| l.take())
+    }
+
     pub(crate) fn device(&self, dev: u16) -> Option<&DeviceHandle> {
         self.devices.get(dev as usize)
     }
@@ -439,12 +469,12 @@ impl VolumeService {
     }
 
     /// Changes a volume's requested policy live; returns a line saying what happened.
-    pub fn set_policy(&self, volume: u32, policy: WritePolicy) -> Result<String, String> {
+    pub fn set_policy(&self, volume: u32, policy: WritePolicy, copies: Option<usize>) -> Result<String, String> {
         let Some(d) = self.devices.iter().find(|d| d.volumes.contains(&VolumeId(volume))) else {
             return Err(format!("no volume {volume} on this node"));
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if !d.send(HostMsg::SetPolicy { volume: VolumeId(volume), policy, reply: tx }) {
+        if !d.send(HostMsg::SetPolicy { volume: VolumeId(volume), policy, copies, reply: tx }) {
             return Err(format!("flash {}: its reactor is not running", d.name));
         }
         rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?

