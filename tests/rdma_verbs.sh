@@ -10,6 +10,9 @@
 # ibverbs-providers, libclang-dev, clang, pkg-config (to build rdma-sys), iproute2 (`rdma`);
 # scripts/guest/build.sh installs QEMU, busybox, cpio and kmod and fetches the kernel.
 #
+# `tests/rdma_verbs.sh --packages-only` installs the build packages and stops (scripts/test runs
+# it before linting the verbs backend).
+#
 # Environment:
 #   GUEST_TIMEOUT   seconds for the guests (default 240)
 #   GUEST_VERBOSE=1 stream both consoles while they run
@@ -35,6 +38,8 @@ if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" > /dev/null
 fi
+
+[[ ${1:-} == --packages-only ]] && exit 0
 
 log "building stager-fabric-probe with the verbs backend (cargo build --release -p stager-rdma --features verbs)"
 cargo build --release -p stager-rdma --features verbs --bin stager-fabric-probe --quiet

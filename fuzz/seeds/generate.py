@@ -9,6 +9,9 @@ encoder, so a seed that stops decoding points at a real change:
 - command_fields: 64-byte command followed by the data (Connect data, identify structures,
   discovery log, completion) as fuzz_targets/command_fields.rs reads it.
 - config_parse: small YAML files beside examples/*.yaml (which scripts/fuzz also feeds it).
+- fabric_frame: streams of the fabric's frames (rdma/src/wire/frame.rs): 8-byte common header
+  (type, flags, 0 u16, body_len le32), WRITE + key le32, imm le32, offset le64; ACK + count le32, 0.
+- fabric_setup: handshake conversations (rdma/src/wire/setup.rs): len le16, type, body.
 
 Usage: python3 fuzz/seeds/generate.py   (from anywhere; writes next to this file)
 """
@@ -286,6 +289,68 @@ subsystems:
     }
 
 
+# ---- fabric frames (rdma/src/wire/frame.rs)
+F_WRITE, F_MSG, F_HEARTBEAT, F_ACK, F_IMM = 1, 2, 3, 4, 0x01
+
+
+def fabric_write(key, offset, data, imm=None):
+    flags = F_IMM if imm is not None else 0
+    return struct.pack("<BBHIIIQ", F_WRITE, flags, 0, len(data), key, imm or 0, offset) + data
+
+
+def fabric_msg(body):
+    return struct.pack("<BBHI", F_MSG, 0, 0, len(body)) + body
+
+
+def fabric_heartbeat():
+    return struct.pack("<BBHI", F_HEARTBEAT, 0, 0, 0)
+
+
+def fabric_ack(count):
+    return struct.pack("<BBHIII", F_ACK, 0, 0, 0, count, 0)
+
+
+def seeds_fabric_frame():
+    key = struct.pack("<IQQ", 0x1234, 0, 1 << 20)  # a RemoteKey first: key, addr, len
+    return {
+        "key_then_write_imm": key + fabric_write(0x1234, 4096, bytes(range(64)), imm=7),
+        "writes_acks_heartbeats": fabric_write(9, 0, b"abc") + fabric_ack(1) + fabric_heartbeat()
+        + fabric_write(9, 8, b"", imm=0) + fabric_ack(2),
+        "messages": fabric_msg(b"") + fabric_msg(b"KEY" + key) + fabric_msg(b"x" * 300),
+        "cut_write": fabric_write(5, 0, b"0123456789")[:30],
+        "bad_type": fabric_heartbeat() + struct.pack("<BBHI", 9, 0, 0, 0),
+        "stray_imm": struct.pack("<BBHIIIQ", F_WRITE, 0, 0, 0, 1, 5, 0),
+    }
+
+
+# ---- fabric set-up messages (rdma/src/wire/setup.rs)
+S_HELLO, S_CHALLENGE, S_PROOF, S_WELCOME, S_REFUSED, S_VERBS_INFO, S_READY = 1, 2, 3, 4, 5, 6, 7
+
+
+def setup_msg(t, body):
+    return struct.pack("<HB", len(body) + 1, t) + body
+
+
+def hello(node, kind=1, version=1):
+    return setup_msg(S_HELLO, b"STGF" + bytes([version, kind]) + bytes(range(32)) + bytes([len(node)]) + node)
+
+
+def challenge(node, kind=1):
+    return setup_msg(S_CHALLENGE, bytes([kind]) + bytes(32) + bytes([0xAB] * 32) + bytes([len(node)]) + node)
+
+
+def seeds_fabric_setup():
+    verbs = struct.pack("<IIHB", 0x11, 0xABCDEF, 0, 3) + bytes([0] * 10 + [0xFF, 0xFF, 10, 11, 0, 1])
+    return {
+        "client_side": hello(b"node-a") + setup_msg(S_PROOF, bytes(32)),
+        "server_side": challenge(b"node-b") + setup_msg(S_WELCOME, b""),
+        "verbs": hello(b"a", kind=2) + challenge(b"b", kind=2) + setup_msg(S_PROOF, bytes(32))
+        + setup_msg(S_WELCOME, b"") + setup_msg(S_VERBS_INFO, verbs) + setup_msg(S_READY, b""),
+        "refused": setup_msg(S_REFUSED, b"node 'x' is not in the peers of node 'b'"),
+        "bad_magic": setup_msg(S_HELLO, b"XXXX" + bytes(40)),
+    }
+
+
 def write(target, files):
     d = os.path.join(HERE, target)
     os.makedirs(d, exist_ok=True)
@@ -300,3 +365,5 @@ if __name__ == "__main__":
     write("pdu_stream", seeds_pdu_stream())
     write("command_fields", seeds_command_fields())
     write("config_parse", seeds_config_parse())
+    write("fabric_frame", seeds_fabric_frame())
+    write("fabric_setup", seeds_fabric_setup())

@@ -43,6 +43,7 @@ pub struct EndpointStats {
     /// Of our writes, those with an immediate.
     pub imms_sent: u64,
     /// Writes placed into our regions by the peer, their bytes, and those with an immediate.
+    /// (verbs: the NIC places plain writes unseen, so only writes with an immediate count.)
     pub writes_received: u64,
     pub bytes_received: u64,
     pub imms_received: u64,

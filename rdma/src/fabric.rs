@@ -304,12 +304,14 @@ fn establish(shared: Arc<Shared>, conn: SetupConn, peer: &str, accepting: bool) 
 fn accept_loop(listener: TcpListener, stop_fd: i32, shared: Arc<Shared>, out: Sender<Endpoint>) {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
+        // At the cap, leave new connections in the backlog (a readable listener would make
+        // this loop spin) and look again every 50 ms.
+        let at_cap = active.load(Ordering::Acquire) >= HANDSHAKES_MAX;
         let mut fds = [
-            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: listener.as_raw_fd(), events: if at_cap { 0 } else { libc::POLLIN }, revents: 0 },
             libc::pollfd { fd: stop_fd, events: libc::POLLIN, revents: 0 },
         ];
-        // Also wake now and then while handshakes are at their cap.
-        let timeout_ms = if active.load(Ordering::Acquire) >= HANDSHAKES_MAX { 50 } else { -1 };
+        let timeout_ms = if at_cap { 50 } else { -1 };
         // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         if shared.stopped() {

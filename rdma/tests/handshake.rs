@@ -123,3 +123,17 @@ fn verbs_without_a_device_says_so() {
         Ok(_) => panic!("a device named nosuchdev0 exists?"),
     }
 }
+
+#[test]
+fn many_silent_connections_do_not_lock_out_a_member() {
+    // More silent clients than handshake threads: the member still gets in once their
+    // handshakes time out (HANDSHAKE_TIMEOUT), and the accept thread does not spin meanwhile.
+    let b = start("b", &["a"]);
+    let silent: Vec<_> = (0..stager_rdma::constants::HANDSHAKES_MAX + 2)
+        .map(|_| std::net::TcpStream::connect(b.local_addr()).unwrap())
+        .collect();
+    let a = start("a", &["b"]);
+    let ea = a.connect(b.local_addr(), "b", stager_rdma::constants::HANDSHAKE_TIMEOUT * 3).unwrap();
+    assert_eq!(ea.peer(), "b");
+    drop(silent);
+}

@@ -149,7 +149,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(SetupMsg, usize)>, SetupError> {
             if body.len() > REASON_BYTES_MAX {
                 return Err(SetupError::BadLength { ty, len: body.len(), expected: REASON_BYTES_MAX });
             }
-            SetupMsg::Refused { reason: String::from_utf8_lossy(body).into_owned() }
+            SetupMsg::Refused { reason: reason_text(&String::from_utf8_lossy(body)).to_string() }
         }
         TYPE_VERBS_INFO => {
             exact(27)?;
@@ -168,6 +168,16 @@ pub fn decode(buf: &[u8]) -> Result<Option<(SetupMsg, usize)>, SetupError> {
         _ => return Err(SetupError::UnknownType(ty)),
     };
     Ok(Some((msg, 2 + len)))
+}
+
+/// A reason as it travels: at most `REASON_BYTES_MAX` bytes, cut at a character boundary. (Decode
+/// applies it too: invalid UTF-8 turned into U+FFFD can grow past the limit.)
+fn reason_text(reason: &str) -> &str {
+    let mut cut = reason.len().min(REASON_BYTES_MAX);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &reason[..cut]
 }
 
 /// The first `N` bytes of `b`; callers have checked the length.
@@ -209,11 +219,7 @@ pub fn encode(msg: &SetupMsg, out: &mut Vec<u8>) {
         SetupMsg::Welcome => out.push(TYPE_WELCOME),
         SetupMsg::Refused { reason } => {
             out.push(TYPE_REFUSED);
-            let mut cut = reason.len().min(REASON_BYTES_MAX);
-            while !reason.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            out.extend_from_slice(&reason.as_bytes()[..cut]);
+            out.extend_from_slice(reason_text(reason).as_bytes());
         }
         SetupMsg::VerbsInfo(v) => {
             out.push(TYPE_VERBS_INFO);
@@ -321,6 +327,18 @@ mod tests {
         assert!(matches!(decode(&bad), Err(SetupError::BadLength { .. })));
         assert!(matches!(decode(&[2, 0, TYPE_PROOF, 1]), Err(SetupError::BadLength { .. })));
         assert!(matches!(decode(&[2, 0, TYPE_WELCOME, 1]), Err(SetupError::BadLength { .. })));
+    }
+
+    #[test]
+    fn a_refusal_of_invalid_utf8_round_trips() {
+        let mut b = vec![0, 0, TYPE_REFUSED];
+        b.extend_from_slice(&[0xff; 200]);
+        let len = (b.len() - 2) as u16;
+        b[..2].copy_from_slice(&len.to_le_bytes());
+        let (m, _) = decode(&b).unwrap().unwrap();
+        let mut again = Vec::new();
+        encode(&m, &mut again);
+        assert_eq!(decode(&again).unwrap().unwrap().0, m);
     }
 
     #[test]
