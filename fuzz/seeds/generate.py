@@ -12,6 +12,11 @@ encoder, so a seed that stops decoding points at a real change:
 - fabric_frame: streams of the fabric's frames (rdma/src/wire/frame.rs): 8-byte common header
   (type, flags, 0 u16, body_len le32), WRITE + key le32, imm le32, offset le64; ACK + count le32, 0.
 - fabric_setup: handshake conversations (rdma/src/wire/setup.rs): len le16, type, body.
+- replica_frame: what a source writes into a replica's ring (policy/src/replica/wire.rs): a
+  64-byte record header ("STRR", version 1, count le16, volume le32, len le32, epoch, pos,
+  record, first_seq le64, crc32c over bytes 0..60 and the entry headers) and 64-byte entry
+  headers (policy/src/log/entry.rs); acknowledgement ("STRA") and publication ("STRP") blocks;
+  and the JSON control messages of a link's set-up (target/src/volume/replication.rs).
 
 Usage: python3 fuzz/seeds/generate.py   (from anywhere; writes next to this file)
 """
@@ -351,6 +356,55 @@ def seeds_fabric_setup():
     }
 
 
+# ---- replica records, acknowledgements, publications (policy/src/replica/wire.rs)
+
+def entry_header(kind, volume, blocks, epoch, seq, lba, data_crc):
+    b = struct.pack("<IBBHIIQQQI", 0x454C5453, 2, kind, 0, volume, blocks, epoch, seq, lba, data_crc) + bytes(16)
+    return b + struct.pack("<I", crc32c(b))
+
+
+def record(entries, volume=7, epoch=3, pos=0, rec=1, data=b""):
+    heads = b"".join(entries)
+    count = len(entries)
+    length = 64 + len(heads) + len(data)
+    length = (length + 63) // 64 * 64
+    first_seq = struct.unpack_from("<Q", entries[0], 24)[0] if entries else 1
+    h = struct.pack("<IBBHIIQQQQ", 0x52525453, 1, 0, count, volume, length, epoch, pos, rec, first_seq) + bytes(12)
+    crc = crc32c(h + heads)
+    return h + struct.pack("<I", crc) + heads + data
+
+
+def block64(magic, fields_at):
+    b = bytearray(64)
+    struct.pack_into("<IB", b, 0, magic, 1)
+    for off, fmt, v in fields_at:
+        struct.pack_into(fmt, b, off, v)
+    struct.pack_into("<I", b, 60, crc32c(bytes(b[:60])))
+    return bytes(b)
+
+
+def seeds_replica_frame():
+    data = bytes([0x5A]) * 4096
+    one = record([entry_header(1, 7, 1, 3, 10, 80, crc32c(data))], data=data)
+    three = record(
+        [entry_header(1, 7, 1, 3, 11, 8, crc32c(data)), entry_header(2, 7, 64, 3, 12, 0, 0),
+         entry_header(3, 7, 8, 3, 13, 100, 0)],
+        pos=4096 * 3, rec=2, data=data)
+    ack = block64(0x41525453, [(8, "<I", 7), (16, "<Q", 3), (24, "<Q", 13), (32, "<Q", 12480), (40, "<Q", 9), (48, "<Q", 4)])
+    pub = block64(0x50525453, [(5, "<B", 1), (8, "<I", 7), (16, "<Q", 3), (24, "<Q", 9), (32, "<Q", 2)])
+    return {
+        "record_one_write": one,
+        "record_write_zeroes_unmap": three,
+        "record_gap": record([entry_header(1, 7, 1, 3, 11, 8, 0), entry_header(1, 7, 1, 3, 13, 9, 0)], data=bytes(8192)),
+        "record_cut": one[:100],
+        "ack": ack,
+        "publish": pub,
+        "ctl_open": b'{"msg":"open","volume":7,"blocks":262144,"epoch":3,"ring_bytes":33554432,"ack_key":"' + b"00" * 20 + b'"}',
+        "ctl_opened": b'{"msg":"opened","durable":12,"watermark":9,"epoch":3,"ring_key":"' + b"ab" * 20 + b'"}',
+        "ctl_refused": b'{"msg":"refused","why":"stale epoch 2"}',
+    }
+
+
 def write(target, files):
     d = os.path.join(HERE, target)
     os.makedirs(d, exist_ok=True)
@@ -367,3 +421,4 @@ if __name__ == "__main__":
     write("config_parse", seeds_config_parse())
     write("fabric_frame", seeds_fabric_frame())
     write("fabric_setup", seeds_fabric_setup())
+    write("replica_frame", seeds_replica_frame())

@@ -262,7 +262,8 @@ fn a_replica_discards_its_copy_lazily_once_the_source_publishes_its_watermark() 
     let d = dir("lazy");
     let b = TestTarget::start(replica_config(&d, "node-b", &["node-a"]));
     let b_addr = b.target.as_ref().unwrap().fabric_addr().unwrap();
-    let a = TestTarget::start(source_config(&d, "node-a", "a-flash.img", &[(4, 1, vec!["node-b"])], &[("node-b", b_addr)]));
+    let a =
+        TestTarget::start(source_config(&d, "node-a", "a-flash.img", &[(4, 1, vec!["node-b"])], &[("node-b", b_addr)]));
     let at = a.target.as_ref().unwrap();
     wait_in_sync(at, 4);
     let mut host = a.connect(&opts());
