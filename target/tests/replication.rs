@@ -290,3 +290,124 @@ fn a_replica_discards_its_copy_lazily_once_the_source_publishes_its_watermark() 
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A stagerd process, killed when dropped.
+struct Node(std::process::Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn_node(d: &Path, name: &str, yaml: String) -> Node {
+    let cfg = d.join(format!("{name}.yaml"));
+    std::fs::write(&cfg, yaml).unwrap();
+    let log = std::fs::File::create(d.join(format!("{name}.log"))).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stagerd"))
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("stagerd starts");
+    Node(child)
+}
+
+fn node_status(sock: &Path) -> Option<NodeStatus> {
+    let r = stager_target::management::call(sock, &stager_target::management::Request::Status).ok()?;
+    r.status
+}
+
+#[test]
+fn a_replica_that_stops_answering_holds_back_only_its_own_volume() {
+    let d = dir("slow");
+    let secret = SECRET;
+    let (fa, fb, fc) = (free_port(), free_port(), free_port());
+    let nvme = free_port();
+    let replica = |id: &str, port: u16| {
+        format!(
+            "reactors: {{ cores: [0] }}\nlisteners: [{{ name: t, address: \"127.0.0.1:{}\" }}]\n\
+             management: {{ socket: {dir}/{id}.sock }}\n\
+             node: {{ id: {id}, fabric: {{ listen: \"127.0.0.1:{port}\", secret: \"{secret}\", peer_timeout_ms: 1500, ring_size: 8MiB }},\n\
+               peers: [{{ id: node-a, address: \"127.0.0.1:{fa}\" }}] }}\n\
+             flash: [{{ name: f0, path: {dir}/{id}.img, size: 48MiB }}]\n",
+            free_port(),
+            dir = d.display()
+        )
+    };
+    let _b = spawn_node(&d, "node-b", replica("node-b", fb));
+    let c = spawn_node(&d, "node-c", replica("node-c", fc));
+    let volume = |id: u32, r: &str| {
+        format!(
+            "      - nsid: {id}\n        backend: {{ kind: volume, id: {id}, flash: f0, policy: write-back+1, replicas: [{r}],\n\
+                       san: {{ kind: file, path: {dir}/san{id}.img, size: 16MiB }} }}\n",
+            dir = d.display()
+        )
+    };
+    let a_yaml = format!(
+        "reactors: {{ cores: [1] }}\nlisteners: [{{ name: t, address: \"127.0.0.1:{nvme}\" }}]\n\
+         management: {{ socket: {dir}/node-a.sock }}\n\
+         node: {{ id: node-a, fabric: {{ listen: \"127.0.0.1:{fa}\", secret: \"{secret}\", peer_timeout_ms: 1500, ring_size: 8MiB }},\n\
+           peers: [{{ id: node-b, address: \"127.0.0.1:{fb}\" }}, {{ id: node-c, address: \"127.0.0.1:{fc}\" }}] }}\n\
+         flash: [{{ name: f0, path: {dir}/node-a.img, size: 48MiB }}]\n\
+         subsystems:\n  - nqn: {NQN}\n    allow_any_host: true\n    namespaces:\n{}{}",
+        volume(1, "node-b"),
+        volume(2, "node-c"),
+        dir = d.display()
+    );
+    let _a = spawn_node(&d, "node-a", a_yaml);
+    let sock = d.join("node-a.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let in_sync = node_status(&sock).is_some_and(|s| {
+            let v: Vec<_> = s.devices.iter().flat_map(|d| &d.volumes).collect();
+            v.len() == 2 && v.iter().all(|v| v.effective_policy == "write-back")
+        });
+        if in_sync {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the volumes never got in sync: {:?}", node_status(&sock));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{nvme}").parse().unwrap();
+    let connect = || stager_nvme::host::Controller::connect(addr, NQN, &opts()).expect("host connects");
+    // node-c stops answering (as a hung process or a dead link would): volume 2's writes wait
+    // for it; volume 1's must not.
+    let pid = c.0.id() as i32;
+    // SAFETY: kill(2) with a child's pid and a signal number.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let done2 = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done2.clone();
+    let mut h2 = connect();
+    let waiter = std::thread::spawn(move || {
+        let start = Instant::now();
+        write(h2.io_queue(0), 2, 0, &pattern(2, BS));
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        start.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut h1 = connect();
+    let start = Instant::now();
+    for i in 0..50u64 {
+        write(h1.io_queue(0), 1, i, &pattern(100 + i, BS));
+    }
+    let took1 = start.elapsed();
+    assert!(
+        !done2.load(std::sync::atomic::Ordering::SeqCst),
+        "volume 2's write finished while its replica was stopped (volume 1's 50 writes took {took1:?})"
+    );
+    // Once the link to node-c times out, volume 2 goes write-through and its waiting write is
+    // acknowledged after it is destaged: held back, never lost, never failed.
+    let took2 = waiter.join().expect("volume 2's write");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(took2 > took1, "volume 2 waited ({took2:?}) longer than volume 1's 50 writes ({took1:?})");
+    let mut h1 = connect();
+    assert_eq!(read(h1.io_queue(0), 2, 0, BS), pattern(2, BS), "volume 2's held-back write landed");
+}

@@ -976,6 +976,31 @@ impl Engine {
         self.sb.want();
     }
 
+    /// A write whose entry reaches the SAN by destage rather than through the log's guarantee
+    /// (its log write failed, or a replica was lost before it had it): acknowledged once the
+    /// persisted watermark covers it — at once if it already does.
+    pub(crate) fn ack_on_persist(&mut self, vi: usize, seq: LogSeq, op: OpId) {
+        if !self.volumes[vi].replicas.is_empty() {
+            // A replicated volume's replicas must not hold an older entry of its blocks either.
+            let buf = match self.volumes[vi].ops.get_mut(&op) {
+                Some(PendingOp::Write(w)) => w.buf.take(),
+                _ => None,
+            };
+            self.volumes[vi].waiting.push_back(volume::Waiting { seq, op, buf, needs_san: true });
+            self.release_waiting(vi);
+            return;
+        }
+        if seq > self.volumes[vi].persisted_watermark {
+            self.volumes[vi].acks_on_persist.push((seq, op));
+            return;
+        }
+        let Some(PendingOp::Write(w)) = self.volumes[vi].ops.remove(&op) else {
+            panic!("engine: write acknowledged on persist without its op")
+        };
+        self.volumes[vi].enter(op, w.state, WriteState::Acked);
+        self.complete(vi, w.token, Status::Ok, w.buf, Some(seq));
+    }
+
     pub(crate) fn pin(&mut self, pin: Pin) {
         match pin {
             Pin::Log(pos) => *self.pins.entry(pos).or_insert(0) += 1,
@@ -1052,6 +1077,11 @@ impl Engine {
                 };
                 self.volumes[vi].enter(op, w.state, WriteState::Acked);
                 self.complete(vi, w.token, Status::Ok, w.buf, Some(seq));
+            }
+        }
+        for vi in 0..self.volumes.len() {
+            if !self.volumes[vi].waiting.is_empty() {
+                self.release_waiting(vi);
             }
         }
         if self.state == EngineState::Recovering {

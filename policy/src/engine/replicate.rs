@@ -411,9 +411,9 @@ impl Engine {
         }
     }
 
-    /// Where a write durable in the local log goes: acknowledged now, waiting for replicas, or
-    /// (a replica is missing or never got it) acknowledged once destaged. Returns the buffer
-    /// if the caller should acknowledge now.
+    /// Where a write durable in the local log goes: acknowledged now (every replica has it
+    /// durable), or into `waiting` until [`Engine::release_waiting`] says it may be. Returns the
+    /// buffer if the caller should acknowledge now.
     pub(crate) fn replicated_ack(
         &mut self,
         vi: usize,
@@ -424,47 +424,66 @@ impl Engine {
         if self.volumes[vi].replicas.is_empty() {
             return Some(buf);
         }
-        let mut all_have = self.volumes[vi].links.len() >= self.volumes[vi].replicas.len();
-        let mut durable = true;
-        for l in &self.volumes[vi].links {
-            match self.links.get(l) {
-                Some(Link::Out { out, .. }) if out.sync == SyncState::InSync && out.sent >= seq => {
-                    durable &= out.durable >= seq;
-                }
-                _ => all_have = false,
+        let needs_san = !self.all_replicas_carry(vi, seq);
+        let state = if needs_san {
+            // A replica is missing or never got it: acknowledged once it is on the SAN.
+            WriteState::Abandoned { seq }
+        } else {
+            if self.volumes[vi].waiting.is_empty()
+                && (self.all_replicas_durable(vi, seq) || self.cfg.bugs.ack_before_replicas)
+            {
+                return Some(buf);
             }
-        }
-        if !all_have {
-            if let Some(PendingOp::Write(w)) = self.volumes[vi].ops.get_mut(&op) {
-                w.buf = buf;
-            }
-            self.set_write_state(vi, op, WriteState::Abandoned { seq });
-            self.volumes[vi].acks_on_persist.push((seq, op));
-            return None;
-        }
-        if (durable || self.cfg.bugs.ack_before_replicas) && self.volumes[vi].waiting.is_empty() {
-            return Some(buf);
-        }
-        self.set_write_state(vi, op, WriteState::Replicating { seq });
-        self.volumes[vi].waiting.push_back((seq, op, buf));
+            WriteState::Replicating { seq }
+        };
+        self.set_write_state(vi, op, state);
+        self.volumes[vi].waiting.push_back(super::volume::Waiting { seq, op, buf, needs_san });
+        self.release_waiting(vi);
         None
     }
 
-    /// Acknowledges the writes of `vi` every replica now has durable, in order.
-    fn release_waiting(&mut self, vi: usize) {
-        let mut need = LogSeq(u64::MAX);
-        for l in &self.volumes[vi].links {
-            if let Some(Link::Out { out, .. }) = self.links.get(l) {
-                need = need.min(out.durable);
+    /// Every wanted replica is attached, in sync, and was sent entry `seq`.
+    fn all_replicas_carry(&self, vi: usize, seq: LogSeq) -> bool {
+        let v = &self.volumes[vi];
+        v.links.len() >= v.replicas.len()
+            && v.links.iter().all(|l| {
+                matches!(self.links.get(l), Some(Link::Out { out, .. }) if out.sync == SyncState::InSync && out.sent >= seq)
+            })
+    }
+
+    fn all_replicas_durable(&self, vi: usize, seq: LogSeq) -> bool {
+        self.volumes[vi]
+            .links
+            .iter()
+            .all(|l| matches!(self.links.get(l), Some(Link::Out { out, .. }) if out.durable >= seq))
+    }
+
+    /// Acknowledges the waiting writes of `vi` that may be, in order. A write may be once
+    /// - every wanted replica is in sync, was sent it and has it durable (the normal case), or
+    /// - it is on the SAN (persisted watermark) and no attached replica could replay an older
+    ///   entry of its blocks over it: each has it durable or knows it is destaged. (A replica
+    ///   lost meanwhile, or an entry a replica never got: the SAN holds the promise instead.)
+    pub(crate) fn release_waiting(&mut self, vi: usize) {
+        loop {
+            let Some(w) = self.volumes[vi].waiting.front() else { return };
+            let (seq, needs_san) = (w.seq, w.needs_san);
+            let normal = !needs_san && self.all_replicas_carry(vi, seq) && self.all_replicas_durable(vi, seq);
+            let on_san = seq <= self.volumes[vi].persisted_watermark
+                && self.volumes[vi].links.iter().all(|l| match self.links.get(l) {
+                    Some(Link::Out { out, .. }) => out.durable >= seq || out.watermark >= seq,
+                    _ => true,
+                });
+            if !normal && !on_san {
+                return;
             }
-        }
-        while self.volumes[vi].waiting.front().is_some_and(|(s, _, _)| *s <= need) {
-            let Some((seq, op, buf)) = self.volumes[vi].waiting.pop_front() else { break };
+            let Some(super::volume::Waiting { seq, op, buf, .. }) = self.volumes[vi].waiting.pop_front() else {
+                return;
+            };
             let Some(PendingOp::Write(w)) = self.volumes[vi].ops.remove(&op) else {
-                panic!("engine: replicating write without its op")
+                panic!("engine: waiting write without its op")
             };
             self.volumes[vi].enter(op, w.state, WriteState::Acked);
-            self.complete(vi, w.token, super::Status::Ok, buf, Some(seq));
+            self.complete(vi, w.token, super::Status::Ok, buf.or(w.buf), Some(seq));
         }
     }
 
@@ -629,13 +648,15 @@ impl Engine {
         tracing::warn!(volume = v.id.0, link = link.0, peer, role, "replication link down: {why}");
         self.events.push(EngineEvent::LinkDown { link, volume: v.id, why: why.to_string() });
         if matches!(l, Link::Out { .. }) {
-            for (seq, op, buf) in std::mem::take(&mut self.volumes[vi].waiting) {
-                if let Some(PendingOp::Write(w)) = self.volumes[vi].ops.get_mut(&op) {
-                    w.buf = buf;
-                }
-                self.set_write_state(vi, op, WriteState::Abandoned { seq });
-                self.volumes[vi].acks_on_persist.push((seq, op));
+            // Writes waiting for it now wait for the SAN (and the other replicas' word).
+            let ops: Vec<(OpId, LogSeq)> = self.volumes[vi].waiting.iter().map(|w| (w.op, w.seq)).collect();
+            for w in self.volumes[vi].waiting.iter_mut() {
+                w.needs_san = true;
             }
+            for (op, seq) in ops {
+                self.set_write_state(vi, op, WriteState::Abandoned { seq });
+            }
+            self.release_waiting(vi);
             self.prune_for_replicas(vi);
         }
     }

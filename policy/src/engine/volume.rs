@@ -181,6 +181,17 @@ pub(crate) enum SanOp {
     },
 }
 
+/// A write of a replicated volume, durable in the local log (or handed to the destager),
+/// waiting before it may be acknowledged (see `Engine::release_waiting`).
+pub(crate) struct Waiting {
+    pub seq: LogSeq,
+    pub op: OpId,
+    pub buf: Option<AlignedBuf>,
+    /// The replicas cannot hold the promise for it (one was lost, one never got it, or the
+    /// local log write failed): it is acknowledged only once it is on the SAN.
+    pub needs_san: bool,
+}
+
 /// An acknowledged entry not yet covered by the persisted watermark, in sequence order.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct DirtyMeta {
@@ -314,7 +325,7 @@ pub(crate) struct Volume {
     /// to every replica (invariant 2 with replicas, see `replicate.rs`).
     pub replicas: Vec<String>,
     pub links: Vec<crate::types::LinkId>,
-    pub waiting: VecDeque<(LogSeq, OpId, Option<AlignedBuf>)>,
+    pub waiting: VecDeque<Waiting>,
     pub unpublished: DirtyIndex,
     pub unpublished_list: VecDeque<DirtyMeta>,
     /// Sequence numbers up to here belong to entries only a replica holds (see `poll_void`).

@@ -252,7 +252,7 @@ impl Engine {
                     // Acknowledged once the persisted watermark covers it: until then a crash
                     // would replay older entries of its blocks and nothing would put it back.
                     self.set_write_state(vi, op, WriteState::Abandoned { seq: h.seq });
-                    self.volumes[vi].acks_on_persist.push((h.seq, op));
+                    self.ack_on_persist(vi, h.seq, op);
                 } else {
                     let Some(buf) = self.replicated_ack(vi, op, h.seq, buf) else { continue };
                     let Some(PendingOp::Write(w)) = self.volumes[vi].ops.remove(&op) else {

@@ -869,6 +869,9 @@ impl Simulator {
         self.engine.set_fabric(Box::new(FabricPort { net: self.net.clone(), node: 0 }));
         self.destager = Simulator::destager(&self.engine, &self.flash, &self.sans);
         self.settle_until_ready();
+        if self.cfg.trace_block.is_some() {
+            eprintln!("[{} t={}] recovered: {:?}", self.step, self.now.get(), self.engine.replay_report());
+        }
         match self.engine.state() {
             EngineState::Ready => {}
             s => return Err(self.fail("invariant 1", format!("recovery did not complete: {s:?}"))),
