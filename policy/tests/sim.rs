@@ -152,6 +152,9 @@ fn regression_seeds() {
         // An entry of a dropped torn tail (older incarnation) was replayed after the log tail
         // had moved past every entry of the newer incarnation: fixed by `incarnation_start`.
         (104_684, "stale entry beyond a dropped tail replayed once the tail passed it"),
+        // Replication: a write whose local log write failed was acknowledged on its replica's
+        // word alone, then lost at the next crash: such writes now wait for the SAN.
+        (47, "acknowledged on a replica's word after the local log write failed"),
     ];
     for (seed, what) in cases {
         if let Err(f) = run_seed(seed, SimConfig::varied(seed)) {
