@@ -88,7 +88,18 @@ impl Target {
                 let bdev: Arc<dyn BlockDevice> = match (devices.remove(&(s.nqn.clone(), n.nsid)), &n.backend) {
                     (Some(dev), _) => dev,
                     (None, BackendConfig::Memory { size_bytes, block_size }) => {
-                        Arc::new(MemoryDevice::new(&format!("{}/ns{}", s.nqn, n.nsid), *size_bytes, *block_size))
+                        match MemoryDevice::new(&format!("{}/ns{}", s.nqn, n.nsid), *size_bytes, *block_size) {
+                            Ok(d) => Arc::new(d),
+                            Err(source) => {
+                                stop_volumes(&volumes);
+                                return Err(StartError::Backend {
+                                    nqn: s.nqn.clone(),
+                                    nsid: n.nsid,
+                                    backend: format!("memory ({size_bytes} bytes)"),
+                                    source,
+                                });
+                            }
+                        }
                     }
                     (None, BackendConfig::File { path, size_bytes, block_size, direct }) => {
                         match FileDevice::open(path, *size_bytes, *block_size, *direct) {
