@@ -17,10 +17,10 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{opcode, types};
 use stager_nvme::bdev::{BdevChannel, BdevDone, BufPool};
-use stager_nvme::uring::{kind, split, user_data, Ring};
+use stager_nvme::uring::{kind, split, user_data, Ring, ZC_MORE};
 use tracing::{debug, error, info, warn};
 
-use crate::constants::{POOL_KEEP_PER_CLASS, RING_ENTRIES, SLEEP_MAX, TIMER_TICK};
+use crate::constants::{POOL_KEEP_BYTES, POOL_KEEP_PER_CLASS, RING_ENTRIES, SLEEP_MAX, TIMER_TICK};
 use crate::subsystem::TargetShared;
 use crate::transport::tcp::Connection;
 use crate::transport::ReactorCtx;
@@ -140,7 +140,7 @@ impl Reactor {
             target,
             ring,
             channels,
-            pool: BufPool::new(POOL_KEEP_PER_CLASS),
+            pool: BufPool::new(POOL_KEEP_PER_CLASS).with_byte_limit(POOL_KEEP_BYTES),
             rx,
             wake_fd,
             wake_buf: Box::new([0; 8]),
@@ -201,7 +201,7 @@ impl Reactor {
             now = Instant::now();
             work += cqes.len();
             let Reactor { ring, channels, pool, target, conns, .. } = self;
-            let mut cx = ReactorCtx { ring, channels, pool, target, reactor: self.id };
+            let mut cx = ReactorCtx { ring, channels, pool, target, reactor: self.id, now };
             let mut rearm_wake = false;
             for &(ud, res) in &cqes {
                 let (k, a, b) = split(ud);
@@ -211,9 +211,14 @@ impl Reactor {
                             c.on_recv(res, &mut cx);
                         }
                     }
-                    kind::SOCKET_SEND => {
+                    kind::SOCKET_SEND | kind::SOCKET_SEND_ZC => {
                         if let Some(Some(c)) = conns.get_mut(a as usize) {
-                            c.on_send(res, &mut cx);
+                            c.on_send(res, k == kind::SOCKET_SEND_ZC && b & ZC_MORE != 0, &mut cx);
+                        }
+                    }
+                    kind::SOCKET_SEND_NOTIF => {
+                        if let Some(Some(c)) = conns.get_mut(a as usize) {
+                            c.on_send_notif(b, &mut cx);
                         }
                     }
                     kind::BDEV => {
@@ -243,12 +248,12 @@ impl Reactor {
             for (i, slot) in conns.iter_mut().enumerate() {
                 let Some(c) = slot.as_mut() else { continue };
                 if tick {
-                    c.tick(now);
+                    c.tick(now, &mut cx);
                 }
                 c.arm(&mut cx);
                 if c.finished() {
                     if let Some(mut c) = slot.take() {
-                        c.release();
+                        c.release(&mut cx);
                         debug!("reactor {}: connection from {} released", self.id, c.peer);
                     }
                     self.free_conns.push(i as u32);
@@ -270,7 +275,7 @@ impl Reactor {
             (self.conns.len() - 1) as u32
         });
         let Reactor { ring, channels, pool, target, .. } = self;
-        let cx = ReactorCtx { ring, channels, pool, target, reactor: self.id };
+        let cx = ReactorCtx { ring, channels, pool, target, reactor: self.id, now: Instant::now() };
         let conn = Connection::new(idx, stream, peer, &cx);
         debug!("reactor {}: new connection from {peer}", self.id);
         self.conns[idx as usize] = Some(conn);

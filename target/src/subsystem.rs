@@ -128,6 +128,8 @@ pub struct TargetShared {
     pub limits: Limits,
     /// Total namespaces (the length of each reactor's channel table).
     pub namespaces: Vec<Arc<Namespace>>,
+    /// Counters of the NVMe/TCP transport, summed over connections.
+    pub stats: crate::transport::tcp::TransportStats,
 }
 
 /// Transport and controller limits from the configuration.
@@ -139,6 +141,11 @@ pub struct Limits {
     pub max_h2c_data_bytes: usize,
     pub max_io_bytes: usize,
     pub idle_poll: std::time::Duration,
+    /// Close connections that have not finished ICReq and Connect by then.
+    pub handshake_timeout: std::time::Duration,
+    /// Close connections stalled in the middle of a PDU or an R2T transfer for this long.
+    pub pdu_timeout: std::time::Duration,
+    pub zero_copy_send: crate::config::ZeroCopySend,
 }
 
 impl Limits {

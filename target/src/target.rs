@@ -171,8 +171,11 @@ impl Target {
             max_h2c_data_bytes: t.max_h2c_data_bytes as usize,
             max_io_bytes: t.max_io_bytes as usize,
             idle_poll: std::time::Duration::from_micros(config.reactors.idle_poll_us),
+            handshake_timeout: std::time::Duration::from_millis(t.handshake_timeout_ms as u64),
+            pdu_timeout: std::time::Duration::from_millis(t.pdu_timeout_ms as u64),
+            zero_copy_send: t.zero_copy_send,
         };
-        let shared = Arc::new(TargetShared { subsystems, limits, namespaces });
+        let shared = Arc::new(TargetShared { subsystems, limits, namespaces, stats: Default::default() });
         let mut reactors = Vec::new();
         for (id, core) in config.reactors.cores.iter().enumerate() {
             match reactor::spawn(id, Some(*core), shared.clone()) {
@@ -215,6 +218,11 @@ impl Target {
     /// The address listener `i` actually bound (useful with port 0).
     pub fn listen_addr(&self, i: usize) -> SocketAddr {
         self.listen_addrs[i]
+    }
+
+    /// The NVMe/TCP transport's counters (copies on the receive path, back-pressure, timeouts).
+    pub fn transport_stats(&self) -> &crate::transport::tcp::TransportStats {
+        &self.shared.stats
     }
 
     /// The destage reactor's handle, when the configuration has write-back volumes.
