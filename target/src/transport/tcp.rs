@@ -508,7 +508,7 @@ impl Connection {
             {
                 if self.responding.is_empty() {
                     cx.target.stats.queue_overruns.fetch_add(1, Ordering::Relaxed);
-                    let size = self.reqs.len();
+                    let size = self.queue.as_ref().map_or(INITIAL_SLOTS, |q| q.size as usize);
                     let why = format!("a command beyond the {size} the host may have outstanding on this queue");
                     let echo = self.rx.echo_next();
                     self.terminate(PduError::new(fes::PDU_SEQUENCE_ERROR, 0, why), &echo);
@@ -556,8 +556,8 @@ impl Connection {
     /// Fatal transport error: C2HTermReq with the offending header, then close.
     fn terminate(&mut self, e: PduError, header: &[u8]) {
         warn!(conn = %self.label(), "terminating connection: {}", e);
-        // Complete PDUs already queued still go out; the TermReq follows them.
-        self.tx.discard_unsent_next();
+        // PDUs already queued are whole (encoding never stops half-way): they still go out,
+        // and the TermReq follows them.
         let data = &header[..header.len().min(TERM_DATA_MAX)];
         pdu::encode(&Pdu::C2HTermReq(TermReq { fes: e.fes, fei: e.fei }), data, Digests::default(), &mut self.tx.next);
         self.phase = Phase::Terminating;
@@ -1333,7 +1333,7 @@ impl Connection {
                      not reading its commands until it does",
                     now.duration_since(since).as_millis(),
                     self.tx.backlog(),
-                    self.reqs.len()
+                    self.queue.as_ref().map_or(INITIAL_SLOTS, |q| q.size as usize)
                 );
             }
         }

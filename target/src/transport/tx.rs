@@ -158,11 +158,6 @@ impl TxQueue {
         self.queue.push_back(seg);
     }
 
-    /// Drops everything not yet sent (a fatal error: only the TermReq that follows matters).
-    pub fn discard_unsent_next(&mut self) {
-        self.next.clear();
-    }
-
     /// The send of everything queued (up to `TX_IOV_MAX` segments), or `None` when there is
     /// nothing to send or a send is in flight. `conn` goes into the completion's `user_data`.
     pub fn prepare(&mut self, fd: types::Fd, conn: u32) -> Option<squeue::Entry> {
