@@ -27,6 +27,7 @@ pub mod compare;
 pub mod constants;
 pub mod cpu;
 pub mod floor;
+pub mod hostile;
 pub mod plot;
 pub mod progress;
 pub mod report;
