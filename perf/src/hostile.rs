@@ -213,11 +213,15 @@ fn no_read(cfg: &HostileConfig, addr: SocketAddr, subnqn: &str, ho: &HostOptions
     let mut sent = vec![0u64; socks.len()];
     let mut stopped: Vec<Option<Duration>> = vec![None; socks.len()];
     let mut last_progress = vec![start; socks.len()];
+    let mut closed: Vec<Option<Duration>> = vec![None; socks.len()];
     let mut cid = 0u16;
     // One 4 KiB read after another, never reading a response.
     while start.elapsed() < cfg.time {
         let mut progressed = false;
         for (i, s) in socks.iter_mut().enumerate() {
+            if closed[i].is_some() {
+                continue;
+            }
             capsule.clear();
             for _ in 0..64 {
                 let mut cmd = io_cmd::read(1, (cid as u64 % 256) * nlb as u64, nlb);
@@ -231,7 +235,10 @@ fn no_read(cfg: &HostileConfig, addr: SocketAddr, subnqn: &str, ho: &HostOptions
                 match s.write(&capsule[off..]) {
                     Ok(n) => off += n,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(_) => break,
+                    Err(_) => {
+                        closed[i] = Some(start.elapsed());
+                        break;
+                    }
                 }
             }
             sent[i] += off as u64;
@@ -260,6 +267,12 @@ fn no_read(cfg: &HostileConfig, addr: SocketAddr, subnqn: &str, ho: &HostOptions
     }
     for (i, bytes) in sent.iter().enumerate() {
         let cmds = bytes / pdu_capsule_len() as u64;
+        if let Some(t) = closed[i] {
+            out.lines.push(format!(
+                "connection {i}: the target closed the connection at {:.2} s after {cmds} commands",
+                t.as_secs_f64()
+            ));
+        }
         match stopped[i] {
             Some(t) => out.lines.push(format!(
                 "connection {i}: the target stopped taking commands after {cmds} ({bytes} bytes, including \
@@ -272,6 +285,7 @@ fn no_read(cfg: &HostileConfig, addr: SocketAddr, subnqn: &str, ho: &HostOptions
             )),
         }
     }
+    out.all_closed = closed.iter().all(|c| c.is_some());
     drop(socks);
     drop(ctrls);
     Ok(out)

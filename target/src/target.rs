@@ -252,6 +252,20 @@ impl Target {
         if let Some(v) = self.volumes.take() {
             v.stop();
         }
+        let st = &self.shared.stats;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        info!(
+            "transport: write data copied from receive buffers {} bytes, received straight into I/O buffers {} \
+             bytes; read data sent zero-copy {} bytes; {} back-pressure episodes, {} queue overruns, {} handshake \
+             and {} PDU timeouts",
+            load(&st.rx_data_copied_bytes),
+            load(&st.rx_data_direct_bytes),
+            load(&st.tx_zero_copy_bytes),
+            load(&st.backpressure_episodes),
+            load(&st.queue_overruns),
+            load(&st.handshake_timeouts),
+            load(&st.pdu_timeouts)
+        );
         info!("target stopped");
     }
 }

@@ -32,11 +32,12 @@
 //!
 //! **Bounds.** A slot is freed only when its response has left, so a host that does not read
 //! its responses runs out of slots: the next capsule waits in the receive buffer and the
-//! connection stops receiving (back-pressure) until the socket drains. A capsule that arrives
-//! while every slot holds a command the host has not been answered for overruns the queue size
-//! it negotiated: a fatal transport error (C2HTermReq, PDU Sequence Error) as Linux's and
-//! SPDK's targets treat it. Memory per connection is therefore the receive buffer plus, per
-//! slot, at most one I/O buffer. Handshakes and PDUs that stall time out.
+//! connection stops receiving (TCP back-pressure) until the socket drains. A capsule that
+//! arrives while every slot waits for the host itself (R2T data it has not sent, a held AER)
+//! can never be served: the host overran the queue size it negotiated, a fatal transport error
+//! (C2HTermReq, PDU Sequence Error), as Linux's and SPDK's targets treat a command beyond the
+//! queue. Memory per connection is therefore the receive buffer plus, per slot, at most one
+//! I/O buffer. Handshakes and PDUs that stall time out.
 //!
 //! Errors of the world are mapped here in one place: a malformed PDU terminates the connection
 //! with the FES/FEI the codec found (and a log line); a bad command completes with the status
@@ -506,14 +507,22 @@ impl Connection {
             // A capsule needs a free slot before it is taken out of the buffer.
             if self.phase == Phase::Ready && self.free.is_empty() && self.rx.next_type() == Some(pdu_type::CAPSULE_CMD)
             {
-                if self.responding.is_empty() {
+                // Wait while some slot will free by itself (its device I/O completes, or the
+                // socket takes its response): the capsule stays in the buffer and the socket
+                // unread — TCP back-pressure. If every slot waits for the host (its R2T data,
+                // or a held AER), the host sent more commands than its queue holds and waiting
+                // would never end: a fatal transport error.
+                let will_free = self
+                    .reqs
+                    .iter()
+                    .any(|r| r.state == ReqState::Responding || (r.state == ReqState::Executing && r.pending_ops > 0));
+                if !will_free {
                     cx.target.stats.queue_overruns.fetch_add(1, Ordering::Relaxed);
                     let size = self.queue.as_ref().map_or(INITIAL_SLOTS, |q| q.size as usize);
                     let why = format!("a command beyond the {size} the host may have outstanding on this queue");
                     let echo = self.rx.echo_next();
                     self.terminate(PduError::new(fes::PDU_SEQUENCE_ERROR, 0, why), &echo);
                 } else if self.backpressure.is_none() {
-                    // Every other slot waits for the socket to take its response.
                     self.backpressure = Some(cx.now);
                     self.backpressure_warned = false;
                     cx.target.stats.backpressure_episodes.fetch_add(1, Ordering::Relaxed);
