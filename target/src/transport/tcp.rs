@@ -52,7 +52,7 @@ use std::time::Instant;
 
 use io_uring::{opcode, types};
 use stager_nvme::bdev::{AlignedBuf, BdevDone, BdevError, BdevIo, BdevOp, BufPool, LentBuf};
-use stager_nvme::command::{fctype, io, sgl, Command, DataDirection, FABRICS_OPCODE};
+use stager_nvme::command::{admin, fctype, io, sgl, Command, DataDirection, FABRICS_OPCODE};
 use stager_nvme::completion::Completion;
 use stager_nvme::constants::DIGEST_BYTES;
 use stager_nvme::fabrics::{connect_field, invalid_param_dw0, Connect};
@@ -697,6 +697,9 @@ impl Connection {
         let qsize = self.queue.as_ref().map_or(INITIAL_SLOTS as u16, |q| q.size);
         self.sqhd = (self.sqhd + 1) % qsize.max(1);
         let (word, bit) = (cid as usize / 64, 1u64 << (cid % 64));
+        if self.cids[word] & bit != 0 {
+            self.drop_abandoned_aer(cid, cx.pool);
+        }
         let conflict = self.cids[word] & bit != 0;
         let admin_queue = self.queue.as_ref().is_none_or(|q| q.qid == 0);
         let dir = cmd.direction(admin_queue);
@@ -761,6 +764,45 @@ impl Connection {
         r.state = ReqState::Executing;
         self.execute(slot, cx);
         None
+    }
+
+    /// A host that gives up its Asynchronous Event Requests (SPDK's does when it shuts a
+    /// controller down) does not tell the controller: it reuses their CIDs. A new command with
+    /// the CID of a held AER therefore means the host abandoned that AER; it is dropped without
+    /// an answer (the CID now names the new command), rather than refusing the new command
+    /// with a CID conflict.
+    fn drop_abandoned_aer(&mut self, cid: u16, pool: &mut BufPool) {
+        let Some(a) = self.queue.as_mut().and_then(|q| q.admin.as_mut()) else { return };
+        let Some(i) = a.held_aers.iter().position(|&c| c == cid) else { return };
+        a.held_aers.swap_remove(i);
+        let held = self.reqs.iter().position(|r| {
+            r.state == ReqState::Executing
+                && r.owns_cid
+                && r.cmd.cid() == cid
+                && r.cmd.opcode() == admin::ASYNC_EVENT_REQUEST
+        });
+        if let Some(slot) = held {
+            debug!(conn = %self.label(), cid, "host reused the CID of a held AER: the AER is dropped");
+            self.free_slot(slot as u16, pool);
+        }
+    }
+
+    /// Frees the slots of AERs the controller no longer holds (a controller reset clears them:
+    /// the host considers them aborted, and no answer is due).
+    fn sweep_released_aers(&mut self, pool: &mut BufPool) {
+        let Some(a) = self.queue.as_ref().and_then(|q| q.admin.as_ref()) else { return };
+        let gone: Vec<u16> = (0..self.reqs.len() as u16)
+            .filter(|&s| {
+                let r = &self.reqs[s as usize];
+                r.state == ReqState::Executing
+                    && r.pending_ops == 0
+                    && r.cmd.opcode() == admin::ASYNC_EVENT_REQUEST
+                    && !a.held_aers.contains(&r.cmd.cid())
+            })
+            .collect();
+        for slot in gone {
+            self.free_slot(slot, pool);
+        }
     }
 
     /// In-capsule data of request `slot` is in its buffer (`ok`: its digest matched).
@@ -1184,7 +1226,12 @@ impl Connection {
             return self.complete(slot, Status::INTERNAL_ERROR, 0, 0);
         };
         let r = &self.reqs[slot as usize];
-        match a.execute(&r.cmd) {
+        let aers_before = a.held_aers.len();
+        let outcome = a.execute(&r.cmd);
+        if a.held_aers.len() < aers_before {
+            self.sweep_released_aers(cx.pool);
+        }
+        match outcome {
             AdminOutcome::Done { status, dw0, dw1, data } => {
                 if status.is_success() && !data.is_empty() {
                     // Send what the host's SGL asked for, zero-padded, never more.
