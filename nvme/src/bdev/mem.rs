@@ -19,9 +19,10 @@
 //! [`LentBuf`] holding a clone of that `Arc`: the transport sends straight from the device's
 //! memory. A write to a chunk that is lent (its `Arc` is shared) first copies the chunk
 //! (`Arc::make_mut`, 64 KiB) so the bytes being sent never change under the reader — a read
-//! sees the device as it was when it executed, whole blocks, never torn. With random I/O over a
-//! large device a write rarely hits a lent chunk; a copied chunk leaves the huge-page region
-//! for an ordinary allocation, which costs only TLB reach.
+//! sees the device as it was when it executed, whole blocks, never torn. The copy goes into a
+//! spare piece when there is one (the memory of an older version whose last reader let go), so
+//! the device's memory stays its size plus the versions still being sent; only when no spare
+//! is free does a copy take a new 64 KiB allocation (kept as a spare afterwards).
 
 use std::ptr::NonNull;
 use std::sync::{Arc, RwLock};
@@ -89,29 +90,54 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping `new` made; no chunk refers to it any more (each
-        // holds an `Arc<Region>`).
+        // SAFETY: unmapping exactly the mapping `new` made; no chunk refers to it any more (the
+        // region lives in the `Store` every chunk holds an `Arc` of).
         unsafe { libc::munmap(self.map.as_ptr() as *mut libc::c_void, self.map_len) };
     }
 }
 
-/// Where a chunk's bytes live.
-enum Backing {
-    /// A piece of the device's region (kept mapped while this chunk lives).
-    Region(#[allow(dead_code)] Arc<Region>),
-    /// Its own buffer, after a copy-on-write.
-    Own(#[allow(dead_code)] AlignedBuf),
+/// The memory of one chunk.
+enum Piece {
+    /// A piece of the device's region.
+    Region(NonNull<u8>),
+    /// Its own buffer (made when a copy-on-write found no spare piece).
+    Own(AlignedBuf),
 }
+
+impl Piece {
+    fn ptr(&mut self) -> NonNull<u8> {
+        match self {
+            Piece::Region(p) => *p,
+            Piece::Own(b) => NonNull::new(b.as_mut_ptr()).unwrap_or(NonNull::dangling()),
+        }
+    }
+}
+
+/// The device's memory: the region, and the pieces no chunk uses any more (old versions of
+/// copied-on-write chunks, once their last reader let go), which later copies reuse — so
+/// copy-on-write never grows the device's memory beyond its size plus the versions still lent.
+struct Store {
+    /// Kept for its mapping (unmapped when the last chunk is gone).
+    _region: Region,
+    spares: std::sync::Mutex<Vec<Piece>>,
+}
+
+// SAFETY: the spare pieces are unused memory, reached only under the mutex.
+unsafe impl Send for Store {}
+// SAFETY: as above.
+unsafe impl Sync for Store {}
 
 /// `CHUNK_BYTES` bytes owned by exactly one `Chunk`. Shared references (`Arc` clones, lent
 /// reads) only read; writing needs `&mut Chunk`, which `Arc::make_mut` gives only to a unique
 /// owner — copying the chunk first when it is shared.
 struct Chunk {
     ptr: NonNull<u8>,
-    _backing: Backing,
+    /// Always `Some` until dropped (then returned to the store's spares).
+    piece: Option<Piece>,
+    store: Arc<Store>,
 }
 
-// SAFETY: a Chunk owns its bytes exclusively (disjoint pieces of the region, or its own buffer)
+// SAFETY: a Chunk owns its bytes exclusively (a disjoint piece of the region, or its own buffer)
 // and follows `&`/`&mut` discipline for them, like a `Box<[u8]>`.
 unsafe impl Send for Chunk {}
 // SAFETY: as above: through `&Chunk` the bytes are only read.
@@ -119,7 +145,7 @@ unsafe impl Sync for Chunk {}
 
 impl Chunk {
     fn bytes(&self) -> &[u8] {
-        // SAFETY: ptr is valid for CHUNK_BYTES bytes while the backing lives (it lives in self);
+        // SAFETY: ptr is valid for CHUNK_BYTES bytes while the piece lives (it lives in self);
         // no `&mut` to them exists while `&self` does.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), CHUNK_BYTES) }
     }
@@ -130,12 +156,23 @@ impl Chunk {
 }
 
 impl Clone for Chunk {
-    /// A deep copy (copy-on-write of a lent chunk).
+    /// A deep copy (copy-on-write of a lent chunk), into a spare piece when there is one.
     fn clone(&self) -> Chunk {
-        let mut own = AlignedBuf::new(CHUNK_BYTES);
-        own.copy_from_slice(self.bytes());
-        let ptr = NonNull::new(own.as_mut_ptr()).unwrap_or(NonNull::dangling());
-        Chunk { ptr, _backing: Backing::Own(own) }
+        let spare = self.store.spares.lock().ok().and_then(|mut s| s.pop());
+        let mut piece = spare.unwrap_or_else(|| Piece::Own(AlignedBuf::new(CHUNK_BYTES)));
+        let ptr = piece.ptr();
+        // SAFETY: the piece is CHUNK_BYTES of memory nothing else uses (a spare, or new).
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), CHUNK_BYTES) };
+        dst.copy_from_slice(self.bytes());
+        Chunk { ptr, piece: Some(piece), store: self.store.clone() }
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        if let (Some(p), Ok(mut spares)) = (self.piece.take(), self.store.spares.lock()) {
+            spares.push(p);
+        }
     }
 }
 
@@ -180,12 +217,14 @@ impl MemoryDevice {
     /// A zeroed device of `size_bytes` (rounded up to whole chunks in memory).
     pub fn new(name: &str, size_bytes: u64, block_size: u32) -> std::io::Result<MemoryDevice> {
         let n = (size_bytes as usize).div_ceil(CHUNK_BYTES);
-        let region = Arc::new(Region::new(n * CHUNK_BYTES)?);
+        let region = Region::new(n * CHUNK_BYTES)?;
+        let base = region.base;
+        let store = Arc::new(Store { _region: region, spares: std::sync::Mutex::new(Vec::new()) });
         let chunks = (0..n)
             .map(|i| {
                 // SAFETY: chunk i lies inside the region's first n * CHUNK_BYTES bytes past base.
-                let ptr = unsafe { NonNull::new_unchecked(region.base.as_ptr().add(i * CHUNK_BYTES)) };
-                RwLock::new(Slot::new(Chunk { ptr, _backing: Backing::Region(region.clone()) }))
+                let ptr = unsafe { NonNull::new_unchecked(base.as_ptr().add(i * CHUNK_BYTES)) };
+                RwLock::new(Slot::new(Chunk { ptr, piece: Some(Piece::Region(ptr)), store: store.clone() }))
             })
             .collect();
         Ok(MemoryDevice {
@@ -348,6 +387,8 @@ mod tests {
         assert!(lent.iter().all(|&b| b == 0xAA), "the loan changed under the reader");
         assert!(done[1].buf.as_ref().unwrap().iter().all(|&b| b == 0), "buf must come back untouched");
         assert!(done[3].buf.as_ref().unwrap().iter().all(|&b| b == 0xBB), "the write after the loan was lost");
+        let store = dev.chunks[0].read().unwrap().chunk.store.clone();
+        assert_eq!(store.spares.lock().unwrap().len(), 0, "the old version is still lent");
         // A read across chunks, or out of range, is not lent: copied, or refused.
         let mut io = BdevIo::new(BdevOp::Read, CHUNK_BYTES as u64 - 4096, 8192, Some(AlignedBuf::new(8192)), 4);
         io.lend = true;
@@ -359,6 +400,17 @@ mod tests {
         ch.poll(&mut done);
         assert!(done[0].lent.is_none() && done[0].result.is_ok());
         assert!(done[1].lent.is_none() && matches!(done[1].result, Err(BdevError::OutOfRange { .. })));
+        // The copy-on-write kept the old version alive for the loan; now that the loan ended
+        // (done.clear() above) its memory is a spare, and the next copy-on-write reuses it.
+        done.clear();
+        assert_eq!(store.spares.lock().unwrap().len(), 1, "the old version's piece is a spare");
+        let mut io = BdevIo::new(BdevOp::Read, 0, 4096, Some(AlignedBuf::new(4096)), 7);
+        io.lend = true;
+        ch.submit(io, &mut ring);
+        write(&mut ch, &mut ring, 0, 0xDD);
+        assert_eq!(store.spares.lock().unwrap().len(), 0, "the copy took the spare");
+        ch.poll(&mut done);
+        done.clear();
         // The loan ends; the chunk stays correct for later writes and reads.
         done.clear();
         write(&mut ch, &mut ring, 8192, 0xCC);
