@@ -20,7 +20,9 @@ use stager_nvme::bdev::{BdevChannel, BdevDone, BufPool};
 use stager_nvme::uring::{kind, split, user_data, Ring, ZC_MORE};
 use tracing::{debug, error, info, warn};
 
-use crate::constants::{POOL_KEEP_BYTES, POOL_KEEP_PER_CLASS, RING_ENTRIES, SLEEP_MAX, TIMER_TICK};
+use crate::constants::{
+    CONNECTION_TIMER, POOL_KEEP_BYTES, POOL_KEEP_PER_CLASS, RING_ENTRIES, SLEEP_MAX, TIMER_TICK, TRIM_INTERVAL,
+};
 use crate::subsystem::TargetShared;
 use crate::transport::tcp::Connection;
 use crate::transport::ReactorCtx;
@@ -74,6 +76,15 @@ pub(crate) fn wake(fd: &OwnedFd) {
     }
 }
 
+/// Returns free heap pages to the system (glibc keeps them in its arenas otherwise).
+fn trim_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases memory malloc itself considers free.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Starts reactor `id` pinned to `core`. Returns once its ring and channels are open.
 pub fn spawn(id: usize, core: Option<usize>, target: Arc<TargetShared>) -> std::io::Result<ReactorHandle> {
     let wake_fd = Arc::new(new_eventfd()?);
@@ -119,6 +130,11 @@ struct Reactor {
     conns: Vec<Option<Connection>>,
     free_conns: Vec<u32>,
     stopping: bool,
+    /// Connections were released since the allocator last gave free memory back to the system.
+    trim_due: bool,
+    /// Connections that had an event this iteration: only they are re-armed, so a thousand
+    /// idle connections cost a busy reactor nothing per iteration.
+    dirty: Vec<u32>,
 }
 
 impl Reactor {
@@ -147,6 +163,8 @@ impl Reactor {
             conns: Vec::new(),
             free_conns: Vec::new(),
             stopping: false,
+            trim_due: false,
+            dirty: Vec::with_capacity(1024),
         };
         r.arm_wake();
         Ok(r)
@@ -166,6 +184,8 @@ impl Reactor {
         let mut done: Vec<BdevDone> = Vec::with_capacity(1024);
         let mut last_work = Instant::now();
         let mut next_tick = Instant::now() + TIMER_TICK;
+        let mut last_trim = Instant::now();
+        let mut next_conn_tick = Instant::now() + CONNECTION_TIMER;
         let mut now = Instant::now();
         loop {
             let mut work = 0usize;
@@ -175,8 +195,11 @@ impl Reactor {
                     ReactorMsg::Connection(s, peer) => self.add(s, peer),
                     ReactorMsg::Stop => {
                         self.stopping = true;
-                        for c in self.conns.iter_mut().flatten() {
-                            c.close("target shutting down");
+                        for (i, c) in self.conns.iter_mut().enumerate() {
+                            if let Some(c) = c {
+                                c.close("target shutting down");
+                                self.dirty.push(i as u32);
+                            }
                         }
                     }
                 }
@@ -200,7 +223,7 @@ impl Reactor {
             }
             now = Instant::now();
             work += cqes.len();
-            let Reactor { ring, channels, pool, target, conns, .. } = self;
+            let Reactor { ring, channels, pool, target, conns, dirty, .. } = self;
             let mut cx = ReactorCtx { ring, channels, pool, target, reactor: self.id, now };
             let mut rearm_wake = false;
             for &(ud, res) in &cqes {
@@ -209,16 +232,19 @@ impl Reactor {
                     kind::SOCKET_RECV => {
                         if let Some(Some(c)) = conns.get_mut(a as usize) {
                             c.on_recv(res, &mut cx);
+                            dirty.push(a);
                         }
                     }
                     kind::SOCKET_SEND | kind::SOCKET_SEND_ZC => {
                         if let Some(Some(c)) = conns.get_mut(a as usize) {
                             c.on_send(res, k == kind::SOCKET_SEND_ZC && b & ZC_MORE != 0, &mut cx);
+                            dirty.push(a);
                         }
                     }
                     kind::SOCKET_SEND_NOTIF => {
                         if let Some(Some(c)) = conns.get_mut(a as usize) {
                             c.on_send_notif(b, &mut cx);
+                            dirty.push(a);
                         }
                     }
                     kind::BDEV => {
@@ -239,28 +265,46 @@ impl Reactor {
                 let (ci, slot) = ((d.token >> 32) as usize, d.token as u16);
                 if let Some(Some(c)) = conns.get_mut(ci) {
                     c.on_bdev_done(slot, d, &mut cx);
+                    dirty.push(ci as u32);
                 }
             }
             let tick = now >= next_tick;
             if tick {
                 next_tick = now + TIMER_TICK;
             }
-            for (i, slot) in conns.iter_mut().enumerate() {
-                let Some(c) = slot.as_mut() else { continue };
-                if tick {
-                    c.tick(now, &mut cx);
+            if tick && now >= next_conn_tick {
+                next_conn_tick = now + CONNECTION_TIMER;
+                for (i, slot) in conns.iter_mut().enumerate() {
+                    if let Some(c) = slot.as_mut() {
+                        c.tick(now, &mut cx);
+                        dirty.push(i as u32);
+                    }
                 }
+            }
+            dirty.sort_unstable();
+            dirty.dedup();
+            for i in dirty.drain(..) {
+                let Some(slot) = conns.get_mut(i as usize) else { continue };
+                let Some(c) = slot.as_mut() else { continue };
                 c.arm(&mut cx);
                 if c.finished() {
                     if let Some(mut c) = slot.take() {
                         c.release(&mut cx);
                         debug!("reactor {}: connection from {} released", self.id, c.peer);
                     }
-                    self.free_conns.push(i as u32);
+                    self.free_conns.push(i);
+                    self.trim_due = true;
                 }
             }
             if rearm_wake {
                 self.arm_wake();
+            }
+            if tick && self.trim_due && now.duration_since(last_trim) >= TRIM_INTERVAL {
+                // Closed connections' memory went back to malloc, which keeps it in its arenas;
+                // hand the free pages back so stagerd's RSS falls back when hosts leave.
+                self.trim_due = false;
+                last_trim = now;
+                trim_allocator();
             }
             if work > 0 {
                 last_work = now;
@@ -279,5 +323,6 @@ impl Reactor {
         let conn = Connection::new(idx, stream, peer, &cx);
         debug!("reactor {}: new connection from {peer}", self.id);
         self.conns[idx as usize] = Some(conn);
+        self.dirty.push(idx);
     }
 }

@@ -310,9 +310,19 @@ fn large_write_data_lands_in_the_io_buffer_without_a_copy() {
         let s = t.target.as_ref().unwrap().transport_stats();
         (s.rx_data_copied_bytes.load(Ordering::Relaxed), s.rx_data_direct_bytes.load(Ordering::Relaxed))
     };
-    // Connections add their counts on timer ticks (10 ms).
-    let settle = || std::thread::sleep(Duration::from_millis(50));
-    settle();
+    // Connections add their counts on their timer ticks (every 250 ms): wait for `bytes` more.
+    let settle = |from: (u64, u64), bytes: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (c, d) = stats();
+            if (c - from.0) + (d - from.1) >= bytes || std::time::Instant::now() > deadline {
+                return (c, d);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // The Connect commands' data (1 KiB each) is counted too: let those counts land first.
+    std::thread::sleep(Duration::from_millis(600));
     let (c0, d0) = stats();
     // 32 writes of 1 MiB: R2Ts out, so receives stop at each header; the data goes straight in.
     let q = c.io_queue(0);
@@ -320,8 +330,7 @@ fn large_write_data_lands_in_the_io_buffer_without_a_copy() {
         let r = q.execute(io_cmd::write(1, i * 256, 256), pattern(i, 1 << 20), DataDirection::HostToController);
         assert_eq!(r.unwrap().status(), Status::SUCCESS);
     }
-    settle();
-    let (c1, d1) = stats();
+    let (c1, d1) = settle((c0, d0), 32 << 20);
     let (copied, direct) = (c1 - c0, d1 - d0);
     assert_eq!(copied + direct, 32 << 20, "every data byte is counted once");
     assert!(copied * 100 <= (32 << 20), "large writes copied {copied} of {} bytes", 32 << 20);
@@ -330,8 +339,7 @@ fn large_write_data_lands_in_the_io_buffer_without_a_copy() {
         let r = q.execute(io_cmd::write(1, 9000 + i, 1), pattern(i, 4096), DataDirection::HostToController);
         assert_eq!(r.unwrap().status(), Status::SUCCESS);
     }
-    settle();
-    let (c2, d2) = stats();
+    let (c2, d2) = settle((c1, d1), 64 * 4096);
     assert_eq!((c2 - c1) + (d2 - d1), 64 * 4096);
     for i in [0u64, 17, 31] {
         assert!(read_back(&mut c, 1, i * 256, 4096, 1 << 20) == pattern(i, 1 << 20));

@@ -390,6 +390,9 @@ impl Connection {
     fn flush_stats(&mut self, cx: &ReactorCtx) {
         let s = &cx.target.stats;
         let (c, d) = (self.rx.copied_bytes, self.rx.direct_bytes);
+        if c == self.unflushed.copied && d == self.unflushed.direct && !self.tx.has_zero_copy_bytes() {
+            return;
+        }
         s.rx_data_copied_bytes.fetch_add(c - self.unflushed.copied, Ordering::Relaxed);
         s.rx_data_direct_bytes.fetch_add(d - self.unflushed.direct, Ordering::Relaxed);
         self.unflushed.copied = c;

@@ -111,6 +111,11 @@ impl TxQueue {
         }
     }
 
+    /// Whether zero-copy bytes were sent since `take_zero_copy_bytes` last ran.
+    pub fn has_zero_copy_bytes(&self) -> bool {
+        self.zc_bytes > 0
+    }
+
     /// Zero-copy bytes sent since the last call.
     pub fn take_zero_copy_bytes(&mut self) -> u64 {
         std::mem::take(&mut self.zc_bytes)
