@@ -19,6 +19,13 @@ pub const TIMER_TICK: Duration = Duration::from_millis(50);
 pub const CONNECTION_TIMER: Duration = Duration::from_millis(250);
 /// Longest a sleeping reactor waits before looking at its timers again.
 pub const SLEEP_MAX: Duration = Duration::from_millis(100);
+/// A spinning reactor reads the clock every this many loop iterations (and after every sleep):
+/// timers, timeouts and the end of the spin window come up to that many iterations late (µs),
+/// and the loop saves the ~5% of its time it spent in clock_gettime.
+pub const CLOCK_READ_EVERY: u32 = 32;
+/// A reactor looks at its message channel when its wake eventfd fired, and at least every this
+/// many iterations (a message always comes with a wake-up; this is only a safety net).
+pub const MSG_CHECK_EVERY: u32 = 4096;
 /// Least time between two returns of free heap memory to the system after connections closed
 /// (`malloc_trim`: walks the allocator's free lists, about a millisecond for tens of MiB).
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(1);
