@@ -345,8 +345,12 @@ pub fn decode_head(buf: &[u8], digests: Digests, max_data: usize) -> Result<Head
     let (_, digestible) = layout(t).unwrap_or((0, false));
     let header_end = hlen + if digestible && digests.header { DIGEST_BYTES } else { 0 };
     let is_term = matches!(t, pdu_type::H2C_TERM_REQ | pdu_type::C2H_TERM_REQ);
-    // peek checked header_end <= pdo <= plen for PDUs with data.
-    let need = if plen > header_end && !is_term { pdo } else { plen };
+    // peek checked header_end <= pdo and pdo + data digest <= plen for PDUs with data. Only a
+    // PDU with at least one data byte is returned before it is whole (a data digest alone, or
+    // padding alone, is not a payload).
+    let ddgst = if digests.data { DIGEST_BYTES } else { 0 };
+    let payload = plen > header_end && !is_term && plen.saturating_sub(pdo + ddgst) > 0;
+    let need = if payload { pdo } else { plen };
     if buf.len() < need {
         return Ok(HeadDecoded::Need(need));
     }
@@ -589,6 +593,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_pdu_whose_data_is_only_a_digest_is_decoded_whole() {
+        // Found by fuzzing decode_head: PLEN leaves room for a data digest and no data. There
+        // is no payload to place, so the head must wait for the whole PDU like any other.
+        let dg = Digests { header: false, data: true };
+        let mut out = Vec::new();
+        encode(&Pdu::CapsuleCmd(Command::new(1, 5)), &[], dg, &mut out);
+        out[1] |= flags::DDGSTF;
+        out[3] = 72; // PDO
+        out[4..8].copy_from_slice(&76u32.to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&[]).to_le_bytes());
+        assert_eq!(decode_head(&out[..72], dg, 4096).unwrap(), HeadDecoded::Need(76));
+        let HeadDecoded::Head(h) = decode_head(&out, dg, 4096).unwrap() else { panic!("whole PDU") };
+        assert!(!h.has_payload());
+        assert_eq!(h.len, 76);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! would sit beside it with the same shape: a connection owned by one reactor, fed by that
 //! reactor's completions, driving the controller and namespaces through `ReactorCtx`.
 
-mod rx;
+pub mod rx;
 pub mod tcp;
 mod tx;
 

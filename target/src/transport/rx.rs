@@ -139,6 +139,13 @@ impl RxBuffer {
             }
             HeadDecoded::Head(h) => {
                 let at = self.start;
+                if at + h.len > self.end {
+                    // decode_head returns a PDU without payload only once whole; never act on
+                    // bytes that are not here (a codec bug must not become a panic).
+                    debug_assert!(false, "decode_head returned {:?} before it was whole", h.pdu);
+                    self.need = h.len;
+                    return Ok(Step::Need);
+                }
                 self.start += h.len;
                 let data = &self.buf[at + h.data.start..at + h.data.end];
                 Ok(Step::Pdu(h, data))
