@@ -54,8 +54,12 @@ pub const RX_BUFFER_BYTES: usize = 64 << 10;
 pub const INITIAL_SLOTS: usize = 32;
 /// Segments one sendmsg gathers (iovecs); more wait for the next send. 16 bytes each.
 pub const TX_IOV_MAX: usize = 64;
-/// Emptied byte segments a connection keeps for reuse (4 KiB or more each).
-pub const TX_SPARE_MAX: usize = 8;
+/// Emptied byte segments a connection keeps for reuse: a send of reads has one per read (the
+/// PDU headers between two data segments), so as many as one send gathers, or a busy
+/// connection allocates. Each starts at TX_SEGMENT_BYTES and keeps what it grew to.
+pub const TX_SPARE_MAX: usize = TX_IOV_MAX;
+/// Initial capacity of a byte segment: a few PDU headers and responses (24-72 bytes each).
+pub const TX_SEGMENT_BYTES: usize = 512;
 /// R2Ts one command may have outstanding at once (also bounded by the host's MAXR2T + 1): a
 /// write larger than MAXH2CDATA is asked for in this many pieces at once.
 pub const R2T_PER_CMD_MAX: usize = 8;

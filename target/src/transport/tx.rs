@@ -25,7 +25,9 @@ use io_uring::{opcode, squeue, types};
 use stager_nvme::bdev::{AlignedBuf, BufPool, LentBuf};
 use stager_nvme::uring::{kind, user_data, ZC_MORE};
 
-use crate::constants::{TX_IOV_MAX, TX_SPARE_MAX, ZC_HOLD_BYTES_MAX, ZC_NOTIFS_MAX, ZC_SEND_MIN_BYTES};
+use crate::constants::{
+    TX_IOV_MAX, TX_SEGMENT_BYTES, TX_SPARE_MAX, ZC_HOLD_BYTES_MAX, ZC_NOTIFS_MAX, ZC_SEND_MIN_BYTES,
+};
 
 /// A piece of the byte stream to the host.
 pub enum TxSeg {
@@ -92,7 +94,7 @@ impl TxQueue {
         TxQueue {
             queue: VecDeque::new(),
             head_off: 0,
-            next: Vec::with_capacity(4096),
+            next: Vec::with_capacity(TX_SEGMENT_BYTES),
             spare: Vec::new(),
             sealed: 0,
             sent: 0,
@@ -149,7 +151,7 @@ impl TxQueue {
     /// Moves encoded bytes into the queue (before a data segment, or before a send).
     fn seal(&mut self) {
         if !self.next.is_empty() {
-            let next = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(4096));
+            let next = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(TX_SEGMENT_BYTES));
             let full = std::mem::replace(&mut self.next, next);
             self.sealed += full.len() as u64;
             self.queue.push_back(TxSeg::Bytes(full));
