@@ -156,9 +156,12 @@ kill -TERM "$stagerd_pid"; wait "$stagerd_pid" 2> /dev/null || true; stagerd_pid
 start_stagerd "$work/wb.yaml" stagerd5
 # With the SAN paused, dirty data stays in flash, so the switch has something to drain. A
 # state file and range of its own: loading state.json would first read back its in-flight
-# blocks, and those reads need the paused SAN.
+# blocks, and those reads need the paused SAN. A short run: each 4 KiB write takes 8 KiB of
+# the 51.2 MiB log, and a write that finds the log full with the SAN paused waits and then
+# goes write-through to the paused SAN (the hung-SAN case of issue 13) — the front end fills
+# the log within a second now (6.5 K writes/s here).
 kill -STOP "$tgtd_pid"
-"$BIN/stager-perf" run --target "$target" -q 4 -w randwrite -s 4k --range 48MiB:16MiB -t 1 \
+"$BIN/stager-perf" run --target "$target" -q 4 -w randwrite -s 4k --range 48MiB:16MiB -t 0.3 \
     --verify-state "$work/state-third.json" --quiet --name third > "$work/perf-third.log" 2>&1 || {
     kill -CONT "$tgtd_pid"
     cat "$work/perf-third.log"

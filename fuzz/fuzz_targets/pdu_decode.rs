@@ -8,6 +8,9 @@
 //!   no data digest was negotiated; trailing bytes after it do not change it, and every proper
 //!   prefix of it asks for more (never an error, never a different frame);
 //! - raising `max_data` never turns a frame into an error;
+//! - `decode_head` (the header before its data) agrees with `decode`: same errors, a head for
+//!   every frame with the same PDU, length and data range, never more bytes asked for, and an
+//!   early head only for a PDU whose data a receiver places (`Head::has_payload`);
 //! - re-encoding the decoded PDU with its data (`pdu::encode`) decodes to the same `Pdu` and
 //!   the same data, and encoding is then a fixed point (canonical bytes). The original bytes
 //!   are not compared: encode writes canonical PDO (right after the header), clears flag bits
@@ -18,7 +21,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use stager_nvme::constants::{DIGEST_BYTES, PDU_LEN_MAX};
-use stager_nvme::tcp::pdu::{self, fes, Decoded, Digests, Frame, COMMON_HEADER_BYTES, TERM_DATA_MAX};
+use stager_nvme::tcp::pdu::{self, fes, Decoded, Digests, Frame, HeadDecoded, COMMON_HEADER_BYTES, TERM_DATA_MAX};
 
 /// Data limits to decode under, ascending: none, a sector, the admin in-capsule size, the
 /// default MAXH2CDATA, and no limit at all.
@@ -74,6 +77,7 @@ fn check(buf: &[u8], digests: Digests, max_data: usize) -> Option<Frame> {
             }
         }
     }
+    check_head(buf, digests, max_data, &decoded);
     match decoded {
         Ok(Decoded::Need(n)) => {
             assert!(n > buf.len(), "Need({n}) with {} bytes present: no progress", buf.len());
@@ -85,6 +89,31 @@ fn check(buf: &[u8], digests: Digests, max_data: usize) -> Option<Frame> {
             check_frame(buf, digests, max_data, &f);
             Some(f)
         }
+    }
+}
+
+/// `decode_head` against what `decode` said about the same bytes.
+fn check_head(buf: &[u8], digests: Digests, max_data: usize, decoded: &Result<Decoded, pdu::PduError>) {
+    let head = pdu::decode_head(buf, digests, max_data);
+    match (decoded, &head) {
+        (Err(e), Err(h)) => assert_eq!(e, h, "decode and decode_head report different errors"),
+        (Err(e), Ok(h)) => panic!("decode failed ({e}) but decode_head gave {h:?}"),
+        (Ok(Decoded::Frame(f)), Ok(HeadDecoded::Head(h))) => {
+            assert_eq!((&h.pdu, &h.data, h.len), (&f.pdu, &f.data, f.len), "head differs from frame");
+        }
+        (Ok(Decoded::Frame(f)), other) => panic!("decode found {:?} but decode_head gave {other:?}", f.pdu),
+        (Ok(Decoded::Need(n)), Ok(HeadDecoded::Need(m))) => {
+            assert!(m <= n && *m > buf.len(), "decode_head needs {m}, decode {n}, buffer {}", buf.len());
+        }
+        (Ok(Decoded::Need(_)), Ok(HeadDecoded::Head(h))) => {
+            assert!(h.has_payload(), "a head before the whole {:?}, which has no payload to place", h.pdu);
+            assert!(h.data.start <= buf.len() && h.data.end <= h.len, "head data {:?} of {}", h.data, h.len);
+        }
+        // The header (digest, DATAL) can be judged before the data is in.
+        (Ok(Decoded::Need(_)), Err(e)) => assert!(
+            [fes::HEADER_DIGEST_ERROR, fes::DATA_OUT_OF_RANGE].contains(&e.fes),
+            "decode_head failed early with {e}"
+        ),
     }
 }
 

@@ -198,6 +198,29 @@ def seeds_pdu_stream():
     }
 
 
+def seeds_rx_stream():
+    # Byte 0: digests (bits 0-1), data limit (bits 2-3), header-sized receives (bit 4); byte 1:
+    # buffer size (512 + 64 * b); byte 2: receive sizes - 1; then that many le16 sizes - 1.
+    def cfg(bits, cap, sizes):
+        return bytes([bits, cap, len(sizes) - 1]) + b"".join(struct.pack("<H", n - 1) for n in sizes)
+    plain = (capsule_cmd(command(READ, 2, nsid=1, sgl_id=TRANSPORT, sgl_len=4096))
+             + capsule_cmd(write_cmd(5, 1, 512, True), bytes([3]) * 512)
+             + data_pdu(H2C_DATA, 3, 1, 0, bytes([7]) * 4096, last=False)
+             + data_pdu(H2C_DATA, 3, 1, 4096, bytes([8]) * 4096, last=True)
+             + capsule_cmd(write_cmd(6, 16, 8192, True), bytes([4]) * 8192))
+    dg = (capsule_cmd(write_cmd(5, 1, 512, True), bytes([3]) * 512, hdgst=True, ddgst=True)
+          + data_pdu(H2C_DATA, 6, 2, 0, bytes([9]) * 4096, hdgst=True, ddgst=True)
+          + term(H2C_TERM, 1, 0))
+    return {
+        "plain_big_receives": cfg(0x00, 0, [65535]) + plain,
+        "plain_byte_by_byte": cfg(0x00, 0, [1]) + plain,
+        "plain_odd_sizes": cfg(0x04, 8, [7, 300, 13, 4097]) + plain,
+        "plain_header_sized": cfg(0x10, 255, [65535]) + plain,
+        "digests_header_sized": cfg(0x13, 2, [100, 28]) + dg,
+        "digests_chunks": cfg(0x03, 40, [3, 1000]) + dg,
+    }
+
+
 def seeds_command_fields():
     ccmd, cdata = connect_cmd_and_data()
     # Identify Controller (only the fields ControllerInfo reads).
@@ -417,6 +440,7 @@ def write(target, files):
 if __name__ == "__main__":
     write("pdu_decode", seeds_pdu_decode())
     write("pdu_stream", seeds_pdu_stream())
+    write("rx_stream", seeds_rx_stream())
     write("command_fields", seeds_command_fields())
     write("config_parse", seeds_config_parse())
     write("fabric_frame", seeds_fabric_frame())

@@ -4,6 +4,12 @@
 //! the operation (socket receive, socket send, block device, wake-up eventfd), the rest says
 //! which one. Submissions that do not fit in the submission queue wait in a backlog instead of
 //! failing, so a burst can never lose an operation.
+//!
+//! A zero-copy send (`kind::SOCKET_SEND_ZC`) completes twice: once with its result and, if the
+//! kernel set `IORING_CQE_F_MORE` on that, later with a notification that it no longer uses the
+//! buffers. Completions carry only `(user_data, result)`, so `reap` folds those flags into
+//! `user_data`: the first completion gets `ZC_MORE` in `b` when a notification will follow, and
+//! the notification arrives as `kind::SOCKET_SEND_NOTIF` with the send's `a` and `b`.
 
 use std::collections::VecDeque;
 use std::io;
@@ -16,6 +22,10 @@ pub mod kind {
     pub const SOCKET_SEND: u8 = 2;
     pub const BDEV: u8 = 3;
     pub const WAKE: u8 = 4;
+    /// A zero-copy socket send (see the module doc).
+    pub const SOCKET_SEND_ZC: u8 = 5;
+    /// The buffer notification of a `SOCKET_SEND_ZC`.
+    pub const SOCKET_SEND_NOTIF: u8 = 6;
 }
 
 /// Slots (the `b` of a `kind::BDEV` `user_data`) a block device channel does not use for its
@@ -28,6 +38,10 @@ pub mod slot {
     /// channel's.
     pub const OWNER: u32 = u32::MAX;
 }
+
+/// In `b` of a `SOCKET_SEND_ZC` completion: a `SOCKET_SEND_NOTIF` will follow. Zero-copy senders
+/// keep `b` below this bit.
+pub const ZC_MORE: u32 = 1 << 31;
 
 /// Packs (kind, a: 24 bits, b: 32 bits) into `user_data`.
 pub fn user_data(kind: u8, a: u32, b: u32) -> u64 {
@@ -113,7 +127,18 @@ impl Ring {
 
     fn reap(&mut self, out: &mut Vec<(u64, i32)>) -> usize {
         let start = out.len();
-        out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        out.extend(self.ring.completion().map(|c| {
+            let ud = c.user_data();
+            if (ud >> 56) as u8 != kind::SOCKET_SEND_ZC {
+                (ud, c.result())
+            } else if io_uring::cqueue::notif(c.flags()) {
+                ((ud & !(0xFF << 56)) | ((kind::SOCKET_SEND_NOTIF as u64) << 56), c.result())
+            } else if io_uring::cqueue::more(c.flags()) {
+                (ud | ZC_MORE as u64, c.result())
+            } else {
+                (ud, c.result())
+            }
+        }));
         out.len() - start
     }
 }

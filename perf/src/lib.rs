@@ -28,6 +28,7 @@ pub mod constants;
 pub mod cpu;
 pub mod disk;
 pub mod floor;
+pub mod hostile;
 pub mod plot;
 pub mod progress;
 pub mod report;

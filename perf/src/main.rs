@@ -51,6 +51,33 @@ enum Command {
     Plot(PlotArgs),
     /// Run a YAML matrix of runs and print a markdown summary.
     Scenario(ScenarioArgs),
+    /// Play a misbehaving host (never reads, stalls mid-PDU, overruns its queue...) and report
+    /// what the target did.
+    Hostile(HostileArgs),
+}
+
+#[derive(Args)]
+struct HostileArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// no-read | idle | no-handshake | no-connect | half-pdu | overrun.
+    #[arg(long, value_enum)]
+    mode: stager_perf::hostile::HostileMode,
+    /// Connections to misbehave on.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100000))]
+    connections: u32,
+    /// How long to hold them (seconds, or 500ms, 2m...); the target may close them sooner.
+    #[arg(short = 't', long, default_value = "10", value_parser = parse_duration)]
+    time: Duration,
+    /// I/O queue depth asked for (no-read, half-pdu, overrun).
+    #[arg(short = 'q', long = "qd", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1023))]
+    qd: u32,
+    /// Exit 1 unless the target closed every connection before --time ran out.
+    #[arg(long)]
+    expect_closed: bool,
+    /// Exit 1 unless the target sent a C2HTermReq with this FES (e.g. 2, PDU Sequence Error).
+    #[arg(long)]
+    expect_term: Option<u16>,
 }
 
 fn parse_target(s: &str) -> Result<TargetUrl, String> {
@@ -324,7 +351,36 @@ fn dispatch(cmd: Command) -> Result<i32, PerfError> {
             Ok(EXIT_OK)
         }
         Command::Scenario(a) => cmd_scenario(a),
+        Command::Hostile(a) => cmd_hostile(a),
     }
+}
+
+fn cmd_hostile(a: HostileArgs) -> Result<i32, PerfError> {
+    let cfg = stager_perf::hostile::HostileConfig {
+        target: a.connect.target,
+        mode: a.mode,
+        connections: a.connections as usize,
+        time: a.time,
+        queue_depth: a.qd as usize,
+        hostnqn: a.connect.hostnqn,
+        timeout: a.connect.timeout,
+    };
+    let out = stager_perf::hostile::run(&cfg)?;
+    for l in &out.lines {
+        println!("hostile: {l}");
+    }
+    let mut code = EXIT_OK;
+    if a.expect_closed && !out.all_closed {
+        eprintln!("stager-perf: the target did not close every connection within {:?}", a.time);
+        code = stager_perf::EXIT_FAILURE;
+    }
+    if let Some(want) = a.expect_term {
+        if out.term_fes != Some(want) {
+            eprintln!("stager-perf: expected a C2HTermReq with FES {want:#x}, got {:?}", out.term_fes);
+            code = stager_perf::EXIT_FAILURE;
+        }
+    }
+    Ok(code)
 }
 
 fn cmd_run(a: RunArgs) -> Result<i32, PerfError> {

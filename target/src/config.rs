@@ -67,6 +67,10 @@ const PAGE_BYTES: u32 = 4096;
 const IO_BYTES_MAX: u32 = stager_nvme::constants::IO_BYTES_MAX as u32;
 const QUEUE_DEPTH_MAX: u16 = stager_nvme::constants::QUEUE_DEPTH_MAX as u16;
 const IO_QUEUES_MAX: u16 = 64;
+/// Range of the transport's handshake and stalled-PDU timeouts: shorter would cut off hosts on
+/// a slow network, longer lets dead connections hold their buffers for hours.
+const TIMEOUT_MS_MIN: u32 = 100;
+const TIMEOUT_MS_MAX: u32 = 3_600_000;
 // The casts above must not truncate the NVMe layer's limits.
 const _: () = assert!(stager_nvme::constants::IO_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(stager_nvme::constants::QUEUE_DEPTH_MAX <= u16::MAX as usize);
@@ -355,6 +359,26 @@ pub struct TransportConfig {
     pub max_io_bytes: u32,
     /// Keep-alive timeout applied when the host's Connect asks for none; 0 disables it.
     pub keep_alive_timeout_ms: u32,
+    /// A connection that has not finished its handshake (ICReq, then Fabrics Connect) this
+    /// long after it was accepted is closed.
+    pub handshake_timeout_ms: u32,
+    /// A connection that stops in the middle of a PDU (part of it received, or R2T data
+    /// requested and not sent) for this long is closed.
+    pub pdu_timeout_ms: u32,
+    /// Zero-copy sends of read data (`IORING_OP_SENDMSG_ZC`): `auto` uses them on connections
+    /// that do not come over loopback (where the kernel copies anyway), `on` everywhere,
+    /// `off` never.
+    pub zero_copy_send: ZeroCopySend,
+}
+
+/// When read data is sent without a copy; see `TransportConfig::zero_copy_send`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZeroCopySend {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 impl Default for TransportConfig {
@@ -366,6 +390,9 @@ impl Default for TransportConfig {
             max_h2c_data_bytes: 128 << 10,
             max_io_bytes: 1 << 20,
             keep_alive_timeout_ms: 120_000,
+            handshake_timeout_ms: 10_000,
+            pdu_timeout_ms: 30_000,
+            zero_copy_send: ZeroCopySend::Auto,
         }
     }
 }
@@ -1221,6 +1248,14 @@ fn check_transport(t: &TransportConfig) -> Result<(), Problem> {
             "transport.max_h2c_data_bytes",
             format!("{h2c} must be a multiple of {PAGE_BYTES} from {PAGE_BYTES} to {IO_BYTES_MAX}"),
         ));
+    }
+    for (key, ms) in [("handshake_timeout_ms", t.handshake_timeout_ms), ("pdu_timeout_ms", t.pdu_timeout_ms)] {
+        if !(TIMEOUT_MS_MIN..=TIMEOUT_MS_MAX).contains(&ms) {
+            return Err(problem(
+                format!("transport.{key}"),
+                format!("{ms} is out of range {TIMEOUT_MS_MIN}..={TIMEOUT_MS_MAX} (100 ms to 1 hour)"),
+            ));
+        }
     }
     let io = t.max_io_bytes;
     if io < PAGE_BYTES || !io.is_power_of_two() || io > IO_BYTES_MAX {
@@ -2183,6 +2218,9 @@ subsystems:
             "max_h2c_data_bytes:",
             "max_io_bytes:",
             "keep_alive_timeout_ms:",
+            "handshake_timeout_ms:",
+            "pdu_timeout_ms:",
+            "zero_copy_send:",
             "name:",
             "transport:",
             "address:",
@@ -2215,6 +2253,9 @@ subsystems:
         assert_eq!(c.transport.max_h2c_data_bytes, 131072);
         assert_eq!(c.transport.max_io_bytes, 1 << 20);
         assert_eq!(c.transport.keep_alive_timeout_ms, 120_000);
+        assert_eq!(c.transport.handshake_timeout_ms, 10_000);
+        assert_eq!(c.transport.pdu_timeout_ms, 30_000);
+        assert_eq!(c.transport.zero_copy_send, ZeroCopySend::Auto);
         assert_eq!(c.listeners[0].transport, TransportKind::Tcp);
         let s = &c.subsystems[0];
         assert_eq!(s.model, "Stager");

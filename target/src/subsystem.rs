@@ -130,6 +130,8 @@ pub struct TargetShared {
     pub namespaces: Vec<Arc<Namespace>>,
     /// The write-back volumes: each reactor builds the engines of the flash devices it owns.
     pub volumes: Option<Arc<crate::volume::VolumeService>>,
+    /// Counters of the NVMe/TCP transport, summed over connections.
+    pub stats: crate::transport::tcp::TransportStats,
 }
 
 /// Transport and controller limits from the configuration.
@@ -141,6 +143,11 @@ pub struct Limits {
     pub max_h2c_data_bytes: usize,
     pub max_io_bytes: usize,
     pub idle_poll: std::time::Duration,
+    /// Close connections that have not finished ICReq and Connect by then.
+    pub handshake_timeout: std::time::Duration,
+    /// Close connections stalled in the middle of a PDU or an R2T transfer for this long.
+    pub pdu_timeout: std::time::Duration,
+    pub zero_copy_send: crate::config::ZeroCopySend,
 }
 
 impl Limits {

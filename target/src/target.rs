@@ -92,7 +92,18 @@ impl Target {
                 let bdev: Arc<dyn BlockDevice> = match (devices.remove(&(s.nqn.clone(), n.nsid)), &n.backend) {
                     (Some(dev), _) => dev,
                     (None, BackendConfig::Memory { size_bytes, block_size }) => {
-                        Arc::new(MemoryDevice::new(&format!("{}/ns{}", s.nqn, n.nsid), *size_bytes, *block_size))
+                        match MemoryDevice::new(&format!("{}/ns{}", s.nqn, n.nsid), *size_bytes, *block_size) {
+                            Ok(d) => Arc::new(d),
+                            Err(source) => {
+                                stop_volumes(&volumes);
+                                return Err(StartError::Backend {
+                                    nqn: s.nqn.clone(),
+                                    nsid: n.nsid,
+                                    backend: format!("memory ({size_bytes} bytes)"),
+                                    source,
+                                });
+                            }
+                        }
                     }
                     (
                         None,
@@ -168,8 +179,17 @@ impl Target {
             max_h2c_data_bytes: t.max_h2c_data_bytes as usize,
             max_io_bytes: t.max_io_bytes as usize,
             idle_poll: std::time::Duration::from_micros(config.reactors.idle_poll_us),
+            handshake_timeout: std::time::Duration::from_millis(t.handshake_timeout_ms as u64),
+            pdu_timeout: std::time::Duration::from_millis(t.pdu_timeout_ms as u64),
+            zero_copy_send: t.zero_copy_send,
         };
-        let shared = Arc::new(TargetShared { subsystems, limits, namespaces, volumes: volumes.clone() });
+        let shared = Arc::new(TargetShared {
+            subsystems,
+            limits,
+            namespaces,
+            volumes: volumes.clone(),
+            stats: Default::default(),
+        });
         let mut reactors = Vec::new();
         for (id, core) in config.reactors.cores.iter().enumerate() {
             match reactor::spawn(id, Some(*core), shared.clone()) {
@@ -234,6 +254,11 @@ impl Target {
         self.listen_addrs[i]
     }
 
+    /// The NVMe/TCP transport's counters (copies on the receive path, back-pressure, timeouts).
+    pub fn transport_stats(&self) -> &crate::transport::tcp::TransportStats {
+        &self.shared.stats
+    }
+
     /// The destage reactor's handle, when the configuration has write-back volumes.
     pub fn volumes(&self) -> Option<&Arc<VolumeService>> {
         self.volumes.as_ref()
@@ -269,6 +294,20 @@ impl Target {
         if let Some(v) = self.volumes.take() {
             v.stop();
         }
+        let st = &self.shared.stats;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        info!(
+            "transport: write data copied from receive buffers {} bytes, received straight into I/O buffers {} \
+             bytes; read data sent zero-copy {} bytes; {} back-pressure episodes, {} queue overruns, {} handshake \
+             and {} PDU timeouts",
+            load(&st.rx_data_copied_bytes),
+            load(&st.rx_data_direct_bytes),
+            load(&st.tx_zero_copy_bytes),
+            load(&st.backpressure_episodes),
+            load(&st.queue_overruns),
+            load(&st.handshake_timeouts),
+            load(&st.pdu_timeouts)
+        );
         info!("target stopped");
     }
 }

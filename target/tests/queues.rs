@@ -234,3 +234,44 @@ fn busy_poll_host_and_sleeping_host_both_work() {
         c.shutdown().unwrap();
     }
 }
+
+#[test]
+fn a_host_may_reuse_the_cid_of_an_aer_it_gave_up() {
+    // SPDK's host completes its outstanding AERs itself when it shuts a controller down and
+    // reuses their CIDs for the shutdown's Property Get: that command must be served, not
+    // refused as a CID conflict.
+    use stager_nvme::command::{admin, Command};
+    use stager_nvme::fabrics::{self, cc, prop};
+    use stager_nvme::host::{connect_queue, QueuePair};
+    use stager_nvme::tcp::pdu::{self, Decoded, Pdu};
+    use std::io::{Read, Write};
+    let t = TestTarget::default();
+    let o = opts();
+    let mut q = QueuePair::open(t.addr, 0, 32, &o).unwrap();
+    connect_queue(&mut q, NQN, &o, 0, 31, 0xFFFF, 0).unwrap();
+    let r = q.execute(
+        fabrics::property_set(0, prop::CC, (cc::EN | (6 << 16) | (4 << 20)) as u64, false),
+        vec![],
+        DataDirection::None,
+    );
+    r.unwrap().ok().unwrap();
+    let (mut s, dg) = q.into_raw();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = Vec::new();
+    pdu::encode(&Pdu::CapsuleCmd(Command::new(admin::ASYNC_EVENT_REQUEST, 3)), &[], dg, &mut b);
+    pdu::encode(&Pdu::CapsuleCmd(fabrics::property_get(3, prop::CC, false)), &[], dg, &mut b);
+    s.write_all(&b).unwrap();
+    let mut got = Vec::new();
+    let resp = loop {
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).expect("a response");
+        got.extend_from_slice(&buf[..n]);
+        if let Ok(Decoded::Frame(f)) = pdu::decode(&got, dg, 1 << 20) {
+            break f.pdu;
+        }
+    };
+    let Pdu::CapsuleResp(c) = resp else { panic!("expected a response, got {resp:?}") };
+    assert_eq!((c.cid, c.status), (3, Status::SUCCESS), "the Property Get reusing the AER's CID");
+    assert_eq!(c.dw0 & cc::EN, cc::EN);
+}

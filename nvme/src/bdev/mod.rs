@@ -18,7 +18,7 @@ mod open;
 mod passthru;
 pub mod vfio;
 
-pub use buf::{AlignedBuf, BufPool, BUF_ALIGN};
+pub use buf::{AlignedBuf, BufPool, LentBuf, BUF_ALIGN};
 pub use fault::{Fault, FaultyDevice};
 pub use file::FileDevice;
 pub use mem::MemoryDevice;
@@ -70,12 +70,17 @@ pub struct BdevIo {
     pub gather: Vec<AlignedBuf>,
     /// Caller's identification, returned in the completion.
     pub token: u64,
+    /// Reads only: the caller accepts the data as a [`LentBuf`] in `BdevDone::lent` instead of
+    /// in `buf`, if the device can lend its own bytes (the memory device can, for a read inside
+    /// one of its chunks). Off unless the caller sets it: a caller that ignores `lent` would
+    /// read a buffer nobody filled.
+    pub lend: bool,
 }
 
 impl BdevIo {
     /// An I/O on one buffer (or none).
     pub fn new(op: BdevOp, offset: u64, len: u64, buf: Option<AlignedBuf>, token: u64) -> BdevIo {
-        BdevIo { op, offset, len, buf, gather: Vec::new(), token }
+        BdevIo { op, offset, len, buf, gather: Vec::new(), token, lend: false }
     }
 
     /// The buffers a write sends, in order.
@@ -96,7 +101,7 @@ impl BdevIo {
 
     /// The completion of this I/O, handing its buffers back.
     pub fn done(self, result: Result<(), BdevError>) -> BdevDone {
-        BdevDone { token: self.token, result, buf: self.buf, gather: self.gather }
+        BdevDone { token: self.token, result, buf: self.buf, gather: self.gather, lent: None }
     }
 }
 
@@ -143,6 +148,9 @@ pub struct BdevDone {
     pub buf: Option<AlignedBuf>,
     /// A gathered write's further buffers, handed back.
     pub gather: Vec<AlignedBuf>,
+    /// A read the device answered with its own bytes (only when `BdevIo::lend` was set): the
+    /// data is here, and `buf` comes back untouched.
+    pub lent: Option<LentBuf>,
 }
 
 pub trait BlockDevice: Send + Sync {
@@ -168,6 +176,11 @@ pub trait BdevChannel {
 /// `SyncChannel` around it queues the completions for the next `poll`, as a reactor expects.
 pub(crate) trait SyncIo {
     fn run(&self, io: &mut BdevIo) -> Result<(), BdevError>;
+    /// A read's data as a loan of the device's own bytes, when it can give one (checked, in
+    /// range, `io.lend` set); `None` means: run it as usual.
+    fn lend(&self, _io: &BdevIo) -> Option<LentBuf> {
+        None
+    }
 }
 
 pub(crate) struct SyncChannel<D> {
@@ -186,6 +199,14 @@ impl<D: SyncIo> SyncChannel<D> {
 
 impl<D: SyncIo> BdevChannel for SyncChannel<D> {
     fn submit(&mut self, mut io: BdevIo, _ring: &mut Ring) {
+        if io.lend && io.op == BdevOp::Read {
+            if let Some(lent) = self.dev.lend(&io) {
+                let mut d = io.done(Ok(()));
+                d.lent = Some(lent);
+                self.done.push_back(d);
+                return;
+            }
+        }
         let result = if io.buffers_match() { self.dev.run(&mut io) } else { Err(BdevError::Os(libc::EINVAL)) };
         self.done.push_back(io.done(result));
     }

@@ -10,7 +10,7 @@
 mod controller;
 mod queue;
 
-pub use controller::{discover, get_log_page_cmd, identify_cmd, resolve, Controller};
+pub use controller::{connect_queue, discover, get_log_page_cmd, identify_cmd, resolve, Controller};
 pub use queue::{QueuePair, Response};
 
 use crate::status::Status;
@@ -34,6 +34,9 @@ pub struct HostOptions {
     /// Ask the controller to disable SQ flow control on I/O queues (Connect CATTR bit 2): it
     /// then reports SQHD as FFFFh and may finish a read with a SUCCESS C2HData, no response.
     pub disable_sqflow: bool,
+    /// R2Ts the host takes outstanding per command, 0's based (ICReq MAXR2T): the target may
+    /// ask for a large write's data in this many + 1 pieces at once.
+    pub maxr2t: u32,
 }
 
 impl Default for HostOptions {
@@ -48,6 +51,7 @@ impl Default for HostOptions {
             busy_poll: false,
             timeout_ms: 30_000,
             disable_sqflow: false,
+            maxr2t: 3,
         }
     }
 }

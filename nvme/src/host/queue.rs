@@ -87,7 +87,7 @@ impl QueuePair {
             busy_poll: opts.busy_poll,
             timeout,
         };
-        let icreq = Pdu::IcReq { pfv: 0, hpda: 0, digests: opts.digests, maxr2t: 0 };
+        let icreq = Pdu::IcReq { pfv: 0, hpda: 0, digests: opts.digests, maxr2t: opts.maxr2t };
         pdu::encode(&icreq, &[], Digests::default(), &mut q.tx);
         q.flush()?;
         let deadline = Instant::now() + timeout;
@@ -116,6 +116,12 @@ impl QueuePair {
 
     pub fn digests(&self) -> Digests {
         self.digests
+    }
+
+    /// The connection itself, for tools and tests that go on misbehaving on an established
+    /// queue (writing raw PDUs, not reading responses). Anything buffered is dropped.
+    pub fn into_raw(self) -> (TcpStream, Digests) {
+        (self.stream, self.digests)
     }
     pub fn depth(&self) -> usize {
         self.slots.len()

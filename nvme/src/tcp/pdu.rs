@@ -61,6 +61,8 @@ const TERM_HLEN: usize = 24;
 const CAPSULE_CMD_HLEN: usize = COMMON_HEADER_BYTES + SQE_BYTES;
 const CAPSULE_RESP_HLEN: usize = COMMON_HEADER_BYTES + CQE_BYTES;
 const DATA_HLEN: usize = 24;
+/// Header bytes of an H2CData/C2HData PDU (without header digest).
+pub const DATA_HEADER_BYTES: usize = DATA_HLEN;
 const R2T_HLEN: usize = 24;
 /// A TermReq carries at most this much of the offending PDU's header.
 pub const TERM_DATA_MAX: usize = 152;
@@ -292,6 +294,72 @@ pub fn decode(buf: &[u8], digests: Digests, max_data: usize) -> Result<Decoded, 
         return Ok(Decoded::Need(plen));
     }
     let buf = &buf[..plen];
+    let head = parse_head(buf, digests, plen)?;
+    let data_digest_ok = match head.ddgst {
+        true => crc32c::crc32c(&buf[head.data.clone()]) == le::u32_at(buf, head.data.end),
+        false => true,
+    };
+    Ok(Decoded::Frame(Frame { pdu: head.pdu, data: head.data, len: plen, data_digest_ok }))
+}
+
+/// The header of a PDU, decoded before its data has arrived.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub pdu: Pdu,
+    /// Where its data (without digest) sits, counted from the PDU's first byte; empty when it
+    /// has none. For a TermReq: the echoed header it carries.
+    pub data: Range<usize>,
+    /// Total bytes of the PDU (PLEN).
+    pub len: usize,
+    /// A data digest (4 bytes) follows the data.
+    pub ddgst: bool,
+}
+
+impl Head {
+    /// Whether the data is big enough to be worth placing in a caller's buffer as it arrives:
+    /// capsule and H2C/C2H data. TermReqs carry at most a header echo, decoded whole.
+    pub fn has_payload(&self) -> bool {
+        !self.data.is_empty() && !matches!(self.pdu, Pdu::H2CTermReq(_) | Pdu::C2HTermReq(_))
+    }
+}
+
+/// Result of looking for a header at the start of a receive buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeadDecoded {
+    /// At least this many bytes (in total, from the start) are needed to go on.
+    Need(usize),
+    /// For a PDU with a payload (`Head::has_payload`): its header, header digest and padding
+    /// are in the buffer, its data may not be yet. For any other PDU: the whole PDU is.
+    Head(Head),
+}
+
+/// Decodes the header of the PDU at the start of `buf` without waiting for its data, so a
+/// receiver can place the data straight where it belongs (an I/O buffer) as it arrives. Checks
+/// everything `decode` checks except the data digest, which the receiver verifies once the data
+/// is in place. PDUs without a payload are returned only once whole, as `decode` would.
+pub fn decode_head(buf: &[u8], digests: Digests, max_data: usize) -> Result<HeadDecoded, PduError> {
+    let Some(plen) = peek(buf, digests, max_data)? else {
+        return Ok(HeadDecoded::Need(COMMON_HEADER_BYTES));
+    };
+    let (t, hlen, pdo) = (buf[0], buf[2] as usize, buf[3] as usize);
+    let (_, digestible) = layout(t).unwrap_or((0, false));
+    let header_end = hlen + if digestible && digests.header { DIGEST_BYTES } else { 0 };
+    let is_term = matches!(t, pdu_type::H2C_TERM_REQ | pdu_type::C2H_TERM_REQ);
+    // peek checked header_end <= pdo and pdo + data digest <= plen for PDUs with data. Only a
+    // PDU with at least one data byte is returned before it is whole (a data digest alone, or
+    // padding alone, is not a payload).
+    let ddgst = if digests.data { DIGEST_BYTES } else { 0 };
+    let payload = plen > header_end && !is_term && plen.saturating_sub(pdo + ddgst) > 0;
+    let need = if payload { pdo } else { plen };
+    if buf.len() < need {
+        return Ok(HeadDecoded::Need(need));
+    }
+    parse_head(&buf[..need], digests, plen).map(HeadDecoded::Head)
+}
+
+/// Parses a header that `peek` accepted, given at least its header, header digest and padding
+/// (the whole PDU for TermReqs): checks the header digest and DATAL.
+fn parse_head(buf: &[u8], digests: Digests, plen: usize) -> Result<Head, PduError> {
     let (t, f, hlen, pdo) = (buf[0], buf[1], buf[2] as usize, buf[3] as usize);
     let (_, digestible) = layout(t).unwrap_or((0, false));
     let hdgst = digestible && digests.header;
@@ -307,14 +375,12 @@ pub fn decode(buf: &[u8], digests: Digests, max_data: usize) -> Result<Decoded, 
         }
     }
     let header_end = hlen + if hdgst { DIGEST_BYTES } else { 0 };
-    let (data, data_digest_ok) = if plen == header_end {
-        (header_end..header_end, true)
+    let (data, ddgst) = if plen == header_end {
+        (header_end..header_end, false)
     } else if matches!(t, pdu_type::H2C_TERM_REQ | pdu_type::C2H_TERM_REQ) {
-        (hlen..plen, true)
+        (hlen..plen, false)
     } else {
-        let end = plen - if digests.data { DIGEST_BYTES } else { 0 };
-        let ok = !digests.data || crc32c::crc32c(&buf[pdo..end]) == le::u32_at(buf, end);
-        (pdo..end, ok)
+        (pdo..plen - if digests.data { DIGEST_BYTES } else { 0 }, digests.data)
     };
     let h = &buf[..hlen];
     let data_header = || DataHeader {
@@ -342,27 +408,20 @@ pub fn decode(buf: &[u8], digests: Digests, max_data: usize) -> Result<Decoded, 
         pdu_type::C2H_TERM_REQ => Pdu::C2HTermReq(TermReq { fes: le::u16_at(h, 8), fei: le::u32_at(h, 10) }),
         pdu_type::CAPSULE_CMD => Pdu::CapsuleCmd(Command::from_bytes(&h[COMMON_HEADER_BYTES..])),
         pdu_type::CAPSULE_RESP => Pdu::CapsuleResp(Completion::decode(&h[COMMON_HEADER_BYTES..])),
-        pdu_type::H2C_DATA => {
+        pdu_type::H2C_DATA | pdu_type::C2H_DATA => {
             let d = data_header();
             if d.length as usize != data.len() {
                 return Err(PduError::new(
                     fes::DATA_OUT_OF_RANGE,
                     16,
-                    format!("H2CData DATAL {} but the PDU carries {} bytes", d.length, data.len()),
+                    format!("{} DATAL {} but the PDU carries {} bytes", type_name(t), d.length, data.len()),
                 ));
             }
-            Pdu::H2CData(d)
-        }
-        pdu_type::C2H_DATA => {
-            let d = data_header();
-            if d.length as usize != data.len() {
-                return Err(PduError::new(
-                    fes::DATA_OUT_OF_RANGE,
-                    16,
-                    format!("C2HData DATAL {} but the PDU carries {} bytes", d.length, data.len()),
-                ));
+            if t == pdu_type::H2C_DATA {
+                Pdu::H2CData(d)
+            } else {
+                Pdu::C2HData(d)
             }
-            Pdu::C2HData(d)
         }
         pdu_type::R2T => Pdu::R2T(R2t {
             cccid: le::u16_at(h, 8),
@@ -372,7 +431,7 @@ pub fn decode(buf: &[u8], digests: Digests, max_data: usize) -> Result<Decoded, 
         }),
         _ => return Err(PduError::header(field::PDU_TYPE, format!("unknown PDU type {t:#04x}"))),
     };
-    Ok(Decoded::Frame(Frame { pdu, data, len: plen, data_digest_ok }))
+    Ok(Head { pdu, data, len: plen, ddgst })
 }
 
 /// Appends one PDU carrying `data` to `out`. Digests apply where the type allows them.
@@ -508,12 +567,59 @@ mod tests {
     }
 
     #[test]
+    fn headers_decode_before_their_data() {
+        for dg in [Digests::default(), Digests { header: true, data: true }] {
+            for (pdu, data) in all_pdus() {
+                let mut out = Vec::new();
+                encode(&pdu, &data, dg, &mut out);
+                let Decoded::Frame(f) = decode(&out, dg, 1 << 20).unwrap() else { panic!("need more") };
+                // The shortest prefix that yields the head: the header for data PDUs, else all.
+                let mut first = None;
+                for cut in 0..=out.len() {
+                    match decode_head(&out[..cut], dg, 1 << 20).unwrap() {
+                        HeadDecoded::Need(n) => assert!(n > cut, "Need({n}) at {cut}"),
+                        HeadDecoded::Head(h) => {
+                            first.get_or_insert((cut, h));
+                        }
+                    }
+                }
+                let (cut, h) = first.expect("a head");
+                assert_eq!((&h.pdu, &h.data, h.len), (&f.pdu, &f.data, f.len));
+                assert_eq!(h.ddgst, dg.data && h.has_payload());
+                if h.has_payload() {
+                    assert_eq!(cut, f.data.start, "{} head needs its data", pdu.name());
+                } else {
+                    assert_eq!(cut, out.len(), "{} without payload decodes whole", pdu.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_pdu_whose_data_is_only_a_digest_is_decoded_whole() {
+        // Found by fuzzing decode_head: PLEN leaves room for a data digest and no data. There
+        // is no payload to place, so the head must wait for the whole PDU like any other.
+        let dg = Digests { header: false, data: true };
+        let mut out = Vec::new();
+        encode(&Pdu::CapsuleCmd(Command::new(1, 5)), &[], dg, &mut out);
+        out[1] |= flags::DDGSTF;
+        out[3] = 72; // PDO
+        out[4..8].copy_from_slice(&76u32.to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&[]).to_le_bytes());
+        assert_eq!(decode_head(&out[..72], dg, 4096).unwrap(), HeadDecoded::Need(76));
+        let HeadDecoded::Head(h) = decode_head(&out, dg, 4096).unwrap() else { panic!("whole PDU") };
+        assert!(!h.has_payload());
+        assert_eq!(h.len, 76);
+    }
+
+    #[test]
     fn bad_header_digest_is_fatal() {
         let dg = Digests { header: true, data: false };
         let mut out = Vec::new();
         encode(&Pdu::CapsuleCmd(Command::new(1, 5)), &[], dg, &mut out);
         out[20] ^= 1;
         assert_eq!(decode(&out, dg, 4096).unwrap_err().fes, fes::HEADER_DIGEST_ERROR);
+        assert_eq!(decode_head(&out, dg, 4096).unwrap_err().fes, fes::HEADER_DIGEST_ERROR);
     }
 
     #[test]

@@ -26,7 +26,6 @@ use std::collections::{HashMap, VecDeque};
 use crate::constants::{
     BLOCK_SIZE_U64, DESTAGE_BATCH_BYTES_MAX, DESTAGE_BATCH_ENTRIES_MAX, SAN_BACKOFF_MAX_NS, SAN_BACKOFF_MIN_NS,
 };
-use crate::engine::PoolExt;
 use crate::io::{AlignedBuf, BufPool, Flash, IoDone, IoError, San};
 use crate::link::{DirtyRecord, FromDestage, Pressure, SanReport, SanRequest, ToDestage};
 use crate::log::Layout;

@@ -1183,16 +1183,3 @@ impl HostOp {
         }
     }
 }
-
-/// Returning buffers that may be absent.
-pub(crate) trait PoolExt {
-    fn put_opt(&mut self, buf: Option<AlignedBuf>);
-}
-
-impl PoolExt for BufPool {
-    fn put_opt(&mut self, buf: Option<AlignedBuf>) {
-        if let Some(b) = buf {
-            self.put(b);
-        }
-    }
-}

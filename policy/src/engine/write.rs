@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 use super::appender::{FrameState, Queued};
 use super::volume::{DirtyMeta, PendingOp, SanOp, WriteOp, WriteState};
-use super::{Engine, EngineEvent, FlashOp, PoolExt, Status};
+use super::{Engine, EngineEvent, FlashOp, Status};
 use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::index::DirtyLoc;
 use crate::io::{AlignedBuf, IoDone, IoError};

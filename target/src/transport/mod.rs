@@ -2,9 +2,12 @@
 //! would sit beside it with the same shape: a connection owned by one reactor, fed by that
 //! reactor's completions, driving the controller and namespaces through `ReactorCtx`.
 
+pub mod rx;
 pub mod tcp;
+mod tx;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use stager_nvme::bdev::{BdevChannel, BufPool};
 use stager_nvme::uring::Ring;
@@ -19,4 +22,6 @@ pub struct ReactorCtx<'a> {
     pub pool: &'a mut BufPool,
     pub target: &'a Arc<TargetShared>,
     pub reactor: usize,
+    /// The reactor's clock, read once per loop iteration.
+    pub now: Instant,
 }
