@@ -1096,6 +1096,7 @@ impl Engine {
             tracing::warn!(device = self.cfg.device_id, "flash degraded: volumes run write-through");
         }
         self.degraded = Some(now);
+        self.drop_copies_in_flight();
     }
 
     fn poll_degraded(&mut self, now: u64) -> usize {

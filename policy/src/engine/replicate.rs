@@ -118,6 +118,9 @@ impl Engine {
         if self.state != super::EngineState::Ready || self.read_only {
             return Err("the device is not ready".into());
         }
+        if self.degraded.is_some() {
+            return Err("this node's flash is degraded: it cannot keep copies now".into());
+        }
         if let Some(vi) = self.volume_index(volume) {
             let v = &mut self.volumes[vi];
             match v.source.as_deref() {
@@ -168,6 +171,26 @@ impl Engine {
         self.dirty_out.push(Vec::new());
         self.sb.want();
         Ok(())
+    }
+
+    /// This device cannot log copies any more (its flash is degraded): every source's link is
+    /// dropped (each source then runs its volume write-through and resyncs later) and the copy
+    /// entries still queued for the log are let go — none of them was acknowledged.
+    pub(crate) fn drop_copies_in_flight(&mut self) {
+        let inbound: Vec<LinkId> =
+            self.links.iter().filter(|(_, l)| matches!(l, Link::In { .. })).map(|(id, _)| *id).collect();
+        for link in inbound {
+            self.drop_link(link, "this node's flash is degraded: it cannot keep copies now");
+        }
+        let mut kept = std::collections::VecDeque::with_capacity(self.log.queue.len());
+        for q in self.log.queue.drain(..) {
+            if q.op.is_none() {
+                self.pool.put_opt(q.buf);
+            } else {
+                kept.push_back(q);
+            }
+        }
+        self.log.queue = kept;
     }
 
     /// The copy's state once its record (at least at `epoch`) is in a durable superblock.

@@ -800,6 +800,12 @@ impl Simulator {
             self.crash_replica(rep);
         } else if r < 64 && !self.replica_nodes.is_empty() {
             self.net.borrow_mut().busy_ppm = if self.rng.gen_bool(0.5) { 0 } else { 200_000 };
+        } else if r < 67 && !self.replica_nodes.is_empty() {
+            // A replica's flash fails writes for a while: it drops its sources' links.
+            self.stats.flash_errors += 1;
+            let rep = self.rng.gen_range(0..self.replica_nodes.len());
+            self.replica_nodes[rep].flash.0.borrow_mut().fail_writes_until =
+                now + self.rng.gen_range(100_000..5_000_000);
         }
         Ok(())
     }
@@ -920,6 +926,9 @@ impl Simulator {
         }
         self.flash.0.borrow_mut().fail_writes_until = 0;
         self.flash.0.borrow_mut().fail_reads_until = 0;
+        for rn in &self.replica_nodes {
+            rn.flash.0.borrow_mut().fail_writes_until = 0;
+        }
         for _ in 0..200_000 {
             if self.quiet() {
                 break;
