@@ -1144,6 +1144,13 @@ fn check_node(c: &Config) -> Result<(), Problem> {
             Ok(_) => {}
         }
     }
+    if node.fabric.kind == FabricKindYaml::Verbs && !stager_rdma::VERBS_BUILT {
+        return Err(problem(
+            "node.fabric.kind",
+            "verbs: this stagerd was built without the `verbs` feature (rdma-core); rebuild with \
+             --features stager-target/verbs, or use `kind: tcp`",
+        ));
+    }
     if !(100..=600_000).contains(&node.fabric.peer_timeout_ms) {
         return Err(problem("node.fabric.peer_timeout_ms", "must be from 100 to 600000"));
     }
@@ -2203,6 +2210,73 @@ subsystems:
         assert_eq!(kinds, HashSet::from(["memory", "file"]));
         let minimal = parse_test(EXAMPLE_MINIMAL).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(minimal.transport, TransportConfig::default());
+    }
+
+    #[test]
+    fn replication_examples_parse_and_node_mistakes_name_their_key() {
+        for (text, n) in [
+            (include_str!("../../examples/replication/node-a.yaml"), 2),
+            (include_str!("../../examples/replication/node-b.yaml"), 1),
+            (include_str!("../../examples/replication/node-c.yaml"), 1),
+        ] {
+            let c = parse_test(text).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.node.as_ref().map(|n| n.peers.len()), Some(n));
+        }
+        let a = parse_test(include_str!("../../examples/replication/node-a.yaml")).unwrap();
+        match &a.subsystems[0].namespaces[1].backend {
+            BackendConfig::Volume { policy: WritePolicy::WriteBack, replicas, .. } => {
+                assert_eq!(replicas, &["node-b".to_string(), "node-c".to_string()])
+            }
+            other => panic!("{other:?}"),
+        }
+        let node = |extra: &str| {
+            format!(
+                "listeners: [{{ name: a, address: 127.0.0.1:0 }}]\n\
+                 flash: [{{ name: f0, path: /tmp/stager-config-test-rflash.img, size: 64MiB }}]\n\
+                 node: {{ id: node-a, fabric: {{ listen: \"127.0.0.1:4520\", secret: \"sixteen bytes ok!\" }},\n\
+                 \x20 peers: [{{ id: node-b, address: \"127.0.0.1:4521\" }}] }}\n{extra}"
+            )
+        };
+        let volume = |policy: &str, replicas: &str| {
+            node(&format!(
+                "subsystems:\n  - nqn: nqn.2026-11.dev.stager:r\n    allow_any_host: true\n    namespaces:\n      - nsid: 1\n        \
+                 backend: {{ kind: volume, id: 3, flash: f0, policy: {policy}, replicas: {replicas}, \
+                 san: {{ kind: file, path: /tmp/stager-config-test-rsan.img, size: 1GiB }} }}\n"
+            ))
+        };
+        parse_test(&volume("write-back+1", "[node-b]")).unwrap_or_else(|e| panic!("{e}"));
+        let cases: Vec<(String, &[&str])> = vec![
+            (volume("write-back+1", "[]"), &["write-back+1", "needs `replicas`"]),
+            (volume("write-back", "[node-b]"), &["keeps no copies", "write-back+1"]),
+            (volume("write-back+3", "[node-b]"), &["at most 2 replicas"]),
+            (volume("write-back+1", "[node-z]"), &["backend.replicas", "not in `node.peers`"]),
+            (volume("write-back+1", "[node-a]"), &["backend.replicas", "this node"]),
+            (volume("write-back+2", "[node-b, node-b]"), &["backend.replicas", "named twice"]),
+            (
+                node("").replace("secret: \"sixteen bytes ok!\"", "secret: short"),
+                &["node.fabric.secret", "at least 16"],
+            ),
+            (node("").replace("secret: \"sixteen bytes ok!\"", "ring_size: 4MiB"), &["node.fabric", "secret"]),
+            (node("").replace("id: node-a,", "id: \"bad id!\","), &["node.id", "not a node id"]),
+            (node("").replace("id: node-b", "id: node-a"), &["node.peers[0].id", "own id"]),
+            (node("").replace("secret:", "ring_size: 1MiB, secret:"), &["node.fabric.ring_size"]),
+            (
+                node("").replace("listen:", "kind: verbs, listen:"),
+                if stager_rdma::VERBS_BUILT { &[] } else { &["node.fabric.kind", "without the `verbs` feature"] },
+            ),
+        ];
+        for (text, needles) in cases {
+            if needles.is_empty() {
+                parse_test(&text).unwrap_or_else(|e| panic!("{e}"));
+                continue;
+            }
+            let msg = err(&text);
+            for n in needles {
+                assert!(msg.contains(n), "{text}: message {msg:?} lacks {n:?}");
+            }
+        }
+        let orphan = volume("write-back+1", "[node-b]").replace("node: {", "nodex: {");
+        assert!(err(&orphan).contains("nodex"), "an unknown top-level key is named");
     }
 
     #[test]
