@@ -16,9 +16,11 @@ pub const LOG_START: u64 = SUPERBLOCK_COPIES * BLOCK_SIZE_U64;
 /// transfer). Larger commands are split by the namespace before they reach the engine.
 pub const WRITE_BLOCKS_MAX: u32 = 256;
 
-/// Entry headers one frame's header block holds: (4096 - 64-byte frame header) / 64. At QD32
-/// 32 concurrent 4 KiB writes share one header block: 4.125 KiB of log per 4 KiB written.
-pub const FRAME_ENTRIES_MAX: usize = 63;
+/// Entry headers one frame's header block holds: (2048 - 64-byte frame header) / 64, so the
+/// frame header and its entry headers fit in half a block and the other half holds a mirror of
+/// them (one damaged sector of a header block loses nothing). At QD32, 32 concurrent 4 KiB
+/// writes take two frames: 34 blocks of log for 32 of data.
+pub const FRAME_ENTRIES_MAX: usize = 31;
 
 /// Data blocks one frame carries at most (2 MiB): bounds a frame write and the time the writes
 /// grouped into it wait for each other. At least one largest entry must fit.
@@ -79,7 +81,7 @@ pub const PRESSURE_EVERY_NS: u64 = 2_000_000;
 
 const _: () = assert!(BLOCK_SIZE.is_power_of_two());
 const _: () = assert!(WRITE_BLOCKS_MAX <= FRAME_DATA_BLOCKS_MAX);
-const _: () = assert!(64 + FRAME_ENTRIES_MAX * 64 <= BLOCK_SIZE);
+const _: () = assert!(64 + FRAME_ENTRIES_MAX * 64 <= BLOCK_SIZE / 2);
 const _: () = assert!(DESTAGE_RUN_BLOCKS_MAX * BLOCK_SIZE_U64 <= DESTAGE_BATCH_BYTES_MAX);
 const _: () = assert!((WRITE_BLOCKS_MAX as u64 + 1) * BLOCK_SIZE_U64 <= DESTAGE_READ_BYTES_MAX);
 const _: () = assert!((FRAME_DATA_BLOCKS_MAX as u64 + 1) * BLOCK_SIZE_U64 <= REPLAY_WINDOW_BYTES);

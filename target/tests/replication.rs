@@ -25,11 +25,29 @@ const BS: usize = 4096;
 const VOLUME_BYTES: u64 = 16 << 20;
 const SECRET: &str = "a cluster secret for the tests";
 
-fn dir(name: &str) -> PathBuf {
+/// A test's folder, removed when the test passes (kept for a look when it fails).
+struct Dir(PathBuf);
+
+impl std::ops::Deref for Dir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn dir(name: &str) -> Dir {
     let d = std::env::temp_dir().join(format!("stager-repl-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Dir(d)
 }
 
 fn flash(path: PathBuf) -> FlashConfig {

@@ -320,14 +320,14 @@ mod tests {
     #[test]
     fn group_commit_packs_queued_writes_into_one_frame() {
         let mut a = Appender::new(Ring::new(LOG_BYTES_MIN, LogPos(0)), Incarnation(1));
-        for op in 0..40 {
+        for op in 0..30 {
             a.queue.push_back(queued(op, 1));
         }
         let mut s = seqs();
         let w = a.cut(LogPos(0), &mut s);
         assert_eq!(w.len(), 1);
-        assert_eq!((w[0].entries.len(), w[0].bufs.len()), (40, 40));
-        assert_eq!(a.ring.head, LogPos(41 * 4096), "40 blocks of data cost 41 blocks of log");
+        assert_eq!((w[0].entries.len(), w[0].bufs.len()), (30, 30));
+        assert_eq!(a.ring.head, LogPos(31 * 4096), "30 blocks of data cost 31 blocks of log");
         let f = &a.frames[0];
         assert_eq!(f.entries[3].data_pos, LogPos(4 * 4096));
         assert_eq!(f.entries[3].header.seq, LogSeq(4));
@@ -342,14 +342,18 @@ mod tests {
         }
         let mut s = seqs();
         assert_eq!(a.cut(LogPos(0), &mut s)[0].entries.len(), FRAME_ENTRIES_MAX);
-        for op in 0..3 {
-            a.queue.push_back(queued(100 + op, 256));
+        let mut b = Appender::new(Ring::new(4 * LOG_BYTES_MIN, LogPos(0)), Incarnation(1));
+        for op in 0..20 {
+            b.queue.push_back(queued(op, 1));
         }
-        // 37 one-block writes remain in front: the next frame takes them and one 1 MiB write
-        // (37 + 256 <= 512 blocks), not a second.
-        let w = a.cut(LogPos(0), &mut s);
-        assert_eq!(w[0].entries.len(), 37 + 1);
-        assert_eq!(a.queue.len(), 2);
+        for op in 0..3 {
+            b.queue.push_back(queued(100 + op, 256));
+        }
+        // The frame takes the 20 one-block writes and one 1 MiB write (20 + 256 <= 512 blocks),
+        // not a second.
+        let w = b.cut(LogPos(0), &mut s);
+        assert_eq!(w[0].entries.len(), 20 + 1);
+        assert_eq!(b.queue.len(), 2);
         // In the smallest log a frame holds at most a quarter of it: one 1 MiB write.
         let mut small = Appender::new(Ring::new(LOG_BYTES_MIN, LogPos(0)), Incarnation(1));
         small.queue.push_back(queued(1, 1));

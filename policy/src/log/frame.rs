@@ -18,8 +18,13 @@
 //! 12 data_blocks u32 (sum of the Write entries' blocks) | 16 incarnation u64 | 24 pos u64
 //! 32 device_id u64 | 40 acked_upto u64 | 48 reserved (12 bytes)
 //! 60 header_crc u32: crc32c of bytes 0..60 and of each entry header's first 60 bytes
-//! 64 entry headers, 64 bytes each (`entry.rs`); the rest of the block is zero
+//! 64 entry headers, 64 bytes each (`entry.rs`, at most 31); zero up to byte 2048
+//! 2048 a mirror of bytes 0..2048
 //! ```
+//! The mirror makes one damaged half of a header block recoverable: replay reads the first half
+//! and, if it fails its checks, the second. A torn write of the block (new first sectors, old
+//! rest) cannot pass for the new frame: the old half is a whole older frame, whose position
+//! (an earlier lap) replay refuses.
 //! A `Pad` frame has no entries and fills the ring to the end of its lap: frames never wrap, so
 //! an entry's data is always contiguous on the device.
 //!
@@ -37,6 +42,8 @@ use crate::types::{Incarnation, LogPos};
 pub const FRAME_MAGIC: u32 = 0x464c_5453; // "STLF"
 pub const FRAME_VERSION: u16 = 2;
 const ENTRIES_AT: usize = 64;
+/// The frame header and entries take the first half of the header block, their mirror the rest.
+const HALF: usize = BLOCK_SIZE / 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrameKind {
@@ -124,13 +131,33 @@ impl FrameHeader {
         }
         let crc = frame_crc(b, entries.len());
         b[60..64].copy_from_slice(&crc.to_le_bytes());
+        let (first, second) = b.split_at_mut(HALF);
+        second.copy_from_slice(first);
     }
 
-    /// Decodes and checks a frame header block. Never panics on arbitrary input.
+    /// Decodes and checks a frame header block: its first half, or else its mirror. Never
+    /// panics on arbitrary input. The error is the first half's.
     pub fn decode(buf: &[u8]) -> Result<FrameHeader, FrameError> {
         if buf.len() < BLOCK_SIZE {
             return Err(FrameError::Truncated(buf.len()));
         }
+        match Self::decode_half(&buf[..HALF]) {
+            Ok(h) => Ok(h),
+            Err(FrameError::BadMagic(m)) if buf[HALF..BLOCK_SIZE].iter().all(|&b| b == 0) => {
+                Err(FrameError::BadMagic(m))
+            }
+            Err(e) => Self::decode_half(&buf[HALF..BLOCK_SIZE]).map_err(|_| e),
+        }
+    }
+
+    /// Whether only the mirror half of this header block decodes (the first half is damaged).
+    pub fn mirror_only(buf: &[u8]) -> bool {
+        buf.len() >= BLOCK_SIZE
+            && Self::decode_half(&buf[..HALF]).is_err()
+            && Self::decode_half(&buf[HALF..BLOCK_SIZE]).is_ok()
+    }
+
+    fn decode_half(buf: &[u8]) -> Result<FrameHeader, FrameError> {
         let u16_at = |o: usize| u16::from_le_bytes([buf[o], buf[o + 1]]);
         let u32_at = |o: usize| u32::from_le_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
         let u64_at = |o: usize| {
@@ -239,7 +266,7 @@ mod tests {
         let f = FrameHeader::decode(&b).unwrap();
         assert_eq!(
             (f.kind, f.device_id, f.incarnation, f.pos, f.acked_upto, f.entries.len()),
-            (FrameKind::Data, 0xd1, Incarnation(4), LogPos(24576), LogPos(4096), 63)
+            (FrameKind::Data, 0xd1, Incarnation(4), LogPos(24576), LogPos(4096), FRAME_ENTRIES_MAX)
         );
         assert_eq!(f.entries, list);
         let blocks: u64 = list.iter().map(|e| e.data_bytes() / 4096).sum();
@@ -259,32 +286,43 @@ mod tests {
     }
 
     #[test]
-    fn a_tear_anywhere_in_the_header_block_is_detected() {
+    fn damage_in_one_half_is_recovered_from_the_other_and_in_both_is_detected() {
         let list = entries(10);
         let mut b = vec![0u8; BLOCK_SIZE];
         FrameHeader::encode(FrameKind::Data, FrameStamp::new(7, Incarnation(1), LogPos(0)), LogPos(0), &list, &mut b);
+        let good = FrameHeader::decode(&b).unwrap();
         let used = 64 + 10 * 64;
         for i in 0..used {
             let mut c = b.clone();
             c[i] ^= 0x04;
-            assert!(FrameHeader::decode(&c).is_err(), "flip at byte {i} undetected");
+            assert_eq!(FrameHeader::decode(&c).as_ref(), Ok(&good), "flip at byte {i} not repaired by the mirror");
+            assert!(FrameHeader::mirror_only(&c));
+            let mut d = b.clone();
+            d[HALF + i] ^= 0x04;
+            assert_eq!(FrameHeader::decode(&d).as_ref(), Ok(&good), "flip in the mirror at byte {i}");
+            c[HALF + i] ^= 0x04;
+            assert!(FrameHeader::decode(&c).is_err(), "flip in both halves at byte {i} undetected");
         }
-        // A torn write that kept the first sectors of the new header and the old rest (an
-        // earlier lap's frame at the same place).
+        // A torn write that kept the first sectors of the new header and the old rest: the old
+        // rest is an earlier lap's whole frame (another position), never the new one.
         let mut old = vec![0u8; BLOCK_SIZE];
         let older: Vec<EntryHeader> =
-            entries(40).into_iter().map(|e| EntryHeader { seq: LogSeq(e.seq.0 + 1000), ..e }).collect();
+            entries(20).into_iter().map(|e| EntryHeader { seq: LogSeq(e.seq.0 + 1000), ..e }).collect();
         FrameHeader::encode(
             FrameKind::Data,
             FrameStamp::new(7, Incarnation(1), LogPos(0)),
-            LogPos(0),
+            LogPos(1 << 30),
             &older,
             &mut old,
         );
         let mut torn = b.clone();
         torn[512..].copy_from_slice(&old[512..]);
-        assert!(FrameHeader::decode(&torn).is_err());
+        match FrameHeader::decode(&torn) {
+            Ok(h) => assert_eq!(h.pos, LogPos(1 << 30), "a torn header decoded as the new frame"),
+            Err(_) => {}
+        }
         assert!(matches!(FrameHeader::decode(&b[..100]), Err(FrameError::Truncated(100))));
+        assert!(matches!(FrameHeader::decode(&[0u8; BLOCK_SIZE]), Err(FrameError::BadMagic(0))));
     }
 
     #[test]
