@@ -12,6 +12,8 @@ encoder, so a seed that stops decoding points at a real change:
 - fabric_frame: streams of the fabric's frames (rdma/src/wire/frame.rs): 8-byte common header
   (type, flags, 0 u16, body_len le32), WRITE + key le32, imm le32, offset le64; ACK + count le32, 0.
 - fabric_setup: handshake conversations (rdma/src/wire/setup.rs): len le16, type, body.
+- log_damage: a seed (u16) and up to 8 rots (at u32 as a fraction of the log, len u16, xor u8)
+  for policy/src/sim/damage.rs.
 - replica_frame: what a source writes into a replica's ring (policy/src/replica/wire.rs): a
   64-byte record header ("STRR", version 1, count le16, volume le32, len le32, epoch, pos,
   record, first_seq le64, crc32c over bytes 0..60 and the entry headers) and 64-byte entry
@@ -428,6 +430,17 @@ def seeds_replica_frame():
     }
 
 
+def seeds_log_damage():
+    def case(seed, rots):
+        return struct.pack("<H", seed) + b"".join(struct.pack("<IHB", at, ln, x) for at, ln, x in rots)
+    return {
+        "one_byte": case(1, [(0x40000000, 1, 0x01)]),
+        "a_sector": case(2, [(0x80000000, 512, 0xFF)]),
+        "garbage_64k": case(3, [(0x20000000, 65535, 0x5A)]),
+        "three": case(4, [(0x10000000, 1, 0x80), (0x90000000, 2048, 0x11), (0xC0000000, 7, 0x33)]),
+    }
+
+
 def write(target, files):
     d = os.path.join(HERE, target)
     os.makedirs(d, exist_ok=True)
@@ -446,3 +459,4 @@ if __name__ == "__main__":
     write("fabric_frame", seeds_fabric_frame())
     write("fabric_setup", seeds_fabric_setup())
     write("replica_frame", seeds_replica_frame())
+    write("log_damage", seeds_log_damage())

@@ -102,7 +102,8 @@ fn first_failure(cfg: SimConfig, seeds: u64) -> Failure {
 fn checker_catches_write_through_overtaking_dirty_data() {
     let cfg = SimConfig { bugs: Bugs { skip_write_through_gate: true, ..Bugs::default() }, ..SimConfig::default() };
     let f = first_failure(cfg, 2000);
-    assert_eq!(f.invariant, "invariant 2", "{f}");
+    // Older data over a newer write: found on the SAN (2) or where the engine serves it (1).
+    assert!(f.invariant == "invariant 2" || f.invariant == "invariant 1", "{f}");
 }
 
 #[test]

@@ -117,6 +117,9 @@ pub struct Bugs {
     /// Write-through writes ignore blocks a replica may not know are destaged (its copy
     /// destaged later puts older data over them).
     pub skip_replica_gate: bool,
+    /// Replay takes the first damaged frame for the end of the log (as before damage was told
+    /// from a torn tail): every intact entry after it is dropped, older data served.
+    pub replay_stops_at_damage: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -204,6 +207,19 @@ pub struct ReplayReport {
     pub frames: u64,
     pub entries: u64,
     pub stop_reason: String,
+    /// Acknowledged frames found damaged (later frames prove they were acknowledged).
+    pub damaged_frames: u64,
+    /// Entries lost to that damage (their blocks are marked lost), and damaged regions whose
+    /// entries could not be read at all (every block of every volume above its watermark is
+    /// then marked lost).
+    pub lost_entries: u64,
+    pub unknown_regions: u64,
+    /// Blocks newly marked lost, over all volumes.
+    pub lost_blocks: u64,
+    /// Frame headers read from their mirror.
+    pub repaired_headers: u64,
+    /// What each damage was, for operators.
+    pub damage: Vec<String>,
 }
 
 /// A read that keeps a flash location from being reused until it completes.
@@ -381,9 +397,12 @@ impl Engine {
         let size = flash.info().size_bytes;
         let layout = Layout::for_device(size, cfg.cache_percent).ok_or(EngineError::DeviceTooSmall(size))?;
         let device_id = cfg.device_id;
+        let stops_at_damage = cfg.bugs.replay_stops_at_damage;
         let mut e = Engine::build(cfg, flash, specs, layout)?;
         let ids = e.volume_ids();
-        e.replay = Some(Replay::new(layout, Some((device_id, ids))));
+        let mut replay = Replay::new(layout, Some((device_id, ids)));
+        replay.stops_at_damage = stops_at_damage;
+        e.replay = Some(replay);
         Ok(e)
     }
 
@@ -503,7 +522,57 @@ impl Engine {
                     source: v.source.clone(),
                 })
                 .collect(),
+            lost: self.lost_ranges(),
         }
+    }
+
+    /// Every volume's lost blocks as superblock ranges. If they do not all fit, a volume's
+    /// ranges give way to one range over the whole volume (reads of more blocks fail than need
+    /// to, none that should not).
+    fn lost_ranges(&self) -> Vec<crate::log::LostRange> {
+        use crate::log::superblock::LOST_MAX;
+        let mut out = Vec::new();
+        for v in &self.volumes {
+            let mut mine: Vec<crate::log::LostRange> = Vec::new();
+            for (lba, e) in v.lost.iter() {
+                let mut at = lba.0;
+                let mut left = e.blocks;
+                while left > 0 {
+                    let n = left.min(u32::MAX as u64);
+                    mine.push(crate::log::LostRange { volume: v.id, lba: Lba(at), blocks: n as u32 });
+                    at += n;
+                    left -= n;
+                }
+            }
+            if out.len() + mine.len() > LOST_MAX {
+                mine = vec![crate::log::LostRange {
+                    volume: v.id,
+                    lba: Lba(0),
+                    blocks: v.blocks.min(u32::MAX as u64) as u32,
+                }];
+            }
+            if out.len() + mine.len() <= LOST_MAX {
+                out.extend(mine);
+            }
+        }
+        out
+    }
+
+    /// An operator accepts that a volume's lost blocks are gone: reads of them return whatever
+    /// the SAN holds again. Returns how many blocks were marked.
+    pub fn accept_loss(&mut self, id: VolumeId) -> Option<u64> {
+        let vi = self.volume_index(id)?;
+        let n = self.volumes[vi].lost.len();
+        if n > 0 {
+            tracing::warn!(
+                volume = id.0,
+                blocks = n,
+                "loss accepted by the operator: lost blocks read from the SAN again"
+            );
+            self.volumes[vi].lost = crate::index::DirtyIndex::default();
+            self.sb.want();
+        }
+        Some(n)
     }
 
     pub(crate) fn volume_index(&self, id: VolumeId) -> Option<usize> {
@@ -581,6 +650,7 @@ impl Engine {
         m.watermark = v.watermark;
         m.persisted_watermark = v.persisted_watermark;
         m.watermark_lag_entries = v.last_acked_seq().0 - v.persisted_watermark.0;
+        m.lost_blocks = v.lost.len();
         Some(m)
     }
 
@@ -857,10 +927,29 @@ impl Engine {
             match r.take_outcome() {
                 Some(Ok(outcome)) => {
                     let frames = outcome.frames.len() as u64;
-                    let entries = outcome.frames.iter().map(|(_, f)| f.entries.len() as u64).sum();
-                    self.replay_report =
-                        Some(ReplayReport { frames, entries, stop_reason: outcome.stop_reason.clone() });
-                    self.install_recovered(&outcome.sb, outcome.head, outcome.frames);
+                    let lost_entries: u64 =
+                        outcome.damage.iter().filter_map(|d| d.lost.as_ref()).map(|l| l.len() as u64).sum();
+                    let entries =
+                        outcome.frames.iter().map(|(_, f)| f.entries.len() as u64).sum::<u64>() - lost_entries;
+                    let mut report = ReplayReport {
+                        frames,
+                        entries,
+                        stop_reason: outcome.stop_reason.clone(),
+                        damaged_frames: outcome.damage.iter().filter(|d| d.lost.is_some()).count() as u64,
+                        lost_entries,
+                        unknown_regions: outcome.damage.iter().filter(|d| d.lost.is_none()).count() as u64,
+                        lost_blocks: 0,
+                        repaired_headers: outcome.repaired,
+                        damage: outcome
+                            .damage
+                            .iter()
+                            .map(|d| format!("log {}..{}: {}", d.pos.0, d.end.0, d.why))
+                            .collect(),
+                    };
+                    let before: u64 = self.volumes.iter().map(|v| v.lost.len()).sum();
+                    self.install_recovered(&outcome.sb, outcome.head, outcome.frames, &outcome.damage);
+                    report.lost_blocks = self.volumes.iter().map(|v| v.lost.len()).sum::<u64>().saturating_sub(before);
+                    self.replay_report = Some(report);
                 }
                 Some(Err(why)) => {
                     tracing::error!(device = self.cfg.device_id, "recovery failed: {why}");
@@ -875,7 +964,13 @@ impl Engine {
     }
 
     /// Installs the result of log replay.
-    fn install_recovered(&mut self, sb: &Superblock, head: LogPos, frames: Vec<(LogPos, FrameHeader)>) {
+    fn install_recovered(
+        &mut self,
+        sb: &Superblock,
+        head: LogPos,
+        frames: Vec<(LogPos, FrameHeader)>,
+        damage: &[replay::Damage],
+    ) {
         let incarnation = sb.incarnation.next();
         self.incarnation_start = head;
         self.sb = SuperblockWriter::new(sb.generation);
@@ -910,12 +1005,42 @@ impl Engine {
                 v.next_seq = s.watermark.next();
             }
         }
+        for l in &sb.lost {
+            if let Some(vi) = self.volume_index(l.volume) {
+                self.volumes[vi].mark_lost(l.lba, l.blocks as u64);
+            }
+        }
+        // Damage (replay.rs): entries whose data failed, and regions whose entries are unknown.
+        let lost_known: std::collections::HashSet<(VolumeId, LogSeq)> =
+            damage.iter().filter_map(|d| d.lost.as_ref()).flatten().map(|e| (e.volume, e.seq)).collect();
+        let mut unknown = self.unknown_damage(&frames, damage).into_iter().peekable();
         for (pos, h) in frames {
+            // Crossing a region of unknown entries: every block of each volume that may have
+            // had entries there is lost, until an entry after it says otherwise.
+            while unknown.peek().is_some_and(|(at, _)| *at < pos) {
+                let Some((_, affected)) = unknown.next() else { break };
+                self.lose_whole(&affected);
+            }
             let mut entries = Vec::with_capacity(h.entries.len());
             for (i, e) in h.entries.iter().enumerate() {
                 let vi = self.volume_index(e.volume).expect("replay: entry of an unknown volume");
                 let data_pos = pos.plus(h.data_offset(i));
                 let v = &mut self.volumes[vi];
+                if lost_known.contains(&(e.volume, e.seq)) {
+                    // Its data failed its checksum: above the watermark, its blocks are lost.
+                    if e.seq > v.watermark {
+                        if v.is_copy() {
+                            v.copy_damaged = true;
+                        } else {
+                            v.mark_lost(e.lba, e.blocks as u64);
+                        }
+                    }
+                    v.next_seq = v.next_seq.max(e.seq.next());
+                    continue;
+                }
+                if e.seq > v.watermark {
+                    v.unlose(e.lba, e.blocks as u64);
+                }
                 // A copy's entries wait for its source (no index, no destage), unless an
                 // operator destages the copy.
                 let own = !v.is_copy() || self.cfg.destage_replica_copies;
@@ -955,6 +1080,9 @@ impl Engine {
                 handed_over: false,
             });
         }
+        for (_, affected) in unknown {
+            self.lose_whole(&affected);
+        }
         self.log.acked = self.log.frames.len();
         for v in &mut self.volumes {
             let last = v.dirty.back().map(|r| r.seq).unwrap_or(v.watermark);
@@ -974,6 +1102,53 @@ impl Engine {
         self.bump_replicated_epochs();
         // The new incarnation must be durable before any frame is written with it.
         self.sb.want();
+    }
+
+    /// For each damaged region of unknown entries (in log order): the volumes that may have had
+    /// acknowledged entries there — a jump in the volume's sequence numbers across it, above
+    /// its watermark, or no entry of the volume after it to tell.
+    fn unknown_damage(&self, frames: &[(LogPos, FrameHeader)], damage: &[replay::Damage]) -> Vec<(LogPos, Vec<usize>)> {
+        let mut out = Vec::new();
+        for d in damage.iter().filter(|d| d.lost.is_none()) {
+            let mut affected = Vec::new();
+            for (vi, v) in self.volumes.iter().enumerate() {
+                let seqs = frames.iter().flat_map(|(p, h)| h.entries.iter().map(move |e| (*p, e)));
+                let before = seqs
+                    .clone()
+                    .filter(|(p, e)| *p < d.pos && e.volume == v.id)
+                    .map(|(_, e)| e.seq)
+                    .max()
+                    .unwrap_or(LogSeq(0))
+                    .max(v.watermark);
+                let after = seqs.filter(|(p, e)| *p >= d.end && e.volume == v.id).map(|(_, e)| e.seq).min();
+                let may_have = match after {
+                    Some(after) => after.0 > before.0 + 1,
+                    None => true,
+                };
+                if may_have {
+                    affected.push(vi);
+                }
+            }
+            out.push((d.pos, affected));
+        }
+        out
+    }
+
+    /// Every block of these volumes is lost (copies: the copy is damaged).
+    fn lose_whole(&mut self, volumes: &[usize]) {
+        for &vi in volumes {
+            let v = &mut self.volumes[vi];
+            tracing::error!(
+                volume = v.id.0,
+                "damaged log region of unknown entries: every block of the volume is marked lost"
+            );
+            if v.is_copy() {
+                v.copy_damaged = true;
+            } else {
+                let blocks = v.blocks;
+                v.mark_lost(Lba(0), blocks);
+            }
+        }
     }
 
     /// A write whose entry reaches the SAN by destage rather than through the log's guarantee

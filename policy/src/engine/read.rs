@@ -77,6 +77,12 @@ impl Engine {
     }
 
     pub(super) fn start_read(&mut self, vi: usize, token: u64, lba: Lba, blocks: u32, mut buf: AlignedBuf, now: u64) {
+        let v = &mut self.volumes[vi];
+        if !v.lost.is_empty() && v.lost.overlaps(lba, blocks as u64) {
+            // A damaged log lost the newest data of a block here: never older data instead.
+            v.metrics.lost_reads += 1;
+            return self.complete(vi, token, Status::MediumError, Some(buf), None);
+        }
         let op = OpId(self.next_id());
         let parts = self.plan_read(vi, lba, blocks);
         let io_parts = parts.iter().filter(|p| matches!(p.src, Source::Log(_) | Source::Slot(_) | Source::San)).count();

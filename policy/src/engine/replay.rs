@@ -41,9 +41,40 @@ pub(crate) struct ReplayOutcome {
     pub sb: Superblock,
     /// Where the log continues (the first position not replayed).
     pub head: LogPos,
+    /// Every frame recovered, in log order (a damaged frame's lost entries are in `damage`).
     pub frames: Vec<(LogPos, FrameHeader)>,
     pub stop_reason: String,
+    /// Acknowledged frames (or regions) found damaged.
+    pub damage: Vec<Damage>,
+    /// Frame headers read from their mirror half.
+    pub repaired: u64,
 }
+
+/// A damaged part of the log that later frames prove was acknowledged.
+#[derive(Clone, Debug)]
+pub(crate) struct Damage {
+    pub pos: LogPos,
+    pub end: LogPos,
+    pub why: String,
+    /// The entries whose data failed their checks (the frame's header was readable), or None:
+    /// nothing in `pos..end` could be read, so which blocks it held is unknown.
+    pub lost: Option<Vec<crate::log::EntryHeader>>,
+}
+
+/// A stretch of log that is not (yet) provably part of it.
+struct Suspect {
+    pos: LogPos,
+    end: LogPos,
+    why: String,
+    /// A later frame's `acked_upto` lies beyond `pos`.
+    proven: bool,
+    /// The frame's header was readable (its extent and entries are known).
+    known: bool,
+}
+
+/// How far past a suspect replay looks for a frame that proves it acknowledged: more than the
+/// largest frame, so garbage over a whole frame is scanned past.
+const SCAN_BYTES_MAX: u64 = 2 * (crate::constants::FRAME_DATA_BLOCKS_MAX as u64 + 1) * BLOCK_SIZE_U64 + (64 << 10);
 
 enum Phase {
     Superblocks { copies: [Option<AlignedBuf>; 2] },
@@ -72,6 +103,14 @@ pub(crate) struct Replay {
     windows: BTreeMap<u64, Option<AlignedBuf>>,
     frames: Vec<(LogPos, FrameHeader)>,
     expected: HashMap<VolumeId, LogSeq>,
+    suspects: Vec<Suspect>,
+    /// Indexes of failed entries per damaged frame position.
+    lost_entries: HashMap<LogPos, Vec<usize>>,
+    /// Sequence numbers may jump (past a region of unknown entries).
+    gaps_ok: bool,
+    repaired: u64,
+    /// Mutation for the damage test (`Bugs::replay_stops_at_damage`).
+    pub stops_at_damage: bool,
     last_incarnation: Incarnation,
     read_errors: u32,
     /// Reads to issue at the next poll (initial superblock reads, retries).
@@ -94,6 +133,11 @@ impl Replay {
             windows: BTreeMap::new(),
             frames: Vec::new(),
             expected: HashMap::new(),
+            suspects: Vec::new(),
+            lost_entries: HashMap::new(),
+            gaps_ok: false,
+            repaired: 0,
+            stops_at_damage: false,
             last_incarnation: Incarnation(0),
             read_errors: 0,
             pending: vec![ReplayRead::Superblock(0), ReplayRead::Superblock(1)],
@@ -214,6 +258,13 @@ impl Replay {
     }
 
     /// Parses every frame whose bytes are all read.
+    ///
+    /// A frame that is not provably part of the log starts a *suspect*: replay goes on past it
+    /// (past its known extent, or block by block looking for the next valid frame, at most
+    /// `SCAN_BYTES_MAX` ahead) and keeps what it finds provisionally. A later valid frame whose
+    /// `acked_upto` lies beyond a suspect proves the suspect was acknowledged: it is *damage*,
+    /// and every intact entry around it is recovered. The first suspect nothing proves is the
+    /// torn tail: replay ends there and drops everything after it.
     fn parse(&mut self, pool: &mut BufPool) {
         while matches!(self.phase, Phase::Scan) {
             let Some(sb) = &self.sb else { return };
@@ -221,33 +272,43 @@ impl Replay {
             if self.cursor.since(sb.log_tail) >= cap {
                 return self.finish("scanned the whole log".into(), pool);
             }
+            if let Some(s) = self.suspects.iter().rfind(|s| !s.proven) {
+                if self.cursor.since(s.pos) > SCAN_BYTES_MAX {
+                    return self.finish(s.why.clone(), pool);
+                }
+            }
             let Some(head_block) = self.bytes_at(self.cursor, BLOCK_SIZE_U64) else { return };
+            let pos = self.cursor;
             let header = match FrameHeader::decode(&head_block) {
                 Ok(h) => h,
-                Err(e) => return self.finish(format!("at {}: {e}", self.cursor.0), pool),
+                Err(e) => {
+                    self.suspect_unknown(pos, format!("at {}: {e}", pos.0));
+                    continue;
+                }
             };
-            let pos = self.cursor;
             if header.device_id != sb.device_id {
-                return self.finish(
-                    format!(
-                        "at {}: frame of device {:#x}, not {:#x} (an earlier format)",
-                        pos.0, header.device_id, sb.device_id
-                    ),
-                    pool,
+                let why = format!(
+                    "at {}: frame of device {:#x}, not {:#x} (an earlier format)",
+                    pos.0, header.device_id, sb.device_id
                 );
+                self.suspect_unknown(pos, why);
+                continue;
             }
             if header.pos != pos {
-                return self.finish(format!("at {}: frame from position {} (earlier lap)", pos.0, header.pos.0), pool);
+                self.suspect_unknown(pos, format!("at {}: frame from position {} (earlier lap)", pos.0, header.pos.0));
+                continue;
             }
             let current = pos >= sb.incarnation_start;
             if (current && header.incarnation != sb.incarnation)
                 || (!current && header.incarnation >= sb.incarnation)
                 || header.incarnation < self.last_incarnation
             {
-                return self.finish(format!("at {}: {} out of order", pos.0, header.incarnation), pool);
+                self.suspect_unknown(pos, format!("at {}: {} out of order", pos.0, header.incarnation));
+                continue;
             }
             if header.kind == FrameKind::Pad {
                 self.last_incarnation = header.incarnation;
+                self.prove(header.acked_upto);
                 self.cursor = LogPos((pos.0 / cap + 1) * cap);
                 self.frames.push((pos, header));
                 self.drop_windows_before(pool);
@@ -255,25 +316,70 @@ impl Replay {
             }
             let bytes = header.bytes();
             if pos.0 % cap + bytes > cap || pos.plus(bytes).since(sb.log_tail) > cap {
-                return self.finish(format!("at {}: frame overruns the log", pos.0), pool);
-            }
-            if let Err(why) = self.check_entries(&header) {
-                return self.finish(format!("at {}: {why}", pos.0), pool);
+                self.suspect_unknown(pos, format!("at {}: frame overruns the log", pos.0));
+                continue;
             }
             let Some(frame) = self.bytes_at(pos, bytes) else { return };
+            let mut bad = Vec::new();
+            let mut why = None;
             for (i, e) in header.entries.iter().enumerate() {
                 let at = header.data_offset(i) as usize;
                 if let Err(err) = e.verify_data(&frame[at..at + e.data_bytes() as usize]) {
-                    return self.finish(format!("at {}: entry {i} ({} {}): {err}", pos.0, e.volume, e.seq), pool);
+                    why.get_or_insert_with(|| format!("at {}: entry {i} ({} {}): {err}", pos.0, e.volume, e.seq));
+                    bad.push(i);
                 }
             }
-            for e in &header.entries {
-                self.expected.insert(e.volume, e.seq.next());
+            let seq_ok = match self.check_entries(&header) {
+                Ok(()) => true,
+                Err(w) => {
+                    // A frame whose header checks out but whose entries break the sequence
+                    // rules: none of its entries can be trusted.
+                    why = Some(format!("at {}: {w}", pos.0));
+                    bad = (0..header.entries.len()).collect();
+                    false
+                }
+            };
+            if FrameHeader::mirror_only(&head_block) {
+                tracing::warn!(pos = pos.0, "frame header repaired from its mirror");
+                self.repaired += 1;
+            }
+            if seq_ok {
+                // Entries whose data failed still take their sequence numbers.
+                for e in &header.entries {
+                    self.expected.insert(e.volume, e.seq.next());
+                }
             }
             self.last_incarnation = header.incarnation;
+            self.prove(header.acked_upto);
+            if let Some(why) = why {
+                self.suspects.push(Suspect { pos, end: pos.plus(bytes), why, proven: false, known: true });
+                self.lost_entries.insert(pos, bad);
+            }
             self.cursor = pos.plus(bytes);
             self.frames.push((pos, header));
             self.drop_windows_before(pool);
+        }
+    }
+
+    /// A block that starts no valid frame: a suspect of unknown extent (or the one being
+    /// scanned grows); replay looks at the next block.
+    fn suspect_unknown(&mut self, pos: LogPos, why: String) {
+        match self.suspects.last_mut() {
+            Some(s) if !s.known && s.end == pos => s.end = pos.plus(BLOCK_SIZE_U64),
+            _ => self.suspects.push(Suspect { pos, end: pos.plus(BLOCK_SIZE_U64), why, proven: false, known: false }),
+        }
+        // Past a region whose entries are unknown, sequence numbers may jump.
+        self.gaps_ok = true;
+        self.cursor = pos.plus(BLOCK_SIZE_U64);
+    }
+
+    /// A valid frame says everything before `acked_upto` was acknowledged when it was cut.
+    fn prove(&mut self, acked_upto: LogPos) {
+        if self.stops_at_damage {
+            return;
+        }
+        for s in self.suspects.iter_mut().filter(|s| s.pos < acked_upto) {
+            s.proven = true;
         }
     }
 
@@ -290,7 +396,7 @@ impl Replay {
             // already covers: entries whose log write failed were destaged from memory.
             let next = expected.get(&e.volume).copied().unwrap_or(LogSeq(0));
             // A replica copy continues wherever its source's link resumed: numbers only rise.
-            let gap_is_clean = e.seq.0.saturating_sub(1) <= vol.watermark.0 || vol.source.is_some();
+            let gap_is_clean = e.seq.0.saturating_sub(1) <= vol.watermark.0 || vol.source.is_some() || self.gaps_ok;
             if e.seq < next || (e.seq > next && !gap_is_clean) {
                 if next == LogSeq(0) {
                     tracing::error!(
@@ -349,15 +455,44 @@ impl Replay {
 
     fn finish(&mut self, stop_reason: String, pool: &mut BufPool) {
         let Some(sb) = self.sb.take() else { return self.fail("no superblock".into()) };
-        tracing::info!(frames = self.frames.len(), head = self.cursor.0, stop = %stop_reason, "log replay done");
         for (_, w) in std::mem::take(&mut self.windows) {
             if let Some(b) = w {
                 pool.put(b);
             }
         }
+        // The first suspect nothing proved is the torn tail: the log ends there.
+        let mut head = self.cursor;
+        let mut stop_reason = stop_reason;
+        if let Some(t) = self.suspects.iter().position(|s| !s.proven) {
+            head = self.suspects[t].pos;
+            stop_reason = self.suspects[t].why.clone();
+            self.suspects.truncate(t);
+            self.frames.retain(|(pos, _)| *pos < head);
+        }
+        let frames = std::mem::take(&mut self.frames);
+        let mut damage = Vec::new();
+        for s in &self.suspects {
+            if s.known {
+                let lost = self.lost_entries.remove(&s.pos).unwrap_or_default();
+                if let Some((_, h)) = frames.iter().find(|(p, _)| *p == s.pos) {
+                    let entries = lost.iter().map(|&i| h.entries[i]).collect();
+                    damage.push(Damage { pos: s.pos, end: s.end, why: s.why.clone(), lost: Some(entries) });
+                }
+            } else {
+                damage.push(Damage { pos: s.pos, end: s.end, why: s.why.clone(), lost: None });
+            }
+        }
+        for d in &damage {
+            tracing::error!(
+                pos = d.pos.0,
+                end = d.end.0,
+                "damaged log: {} (later frames prove it was acknowledged)",
+                d.why
+            );
+        }
+        tracing::info!(frames = frames.len(), head = head.0, damaged = damage.len(), stop = %stop_reason, "log replay done");
         self.phase = Phase::Done;
-        self.outcome =
-            Some(Ok(ReplayOutcome { sb, head: self.cursor, frames: std::mem::take(&mut self.frames), stop_reason }));
+        self.outcome = Some(Ok(ReplayOutcome { sb, head, frames, stop_reason, damage, repaired: self.repaired }));
     }
 }
 
@@ -374,6 +509,7 @@ mod tests {
 
     fn superblock() -> Superblock {
         Superblock {
+            lost: Vec::new(),
             device_id: 9,
             generation: 3,
             incarnation: Incarnation(2),
@@ -399,12 +535,19 @@ mod tests {
         log_image_of(9, frames, per)
     }
 
-    /// The same, written by device `device`.
+    /// The same, written by device `device`; each frame claims every frame before it was
+    /// acknowledged when it was cut.
     fn log_image_of(device: u64, frames: usize, per: usize) -> Vec<u8> {
+        log_image_acked(device, frames, per, |k| k)
+    }
+
+    /// Frame `k` claims the frames before frame `acked(k)` were acknowledged when it was cut.
+    fn log_image_acked(device: u64, frames: usize, per: usize, acked: impl Fn(usize) -> usize) -> Vec<u8> {
         let mut img = vec![0u8; LOG_BYTES_MIN as usize];
         let mut pos = 0usize;
         let mut seq = 1;
-        for _ in 0..frames {
+        let frame_bytes = (1 + per) * BLOCK_SIZE;
+        for k in 0..frames {
             let mut entries = Vec::new();
             let mut data = Vec::new();
             for _ in 0..per {
@@ -421,7 +564,7 @@ mod tests {
                 data.extend_from_slice(&block);
                 seq += 1;
             }
-            let stamp = FrameStamp::new(device, Incarnation(2), LogPos(pos as u64));
+            let stamp = FrameStamp::new(device, Incarnation(2), LogPos((acked(k) * frame_bytes) as u64));
             FrameHeader::encode(FrameKind::Data, stamp, LogPos(pos as u64), &entries, &mut img[pos..]);
             img[pos + BLOCK_SIZE..pos + BLOCK_SIZE + data.len()].copy_from_slice(&data);
             pos += BLOCK_SIZE + data.len();
@@ -479,24 +622,64 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_data_block_ends_replay_at_its_frame() {
-        let mut img = log_image(10, 3);
-        // Frame 6 starts at 6 * 4 blocks; tear its second data block.
+    fn a_torn_data_block_in_the_tail_ends_replay_at_its_frame() {
+        // Frames 7.. were cut while frame 6 was still in flight: nothing claims it acknowledged.
+        let mut img = log_image_acked(9, 10, 3, |k| k.min(6));
         img[(6 * 4 + 2) * BLOCK_SIZE + 100] ^= 0xff;
         let out = run(&img);
         assert_eq!(out.frames.len(), 6);
         assert_eq!(out.head, LogPos(6 * 4 * 4096));
+        assert!(out.damage.is_empty());
         assert!(out.stop_reason.contains("checksum"), "{}", out.stop_reason);
     }
 
     #[test]
-    fn a_torn_packed_header_block_ends_replay_at_its_frame() {
-        let mut img = log_image(10, 30);
-        // The header block of frame 4 lost its last sectors (a torn 4 KiB write).
+    fn damage_in_an_acknowledged_frame_loses_only_its_entry() {
+        // Frame 7 claims frame 6 was acknowledged: a flipped byte in frame 6's second entry is
+        // damage, and every other entry, before and after, is recovered.
+        let mut img = log_image(10, 3);
+        img[(6 * 4 + 2) * BLOCK_SIZE + 100] ^= 0xff;
+        let out = run(&img);
+        assert_eq!(out.frames.len(), 10, "{}", out.stop_reason);
+        assert_eq!(out.head, LogPos(10 * 4 * 4096));
+        assert_eq!(out.damage.len(), 1);
+        let lost = out.damage[0].lost.as_ref().expect("the frame header was readable");
+        assert_eq!(lost.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![LogSeq(6 * 3 + 2)]);
+    }
+
+    #[test]
+    fn a_torn_packed_header_block_in_the_tail_ends_replay_at_its_frame() {
+        let mut img = log_image_acked(9, 10, 30, |k| k.min(4));
+        // The header block of frame 4 lost its last sectors (a torn 4 KiB write): the first
+        // half's entries and the whole mirror.
         let at = 4 * 31 * BLOCK_SIZE;
         img[at + 1024..at + BLOCK_SIZE].fill(0);
         let out = run(&img);
         assert_eq!(out.frames.len(), 4);
         assert!(out.stop_reason.contains("checksum"), "{}", out.stop_reason);
+    }
+
+    #[test]
+    fn garbage_over_acknowledged_frames_is_damage_of_unknown_blocks_and_the_rest_is_recovered() {
+        let mut img = log_image(20, 3);
+        // 64 KiB of garbage from frame 2 on (frames are 16 KiB): frames 2-5 are unreadable.
+        let at = 2 * 4 * BLOCK_SIZE;
+        for (i, b) in img[at..at + (64 << 10)].iter_mut().enumerate() {
+            *b = (i * 7 + 13) as u8;
+        }
+        let out = run(&img);
+        assert_eq!(out.frames.len(), 16, "{}", out.stop_reason);
+        assert_eq!(out.head, LogPos(20 * 4 * 4096));
+        assert_eq!(out.damage.len(), 1);
+        assert!(out.damage[0].lost.is_none(), "which blocks the garbage held is unknown");
+        assert_eq!((out.damage[0].pos, out.damage[0].end), (LogPos(at as u64), LogPos((at + (64 << 10)) as u64)));
+    }
+
+    #[test]
+    fn a_header_half_is_repaired_from_its_mirror() {
+        let mut img = log_image(5, 3);
+        img[4 * BLOCK_SIZE + 70] ^= 1; // frame 1's first entry header
+        let out = run(&img);
+        assert_eq!((out.frames.len(), out.damage.len(), out.repaired), (5, 0, 1));
     }
 }

@@ -197,7 +197,8 @@ impl Engine {
     pub fn replica_copy_ready(&self, volume: VolumeId, epoch: Epoch) -> Option<CopyState> {
         let v = &self.volumes[self.volume_index(volume)?];
         (v.is_copy() && v.persisted_epoch >= epoch).then(|| CopyState {
-            durable: LogSeq(v.next_seq.0 - 1),
+            // A copy damaged by its log says it holds nothing: its source resyncs it.
+            durable: if v.copy_damaged { LogSeq(0) } else { LogSeq(v.next_seq.0 - 1) },
             watermark: v.persisted_watermark,
             epoch: v.epoch,
         })

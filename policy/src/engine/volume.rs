@@ -265,6 +265,9 @@ pub struct VolumeMetrics {
     pub log_full_fallthroughs: u64,
     pub gated_writes: u64,
     pub busy_returns: u64,
+    /// Blocks lost to a damaged log (reads of them fail), and reads refused for it.
+    pub lost_blocks: u64,
+    pub lost_reads: u64,
     /// How many times each [`WriteState`] was entered (index: [`WriteState::index`]).
     pub state_entries: [u64; WRITE_STATES],
 }
@@ -338,6 +341,12 @@ pub(crate) struct Volume {
     pub last_record_ns: u64,
     /// Epoch in the last durable superblock.
     pub persisted_epoch: Epoch,
+    /// Blocks whose newest acknowledged data a damaged log lost: reads fail until they are
+    /// written again or an operator accepts the loss (kept in the superblock).
+    pub lost: DirtyIndex,
+    /// A replica copy that lost entries to damage: it reports holding nothing, so its source
+    /// resyncs it.
+    pub copy_damaged: bool,
     pub metrics: VolumeMetrics,
 }
 
@@ -382,6 +391,8 @@ impl Volume {
             publish_urgent: false,
             last_record_ns: 0,
             persisted_epoch: Epoch(0),
+            lost: DirtyIndex::default(),
+            copy_damaged: false,
             metrics: VolumeMetrics {
                 id: spec.id,
                 requested: spec.policy,
@@ -405,6 +416,8 @@ impl Volume {
                 log_full_fallthroughs: 0,
                 gated_writes: 0,
                 busy_returns: 0,
+                lost_blocks: 0,
+                lost_reads: 0,
                 state_entries: [0; WRITE_STATES],
             },
         }
@@ -457,6 +470,21 @@ impl Volume {
             let Some(r) = self.unpublished_list.pop_front() else { break };
             self.unpublished.remove_clean(r.lba, r.blocks, replicas_watermark);
         }
+    }
+
+    /// Marks blocks lost (a damaged log entry held their newest data).
+    pub fn mark_lost(&mut self, lba: Lba, blocks: u64) {
+        self.lost.remove_range(lba, blocks);
+        self.lost.insert(lba, blocks, LogSeq(u64::MAX), crate::index::DirtyLoc::Zero { unmap: false });
+    }
+
+    /// Blocks written again are no longer lost; returns whether anything changed.
+    pub fn unlose(&mut self, lba: Lba, blocks: u64) -> bool {
+        if self.lost.is_empty() || !self.lost.overlaps(lba, blocks) {
+            return false;
+        }
+        self.lost.remove_range(lba, blocks);
+        true
     }
 
     /// Whether this volume is a replica copy kept for another node.

@@ -238,6 +238,9 @@ impl Engine {
                     continue;
                 }
                 v.index.insert(h.lba, h.blocks as u64, h.seq, loc);
+                if v.unlose(h.lba, h.blocks as u64) {
+                    self.sb.want();
+                }
                 self.dirty_out[vi].push(DirtyRecord {
                     seq: h.seq,
                     kind: h.kind,
@@ -369,6 +372,9 @@ impl Engine {
                         panic!("engine: SAN write without its op")
                     };
                     self.volumes[vi].enter(op, w.state, WriteState::Acked);
+                    if self.volumes[vi].unlose(w.lba, w.blocks) {
+                        self.sb.want();
+                    }
                     if self.cfg.bugs.skip_write_through_gate {
                         self.volumes[vi].index.remove_range(w.lba, w.blocks);
                     }

@@ -21,4 +21,4 @@ pub mod superblock;
 pub use entry::{EntryError, EntryHeader, EntryKind};
 pub use frame::{FrameError, FrameHeader, FrameKind, FrameStamp};
 pub use ring::{Layout, Reservation, Ring};
-pub use superblock::{Superblock, SuperblockError, SuperblockVolume};
+pub use superblock::{LostRange, Superblock, SuperblockError, SuperblockVolume};

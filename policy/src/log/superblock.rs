@@ -26,6 +26,8 @@
 //!    id u32, flags u8 (bit 0: a replica copy), source u8 (its index in the node table),
 //!    reserved u16, epoch u64, blocks u64, watermark u64, intent u64)
 //! 2648 nodes[8] (32 bytes each: name length u8, name bytes): the source nodes of replica copies
+//! 2904 lost_count u16, 2906 reserved u16, 2908 lost[lost_count] (16 bytes each: volume u32,
+//!      blocks u32, lba u64): blocks whose acknowledged data a damaged log lost
 //! 4092 crc32c of bytes 0..4092
 //! ```
 //!
@@ -49,7 +51,22 @@ const NODE_LEN: usize = 32;
 /// Longest node name (bytes).
 pub const NODE_NAME_MAX: usize = NODE_LEN - 1;
 const FLAG_REPLICA: u8 = 1;
+const LOST_AT: usize = NODES_AT + NODES_MAX * NODE_LEN;
+const LOST_LEN: usize = 16;
+/// Lost block ranges the superblock can record (over all volumes of the device).
+pub const LOST_MAX: usize = (CRC_AT - LOST_AT - 4) / LOST_LEN;
 const _: () = assert!(NODES_AT + NODES_MAX * NODE_LEN <= CRC_AT);
+const _: () = assert!(LOST_MAX >= 64);
+
+/// Blocks of a volume whose newest acknowledged data was in a damaged part of the log: reads of
+/// them fail (Unrecovered Read Error) until they are written again or an operator accepts the
+/// loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LostRange {
+    pub volume: VolumeId,
+    pub lba: crate::types::Lba,
+    pub blocks: u32,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SuperblockVolume {
@@ -82,6 +99,8 @@ pub struct Superblock {
     pub cache_start: u64,
     pub cache_slots: u64,
     pub volumes: Vec<SuperblockVolume>,
+    /// At most [`LOST_MAX`] ranges.
+    pub lost: Vec<LostRange>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -98,6 +117,8 @@ pub enum SuperblockError {
     TooManyVolumes(u32),
     #[error("superblock's replica copy names node #{0}, which its node table does not hold")]
     BadNode(u8),
+    #[error("superblock lists {0} lost ranges, more than it can hold")]
+    TooManyLost(usize),
 }
 
 impl Superblock {
@@ -165,6 +186,14 @@ impl Superblock {
             b[o] = n.len() as u8;
             b[o + 1..o + 1 + n.len()].copy_from_slice(n.as_bytes());
         }
+        assert!(self.lost.len() <= LOST_MAX, "superblock: {} lost ranges", self.lost.len());
+        b[LOST_AT..LOST_AT + 2].copy_from_slice(&(self.lost.len() as u16).to_le_bytes());
+        for (i, l) in self.lost.iter().enumerate() {
+            let o = LOST_AT + 4 + i * LOST_LEN;
+            b[o..o + 4].copy_from_slice(&l.volume.0.to_le_bytes());
+            b[o + 4..o + 8].copy_from_slice(&l.blocks.to_le_bytes());
+            b[o + 8..o + 16].copy_from_slice(&l.lba.0.to_le_bytes());
+        }
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
     }
@@ -215,6 +244,16 @@ impl Superblock {
                 })
             })
             .collect::<Result<Vec<_>, SuperblockError>>()?;
+        let lost_count = u16::from_le_bytes([buf[LOST_AT], buf[LOST_AT + 1]]) as usize;
+        if lost_count > LOST_MAX {
+            return Err(SuperblockError::TooManyLost(lost_count));
+        }
+        let lost = (0..lost_count)
+            .map(|i| {
+                let o = LOST_AT + 4 + i * LOST_LEN;
+                LostRange { volume: VolumeId(u32_at(o)), blocks: u32_at(o + 4), lba: crate::types::Lba(u64_at(o + 8)) }
+            })
+            .collect();
         Ok(Superblock {
             device_id: u64_at(16),
             generation: u64_at(24),
@@ -226,6 +265,7 @@ impl Superblock {
             cache_slots: u64_at(72),
             incarnation_start: LogPos(u64_at(80)),
             volumes,
+            lost,
         })
     }
 
@@ -274,6 +314,7 @@ mod tests {
                     source: Some("node-a".into()),
                 },
             ],
+            lost: vec![LostRange { volume: VolumeId(1), lba: crate::types::Lba(40), blocks: 3 }],
         }
     }
 

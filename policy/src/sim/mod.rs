@@ -23,6 +23,7 @@
 //! model needs no NVMe ordering rules), a SAN loses its cache only together with a node crash,
 //! blocks are 4 KiB and written atomically by the SAN, and epochs never change (no replicas yet).
 
+pub mod damage;
 mod devices;
 pub mod fabric;
 mod model;
