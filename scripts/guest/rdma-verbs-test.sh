@@ -24,28 +24,9 @@ fail() {
     exit 1
 }
 
-# Modules in dependency order (the list was made on the host with modprobe --show-depends).
-while read -r ko; do
-    [ -n "$ko" ] || continue
-    out=$(insmod "/rdma-modules/$ko" 2>&1) || case $out in
-        *"File exists"*) ;;
-        *) fail "insmod $ko: $out" ;;
-    esac
-done </rdma-modules/order
-
-ip link set lo up
-n=0
-while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
-ip link set eth0 up || fail "no eth0"
-ip addr add "$STAGER_IP/24" dev eth0 || fail "ip addr add $STAGER_IP"
-rdma link add rxe0 type rxe netdev eth0 || fail "rdma link add rxe0 type rxe netdev eth0"
-n=0
-while [ "$(cat /sys/class/infiniband/rxe0/ports/1/state 2>/dev/null)" != "4: ACTIVE" ] && [ $n -lt 100 ]; do
-    sleep 0.1
-    n=$((n + 1))
-done
-say "$ROLE: rxe0 on eth0 ($STAGER_IP): $(cat /sys/class/infiniband/rxe0/ports/1/state 2>/dev/null)"
-say "$ROLE: gids: $(cat /sys/class/infiniband/rxe0/ports/1/gids/0 /sys/class/infiniband/rxe0/ports/1/gids/1 2>/dev/null | tr '\n' ' ')"
+# shellcheck disable=SC1091 # scripts/guest/rxe.sh, packed by scripts/guest/rdma-pair.sh
+. /guest/rxe.sh
+rxe_up
 
 ARGS=$(echo "${STAGER_ARGS:-}" | tr , ' ')
 common="--fabric verbs --device rxe0 --timeout-secs 150"
