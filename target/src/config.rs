@@ -292,11 +292,23 @@ pub struct DestageConfig {
     /// How long a write-back write waits for log space when the log is full before it goes
     /// write-through instead.
     pub log_full_wait_ms: u64,
+    /// The deadline of every SAN command (and of a login): a SAN that answers none within it
+    /// is declared unreachable, its commands fail, and it is logged in to again with back-off.
+    /// Host commands that need the SAN are answered within `log_full_wait_ms` +
+    /// 3 × `san_timeout_ms` at most (a retryable status if the SAN is still away).
+    pub san_timeout_ms: u64,
 }
+
+/// `destage.san_timeout_ms` when left out.
+pub const SAN_TIMEOUT_MS_DEFAULT: u64 = 5000;
+/// Its bounds: shorter mistakes a busy SAN for a dead one; longer leaves hosts (whose own
+/// command timeout is 30 s on Linux) without an answer.
+pub const SAN_TIMEOUT_MS_MIN: u64 = 100;
+pub const SAN_TIMEOUT_MS_MAX: u64 = 60_000;
 
 impl Default for DestageConfig {
     fn default() -> Self {
-        DestageConfig { core: None, idle_poll_us: 200, log_full_wait_ms: 5000 }
+        DestageConfig { core: None, idle_poll_us: 200, log_full_wait_ms: 5000, san_timeout_ms: SAN_TIMEOUT_MS_DEFAULT }
     }
 }
 
@@ -1411,6 +1423,16 @@ fn check_destage(d: &DestageConfig, cpus: &[usize]) -> Result<(), Problem> {
             format!("{} is more than {IDLE_POLL_US_MAX} (1 s)", d.idle_poll_us),
         ));
     }
+    if !(SAN_TIMEOUT_MS_MIN..=SAN_TIMEOUT_MS_MAX).contains(&d.san_timeout_ms) {
+        return Err(problem(
+            "destage.san_timeout_ms",
+            format!(
+                "{} is outside {SAN_TIMEOUT_MS_MIN}..={SAN_TIMEOUT_MS_MAX} (milliseconds each SAN command may take \
+                 before the SAN counts as unreachable)",
+                d.san_timeout_ms
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -2441,6 +2463,8 @@ subsystems:
             ("cores: [0]", "cores: [0, 0]", "reactors.cores[1]:"),
             ("cores: [0]", "cores: [0, 100000]", "reactors.cores[1]: CPU 100000 is not available"),
             ("idle_poll_us: 1000", "idle_poll_us: 5000000", "reactors.idle_poll_us:"),
+            ("san_timeout_ms: 5000", "san_timeout_ms: 10", "destage.san_timeout_ms: 10 is outside"),
+            ("san_timeout_ms: 5000", "san_timeout_ms: 600000", "destage.san_timeout_ms: 600000 is outside"),
             ("level: info", "level: verbose", "logging.level: `verbose`"),
             ("max_queue_depth: 128", "max_queue_depth: 1", "transport.max_queue_depth:"),
             ("max_queue_depth: 128", "max_queue_depth: 1025", "transport.max_queue_depth:"),
@@ -2502,6 +2526,7 @@ subsystems:
         ];
         let good = "\
 reactors: { cores: [0], idle_poll_us: 1000 }
+destage: { san_timeout_ms: 5000 }
 logging: { level: info }
 transport:
   max_queue_depth: 128

@@ -1,6 +1,9 @@
 //! The iSCSI SAN client against a real tgtd (Debian package tgt) serving a file-backed LUN on
 //! 127.0.0.1: capacity, pipelined writes and reads, SYNCHRONIZE CACHE, the data landing in the
-//! LUN's backing file, and a SAN that goes away and comes back while a write is in flight.
+//! LUN's backing file, and the session's watch (issue 13): a SAN killed or SIGSTOPped while a
+//! write is in flight fails that write within the command deadline and is reported as an
+//! outage, an idle session notices a hung SAN by its heartbeat, a login to a hung SAN gives up
+//! in time, and the session logs in again by itself when the SAN comes back.
 #![cfg(feature = "iscsi")]
 
 use std::net::TcpListener;
@@ -8,10 +11,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use stager_nvme::bdev::AlignedBuf;
-use stager_target::san::iscsi::{IscsiLun, SanDone, SanError};
+use stager_target::san::iscsi::{IscsiLun, Link, SanDone, SanError};
 
 const IQN: &str = "iqn.2026-11.dev.stager:test-san";
 const INITIATOR: &str = "iqn.2026-11.dev.stager:test-initiator";
+/// The command deadline of these tests (stagerd's `destage.san_timeout_ms`).
+const DEADLINE: Duration = Duration::from_millis(1000);
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -59,10 +64,16 @@ impl Tgtd {
     fn url(&self) -> String {
         format!("iscsi://127.0.0.1:{}/{IQN}/1", self.port)
     }
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, sig) }, 0);
+    }
 }
 
 impl Drop for Tgtd {
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid (a stopped tgtd must run to die cleanly).
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGCONT) };
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -101,7 +112,7 @@ fn lun_file(name: &str) -> std::path::PathBuf {
 fn writes_reach_the_lun_and_read_back() {
     let file = lun_file("rw");
     let tgt = Tgtd::start(&file, free_port());
-    let mut lun = IscsiLun::connect(&tgt.url(), INITIATOR).expect("login");
+    let mut lun = IscsiLun::connect(&tgt.url(), INITIATOR, DEADLINE).expect("login");
     assert_eq!((lun.block_size, lun.blocks), (512, (64 << 20) / 512));
     assert!(lun.logged_in());
     // 32 writes of 64 KiB in flight at once.
@@ -145,51 +156,133 @@ fn writes_reach_the_lun_and_read_back() {
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
 
-#[test]
-fn a_write_survives_the_san_going_away_and_coming_back() {
-    let file = lun_file("outage");
-    let port = free_port();
-    let tgt = Tgtd::start(&file, port);
-    let mut lun = IscsiLun::connect(&tgt.url(), INITIATOR).expect("login");
-    drop(tgt); // the SAN dies
-    std::thread::sleep(Duration::from_millis(200));
-    lun.submit_write(7, 2048, buf_of(&pattern(7, 4096)), false).unwrap();
-    // While it is down the write does not complete (libiscsi keeps reconnecting).
+/// Polls until `n` commands completed or `within` passed; returns them and when the last came.
+fn collect(lun: &mut IscsiLun, n: usize, within: Duration) -> (Vec<SanDone>, Duration) {
+    let start = Instant::now();
     let mut out = Vec::new();
-    let until = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < until {
-        let _ = lun.poll(50, &mut out);
+    while out.len() < n && start.elapsed() < within {
+        let _ = lun.poll(20, &mut out);
     }
-    assert!(out.iter().all(|d| d.result.is_err()) || out.is_empty(), "completed OK with no SAN: {out:?}");
-    let failed_early = !out.is_empty();
-    // The SAN comes back on the same address with the same LUN.
-    let _tgt = Tgtd::start(&file, port);
-    if failed_early {
-        // libiscsi gave up on that command: the caller retries it, as the destager will.
-        lun.submit_write(7, 2048, buf_of(&pattern(7, 4096)), false).unwrap();
-    }
-    // The caller's retry loop, as the destager runs it: resubmit what the target asks to retry.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut retries = 0;
+    (out, start.elapsed())
+}
+
+/// Writes `data` at `lba` until the SAN takes it (it logs in again by itself), as the destager
+/// retries: Down while it is away, Retry (UNIT ATTENTION) once after a restart.
+fn write_until_done(lun: &mut IscsiLun, lba: u64, data: &[u8], within: Duration) {
+    let deadline = Instant::now() + within;
     loop {
-        assert!(Instant::now() < deadline, "write never completed after the SAN came back");
-        let mut done = Vec::new();
-        let _ = lun.poll(50, &mut done);
-        match done.into_iter().find(|d: &SanDone| d.token == 7).map(|d| d.result) {
-            Some(Ok(_)) => break,
-            Some(Err(SanError::Retry { .. })) if retries < 5 => {
-                retries += 1;
-                lun.submit_write(7, 2048, buf_of(&pattern(7, 4096)), false).unwrap();
+        assert!(Instant::now() < deadline, "the write never completed after the SAN came back");
+        if lun.submit_write(9, lba, buf_of(data), false).is_ok() {
+            let (done, _) = collect(lun, 1, DEADLINE * 3);
+            if done.first().is_some_and(|d| d.result.is_ok()) {
+                break;
             }
-            Some(Err(e)) => panic!("write failed after the SAN came back: {e}"),
-            None => {}
+        } else {
+            let _ = lun.poll(50, &mut Vec::new());
         }
     }
-    lun.submit_flush(8).unwrap();
-    let d = wait_all(&mut lun, 1, Duration::from_secs(20));
-    assert!(d[0].result.is_ok());
+    lun.submit_flush(10).unwrap();
+    let (done, _) = collect(lun, 1, DEADLINE * 3);
+    assert!(done.first().is_some_and(|d| d.result.is_ok()), "flush: {done:?}");
+}
+
+/// One write in flight when the SAN is killed or stopped: it must come back failed within the
+/// deadline (plus polling slack), the outage must be known, and once the SAN is back the
+/// session logs in again by itself and the write lands on the LUN.
+fn outage_then_recovery(name: &str, stop: bool) {
+    let file = lun_file(name);
+    let port = free_port();
+    let mut tgt = Some(Tgtd::start(&file, port));
+    let mut lun = IscsiLun::connect(&tgt.as_ref().unwrap().url(), INITIATOR, DEADLINE).expect("login");
+    if stop {
+        tgt.as_ref().unwrap().signal(libc::SIGSTOP);
+    } else {
+        drop(tgt.take()); // the SAN dies
+    }
+    let sent = Instant::now();
+    match lun.submit_write(7, 2048, buf_of(&pattern(7, 4096)), false) {
+        Ok(()) => {
+            let (done, _) = collect(&mut lun, 1, DEADLINE * 3);
+            assert_eq!(done.len(), 1, "the write got no answer within 3 deadlines");
+            assert!(matches!(done[0].result, Err(SanError::Down(_))), "{:?}", done[0].result);
+            assert!(done[0].buf.is_some(), "a failed write hands its buffer back");
+        }
+        Err((e, buf)) => assert!(matches!(e, SanError::Down(_)) && buf.is_some(), "{e}"),
+    }
+    let took = sent.elapsed();
+    assert!(took < DEADLINE + Duration::from_millis(500), "the failure took {took:?}");
+    let (_, why) = lun.outage().expect("the outage is known");
+    if stop {
+        assert!(why.contains("no answer"), "{why}");
+    }
+    assert_ne!(lun.link(), Link::Up);
+    // Commands fail at once while it is away.
+    let t = Instant::now();
+    let _ = collect(&mut lun, 0, Duration::from_millis(100));
+    if lun.link() != Link::Up {
+        let r = lun.submit_read(1, 0, AlignedBuf::new(4096));
+        assert!(r.is_err() || collect(&mut lun, 1, DEADLINE * 3).0.len() == 1);
+        assert!(t.elapsed() < DEADLINE * 4);
+    }
+    // The SAN comes back (SIGCONT, or a restart with the same LUN on the same address).
+    if stop {
+        tgt.as_ref().unwrap().signal(libc::SIGCONT);
+    } else {
+        tgt = Some(Tgtd::start(&file, port));
+    }
+    write_until_done(&mut lun, 2048, &pattern(7, 4096), Duration::from_secs(30));
+    assert!(lun.outage().is_none(), "the outage is over once a command succeeded");
     let on_disk = std::fs::read(&file).unwrap();
     assert!(on_disk[2048 * 512..2048 * 512 + 4096] == pattern(7, 4096)[..], "the write is not on the LUN");
     drop(lun);
+    drop(tgt);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
+#[test]
+fn a_killed_san_fails_commands_within_the_deadline_and_comes_back() {
+    outage_then_recovery("killed", false);
+}
+
+#[test]
+fn a_hung_san_fails_commands_within_the_deadline_and_comes_back() {
+    outage_then_recovery("hung", true);
+}
+
+#[test]
+fn an_idle_session_notices_a_hung_san() {
+    let file = lun_file("idle");
+    let tgt = Tgtd::start(&file, free_port());
+    let mut lun = IscsiLun::connect(&tgt.url(), INITIATOR, DEADLINE).expect("login");
+    tgt.signal(libc::SIGSTOP);
+    // Heartbeat after one deadline of silence, missed after another.
+    let (done, _) = collect(&mut lun, 1, DEADLINE * 3);
+    assert!(done.is_empty(), "the heartbeat is not a caller's command: {done:?}");
+    let (_, why) = lun.outage().expect("a hung SAN is noticed while idle");
+    assert!(why.contains("no answer"), "{why}");
+    tgt.signal(libc::SIGCONT);
+    drop(lun);
+    drop(tgt);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
+#[test]
+fn a_login_to_a_hung_san_gives_up_in_time() {
+    let file = lun_file("hunglogin");
+    let tgt = Tgtd::start(&file, free_port());
+    tgt.signal(libc::SIGSTOP);
+    let t = Instant::now();
+    let e = IscsiLun::connect(&tgt.url(), INITIATOR, DEADLINE).err().expect("no login to a stopped SAN");
+    assert!(t.elapsed() < DEADLINE * 3, "the login took {:?}", t.elapsed());
+    assert!(e.to_string().contains("no answer to the login within 1000 ms"), "{e}");
+    tgt.signal(libc::SIGCONT);
+    // And to nothing at all: refused at once.
+    let port = free_port();
+    let t = Instant::now();
+    let e = IscsiLun::connect(&format!("iscsi://127.0.0.1:{port}/{IQN}/1"), INITIATOR, DEADLINE)
+        .err()
+        .expect("no login without a SAN");
+    assert!(t.elapsed() < DEADLINE * 3, "{e}");
+    drop(tgt);
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }

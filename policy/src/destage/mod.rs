@@ -35,6 +35,8 @@ use depth::DepthController;
 
 /// How often the destager reports a volume's SAN numbers to the engine.
 const REPORT_EVERY_NS: u64 = 100_000_000;
+/// After this long, a batch still under way caps the reported rate (see `maybe_report`).
+const STALL_RATE_AFTER_NS: u64 = 1_000_000_000;
 
 /// A batch's SAN flush completed: the SAN holds the volume as of `watermark` (the simulator
 /// checks invariant 4 at exactly this moment; stagerd logs it).
@@ -280,10 +282,20 @@ impl Destager {
         }
         self.scratch = scratch;
         for vi in 0..self.volumes.len() {
+            // The SAN's client may know it is unreachable before a command of ours fails (a
+            // lost session, a missed deadline of a host's command, a failed heartbeat).
+            if self.volumes[vi].health.reachable && self.volumes[vi].san.outage().is_some() {
+                self.san_result(vi, false, now);
+            }
             work += self.poll_volume(vi, now);
             self.maybe_report(vi, now);
         }
         work
+    }
+
+    /// Why a volume's SAN is unreachable, as its client says (None if it does not know).
+    pub fn san_outage(&self, id: VolumeId) -> Option<String> {
+        self.volumes[self.volume_index(id)?].san.outage()
     }
 
     /// The next batch's last sequence number: bounded by bytes and entries, but always covering
@@ -434,6 +446,8 @@ impl Destager {
                 self.events.push(DestageEvent::SanUnreachable { volume: v.id });
             }
             v.health.failed(now);
+            // Nothing moves while the SAN is away: no old rate is reported meanwhile.
+            v.rate_bytes_per_s = 0.0;
         }
     }
 
@@ -504,6 +518,10 @@ impl Destager {
             }
             Op::Host { vi, token, sent_ns, read } => {
                 let ok = done.result.is_ok();
+                // A host's command tells about the SAN as much as a destage write does.
+                if ok || done.result == Err(IoError::Unreachable) {
+                    self.san_result(vi, ok, now);
+                }
                 let v = &mut self.volumes[vi];
                 v.host_ops -= 1;
                 if ok && read {
@@ -518,6 +536,17 @@ impl Destager {
     /// Reports a volume's SAN numbers to the engine: at once when reachability or errors
     /// change, every `REPORT_EVERY_NS` while destage moves, every 5 s otherwise.
     fn maybe_report(&mut self, vi: usize, now: u64) {
+        // A batch that has been under way for a while bounds the rate from above: a SAN that
+        // slows down or stalls shows in the rate at once, not after the batch ends.
+        let v = &mut self.volumes[vi];
+        if let Some(b) = &v.current {
+            let elapsed_ns = now.saturating_sub(b.started_ns);
+            if elapsed_ns > STALL_RATE_AFTER_NS {
+                v.rate_bytes_per_s = v.rate_bytes_per_s.min(b.bytes as f64 / (elapsed_ns as f64 / 1e9));
+            }
+        } else if v.next.is_none() && v.dirty.is_empty() {
+            v.rate_bytes_per_s = 0.0; // nothing to destage: nothing moves
+        }
         let report = self.report_of(&self.volumes[vi]);
         let v = &mut self.volumes[vi];
         let urgent = report.reachable != v.reported.reachable || report.errors != v.reported.errors;

@@ -13,6 +13,12 @@ pub trait San {
     fn unmap_reads_zeroes(&self) -> bool {
         false
     }
+    /// Why the SAN is unreachable, while its client knows it is (a session that missed a
+    /// deadline, lost its connection or cannot log in): the destager marks the SAN unreachable
+    /// on it without waiting for a command of its own to fail, and status shows the reason.
+    fn outage(&self) -> Option<String> {
+        None
+    }
     fn submit_read(&mut self, token: IoToken, offset: u64, buf: AlignedBuf);
     /// `fua`: force unit access (the write is in the SAN's stable storage when it completes).
     fn submit_write(&mut self, token: IoToken, offset: u64, buf: AlignedBuf, fua: bool);

@@ -240,25 +240,35 @@ impl Flash for ReadOnlyFlash {
 
 /// An iSCSI LUN as a volume's SAN. Every failure except a bad range reads as "unreachable":
 /// the engine keeps the data in flash and retries with back-off, which is what a SAN outage,
-/// a target restart (UNIT ATTENTION) or a lost session all need.
+/// a target restart (UNIT ATTENTION) or a lost session all need. The session's own watch
+/// (deadlines, login, heartbeat: `san::iscsi`) decides when the SAN is unreachable; this port
+/// logs each change once and reports it through [`San::outage`].
 #[cfg(feature = "iscsi")]
 pub struct IscsiSan {
     lun: crate::san::iscsi::IscsiLun,
     ring: Rc<SharedRing>,
     id: u32,
-    /// A poll of the session's socket is armed in the ring (it wakes a sleeping reactor).
-    armed: bool,
+    /// The session generation a poll of its socket is armed for in the ring (it wakes a
+    /// sleeping reactor); a new session's socket needs a poll of its own.
+    armed: Option<u64>,
     inbox: Vec<(u32, i32)>,
     done: Vec<crate::san::iscsi::SanDone>,
     early: Vec<IoDone>,
     last_service: std::time::Instant,
     last_error_log: Option<std::time::Instant>,
+    /// The outage this port last logged (its start), so each is logged once, and its end.
+    logged_outage: Option<std::time::Instant>,
 }
 
 #[cfg(feature = "iscsi")]
 impl IscsiSan {
-    pub fn connect(url: &str, initiator: &str, ring: Rc<SharedRing>) -> Result<IscsiSan, String> {
-        let lun = crate::san::iscsi::IscsiLun::connect(url, initiator).map_err(|e| e.to_string())?;
+    pub fn connect(
+        url: &str,
+        initiator: &str,
+        timeout: std::time::Duration,
+        ring: Rc<SharedRing>,
+    ) -> Result<IscsiSan, String> {
+        let lun = crate::san::iscsi::IscsiLun::connect(url, initiator, timeout).map_err(|e| e.to_string())?;
         if !BLOCK_SIZE_U64.is_multiple_of(lun.block_size as u64) {
             return Err(format!("{url}: block size {} does not divide 4 KiB", lun.block_size));
         }
@@ -267,12 +277,13 @@ impl IscsiSan {
             lun,
             ring,
             id,
-            armed: false,
+            armed: None,
             inbox: Vec::new(),
             done: Vec::new(),
             early: Vec::new(),
             last_service: std::time::Instant::now(),
             last_error_log: None,
+            logged_outage: None,
         })
     }
 
@@ -293,8 +304,30 @@ impl IscsiSan {
 
     fn after_submit(&mut self, token: IoToken, r: Result<(), (crate::san::iscsi::SanError, Option<AlignedBuf>)>) {
         if let Err((e, buf)) = r {
-            self.log_error("submission failed", &e);
+            if !matches!(e, crate::san::iscsi::SanError::Down(_)) {
+                self.log_error("submission failed", &e);
+            }
             self.early.push(IoDone::new(token, Err(Self::map_err(&e)), buf));
+        }
+    }
+
+    /// Logs the start of an outage (ERROR, with why) and its end (INFO, with how long).
+    fn log_outage(&mut self) {
+        let u = &self.lun.url;
+        let url = format!("iscsi://{}/{}/{}", u.portal, u.target, u.lun);
+        match (self.lun.outage(), self.logged_outage) {
+            (Some((since, why)), None) => {
+                tracing::error!(
+                    "SAN {url} unreachable: {why}; its commands fail (hosts get a retryable status), \
+                     dirty data stays in flash, logging in again with back-off"
+                );
+                self.logged_outage = Some(since);
+            }
+            (None, Some(since)) => {
+                tracing::info!("SAN {url} answers again after {:.1} s", since.elapsed().as_secs_f64());
+                self.logged_outage = None;
+            }
+            _ => {}
         }
     }
 }
@@ -306,6 +339,9 @@ impl San for IscsiSan {
     }
     fn unmap_reads_zeroes(&self) -> bool {
         self.lun.unmap_reads_zeroes
+    }
+    fn outage(&self) -> Option<String> {
+        self.lun.outage().map(|(_, why)| why.to_string())
     }
     fn submit_read(&mut self, token: IoToken, offset: u64, buf: AlignedBuf) {
         let bs = self.lun.block_size as u64;
@@ -336,13 +372,14 @@ impl San for IscsiSan {
         out.append(&mut self.early);
         self.ring.pump();
         self.ring.take_inbox(self.id, &mut self.inbox);
-        let socket_ready = !self.inbox.is_empty();
+        let generation = self.lun.generation();
+        let armed = self.armed;
+        let socket_ready = self.inbox.drain(..).any(|(g, _)| armed.is_some_and(|a| a as u32 == g));
         if socket_ready {
-            self.inbox.clear();
-            self.armed = false;
+            self.armed = None;
         }
-        // An idle session still needs servicing now and then (NOP-In replies, reconnects), but
-        // not a poll(2) per loop turn of the destage reactor.
+        // An idle session still needs servicing now and then (heartbeats, logins, deadlines),
+        // but not a poll(2) per loop turn of the destage reactor.
         let now = std::time::Instant::now();
         if self.lun.in_flight() == 0
             && !socket_ready
@@ -351,21 +388,36 @@ impl San for IscsiSan {
             return n;
         }
         self.last_service = now;
-        if let Err(e) = self.lun.poll(0, &mut self.done) {
-            self.log_error("session error", &e);
-        }
+        // A session failure is logged by log_outage; its commands come back failed in `done`.
+        let _ = self.lun.poll(0, &mut self.done);
+        self.log_outage();
         for d in self.done.drain(..) {
             let result = d.result.map_err(|e| Self::map_err(&e));
             out.push(IoDone::new(IoToken(d.token), result, d.buf));
             n += 1;
         }
-        if self.lun.in_flight() > 0 && !self.armed {
+        if let Some(old) = self.armed.filter(|&g| g != generation) {
+            // The socket that poll waited on is gone: cancel it so the ring lets the file go.
+            let ud = stager_nvme::uring::user_data(stager_nvme::uring::kind::BDEV, self.id, old as u32);
+            self.ring.ring.borrow_mut().push(
+                io_uring::opcode::AsyncCancel::new(ud).build().user_data(stager_nvme::uring::user_data(
+                    stager_nvme::uring::kind::BDEV,
+                    self.id,
+                    u32::MAX,
+                )),
+            );
+            self.armed = None;
+        }
+        let events = self.lun.which_events();
+        if self.lun.in_flight() > 0 && self.armed.is_none() && self.lun.fd() >= 0 && events != 0 {
             let fd = io_uring::types::Fd(self.lun.fd());
-            let e = io_uring::opcode::PollAdd::new(fd, self.lun.which_events() as u32)
-                .build()
-                .user_data(stager_nvme::uring::user_data(stager_nvme::uring::kind::BDEV, self.id, 0));
+            let e = io_uring::opcode::PollAdd::new(fd, events as u32).build().user_data(stager_nvme::uring::user_data(
+                stager_nvme::uring::kind::BDEV,
+                self.id,
+                generation as u32,
+            ));
             self.ring.ring.borrow_mut().push(e);
-            self.armed = true;
+            self.armed = Some(generation);
         }
         n
     }

@@ -159,7 +159,8 @@ pub fn destage(
         let san = san.ok_or_else(|| {
             format!("{path} has data of volume {} but the configuration does not name its SAN", v.id.0)
         })?;
-        let port = open_san(v.id.0, &san, &ring)?;
+        let timeout = Duration::from_millis(config.destage.san_timeout_ms);
+        let port = open_san(v.id.0, &san, timeout, &ring)?;
         if port.size_bytes() < v.blocks * BLOCK_SIZE_U64 {
             return Err(format!("volume {}: its SAN is smaller than the volume ({} blocks)", v.id.0, v.blocks));
         }

@@ -43,6 +43,8 @@ use crate::reactor::{new_eventfd, wake};
 const IDLE_SLEEP: Duration = Duration::from_millis(5);
 /// How often the destage core logs destage progress while a volume has dirty data.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// How often the reasons of ongoing SAN outages are refreshed for status.
+const OUTAGE_REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// How long stop waits for in-flight device I/O.
 const STOP_DRAIN: Duration = Duration::from_secs(10);
 /// Messages a host's inbox holds (commands from other reactors, the destager's messages); a
@@ -121,6 +123,8 @@ pub struct VolumeService {
     pub(crate) replica_dev: Option<u16>,
     /// Hosts report replication links that went down here (taken by the replication service).
     link_down: Mutex<Option<Receiver<(stager_policy::LinkId, String)>>>,
+    /// Volumes whose SAN is unreachable now (status).
+    outages: SanOutages,
 }
 
 /// A flash device as the configuration describes it, with what was found on it.
@@ -158,8 +162,14 @@ pub(crate) fn san_label(san: &SanConfig) -> String {
     }
 }
 
-/// Opens (connects to) volume `id`'s SAN.
-pub(crate) fn open_san(id: u32, san: &SanConfig, ring: &Rc<SharedRing>) -> Result<Box<dyn San>, String> {
+/// Opens (connects to) volume `id`'s SAN; an iSCSI login that takes longer than `timeout`
+/// (`destage.san_timeout_ms`) fails.
+pub(crate) fn open_san(
+    id: u32,
+    san: &SanConfig,
+    timeout: Duration,
+    ring: &Rc<SharedRing>,
+) -> Result<Box<dyn San>, String> {
     match san {
         SanConfig::File { path, size_bytes, direct } => {
             let spec = DeviceSpec::File {
@@ -177,14 +187,19 @@ pub(crate) fn open_san(id: u32, san: &SanConfig, ring: &Rc<SharedRing>) -> Resul
         }
         #[cfg(feature = "iscsi")]
         SanConfig::Iscsi { url, initiator } => {
-            let san = super::devices::IscsiSan::connect(url, initiator, ring.clone())
-                .map_err(|e| format!("volume {id}: cannot reach its SAN: {e}"))?;
+            let san = super::devices::IscsiSan::connect(url, initiator, timeout, ring.clone()).map_err(|e| {
+                format!(
+                    "volume {id}: cannot reach its SAN: {e} (destage.san_timeout_ms is {} ms); \
+                     stagerd does not start without every volume's SAN",
+                    timeout.as_millis()
+                )
+            })?;
             info!(volume = id, "logged in to SAN {url} as {initiator}");
             Ok(Box::new(san))
         }
         #[cfg(not(feature = "iscsi"))]
         SanConfig::Iscsi { .. } => {
-            let _ = ring;
+            let _ = (ring, timeout);
             Err(format!(
                 "volume {id}: its SAN is iSCSI, but this build has no `iscsi` feature \
                  (rebuild with --features stager-target/iscsi)"
@@ -308,6 +323,9 @@ impl VolumeService {
         let core = config.destage.core;
         let idle_poll = Duration::from_micros(config.destage.idle_poll_us);
         let (waker2, stop2) = (destage_waker.clone(), stop.clone());
+        let san_timeout = Duration::from_millis(config.destage.san_timeout_ms);
+        let outages: SanOutages = Arc::new(Mutex::new(HashMap::new()));
+        let outages2 = outages.clone();
         let thread = std::thread::Builder::new()
             .name("destage".into())
             .spawn(move || {
@@ -316,7 +334,7 @@ impl VolumeService {
                         warn!("destage core: could not pin to core {c}; running unpinned");
                     }
                 }
-                match DestageCore::build(core_devices, destage_rx, waker2, stop2, idle_poll) {
+                match DestageCore::build(core_devices, destage_rx, waker2, stop2, idle_poll, san_timeout, outages2) {
                     Ok((mut core, found)) => {
                         let _ = ready_tx.send(Ok(found));
                         core.run();
@@ -339,6 +357,9 @@ impl VolumeService {
             }
         };
         let log_full_wait_ns = config.destage.log_full_wait_ms.saturating_mul(1_000_000);
+        // Host commands that need the SAN wait at most twice its command deadline (plus one
+        // deadline for a command in flight then): answered well within a host's own timeout.
+        let host_san_wait_ns = 2 * config.destage.san_timeout_ms.saturating_mul(1_000_000);
         let (link_down_tx, link_down_rx) = crossbeam_channel::unbounded();
         let mut volumes = Vec::new();
         let mut devices = Vec::new();
@@ -371,8 +392,14 @@ impl VolumeService {
                 Probe::Formatted(sb) => (false, sb.device_id),
                 _ => (true, new_device_id(&p.path)),
             };
-            let cfg =
-                EngineConfig { device_id, cache_percent: p.cache_percent, log_full_wait_ns, ..EngineConfig::default() };
+            let cfg = EngineConfig {
+                device_id,
+                cache_percent: p.cache_percent,
+                log_full_wait_ns,
+                san_timeout_ns: host_san_wait_ns,
+                gate_timeout_ns: host_san_wait_ns,
+                ..EngineConfig::default()
+            };
             let ready = Arc::new(Ready::default());
             devices.push(DeviceHandle {
                 name: p.name.clone(),
@@ -413,6 +440,7 @@ impl VolumeService {
             next_route: AtomicU32::new(1),
             replica_dev,
             link_down: Mutex::new(Some(link_down_rx)),
+            outages,
         })))
     }
 
@@ -465,6 +493,17 @@ impl VolumeService {
             let s = rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?;
             devices.push(s);
         }
+        if let Ok(outages) = self.outages.lock() {
+            for v in devices.iter_mut().flat_map(|d| d.volumes.iter_mut()) {
+                if let Some(o) = outages.get(&v.id) {
+                    v.san_reachable = false;
+                    v.san_unreachable_since_unix_s =
+                        o.since.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs_f64());
+                    v.san_unreachable_for_s = Some(o.started.elapsed().as_secs_f64());
+                    v.san_last_error = Some(o.why.clone());
+                }
+            }
+        }
         Ok(NodeStatus { pid: std::process::id(), uptime_s: self.started.elapsed().as_secs_f64(), devices })
     }
 
@@ -491,6 +530,18 @@ impl VolumeService {
         }
     }
 }
+
+/// A volume's SAN outage as the destage core saw it (status shows it): since when, and the
+/// latest reason its client gives. Written by the destage core on reachability changes and
+/// once a second during an outage, read by the management thread: never on the I/O path.
+#[derive(Clone, Debug)]
+pub(crate) struct SanOutage {
+    pub since: std::time::SystemTime,
+    pub started: Instant,
+    pub why: String,
+}
+
+pub(crate) type SanOutages = Arc<Mutex<HashMap<u32, SanOutage>>>;
 
 /// What the destage core needs of a device.
 struct CoreDevicePlan {
@@ -526,6 +577,7 @@ struct DestageCore {
     stop: Arc<AtomicBool>,
     idle_poll: Duration,
     clock: MonotonicClock,
+    outages: SanOutages,
 }
 
 impl DestageCore {
@@ -535,6 +587,8 @@ impl DestageCore {
         waker: Arc<Waker>,
         stop: Arc<AtomicBool>,
         idle_poll: Duration,
+        san_timeout: Duration,
+        outages: SanOutages,
     ) -> Result<(DestageCore, Vec<Vec<SanFound>>), String> {
         let ring = SharedRing::new().map_err(|e| format!("destage core: io_uring: {e}"))?;
         let mut devices = Vec::new();
@@ -546,7 +600,7 @@ impl DestageCore {
             let mut sans: Vec<(VolumeId, Box<dyn San>)> = Vec::new();
             let mut found = Vec::new();
             for (id, san_cfg, size_bytes) in &p.volumes {
-                let san = open_san(*id, san_cfg, &ring)?;
+                let san = open_san(*id, san_cfg, san_timeout, &ring)?;
                 let san_bytes = san.size_bytes();
                 let bytes = size_bytes.unwrap_or(san_bytes);
                 if bytes > san_bytes {
@@ -588,6 +642,7 @@ impl DestageCore {
             stop,
             idle_poll,
             clock: MonotonicClock::new(),
+            outages,
         };
         core.arm_wake();
         Ok((core, found_all))
@@ -646,9 +701,21 @@ impl DestageCore {
                 match e {
                     DestageEvent::BatchDestaged { .. } => {}
                     DestageEvent::SanUnreachable { volume } => {
-                        warn!("{volume}: SAN unreachable; dirty data stays in flash, retrying with back-off")
+                        let why = d.destager.san_outage(volume).unwrap_or_else(|| "a SAN command failed".into());
+                        warn!("{volume}: SAN unreachable ({why}); dirty data stays in flash, retrying with back-off");
+                        if let Ok(mut o) = self.outages.lock() {
+                            o.entry(volume.0).or_insert(SanOutage {
+                                since: std::time::SystemTime::now(),
+                                started: Instant::now(),
+                                why,
+                            });
+                        }
                     }
-                    DestageEvent::SanReachable { volume } => info!("{volume}: SAN reachable again; destage resumes"),
+                    DestageEvent::SanReachable { volume } => {
+                        let gone = self.outages.lock().ok().and_then(|mut o| o.remove(&volume.0));
+                        let after = gone.map(|o| format!(" after {:.1} s", o.started.elapsed().as_secs_f64()));
+                        info!("{volume}: SAN reachable again{}; destage resumes", after.unwrap_or_default())
+                    }
                     DestageEvent::LogReadFailed { volume, error } => {
                         error!("{volume}: cannot read dirty data back from flash {}: {error}; retrying", d.name)
                     }
@@ -656,6 +723,22 @@ impl DestageCore {
             }
         }
         work
+    }
+
+    /// Keeps each outage's reason current for status (a dead SAN's "no answer within 5000 ms"
+    /// becomes "connection refused" once it is known to be gone).
+    fn refresh_outages(&self) {
+        let Ok(mut o) = self.outages.lock() else { return };
+        if o.is_empty() {
+            return;
+        }
+        for d in &self.devices {
+            for id in &d.volumes {
+                if let (Some(entry), Some(why)) = (o.get_mut(&id.0), d.destager.san_outage(*id)) {
+                    entry.why = why;
+                }
+            }
+        }
     }
 
     fn log_progress(&self) {
@@ -682,6 +765,7 @@ impl DestageCore {
         info!("destage core running ({} flash device(s))", self.devices.len());
         let mut last_work = Instant::now();
         let mut last_progress = Instant::now();
+        let mut last_outage_refresh = Instant::now();
         let mut stopping: Option<Instant> = None;
         loop {
             let now_ns = self.clock.now_ns();
@@ -707,6 +791,10 @@ impl DestageCore {
             if now.duration_since(last_progress) > PROGRESS_EVERY {
                 last_progress = now;
                 self.log_progress();
+            }
+            if now.duration_since(last_outage_refresh) > OUTAGE_REFRESH_EVERY {
+                last_outage_refresh = now;
+                self.refresh_outages();
             }
             if now.duration_since(last_work) < self.idle_poll {
                 continue;

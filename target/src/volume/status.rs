@@ -90,6 +90,14 @@ pub struct VolumeStatus {
     pub san_latency_us: f64,
     pub san_reachable: bool,
     pub san_errors: u64,
+    /// While the SAN is unreachable: since when (seconds since the Unix epoch), for how long,
+    /// and the latest reason its client gives (e.g. "no answer to a command within 5000 ms").
+    #[serde(default)]
+    pub san_unreachable_since_unix_s: Option<f64>,
+    #[serde(default)]
+    pub san_unreachable_for_s: Option<f64>,
+    #[serde(default)]
+    pub san_last_error: Option<String>,
     pub watermark: u64,
     pub persisted_watermark: u64,
     pub watermark_lag_entries: u64,
@@ -126,6 +134,9 @@ impl VolumeStatus {
             san_latency_us: m.san_latency_ns_ewma / 1000.0,
             san_reachable: m.san_reachable,
             san_errors: m.san_errors,
+            san_unreachable_since_unix_s: None,
+            san_unreachable_for_s: None,
+            san_last_error: None,
             watermark: m.watermark.0,
             persisted_watermark: m.persisted_watermark.0,
             watermark_lag_entries: m.watermark_lag_entries,
@@ -244,6 +255,21 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
+/// A volume's SAN state in words: `reachable`, or since when it is not and why.
+fn san_state(v: &VolumeStatus) -> String {
+    if v.san_reachable {
+        return "reachable".into();
+    }
+    let mut s = String::from("UNREACHABLE");
+    if let Some(for_s) = v.san_unreachable_for_s {
+        s += &format!(" for {for_s:.0} s");
+    }
+    if let Some(why) = &v.san_last_error {
+        s += &format!(" ({why})");
+    }
+    s + "; dirty data kept in flash, host I/O that needs the SAN gets a retryable error, retrying"
+}
+
 /// The table `stagerctl status` prints.
 pub fn render(s: &NodeStatus) -> String {
     use std::fmt::Write;
@@ -284,7 +310,7 @@ pub fn render(s: &NodeStatus) -> String {
                 human_bytes(v.destaged_bytes_total),
                 v.watermark_lag_entries,
                 v.san,
-                if v.san_reachable { "reachable" } else { "UNREACHABLE (dirty data kept in flash, retrying)" },
+                san_state(v),
                 v.san_latency_us,
                 v.san_errors,
                 v.read_hit_ratio * 100.0,
