@@ -209,11 +209,15 @@ pub(crate) struct SanHealth {
     pub backoff_ns: u64,
     pub retry_at: u64,
     pub errors: u64,
+    /// What the destager's last report said: when it comes back to reachable (a destage write
+    /// or another host's command succeeded), so does this volume, without waiting for a host
+    /// command of its own to succeed first.
+    pub reported_reachable: bool,
 }
 
 impl SanHealth {
     pub fn new() -> SanHealth {
-        SanHealth { reachable: true, backoff_ns: SAN_BACKOFF_MIN_NS, retry_at: 0, errors: 0 }
+        SanHealth { reachable: true, backoff_ns: SAN_BACKOFF_MIN_NS, retry_at: 0, errors: 0, reported_reachable: true }
     }
 
     pub fn failed(&mut self, now: u64) {
@@ -493,6 +497,10 @@ impl Volume {
     }
 
     pub fn apply_report(&mut self, r: &SanReport) {
+        if r.reachable && !self.san_health.reported_reachable {
+            self.san_health.succeeded();
+        }
+        self.san_health.reported_reachable = r.reachable;
         let m = &mut self.metrics;
         m.san_latency_ns_ewma = r.latency_ns_ewma;
         m.destage_rate_bytes_per_s = r.destage_rate_bytes_per_s;

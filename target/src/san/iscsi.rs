@@ -452,6 +452,17 @@ impl IscsiLun {
         unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
     }
 
+    /// libiscsi's error after a socket failure, without its note about the automatic
+    /// reconnect we switched off (which would mislead an operator).
+    fn socket_error(&self) -> String {
+        let e = self.error();
+        if e.contains("Can not reconnect") {
+            "the target closed or reset the connection (or refused it)".into()
+        } else {
+            e
+        }
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }
@@ -714,7 +725,10 @@ impl IscsiLun {
             let now = Instant::now();
             let login = self.login.get();
             let why = if rc < 0 {
-                Some(format!("connection lost: {}", self.error()))
+                Some(match self.link {
+                    Link::Connecting { .. } => format!("cannot connect or log in: {}", self.socket_error()),
+                    _ => format!("connection lost: {}", self.socket_error()),
+                })
             } else {
                 match self.link {
                     Link::Connecting { since } => {
@@ -731,7 +745,7 @@ impl IscsiLun {
                             None
                         }
                     }
-                    Link::Up if login != STATUS_GOOD => Some(format!("connection lost: {}", self.error())),
+                    Link::Up if login != STATUS_GOOD => Some(format!("connection lost: {}", self.socket_error())),
                     Link::Up => self.overdue(now),
                     Link::Down { .. } => None,
                 }
@@ -747,7 +761,7 @@ impl IscsiLun {
         if cancelled && self.link == Link::Up {
             // libiscsi gave up on commands by itself (a write to a dead socket): the session
             // is gone even if it did not say so.
-            let why = format!("connection lost: {}", self.error());
+            let why = format!("connection lost: {}", self.socket_error());
             self.fail(Instant::now(), why.clone());
             failed = Some(why);
             n += self.drain(out).0;
