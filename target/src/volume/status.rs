@@ -351,3 +351,34 @@ pub fn render(s: &NodeStatus) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A volume's status as a daemon from before the outage fields sent it.
+    fn volume(reachable: bool) -> VolumeStatus {
+        let json = serde_json::json!({
+            "id": 3, "export": "nqn.2026-11.dev.stager:x/1", "san": "iscsi://127.0.0.1:3260/iqn.x/1",
+            "requested_policy": "write-back", "effective_policy": "write-back", "reason": "as-requested",
+            "dirty_bytes": 0, "clean_cached_bytes": 0, "replica_bytes": 0, "destaged_bytes_total": 0,
+            "destage_rate_bytes_per_s": 0.0, "destage_depth": 1, "san_latency_us": 0.0,
+            "san_reachable": reachable, "san_errors": 0, "watermark": 0, "persisted_watermark": 0,
+            "watermark_lag_entries": 0, "read_hit_ratio": 0.0, "read_hits_dirty": 0, "read_hits_clean": 0,
+            "read_misses": 0, "log_full_waits": 0, "log_full_fallthroughs": 0, "busy_returns": 0
+        });
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_lost_san_shows_since_when_and_why() {
+        assert_eq!(san_state(&volume(true)), "reachable");
+        let mut v = volume(false);
+        assert!(san_state(&v).starts_with("UNREACHABLE; "), "{}", san_state(&v));
+        v.san_unreachable_for_s = Some(12.4);
+        v.san_last_error = Some("no answer to a command within 5000 ms (3 in flight)".into());
+        let s = san_state(&v);
+        assert!(s.starts_with("UNREACHABLE for 12 s (no answer to a command within 5000 ms (3 in flight)); "), "{s}");
+        assert!(v.san_unreachable_since_unix_s.is_none(), "optional in the JSON of older daemons");
+    }
+}
