@@ -13,7 +13,8 @@
 #   acknowledged block verifies with stager-perf's verify state files — through stagerd, and
 #   finally from the SAN alone (a fresh flash device, write-through).
 #   3. stagerd started with a hung SAN refuses the start and exits non-zero within
-#   2 × san_timeout_ms plus slack, saying why; with no SAN at all it refuses at once.
+#   2 × san_timeout_ms plus slack, saying why, and a host that connected meanwhile is let go
+#   (its connection reset) as it exits; with no SAN at all it refuses at once.
 # Needs: tgtd/tgtadm (apt-get install tgt) and binaries built with the iscsi feature. BIN=dir
 # overrides where the binaries are (default build/release). Prints PASS/FAIL lines; exits
 # non-zero on failure.
@@ -220,9 +221,23 @@ stop_stagerd
 kill -STOP "$tgtd_pid"
 t0=$(now_ms)
 rc=0
-timeout 60 "$BIN/stagerd" --config "$work/wb.yaml" > "$work/stagerd-hung-start.log" 2>&1 || rc=$?
+timeout 60 "$BIN/stagerd" --config "$work/wb.yaml" > "$work/stagerd-hung-start.log" 2>&1 &
+starting=$!
+# A host that connects meanwhile is not left attached to a target that never answers: its
+# connection ends when stagerd gives up (or is refused before the listener exists).
+sleep 0.3
+"$BIN/stager-perf" run --target "$target" -q 1 -w randread -s 4k -t 1 --timeout 60 --quiet \
+    > "$work/perf-hung-start.log" 2>&1 &
+host=$!
+wait "$starting" || rc=$?
 took=$(($(now_ms) - t0))
+host_rc=0
+wait "$host" || host_rc=$?
+host_took=$(($(now_ms) - t0))
 kill -CONT "$tgtd_pid"
+((host_rc != 0 && host_took <= 2 * SAN_TIMEOUT_MS + 4000)) ||
+    fail "a host connecting to a starting stagerd with a hung SAN: exit $host_rc after $host_took ms: $(cat "$work/perf-hung-start.log")"
+echo "PASS: a host that connected during that start was let go after $host_took ms: $(grep -m1 -oE "stager-perf: .*|the target .*|connection .*" "$work/perf-hung-start.log" | head -1)"
 ((rc != 0 && rc != 124)) || fail "stagerd with a hung SAN: exit status $rc after $took ms"
 ((took <= 2 * SAN_TIMEOUT_MS + 3000)) || fail "stagerd with a hung SAN took $took ms to refuse"
 grep -q "cannot reach its SAN.*no answer to the login within $SAN_TIMEOUT_MS ms.*san_timeout_ms" "$work/stagerd-hung-start.log" ||
