@@ -8,6 +8,8 @@
 //! -> {"op":"set-policy","volume":1,"policy":"write-through"}
 //! <- {"ok":true,"message":"volume 1: requested write-through, effective write-through; destaging 12.0 MiB of dirty data"}
 //! <- {"ok":false,"error":"no volume 7 on this node"}
+//! -> {"op":"accept-loss","volume":1}
+//! <- {"ok":true,"message":"volume 1: loss of 3 block(s) accepted; reads of them return what the SAN holds"}
 //! ```
 //!
 //! The socket file is created with the daemon's umask; anyone who can open it can change
@@ -47,6 +49,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum Request {
     Status,
     SetPolicy { volume: u32, policy: String },
+    AcceptLoss { volume: u32 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -181,6 +184,16 @@ fn answer(req: Request, volumes: Option<&VolumeService>) -> Response {
                 Err(e) => Response::error(e),
             },
         },
+        Request::AcceptLoss { volume } => {
+            let Some(v) = volumes else { return Response::error("this node has no write-back volumes") };
+            match v.accept_loss(volume) {
+                Ok(m) => {
+                    info!("management: {m}");
+                    Response { ok: true, status: None, message: Some(m), error: None }
+                }
+                Err(e) => Response::error(e),
+            }
+        }
         Request::SetPolicy { volume, policy } => {
             let (policy, copies) = match crate::config::parse_policy(&policy) {
                 Ok((p, n)) => (p, (p == WritePolicy::WriteBack && policy.contains('+')).then_some(n)),

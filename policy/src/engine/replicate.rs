@@ -737,6 +737,12 @@ impl Engine {
         v.is_copy().then(|| LogSeq(v.next_seq.0 - 1))
     }
 
+    /// Whether replay found damage in this copy's part of the log: it is incomplete, and says
+    /// so to its source (durable 0) until the source sends everything again.
+    pub fn copy_damaged(&self, id: VolumeId) -> bool {
+        self.volume_index(id).is_some_and(|vi| self.volumes[vi].copy_damaged)
+    }
+
     /// For a replicated volume: the lowest sequence number every replica has durable.
     pub fn replicas_durable(&self, id: VolumeId) -> Option<LogSeq> {
         let vi = self.volume_index(id)?;
