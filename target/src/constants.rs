@@ -10,6 +10,12 @@ pub const AER_LIMIT: u8 = 4;
 pub const ERROR_LOG_ENTRIES: usize = 16;
 /// Highest NSID a subsystem may use (Identify Controller NN).
 pub const NAMESPACES_MAX: u32 = 1024;
+/// Highest ANA group id (ANAGRPMAX, and NANAGRPID): hosts size their ANA log buffer by it,
+/// 32 bytes a group (Linux: header + NANAGRPID * 32 + MNAN * 4 must fit in MDTS). Fixed, not
+/// configured, so every node describes a subsystem's paths alike.
+pub const ANA_GROUP_ID_MAX: u32 = 128;
+/// Highest controller id (0xFFF0.. are reserved by the spec).
+pub const CNTLID_MAX: u16 = 0xFFEF;
 /// How often a reactor looks at its timers; an idle reactor wakes this often (20 times a
 /// second: well under 1% of a core).
 pub const TIMER_TICK: Duration = Duration::from_millis(50);
