@@ -243,6 +243,13 @@ read -r _ MIB WANT < <(tr -d '\r' <"$CONSOLE" | grep -a '^MULTIPATH-MD5 ' | tail
 GOT=$(head -c $((MIB << 20)) "$TMP/shared.img" | md5sum | cut -d' ' -f1)
 [ "$GOT" = "$WANT" ] || die "the shared file's first $MIB MiB have md5 $GOT, the guest wrote $WANT"
 grep -q "ANA change notice sent" "$LOGDIR/node-b.log" || die "node-b's log does not show the ANA change notice"
+# A write in flight at the kill (or issued after it) waited for node-b's path to become usable:
+# about FAILOVER_DELAY, the time between the kill and `stagerctl ana set`. Much less would mean
+# the I/O went through a path it should not have used.
+read -r _ WAIT_S WAIT_CHUNK < <(tr -d '\r' <"$CONSOLE" | grep -a '^MULTIPATH-WAIT ' | tail -n1) || die "no MULTIPATH-WAIT line from the guest"
+awk "BEGIN { exit !($WAIT_S >= $FAILOVER_DELAY - 0.5) }" ||
+    die "the longest write after the kill took ${WAIT_S}s (chunk $WAIT_CHUNK): it did not wait ~${FAILOVER_DELAY}s for the ANA change"
 tr -d '\r' <"$CONSOLE" | grep -a -E '^mp: ' | sed 's/^/  /'
-log "timings: guest run $(fmt "$T_BOOT" "$T_END")s, kill to guest done $(fmt "$T_KILL" "$T_END")s, total $(fmt "$T_START" "$T_END")s"
+log "timings: guest run $(fmt "$T_BOOT" "$T_END")s, kill to guest done $(fmt "$T_KILL" "$T_END")s, total $(fmt "$T_START" "$T_END")s;" \
+    "chunk $WAIT_CHUNK waited ${WAIT_S}s for a path (${FAILOVER_DELAY}s from the kill to stagerctl ana set)"
 log "PASS: Linux $GUEST_KVER native multipath failed over from node-a (killed) to node-b (ANA optimized); $MIB MiB verified in the guest and on the shared file (logs: $LOGDIR)"

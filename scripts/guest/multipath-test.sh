@@ -10,6 +10,8 @@
 # 3. writes chunk after chunk; after a few it prints MULTIPATH-KILL-NOW, on which the host
 #    kills node-a (kill -9) and sets node-b's group optimized (stagerctl ana set); every chunk
 #    must still complete (the I/O waits, then continues through node-b), and all of it verify;
+#    the longest write after the kill request is reported (MULTIPATH-WAIT) for the host to check
+#    that the I/O waited for the change rather than going anywhere else;
 # 4. prints the md5 of everything written (MULTIPATH-MD5) for the host to check against the
 #    shared backing file, and deletes both controllers.
 #
@@ -166,6 +168,10 @@ say "step 3: write $CHUNKS MiB chunk by chunk; node-a is killed after chunk $KIL
 dd if=/dev/urandom of="$WORK/chunks" bs=1M count="$CHUNKS" 2>/dev/null || fail "cannot make a pattern"
 i=0
 T_KILL=""
+# The longest write after the kill request, and which chunk: with node-b inaccessible until the
+# host changes it, one write must have waited about FAILOVER_DELAY (the host checks it).
+WAIT_MAX=0
+WAIT_CHUNK=-1
 while [ $i -lt "$CHUNKS" ]; do
     t0=$(now)
     if ! dd if="$WORK/chunks" of="/dev/$DEV" bs=1M skip=$i seek=$((FIRST_MIB + i)) count=1 $WFLAG 2>"$WORK/dd.err"; then
@@ -173,6 +179,10 @@ while [ $i -lt "$CHUNKS" ]; do
         fail "write of chunk $i failed: the I/O did not fail over to node-b"
     fi
     t1=$(now)
+    if [ -n "$T_KILL" ] && [ "$(awk "BEGIN { print ($t1 - $t0 > $WAIT_MAX) ? 1 : 0 }")" = 1 ]; then
+        WAIT_MAX=$(awk "BEGIN { print $t1 - $t0 }")
+        WAIT_CHUNK=$i
+    fi
     slow=$(awk "BEGIN { print ($t1 - $t0 > 1.0) ? 1 : 0 }")
     if [ "$slow" = 1 ]; then
         say "  chunk $i took $(awk "BEGIN { print $t1 - $t0 }")s (waited for a path): node-a $(cat /sys/class/nvme/"$CA"/state), node-b path $(ana_state "$CB" "$PB")"
@@ -182,12 +192,13 @@ while [ $i -lt "$CHUNKS" ]; do
         T_KILL=$(now)
         # The host waits for this line, kills node-a and then sets node-b optimized.
         echo "MULTIPATH-KILL-NOW after $i chunks"
-        # Pace the writes a little so several are in flight around the kill.
     fi
+    # After the kill request the writes go on, paced a little.
     [ -z "$T_KILL" ] || sleep 0.05
 done
 T_DONE=$(now)
 say "  all $CHUNKS chunks written ($(awk "BEGIN { print $T_DONE - $T_KILL }")s from the kill request to the last one)"
+echo "MULTIPATH-WAIT $WAIT_MAX $WAIT_CHUNK"
 show_paths
 [ "$(ana_state "$CB" "$PB")" = optimized ] || fail "node-b's path is '$(ana_state "$CB" "$PB")' after the failover, want optimized"
 st=$(cat /sys/class/nvme/"$CA"/state)
