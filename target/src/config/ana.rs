@@ -13,7 +13,7 @@ use serde::Deserialize;
 use stager_nvme::log_page::AnaState;
 
 use super::{problem, Config, Problem, SubsystemConfig};
-use crate::constants::{ANA_GROUP_ID_MAX, CNTLID_MAX};
+use crate::constants::{ANA_GROUP_ID_MAX, ANA_LOG_BYTES_MAX, CNTLID_MAX};
 
 /// Node-wide ANA settings.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -109,6 +109,21 @@ pub(super) fn check_ana(c: &Config) -> Result<(), Problem> {
     if a.transition_time_s == 0 {
         return Err(problem("ana.transition_time_s", "must be at least 1 second"));
     }
+    // Nodes that serve a subsystem as paths (ana_groups written out) must let hosts read the
+    // whole ANA log in one command: with a smaller MDTS Linux turns ANA off for the controller
+    // and sends I/O to every path, inaccessible ones included.
+    let io = c.transport.max_io_bytes;
+    if io < ANA_LOG_BYTES_MAX {
+        if let Some(i) = c.subsystems.iter().position(|s| !s.ana_groups.is_empty()) {
+            return Err(problem(
+                "transport.max_io_bytes",
+                format!(
+                    "{io} is below the {ANA_LOG_BYTES_MAX}-byte ANA log that hosts read in one command, and \
+                     subsystems[{i}] has ana_groups (Linux would turn ANA off and use every path); use 16KiB or more"
+                ),
+            ));
+        }
+    }
     for (i, s) in c.subsystems.iter().enumerate() {
         // The listeners a subsystem is reachable on: its own list, or all of them.
         let reachable: Vec<&str> = if s.listeners.is_empty() {
@@ -193,6 +208,10 @@ subsystems:
             (1, AnaState::Optimized, AnaState::Optimized)
         );
         assert_eq!((s.ana_group_of(1), s.ana_group_of(2)), (1, 1));
+        // A small MDTS is only refused where ana_groups say the node is one of several paths.
+        let small = "transport: { max_io_bytes: 8KiB, in_capsule_data_bytes: 4096 }\n";
+        parse_ok(&format!("{TWO_PORTS}{small}"));
+        parse_ok(&format!("{TWO_PORTS}    ana_groups: [{{ id: 1 }}]\ntransport: {{ max_io_bytes: 16KiB }}\n"));
     }
 
     #[test]
@@ -232,6 +251,11 @@ ana: {{ cntlid_min: 100, cntlid_max: 199, transition_time_s: 3 }}
             ("ana: { cntlid_max: 65520 }\n", "ana.cntlid_max", "reserved"),
             ("ana: { cntlid_min: 10, cntlid_max: 9 }\n", "ana.cntlid_max", "below"),
             ("ana: { transition_time_s: 0 }\n", "ana.transition_time_s", "at least"),
+            (
+                "    ana_groups: [{ id: 1 }]\ntransport: { max_io_bytes: 8KiB, in_capsule_data_bytes: 4096 }\n",
+                "transport.max_io_bytes",
+                "ANA log",
+            ),
             ("ana: { cntlid: 3 }\n", "cntlid", "unknown field"),
         ];
         for (extra, key, why) in cases {
