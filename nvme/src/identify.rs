@@ -76,9 +76,10 @@ impl ControllerIdentity {
         le::put_str_padded(&mut b, 4, 20, &self.serial);
         le::put_str_padded(&mut b, 24, 40, &self.model);
         le::put_str_padded(&mut b, 64, 8, &self.firmware);
-        b[72] = 6; // recommended arbitration burst
-                   // CMIC: the subsystem may have several ports and controllers (the same NQN is served
-                   // by several nodes); bit 3 when the controller reports ANA.
+        // Recommended arbitration burst.
+        b[72] = 6;
+        // CMIC: the subsystem may have several ports and controllers (the same NQN is served by
+        // several nodes); bit 3 when the controller reports ANA.
         b[76] = cmic::MULTI_PORT | cmic::MULTI_CONTROLLER;
         if self.ana.is_some() {
             b[76] |= cmic::ANA_REPORTING;
