@@ -34,6 +34,9 @@ use stager_nvme::bdev::vfio::{check_bound, pci_address};
 use stager_nvme::bdev::DeviceSpec;
 use stager_policy::WritePolicy;
 
+mod ana;
+pub use ana::{AnaConfig, AnaGroupConfig};
+
 /// Largest configuration file we read. A real one is a few KiB; the cap keeps a mistaken
 /// `--config /dev/zero` (or a huge log file) from eating memory before parsing fails.
 pub const CONFIG_FILE_BYTES_MAX: u64 = 1 << 20;
@@ -112,6 +115,10 @@ pub struct Config {
     /// write-back+1/+2 volumes (on their source) and to keep copies for peers (on replicas).
     #[serde(default)]
     pub node: Option<NodeConfig>,
+    /// Asymmetric Namespace Access: this node's controller ids and ANA transition time
+    /// (`config/ana.rs`).
+    #[serde(default)]
+    pub ana: AnaConfig,
 }
 
 /// This node and how it reaches its peers for replication.
@@ -454,6 +461,9 @@ pub struct SubsystemConfig {
     pub listeners: Vec<String>,
     /// May be empty: a subsystem without namespaces still accepts connections.
     pub namespaces: Vec<NamespaceConfig>,
+    /// ANA groups and their states on this node; none = one optimized group with every
+    /// namespace (`config/ana.rs`).
+    pub ana_groups: Vec<AnaGroupConfig>,
 }
 
 /// The shape of a subsystem in the file; only `serial` differs (optional there, derived here).
@@ -473,6 +483,8 @@ struct SubsystemSpec {
     listeners: Vec<String>,
     #[serde(default)]
     namespaces: Vec<NamespaceConfig>,
+    #[serde(default)]
+    ana_groups: Vec<AnaGroupConfig>,
 }
 
 fn default_model() -> String {
@@ -490,6 +502,7 @@ impl From<SubsystemSpec> for SubsystemConfig {
             hosts: s.hosts,
             listeners: s.listeners,
             namespaces: s.namespaces,
+            ana_groups: s.ana_groups,
         }
     }
 }
@@ -1011,6 +1024,7 @@ pub fn embedded_default() -> Config {
                 },
                 uuid: None,
             }],
+            ana_groups: Vec::new(),
         }
         .into()],
         flash: vec![FlashConfig {
@@ -1025,6 +1039,7 @@ pub fn embedded_default() -> Config {
         destage: DestageConfig::default(),
         management: ManagementConfig { socket: Some(PathBuf::from(DEFAULT_MANAGEMENT_SOCKET)) },
         node: None,
+        ana: AnaConfig::default(),
     }
 }
 
@@ -1044,6 +1059,7 @@ impl Config {
             destage: DestageConfig::default(),
             management: ManagementConfig::default(),
             node: None,
+            ana: AnaConfig::default(),
         }
     }
 
@@ -1071,6 +1087,7 @@ impl Config {
         check_flash(&self.flash, &mut files)?;
         check_destage(&self.destage, cpus)?;
         check_subsystems(&self.subsystems, &self.listeners, &self.flash, &mut files)?;
+        ana::check_ana(self)?;
         check_node(self)
     }
 }

@@ -3,6 +3,7 @@
 //! The `stagerd` binary is a thin CLI over `Target`; tests start targets in-process the same way.
 
 pub mod acceptor;
+pub mod ana;
 pub mod config;
 pub mod constants;
 pub mod controller;

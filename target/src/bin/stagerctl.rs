@@ -5,6 +5,9 @@
 //! - `stagerctl volume set-policy ID POLICY` — change a volume's write policy live.
 //! - `stagerctl volume accept-loss ID` — accept that a volume's lost blocks (acknowledged data in
 //!   a damaged part of the log) are gone: reads of them return the SAN's data again.
+//! - `stagerctl ana show` — this node's ANA paths (subsystem, group, listener) and their states.
+//! - `stagerctl ana set GROUP STATE` — set an ANA group's state on this node (optimized,
+//!   non-optimized, inaccessible, persistent-loss, change); hosts get an ANA change notice.
 //! - `stagerctl flash inspect DEVICE` — the volumes and dirty bytes a flash device holds, and
 //!   what replay would recover and lose, read-only, without a daemon (a device moved from
 //!   another node).
@@ -59,6 +62,36 @@ enum Cmd {
     Flash {
         #[command(subcommand)]
         cmd: FlashCmd,
+    },
+    /// Asymmetric Namespace Access (multipath) states of a running stagerd.
+    Ana {
+        #[command(subcommand)]
+        cmd: AnaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AnaCmd {
+    /// Show every (subsystem, ANA group, listener) path of this node and its state.
+    Show {
+        #[arg(long, default_value = DEFAULT_MANAGEMENT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set an ANA group's state on this node; connected hosts get an ANA change notice.
+    Set {
+        group: u32,
+        /// optimized, non-optimized, inaccessible, persistent-loss or change.
+        state: String,
+        /// Only in this subsystem (default: every subsystem with this group).
+        #[arg(long)]
+        subsystem: Option<String>,
+        /// Only through this listener (default: all of them).
+        #[arg(long)]
+        listener: Option<String>,
+        #[arg(long, default_value = DEFAULT_MANAGEMENT_SOCKET)]
+        socket: PathBuf,
     },
 }
 
@@ -169,6 +202,39 @@ fn run(cmd: Cmd) -> Result<u8, String> {
         }
         Cmd::Volume { cmd: VolumeCmd::AcceptLoss { id, socket } } => {
             said(call(&socket, &Request::AcceptLoss { volume: id })?)
+        }
+        Cmd::Ana { cmd: AnaCmd::Show { socket, json } } => {
+            let r = call(&socket, &Request::AnaShow)?;
+            let paths = match (r.ok, r.ana) {
+                (true, Some(p)) => p,
+                _ => return Err(r.error.unwrap_or_else(|| "stagerd sent no ANA state".into())),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&paths).map_err(|e| e.to_string())?);
+                return Ok(0);
+            }
+            println!(
+                "{:<40} {:>5}  {:<12} {:<22} {:<15} {:>11}  namespaces",
+                "subsystem", "group", "listener", "address", "state", "controllers"
+            );
+            for p in paths {
+                let nsids: Vec<String> = p.namespaces.iter().map(u32::to_string).collect();
+                println!(
+                    "{:<40} {:>5}  {:<12} {:<22} {:<15} {:>11}  {}",
+                    p.subsystem,
+                    p.group,
+                    p.listener,
+                    p.address,
+                    p.state,
+                    p.controllers,
+                    if nsids.is_empty() { "-".to_string() } else { nsids.join(",") }
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Ana { cmd: AnaCmd::Set { group, state, subsystem, listener, socket } } => {
+            let r = call(&socket, &Request::AnaSet { group, state, subsystem, listener })?;
+            said(r)
         }
         Cmd::Flash { cmd: FlashCmd::Inspect { device, json } } => {
             let i = offline::inspect(&device)?;
