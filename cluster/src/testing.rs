@@ -317,3 +317,15 @@ impl Drop for TcpProxy {
         }
     }
 }
+
+/// Polls `f` every 10 ms until it is true or `limit` passes; the time it took, if it became true.
+pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    None
+}

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{config, info, record, wait_for, TTL};
-use stager_cluster::testing::EtcdServer;
+use common::{config, info, record, TTL};
+use stager_cluster::testing::{wait_for, EtcdServer};
 use stager_cluster::{Cluster, ClusterError};
 
 fn two(etcd: &EtcdServer, prefix: &str) -> (Cluster, Cluster) {

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{config, info, wait_for, TTL};
-use stager_cluster::testing::{EtcdServer, TcpProxy};
+use common::{config, info, TTL};
+use stager_cluster::testing::{wait_for, EtcdServer, TcpProxy};
 use stager_cluster::{Cluster, LeaseState};
 
 /// Polls `node.lease_state()` every 2 ms from a thread; the first time it was seen `Lost`.

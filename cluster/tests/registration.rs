@@ -7,8 +7,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{config, info, wait_for, TTL};
-use stager_cluster::testing::EtcdServer;
+use common::{config, info, TTL};
+use stager_cluster::testing::{wait_for, EtcdServer};
 use stager_cluster::{Cluster, ClusterError, LeaseState};
 
 #[test]

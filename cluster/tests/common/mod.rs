@@ -3,7 +3,7 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use stager_cluster::{ClusterConfig, NodeInfo, Transition, VolumeRecord};
 
@@ -44,18 +44,6 @@ pub fn record(id: u32, owner: &str, epoch: u64) -> VolumeRecord {
         history: vec![Transition { at_unix_ms: 1, what: "created".into() }],
         unprotected_ms: 0,
     }
-}
-
-/// Polls `f` every 10 ms until it is true or `limit` passes; the time it took, if it became true.
-pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
 }
 
 /// Raw etcd operations, as an operator with etcdctl (or a buggy node) could do them.
