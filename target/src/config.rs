@@ -35,7 +35,9 @@ use stager_nvme::bdev::DeviceSpec;
 use stager_policy::WritePolicy;
 
 mod ana;
+mod cluster;
 pub use ana::{AnaConfig, AnaGroupConfig};
+pub use cluster::{ClusterYaml, CLUSTER_BUILT};
 
 /// Largest configuration file we read. A real one is a few KiB; the cap keeps a mistaken
 /// `--config /dev/zero` (or a huge log file) from eating memory before parsing fails.
@@ -119,6 +121,10 @@ pub struct Config {
     /// (`config/ana.rs`).
     #[serde(default)]
     pub ana: AnaConfig,
+    /// Cluster state in etcd (stager-cluster): this node registers itself under a lease. Needs
+    /// `node:` and a stagerd built with the `cluster` feature. Without it the node needs no etcd.
+    #[serde(default)]
+    pub cluster: Option<ClusterYaml>,
 }
 
 /// This node and how it reaches its peers for replication.
@@ -1040,6 +1046,7 @@ pub fn embedded_default() -> Config {
         management: ManagementConfig { socket: Some(PathBuf::from(DEFAULT_MANAGEMENT_SOCKET)) },
         node: None,
         ana: AnaConfig::default(),
+        cluster: None,
     }
 }
 
@@ -1060,6 +1067,7 @@ impl Config {
             management: ManagementConfig::default(),
             node: None,
             ana: AnaConfig::default(),
+            cluster: None,
         }
     }
 
@@ -1088,7 +1096,8 @@ impl Config {
         check_destage(&self.destage, cpus)?;
         check_subsystems(&self.subsystems, &self.listeners, &self.flash, &mut files)?;
         ana::check_ana(self)?;
-        check_node(self)
+        check_node(self)?;
+        cluster::check_cluster(self)
     }
 }
 
@@ -2031,13 +2040,13 @@ mod tests {
     }
 
     /// Parse and validate as `parse` does, but against a fixed CPU set.
-    fn parse_test(text: &str) -> Result<Config, ConfigError> {
+    pub(super) fn parse_test(text: &str) -> Result<Config, ConfigError> {
         let c = parse_shape(text, "t.yaml")?;
         c.validate_for_cpus("t.yaml", &many_cpus())?;
         Ok(c)
     }
 
-    fn err(text: &str) -> String {
+    pub(super) fn err(text: &str) -> String {
         match parse_test(text) {
             Ok(c) => panic!("expected an error for:\n{text}\ngot {c:?}"),
             Err(e) => e.to_string(),

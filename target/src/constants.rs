@@ -101,3 +101,7 @@ const _: () = assert!(R2T_PER_CMD_MAX << TTAG_SLOT_BITS <= 1 << 16);
 const _: () = assert!(R2T_PER_CMD_MAX <= u8::MAX as usize);
 /// Firmware revision reported in Identify Controller.
 pub const FIRMWARE_REVISION: &str = "0.1.0";
+/// How often a node in a cluster (`cluster:`, feature `cluster`) re-reads its free flash and SAN
+/// reachability and re-puts its registration when they changed, and retries etcd when it could
+/// not register: one status round trip to each flash reactor and at most one small etcd write.
+pub const CLUSTER_REFRESH: Duration = Duration::from_secs(2);

@@ -4,6 +4,8 @@
 
 pub mod acceptor;
 pub mod ana;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod config;
 pub mod constants;
 pub mod controller;

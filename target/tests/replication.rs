@@ -396,22 +396,8 @@ impl Drop for Node {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn spawn_node(d: &Path, name: &str, yaml: String) -> Node {
-    let cfg = d.join(format!("{name}.yaml"));
-    std::fs::write(&cfg, yaml).unwrap();
-    let log = std::fs::File::create(d.join(format!("{name}.log"))).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stagerd"))
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("stagerd starts");
-    Node(child)
+    Node(spawn_stagerd(d, name, &yaml))
 }
 
 fn node_status(sock: &Path) -> Option<NodeStatus> {
