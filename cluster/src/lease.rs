@@ -1,15 +1,15 @@
 //! This node's liveness: one etcd lease, kept alive from the client's runtime, and the local
 //! deadline that decides what `lease_state()` says.
 //!
-//! The argument for conservative liveness (docs/cluster.md has it in full): etcd expires a
-//! lease TTL seconds after it last *received* a keep-alive for it, never earlier (a new etcd
-//! leader only extends leases). A keep-alive request received at all was received after we sent
-//! it. So if a request sent at `S` was answered with a TTL, etcd cannot expire the lease before
-//! `S + TTL` on its clock. The local deadline is `S + TTL - margin` for the latest such `S`; once
-//! it passes the node reports [`LeaseState::Lost`] — whether or not etcd can be reached, since
-//! nothing needs to arrive for a deadline to pass — and has `margin` to stop acting as an owner
-//! before any other node can be told the lease is gone. Only one keep-alive is in flight at a
-//! time, so an answer always belongs to the request whose send time we hold.
+//! The argument for conservative liveness (docs/architecture.md, "Cluster state in etcd", says it
+//! for operators): etcd expires a lease TTL seconds after it last *received* a keep-alive for it,
+//! never earlier (a new etcd leader only extends leases). A keep-alive request received at all was
+//! received after we sent it. So if a request sent at `S` was answered with a TTL, etcd cannot
+//! expire the lease before `S + TTL` on its clock. The local deadline is `S + TTL - margin` for the
+//! latest such `S`; once it passes the node reports [`LeaseState::Lost`] — whether or not etcd can
+//! be reached, since nothing needs to arrive for a deadline to pass — and has `margin` to stop
+//! acting as an owner before any other node can be told the lease is gone. Only one keep-alive is
+//! in flight at a time, so an answer always belongs to the request whose send time we hold.
 //!
 //! `Lost` because the deadline passed is not final: if a later keep-alive is answered with a
 //! positive TTL, the lease never expired (etcd does not renew an expired lease), nothing keyed

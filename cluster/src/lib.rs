@@ -4,8 +4,9 @@
 //! - **Liveness**: a node registers its [`NodeInfo`] under an etcd lease and keeps the lease
 //!   alive from the background; its record disappears when it stops. The node itself learns
 //!   that it may have lost the lease *before* etcd can expire it (see `lease.rs` and
-//!   docs/cluster.md): [`Cluster::lease_state`] says `Lost` once a local deadline passes, even
-//!   with etcd unreachable, and a node that is `Lost` must stop acting as an owner.
+//!   docs/architecture.md, "Cluster state in etcd"): [`Cluster::lease_state`] says `Lost` once
+//!   a local deadline passes, even with etcd unreachable, and a node that is `Lost` must stop
+//!   acting as an owner (stagerd does not yet: it only logs it).
 //! - **Election**: one resource manager at a time ([`Cluster::campaign`]); its writes
 //!   ([`Cluster::put_volume_as_leader`]) are transactions that also check it still leads.
 //! - **Volume records**: JSON under `{prefix}/volumes/{id}`, changed only by compare-and-put on
