@@ -25,7 +25,8 @@ use crate::constants::{LEASE_TTL_MAX, LEASE_TTL_MIN, OP_TIMEOUT_MAX, OP_TIMEOUT_
 use crate::error::ClusterError;
 use crate::lease::{ttl_seconds, LeaseClock, LeaseState};
 use crate::record::{
-    check_node_id, check_prefix, decode_node, decode_volume, encode_node, encode_volume, Keys, NodeInfo, VolumeRecord,
+    check_endpoint, check_node_id, check_prefix, decode_node, decode_volume, encode_node, encode_volume, Keys,
+    NodeInfo, VolumeRecord,
 };
 use crate::runtime::Runtime;
 use crate::{election, watch, ClusterConfig, Revision, VolumeEvent};
@@ -228,34 +229,24 @@ pub(crate) async fn within<T>(
 }
 
 fn check_config(cfg: &ClusterConfig) -> Result<(), ClusterError> {
-    let bad = |m: String| Err(ClusterError::Config(m));
+    let bad = |m: String| ClusterError::Config(m);
     if cfg.endpoints.is_empty() {
-        return bad("no endpoints".into());
+        return Err(bad("no endpoints".into()));
     }
     for e in &cfg.endpoints {
-        if e.trim().is_empty() || e.chars().any(char::is_whitespace) {
-            return bad(format!("endpoint {e:?} is not host:port"));
+        check_endpoint(e).map_err(|m| bad(format!("endpoint {m}")))?;
+    }
+    check_prefix(&cfg.prefix).map_err(|e| bad(format!("prefix: {e}")))?;
+    check_node_id(&cfg.node).map_err(|e| bad(format!("node: {e}")))?;
+    let in_range = |name: &str, v: Duration, min: Duration, max: Duration| {
+        if v < min || v > max {
+            let ms = |d: Duration| d.as_millis();
+            return Err(bad(format!("{name} {} ms is out of range {}..={} ms", ms(v), ms(min), ms(max))));
         }
-    }
-    check_prefix(&cfg.prefix).map_err(|e| ClusterError::Config(format!("prefix: {e}")))?;
-    check_node_id(&cfg.node).map_err(|e| ClusterError::Config(format!("node: {e}")))?;
-    if cfg.lease_ttl < LEASE_TTL_MIN || cfg.lease_ttl > LEASE_TTL_MAX {
-        return bad(format!(
-            "lease_ttl {} ms is out of range {}..={} ms",
-            cfg.lease_ttl.as_millis(),
-            LEASE_TTL_MIN.as_millis(),
-            LEASE_TTL_MAX.as_millis()
-        ));
-    }
-    if cfg.op_timeout < OP_TIMEOUT_MIN || cfg.op_timeout > OP_TIMEOUT_MAX {
-        return bad(format!(
-            "op_timeout {} ms is out of range {}..={} ms",
-            cfg.op_timeout.as_millis(),
-            OP_TIMEOUT_MIN.as_millis(),
-            OP_TIMEOUT_MAX.as_millis()
-        ));
-    }
-    Ok(())
+        Ok(())
+    };
+    in_range("lease_ttl", cfg.lease_ttl, LEASE_TTL_MIN, LEASE_TTL_MAX)?;
+    in_range("op_timeout", cfg.op_timeout, OP_TIMEOUT_MIN, OP_TIMEOUT_MAX)
 }
 
 /// Milliseconds since the Unix epoch (for `NodeInfo::started_unix_ms` and transitions).

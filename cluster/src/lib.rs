@@ -45,7 +45,7 @@ use std::time::Duration;
 pub use client::{unix_ms_now, Cluster};
 pub use error::ClusterError;
 pub use lease::LeaseState;
-pub use record::{check_node_id, check_prefix, NodeInfo, Transition, VolumeRecord};
+pub use record::{check_endpoint, check_node_id, check_prefix, NodeInfo, Transition, VolumeRecord};
 
 /// An etcd revision: a record's mod revision, what compare-and-put compares.
 pub type Revision = i64;

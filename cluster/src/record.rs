@@ -104,6 +104,16 @@ pub fn check_node_id(id: &str) -> Result<(), String> {
     }
 }
 
+/// An etcd endpoint as `ClusterConfig::endpoints` takes it: `host:port`, no scheme (plain
+/// HTTP/2), no spaces.
+pub fn check_endpoint(e: &str) -> Result<(), String> {
+    let port_ok = e.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !port_ok || e.chars().any(char::is_whitespace) || e.contains("://") {
+        return Err(format!("{e:?} is not host:port"));
+    }
+    Ok(())
+}
+
 /// A key prefix: `/` then printable ASCII without spaces, no trailing `/`.
 pub fn check_prefix(prefix: &str) -> Result<(), String> {
     if !prefix.starts_with('/') || prefix.len() < 2 {
@@ -349,6 +359,16 @@ mod tests {
         assert_eq!(rec.history.len(), HISTORY_MAX);
         assert_eq!(rec.history.last().unwrap().at_unix_ms, HISTORY_MAX as u64 * 2 - 1);
         rec.check().unwrap();
+    }
+
+    #[test]
+    fn endpoints() {
+        for good in ["127.0.0.1:2379", "etcd-1.example:2379", "[::1]:2379"] {
+            assert!(check_endpoint(good).is_ok(), "{good:?}");
+        }
+        for bad in ["", "127.0.0.1", ":2379", "h:99999", "http://h:2379", "h :1"] {
+            assert!(check_endpoint(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -63,10 +63,7 @@ pub(super) fn check_cluster(c: &Config) -> Result<(), Problem> {
         return Err(problem("cluster.endpoints", "must list at least one etcd endpoint (host:port)"));
     }
     for (i, e) in cl.endpoints.iter().enumerate() {
-        let port_ok = e.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !port_ok || e.chars().any(char::is_whitespace) || e.contains("://") {
-            return Err(problem(format!("cluster.endpoints[{i}]"), format!("{e:?} is not host:port")));
-        }
+        stager_cluster::check_endpoint(e).map_err(|m| problem(format!("cluster.endpoints[{i}]"), m))?;
     }
     stager_cluster::check_prefix(&cl.prefix).map_err(|e| problem("cluster.prefix", e))?;
     let range = |key: &str, v: u64, min: Duration, max: Duration| {
