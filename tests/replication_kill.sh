@@ -34,21 +34,12 @@ fail() {
     for f in "$work"/*.log; do echo "--- $f"; tail -25 "$f"; done
     exit 1
 }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source tests/lib/san.sh
 ctl() { "$BIN/stagerctl" "$@"; }
 
-iscsi_port=$(free_port)
-control=$((2000 + ($$ + 77) % 7000))
 iqn=iqn.2026-11.dev.stager:replkill
 truncate -s 128M "$work/lun1.img" "$work/lun2.img"
-tgtd -f --iscsi "portal=127.0.0.1:$iscsi_port" --control-port "$control" > "$work/tgtd.log" 2>&1 &
-tgtd_pid=$!
-for _ in $(seq 100); do (exec 3<> "/dev/tcp/127.0.0.1/$iscsi_port") 2> /dev/null && break; sleep 0.1; done
-adm() { tgtadm -C "$control" --lld iscsi "$@"; }
-adm --op new --mode target --tid 1 -T "$iqn"
-adm --op new --mode logicalunit --tid 1 --lun 1 -b "$work/lun1.img"
-adm --op new --mode logicalunit --tid 1 --lun 2 -b "$work/lun2.img"
-adm --op bind --mode target --tid 1 -I ALL
+start_tgtd "$iqn" 77 "$work/lun1.img" "$work/lun2.img"
 echo "replication_kill: tgtd on 127.0.0.1:$iscsi_port serving two LUNs"
 
 declare -A nvme fabric

@@ -1,7 +1,8 @@
 //! The fixed-layout NVMe structures that arrive from a peer: a 64-byte command (from a
 //! CapsuleCmd) through every `Command` accessor; Connect data; Identify Namespace / Controller
-//! data and namespace identification descriptors; the active namespace list; the discovery log
-//! and the SMART log; a completion (from a CapsuleResp) and its status.
+//! data and namespace identification descriptors; the active namespace list; the discovery log,
+//! the SMART log and the ANA log (with the asynchronous event word that announces it); a
+//! completion (from a CapsuleResp) and its status.
 //!
 //! Input layout: the first 64 bytes are the command (zero-padded when the input is shorter);
 //! everything after them is the data handed to every decoder, so empty, short, exact and long
@@ -124,6 +125,18 @@ fn log_pages(data: &[u8]) {
     // DiscoveryEntry::decode documents no minimum; decode_discovery_log hands it whole entries.
     if let Some(b) = data.get(..log_page::DISCOVERY_ENTRY_BYTES) {
         let _ = log_page::DiscoveryEntry::decode(b);
+    }
+    // The ANA log keeps every field it decodes: what decodes re-encodes to at most the bytes it
+    // came from (the rest is a host's padding) and decodes to the same page.
+    if let Ok(ana) = log_page::AnaLog::decode(data) {
+        let page = ana.encode(false);
+        assert!(page.len() <= data.len(), "{} bytes re-encoded from {}", page.len(), data.len());
+        assert_eq!(log_page::AnaLog::decode(&page).as_ref(), Ok(&ana), "ANA log round trip");
+    }
+    if let Some(w) = data.get(..4) {
+        let dw0 = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        let (kind, info, lid) = log_page::async_event::decode(dw0);
+        assert_eq!(log_page::async_event::encode(kind, info, lid), dw0 & 0x00FF_FF07);
     }
 }
 

@@ -41,7 +41,33 @@ pub struct ControllerIdentity {
     pub aer_limit: u8,
     /// Error log entries kept.
     pub error_log_entries: u8,
+    /// Asymmetric Namespace Access reporting (NVM controllers of a multipath subsystem).
+    pub ana: Option<AnaReporting>,
 }
+
+/// What a controller that reports Asymmetric Namespace Access says about it in Identify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnaReporting {
+    /// ANATT: seconds a group may stay in the Change state before the host gives up on it.
+    pub transition_time_s: u8,
+    /// ANAGRPMAX and NANAGRPID: the highest group id, and how many groups, the subsystem may
+    /// have. The same on every node, so every path of a subsystem describes it alike.
+    pub group_id_max: u32,
+    /// MNAN: namespaces the subsystem may have attached (non-zero and at most NN when ANA is
+    /// reported; Linux refuses the controller otherwise).
+    pub namespaces_max: u32,
+}
+
+/// CMIC (controller multi-path I/O and namespace sharing capabilities) bits.
+pub mod cmic {
+    pub const MULTI_PORT: u8 = 1 << 0;
+    pub const MULTI_CONTROLLER: u8 = 1 << 1;
+    pub const ANA_REPORTING: u8 = 1 << 3;
+}
+
+/// ANACAP: every state is reportable (bits 0-4) and a namespace's group id never changes while
+/// it is attached (bit 6).
+pub const ANACAP_ALL_STATES_STATIC_GROUPS: u8 = 0b0101_1111;
 
 impl ControllerIdentity {
     pub fn encode(&self) -> Vec<u8> {
@@ -50,14 +76,22 @@ impl ControllerIdentity {
         le::put_str_padded(&mut b, 4, 20, &self.serial);
         le::put_str_padded(&mut b, 24, 40, &self.model);
         le::put_str_padded(&mut b, 64, 8, &self.firmware);
-        b[72] = 6; // recommended arbitration burst
-        b[76] = 0b11; // CMIC: multiple ports/controllers may exist in the subsystem
+        // Recommended arbitration burst.
+        b[72] = 6;
+        // CMIC: the subsystem may have several ports and controllers (the same NQN is served by
+        // several nodes); bit 3 when the controller reports ANA.
+        b[76] = cmic::MULTI_PORT | cmic::MULTI_CONTROLLER;
+        if self.ana.is_some() {
+            b[76] |= cmic::ANA_REPORTING;
+        }
         b[77] = self.mdts;
         le::put_u16(&mut b, 78, self.cntlid);
         le::put_u32(&mut b, 80, crate::fabrics::VERSION_1_4);
-        // OAES bit 8: namespace attribute notices (changed namespace list).
+        // OAES bit 8: namespace attribute notices (changed namespace list); bit 11: ANA change
+        // notices.
         if self.controller_type == ControllerType::Io {
-            le::put_u32(&mut b, 92, 1 << 8);
+            let ana_notices = if self.ana.is_some() { crate::log_page::async_event::CONFIG_ANA_CHANGE } else { 0 };
+            le::put_u32(&mut b, 92, 1 << 8 | ana_notices);
         }
         b[111] = self.controller_type as u8;
         b[258] = 3; // ACL: 4 concurrent aborts (0-based)
@@ -66,6 +100,13 @@ impl ControllerIdentity {
         b[261] = 1 << 2 | 1 << 1; // LPA: extended data for Get Log Page, command effects
         b[262] = self.error_log_entries.saturating_sub(1); // ELPE, 0-based
         le::put_u16(&mut b, 320, 10); // KAS: keep-alive granularity 1 s (100 ms units)
+        if let Some(a) = &self.ana {
+            b[342] = a.transition_time_s; // ANATT
+            b[343] = ANACAP_ALL_STATES_STATIC_GROUPS;
+            le::put_u32(&mut b, 344, a.group_id_max); // ANAGRPMAX
+            le::put_u32(&mut b, 348, a.group_id_max); // NANAGRPID
+            le::put_u32(&mut b, 540, a.namespaces_max.min(self.namespaces)); // MNAN
+        }
         b[512] = 0x66; // SQES: 64 bytes
         b[513] = 0x44; // CQES: 16 bytes
         le::put_u16(&mut b, 514, self.max_cmd);
@@ -104,6 +145,13 @@ pub struct ControllerInfo {
     pub ioccsz: u32,
     pub subnqn: String,
     pub max_cmd: u16,
+    pub cmic: u8,
+    pub oaes: u32,
+    pub anatt: u8,
+    pub anacap: u8,
+    pub anagrpmax: u32,
+    pub nanagrpid: u32,
+    pub mnan: u32,
 }
 
 impl ControllerInfo {
@@ -125,6 +173,13 @@ impl ControllerInfo {
             ioccsz: le::u32_at(b, 1792),
             subnqn: le::str_at(b, 768, 256),
             max_cmd: le::u16_at(b, 514),
+            cmic: b[76],
+            oaes: le::u32_at(b, 92),
+            anatt: b[342],
+            anacap: b[343],
+            anagrpmax: le::u32_at(b, 344),
+            nanagrpid: le::u32_at(b, 348),
+            mnan: le::u32_at(b, 540),
         })
     }
     /// Largest transfer in bytes (None = unlimited). MDTS comes from the peer: a value too
@@ -145,6 +200,11 @@ pub struct NamespaceIdentity {
     pub block_size: u32,
     pub nguid: [u8; 16],
     pub uuid: [u8; 16],
+    /// ANAGRPID: the ANA group the namespace belongs to (0 = none reported).
+    pub ana_group: u32,
+    /// NMIC bit 0: the namespace may be attached to several controllers at once (a multipath
+    /// host merges the paths only when it is set).
+    pub shared: bool,
 }
 
 impl NamespaceIdentity {
@@ -156,7 +216,9 @@ impl NamespaceIdentity {
         b[24] = 1 << 2; // NSFEAT: NAWUN/NAWUPF/NACWU... not reported; bit 2: deallocated or unwritten error reporting
         b[25] = 0; // NLBAF: one format (0-based)
         b[26] = 0; // FLBAS: format 0
+        b[30] = self.shared as u8; // NMIC
         b[33] = 0b1001; // DLFEAT: deallocated blocks read zeroes; Write Zeroes deallocates
+        le::put_u32(&mut b, 92, self.ana_group); // ANAGRPID
         b[104..120].copy_from_slice(&self.nguid);
         let lbads = self.block_size.trailing_zeros();
         le::put_u32(&mut b, 128, lbads << 16); // LBAF0: no metadata, best performance
@@ -178,6 +240,8 @@ impl NamespaceIdentity {
             block_size: 1 << lbads,
             nguid: b[104..120].try_into().ok()?,
             uuid: [0; 16],
+            ana_group: le::u32_at(b, 92),
+            shared: b[30] & 1 != 0,
         })
     }
 
@@ -272,16 +336,31 @@ mod tests {
 
     #[test]
     fn namespace_round_trip() {
-        let ns = NamespaceIdentity { blocks: 262144, block_size: 4096, nguid: [1; 16], uuid: [2; 16] };
+        let ns = NamespaceIdentity {
+            blocks: 262144,
+            block_size: 4096,
+            nguid: [1; 16],
+            uuid: [2; 16],
+            ana_group: 3,
+            shared: true,
+        };
         let d = NamespaceIdentity::decode(&ns.encode()).unwrap();
         assert_eq!((d.blocks, d.block_size, d.nguid), (ns.blocks, ns.block_size, ns.nguid));
+        assert_eq!((d.ana_group, d.shared), (3, true));
         let descs = NamespaceIdentity::decode_descriptors(&ns.encode_descriptors());
         assert_eq!(descs, vec![(2, vec![1; 16]), (3, vec![2; 16])]);
     }
 
     #[test]
     fn namespace_format_of_a_device() {
-        let ns = NamespaceIdentity { blocks: 1 << 21, block_size: 512, nguid: [0; 16], uuid: [0; 16] };
+        let ns = NamespaceIdentity {
+            blocks: 1 << 21,
+            block_size: 512,
+            nguid: [0; 16],
+            uuid: [0; 16],
+            ana_group: 0,
+            shared: false,
+        };
         let mut b = ns.encode();
         let f = NamespaceFormat::decode(&b).unwrap();
         assert_eq!((f.blocks, f.lba_bytes, f.metadata_bytes, f.extended_lba), (1 << 21, 512, 0, false));
@@ -323,13 +402,22 @@ mod tests {
             in_capsule_bytes: 8192,
             aer_limit: 4,
             error_log_entries: 16,
+            ana: None,
         };
         let c = ControllerInfo::decode(&id.encode()).unwrap();
+        assert_eq!((c.cmic, c.anagrpmax, c.mnan), (0b11, 0, 0), "no ANA fields without ANA reporting");
         assert_eq!(c.serial, "S1");
         assert_eq!(c.max_transfer_bytes(), Some(1 << 20));
         assert_eq!(c.in_capsule_bytes(), 8192);
         assert_eq!(c.subnqn, "nqn.x:y");
         assert_eq!(c.cntlid, 5);
+        let ana = AnaReporting { transition_time_s: 10, group_id_max: 128, namespaces_max: 1024 };
+        let c = ControllerInfo::decode(&ControllerIdentity { ana: Some(ana), ..id }.encode()).unwrap();
+        assert_eq!(c.cmic, 0b1011, "multi-port, multi-controller, ANA reporting");
+        assert_eq!(c.oaes, 1 << 8 | 1 << 11);
+        assert_eq!((c.anatt, c.anacap, c.anagrpmax, c.nanagrpid), (10, 0b0101_1111, 128, 128));
+        // MNAN must not exceed NN (4 here), or Linux refuses the controller.
+        assert_eq!(c.mnan, 4);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Log pages: the discovery log (what a discovery controller returns), SMART / health
-//! information, error information and the changed namespace list.
+//! information, error information, the changed namespace list and the Asymmetric Namespace
+//! Access log (with the asynchronous event that announces its changes).
 
 use crate::le;
 
@@ -9,6 +10,7 @@ pub mod lid {
     pub const SMART: u8 = 0x02;
     pub const FIRMWARE_SLOT: u8 = 0x03;
     pub const CHANGED_NAMESPACES: u8 = 0x04;
+    pub const ANA: u8 = 0x0C;
     pub const DISCOVERY: u8 = 0x70;
 }
 
@@ -153,9 +155,237 @@ impl ErrorEntry {
     }
 }
 
+// ---- Asymmetric Namespace Access ---------------------------------------------------------
+//
+// Layout (NVMe base 2.0, "Asymmetric Namespace Access log page"):
+//
+// ```text
+// header (16 bytes)        0..8  CHGCNT  u64  bumped whenever the log page changes
+//                          8..10 NGRPS   u16  group descriptors that follow
+//                          10..16 reserved
+// group descriptor (32 + 4 * NNSIDS bytes, one after the other)
+//                          0..4  ANAGRPID u32 (never 0)
+//                          4..8  NNSIDS   u32 (0 when the host asked for groups only: RGO)
+//                          8..16 CHGCNT   u64 bumped whenever this group's descriptor changes
+//                          16    state    u8  bits 3:0 (AnaState)
+//                          17..32 reserved
+//                          32..  NSIDs    u32 each, ascending
+// ```
+
+/// The access state of an ANA group as seen through one controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AnaState {
+    Optimized = 0x01,
+    NonOptimized = 0x02,
+    Inaccessible = 0x03,
+    PersistentLoss = 0x04,
+    /// ANA transition: the group is changing state (the host waits up to ANATT).
+    Change = 0x0F,
+}
+
+impl AnaState {
+    pub const ALL: [AnaState; 5] = [
+        AnaState::Optimized,
+        AnaState::NonOptimized,
+        AnaState::Inaccessible,
+        AnaState::PersistentLoss,
+        AnaState::Change,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<AnaState> {
+        AnaState::ALL.into_iter().find(|s| *s as u8 == v)
+    }
+
+    /// The name Linux shows in `/sys/.../ana_state` (and the one configuration and
+    /// `stagerctl` use).
+    pub fn name(self) -> &'static str {
+        match self {
+            AnaState::Optimized => "optimized",
+            AnaState::NonOptimized => "non-optimized",
+            AnaState::Inaccessible => "inaccessible",
+            AnaState::PersistentLoss => "persistent-loss",
+            AnaState::Change => "change",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<AnaState> {
+        AnaState::ALL.into_iter().find(|a| a.name() == s)
+    }
+
+    /// The path-related status an I/O command gets through a controller that reports this
+    /// state for the namespace's group; `None` when the path serves I/O.
+    pub fn io_status(self) -> Option<crate::status::Status> {
+        use crate::status::Status;
+        match self {
+            AnaState::Optimized | AnaState::NonOptimized => None,
+            AnaState::Inaccessible => Some(Status::ANA_INACCESSIBLE),
+            AnaState::PersistentLoss => Some(Status::ANA_PERSISTENT_LOSS),
+            AnaState::Change => Some(Status::ANA_TRANSITION),
+        }
+    }
+}
+
+impl std::fmt::Display for AnaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+pub const ANA_HEADER_BYTES: usize = 16;
+pub const ANA_GROUP_BYTES: usize = 32;
+
+/// One ANA group descriptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnaGroupDescriptor {
+    pub group: u32,
+    pub change_count: u64,
+    pub state: AnaState,
+    /// Ascending; empty in a groups-only (RGO) log.
+    pub nsids: Vec<u32>,
+}
+
+/// A whole ANA log page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnaLog {
+    pub change_count: u64,
+    pub groups: Vec<AnaGroupDescriptor>,
+}
+
+impl AnaLog {
+    /// Encodes the page; with `groups_only` (Get Log Page LSP bit 0, RGO) no NSIDs are listed.
+    pub fn encode(&self, groups_only: bool) -> Vec<u8> {
+        let nsids: usize = if groups_only { 0 } else { self.groups.iter().map(|g| g.nsids.len()).sum() };
+        let mut b = vec![0u8; ANA_HEADER_BYTES + self.groups.len() * ANA_GROUP_BYTES + nsids * 4];
+        le::put_u64(&mut b, 0, self.change_count);
+        le::put_u16(&mut b, 8, self.groups.len() as u16);
+        let mut off = ANA_HEADER_BYTES;
+        for g in &self.groups {
+            let listed: &[u32] = if groups_only { &[] } else { &g.nsids };
+            le::put_u32(&mut b, off, g.group);
+            le::put_u32(&mut b, off + 4, listed.len() as u32);
+            le::put_u64(&mut b, off + 8, g.change_count);
+            b[off + 16] = g.state as u8;
+            off += ANA_GROUP_BYTES;
+            for n in listed {
+                le::put_u32(&mut b, off, *n);
+                off += 4;
+            }
+        }
+        b
+    }
+
+    /// Decodes a page read off the wire. Anything malformed — a descriptor or NSID list cut
+    /// off by the buffer, group id 0, an unknown state — is an error naming it, never a panic.
+    pub fn decode(b: &[u8]) -> Result<AnaLog, String> {
+        if b.len() < ANA_HEADER_BYTES {
+            return Err(format!("ANA log of {} bytes is shorter than its header", b.len()));
+        }
+        let change_count = le::u64_at(b, 0);
+        let ngrps = le::u16_at(b, 8) as usize;
+        let mut groups = Vec::with_capacity(ngrps.min(b.len() / ANA_GROUP_BYTES));
+        let mut off = ANA_HEADER_BYTES;
+        for i in 0..ngrps {
+            if b.len() < off + ANA_GROUP_BYTES {
+                return Err(format!("ANA group descriptor {i} of {ngrps} is cut off at byte {off}"));
+            }
+            let group = le::u32_at(b, off);
+            let count = le::u32_at(b, off + 4) as usize;
+            let change = le::u64_at(b, off + 8);
+            let raw = b[off + 16] & 0xF;
+            if group == 0 {
+                return Err(format!("ANA group descriptor {i} has group id 0"));
+            }
+            let state = AnaState::from_u8(raw).ok_or_else(|| format!("ANA group {group} has state {raw:#x}"))?;
+            off += ANA_GROUP_BYTES;
+            let end = count.checked_mul(4).and_then(|n| n.checked_add(off)).filter(|&e| e <= b.len());
+            let Some(end) = end else {
+                return Err(format!("ANA group {group} lists {count} NSIDs past the end of the log"));
+            };
+            let nsids = b[off..end].chunks_exact(4).map(|c| le::u32_at(c, 0)).collect();
+            off = end;
+            groups.push(AnaGroupDescriptor { group, change_count: change, state, nsids });
+        }
+        Ok(AnaLog { change_count, groups })
+    }
+}
+
+/// Asynchronous event completions (Asynchronous Event Request, DW0).
+pub mod async_event {
+    /// Event type Notice.
+    pub const TYPE_NOTICE: u8 = 0x2;
+    /// Notice: Asymmetric Namespace Access change.
+    pub const NOTICE_ANA_CHANGE: u8 = 0x03;
+    /// Asynchronous Event Configuration (Set Features 0Bh) bit enabling ANA change notices,
+    /// and the OAES bit of Identify Controller that says they are supported.
+    pub const CONFIG_ANA_CHANGE: u32 = 1 << 11;
+
+    /// DW0 of an AER completion: type (bits 2:0), information (15:8), log page (23:16).
+    pub fn encode(kind: u8, info: u8, log_page: u8) -> u32 {
+        (kind & 0x7) as u32 | (info as u32) << 8 | (log_page as u32) << 16
+    }
+
+    /// (type, information, log page) of an AER completion's DW0.
+    pub fn decode(dw0: u32) -> (u8, u8, u8) {
+        ((dw0 & 0x7) as u8, (dw0 >> 8) as u8, (dw0 >> 16) as u8)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ana_log_round_trip_groups_only_and_truncation() {
+        let log = AnaLog {
+            change_count: 9,
+            groups: vec![
+                AnaGroupDescriptor { group: 1, change_count: 3, state: AnaState::Optimized, nsids: vec![1, 2, 7] },
+                AnaGroupDescriptor { group: 5, change_count: 1, state: AnaState::Inaccessible, nsids: vec![3] },
+            ],
+        };
+        let b = log.encode(false);
+        assert_eq!(b.len(), 16 + 2 * 32 + 4 * 4);
+        assert_eq!((b[16 + 16], b[16 + 32 + 12 + 16]), (0x01, 0x03), "state bytes");
+        assert_eq!(AnaLog::decode(&b).unwrap(), log);
+        // Padded as a host's buffer would be: the zeroes after the page are ignored.
+        let mut padded = b.clone();
+        padded.resize(4096, 0);
+        assert_eq!(AnaLog::decode(&padded).unwrap(), log);
+        // Groups only: the same descriptors without NSIDs.
+        let rgo = AnaLog::decode(&log.encode(true)).unwrap();
+        assert_eq!(
+            rgo.groups.iter().map(|g| (g.group, g.state, g.nsids.len())).collect::<Vec<_>>(),
+            [(1, AnaState::Optimized, 0), (5, AnaState::Inaccessible, 0)]
+        );
+        // Every truncation is an error, never a panic.
+        for cut in 0..b.len() {
+            assert!(AnaLog::decode(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        // Bad group id, bad state, an absurd NSID count.
+        let mut bad = b.clone();
+        bad[16..20].fill(0);
+        assert!(AnaLog::decode(&bad).unwrap_err().contains("group id 0"));
+        let mut bad = b.clone();
+        bad[32] = 0x7;
+        assert!(AnaLog::decode(&bad).unwrap_err().contains("state"));
+        let mut bad = b;
+        bad[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(AnaLog::decode(&bad).unwrap_err().contains("past the end"));
+    }
+
+    #[test]
+    fn ana_states_and_async_event_words() {
+        for s in AnaState::ALL {
+            assert_eq!(AnaState::from_u8(s as u8), Some(s));
+            assert_eq!(AnaState::from_name(s.name()), Some(s));
+        }
+        assert_eq!(AnaState::from_u8(0), None);
+        assert_eq!(AnaState::Optimized.io_status(), None);
+        assert_eq!(AnaState::Inaccessible.io_status(), Some(crate::status::Status::ANA_INACCESSIBLE));
+        let dw0 = async_event::encode(async_event::TYPE_NOTICE, async_event::NOTICE_ANA_CHANGE, lid::ANA);
+        assert_eq!(dw0, 0x000C_0302);
+        assert_eq!(async_event::decode(dw0), (2, 3, 0x0C));
+    }
 
     #[test]
     fn discovery_round_trip() {

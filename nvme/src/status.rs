@@ -18,6 +18,9 @@ pub mod sct {
     pub const GENERIC: u8 = 0;
     pub const COMMAND_SPECIFIC: u8 = 1;
     pub const MEDIA: u8 = 2;
+    /// Path Related Status: the command may succeed through another controller (path), so a
+    /// multipathing host fails it over rather than reporting it.
+    pub const PATH: u8 = 3;
 }
 
 impl Status {
@@ -58,6 +61,15 @@ impl Status {
     pub const UNRECOVERED_READ_ERROR: Status = Status::media(0x81);
     pub const COMPARE_FAILURE: Status = Status::media(0x85).no_retry();
 
+    // Path related (Asymmetric Namespace Access): never DNR, so the host retries the command
+    // on another path (Linux's native multipath fails over on SCT 3 unless DNR is set).
+    /// The namespace's ANA group is in Persistent Loss through this controller.
+    pub const ANA_PERSISTENT_LOSS: Status = Status::path(0x01);
+    /// The namespace's ANA group is Inaccessible through this controller.
+    pub const ANA_INACCESSIBLE: Status = Status::path(0x02);
+    /// The namespace's ANA group is in transition (Change) through this controller.
+    pub const ANA_TRANSITION: Status = Status::path(0x03);
+
     pub const fn generic(sc: u8) -> Status {
         Status { sct: sct::GENERIC, sc, dnr: false }
     }
@@ -67,8 +79,16 @@ impl Status {
     pub const fn media(sc: u8) -> Status {
         Status { sct: sct::MEDIA, sc, dnr: false }
     }
+    pub const fn path(sc: u8) -> Status {
+        Status { sct: sct::PATH, sc, dnr: false }
+    }
     pub const fn no_retry(self) -> Status {
         Status { dnr: true, ..self }
+    }
+
+    /// A path-related status (SCT 3): the command may succeed on another path.
+    pub fn is_path_error(&self) -> bool {
+        self.sct == sct::PATH
     }
 
     pub fn is_success(&self) -> bool {
@@ -121,6 +141,9 @@ impl Status {
             (2, 0x80) => "Write Fault",
             (2, 0x81) => "Unrecovered Read Error",
             (2, 0x85) => "Compare Failure",
+            (3, 0x01) => "Asymmetric Access Persistent Loss",
+            (3, 0x02) => "Asymmetric Access Inaccessible",
+            (3, 0x03) => "Asymmetric Access Transition",
             _ => "Unknown Status",
         }
     }
@@ -144,12 +167,28 @@ mod tests {
 
     #[test]
     fn field_round_trip() {
-        for s in [Status::SUCCESS, Status::LBA_OUT_OF_RANGE, Status::CONNECT_INVALID_HOST, Status::COMPARE_FAILURE] {
+        for s in [
+            Status::SUCCESS,
+            Status::LBA_OUT_OF_RANGE,
+            Status::CONNECT_INVALID_HOST,
+            Status::COMPARE_FAILURE,
+            Status::ANA_INACCESSIBLE,
+        ] {
             for phase in [false, true] {
                 let f = s.to_field(phase);
                 assert_eq!(f & 1 == 1, phase);
                 assert_eq!(Status::from_field(f), s);
             }
+        }
+    }
+
+    #[test]
+    fn ana_statuses_are_path_related_and_retryable() {
+        // Status field bits: SC 8:1, SCT 11:9, DNR 15 (phase 0 excluded here).
+        for (s, sc) in [(Status::ANA_PERSISTENT_LOSS, 1u16), (Status::ANA_INACCESSIBLE, 2), (Status::ANA_TRANSITION, 3)]
+        {
+            assert!(s.is_path_error() && !s.dnr, "{s}");
+            assert_eq!(s.to_field(false), 3 << 9 | sc << 1);
         }
     }
 }

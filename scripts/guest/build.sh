@@ -10,7 +10,8 @@
 # The base initramfs holds busybox, the kernel modules, nvme-cli (+ its shared
 # libraries) and /init (scripts/guest/init).  It is rebuilt only when one of
 # those inputs changes.  The tests archive holds the scripts that run inside
-# the guest (scripts/guest/nvme-tcp-test.sh, scripts/guest/nvmet-selftest.sh)
+# the guest (scripts/guest/nvme-tcp-test.sh, scripts/guest/nvmet-selftest.sh,
+# scripts/guest/multipath-test.sh)
 # and is tiny, so editing a test script never rebuilds the base image. Tests that need our
 # binaries in the guest (tests/nvme_drivers.sh) append an archive of their own.
 #
@@ -234,7 +235,7 @@ fi
 # --------------------------------------------------------------------------
 # 4. Tests archive (guest-side scripts) and the combined initrd
 # --------------------------------------------------------------------------
-TEST_FILES=("$SCRIPT_DIR/nvme-tcp-test.sh" "$SCRIPT_DIR/nvmet-selftest.sh" "$SCRIPT_DIR/nvme-drivers-test.sh")
+TEST_FILES=("$SCRIPT_DIR/nvme-tcp-test.sh" "$SCRIPT_DIR/nvmet-selftest.sh" "$SCRIPT_DIR/nvme-drivers-test.sh" "$SCRIPT_DIR/multipath-test.sh")
 tests_key=$(sha256sum "${TEST_FILES[@]}" | sha256sum | cut -c1-16)
 TESTS=$OUT/tests.cpio.gz
 if [ ! -f "$TESTS" ] || [ "$(cat "$OUT/tests.key" 2>/dev/null)" != "$tests_key" ]; then

@@ -14,6 +14,7 @@ use crate::reactor::{ReactorHandle, ReactorMsg};
 
 pub fn spawn(
     listener: TcpListener,
+    index: usize,
     name: String,
     reactors: Arc<Vec<ReactorHandle>>,
     next: Arc<AtomicUsize>,
@@ -29,7 +30,7 @@ pub fn spawn(
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed) % reactors.len();
                     debug!("listener {name}: connection from {peer} → reactor {i}");
-                    reactors[i].send(ReactorMsg::Connection(stream, peer));
+                    reactors[i].send(ReactorMsg::Connection(stream, peer, index));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let mut p = libc::pollfd {

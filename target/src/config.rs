@@ -34,6 +34,11 @@ use stager_nvme::bdev::vfio::{check_bound, pci_address};
 use stager_nvme::bdev::DeviceSpec;
 use stager_policy::WritePolicy;
 
+mod ana;
+mod cluster;
+pub use ana::{AnaConfig, AnaGroupConfig};
+pub use cluster::{ClusterYaml, CLUSTER_BUILT};
+
 /// Largest configuration file we read. A real one is a few KiB; the cap keeps a mistaken
 /// `--config /dev/zero` (or a huge log file) from eating memory before parsing fails.
 pub const CONFIG_FILE_BYTES_MAX: u64 = 1 << 20;
@@ -112,6 +117,14 @@ pub struct Config {
     /// write-back+1/+2 volumes (on their source) and to keep copies for peers (on replicas).
     #[serde(default)]
     pub node: Option<NodeConfig>,
+    /// Asymmetric Namespace Access: this node's controller ids and ANA transition time
+    /// (`config/ana.rs`).
+    #[serde(default)]
+    pub ana: AnaConfig,
+    /// Cluster state in etcd (stager-cluster): this node registers itself under a lease. Needs
+    /// `node:` and a stagerd built with the `cluster` feature. Without it the node needs no etcd.
+    #[serde(default)]
+    pub cluster: Option<ClusterYaml>,
 }
 
 /// This node and how it reaches its peers for replication.
@@ -466,6 +479,9 @@ pub struct SubsystemConfig {
     pub listeners: Vec<String>,
     /// May be empty: a subsystem without namespaces still accepts connections.
     pub namespaces: Vec<NamespaceConfig>,
+    /// ANA groups and their states on this node; none = one optimized group with every
+    /// namespace (`config/ana.rs`).
+    pub ana_groups: Vec<AnaGroupConfig>,
 }
 
 /// The shape of a subsystem in the file; only `serial` differs (optional there, derived here).
@@ -485,6 +501,8 @@ struct SubsystemSpec {
     listeners: Vec<String>,
     #[serde(default)]
     namespaces: Vec<NamespaceConfig>,
+    #[serde(default)]
+    ana_groups: Vec<AnaGroupConfig>,
 }
 
 fn default_model() -> String {
@@ -502,6 +520,7 @@ impl From<SubsystemSpec> for SubsystemConfig {
             hosts: s.hosts,
             listeners: s.listeners,
             namespaces: s.namespaces,
+            ana_groups: s.ana_groups,
         }
     }
 }
@@ -1023,6 +1042,7 @@ pub fn embedded_default() -> Config {
                 },
                 uuid: None,
             }],
+            ana_groups: Vec::new(),
         }
         .into()],
         flash: vec![FlashConfig {
@@ -1037,6 +1057,8 @@ pub fn embedded_default() -> Config {
         destage: DestageConfig::default(),
         management: ManagementConfig { socket: Some(PathBuf::from(DEFAULT_MANAGEMENT_SOCKET)) },
         node: None,
+        ana: AnaConfig::default(),
+        cluster: None,
     }
 }
 
@@ -1056,6 +1078,8 @@ impl Config {
             destage: DestageConfig::default(),
             management: ManagementConfig::default(),
             node: None,
+            ana: AnaConfig::default(),
+            cluster: None,
         }
     }
 
@@ -1083,7 +1107,9 @@ impl Config {
         check_flash(&self.flash, &mut files)?;
         check_destage(&self.destage, cpus)?;
         check_subsystems(&self.subsystems, &self.listeners, &self.flash, &mut files)?;
-        check_node(self)
+        ana::check_ana(self)?;
+        check_node(self)?;
+        cluster::check_cluster(self)
     }
 }
 
@@ -2036,13 +2062,13 @@ mod tests {
     }
 
     /// Parse and validate as `parse` does, but against a fixed CPU set.
-    fn parse_test(text: &str) -> Result<Config, ConfigError> {
+    pub(super) fn parse_test(text: &str) -> Result<Config, ConfigError> {
         let c = parse_shape(text, "t.yaml")?;
         c.validate_for_cpus("t.yaml", &many_cpus())?;
         Ok(c)
     }
 
-    fn err(text: &str) -> String {
+    pub(super) fn err(text: &str) -> String {
         match parse_test(text) {
             Ok(c) => panic!("expected an error for:\n{text}\ngot {c:?}"),
             Err(e) => e.to_string(),

@@ -10,6 +10,20 @@ pub const AER_LIMIT: u8 = 4;
 pub const ERROR_LOG_ENTRIES: usize = 16;
 /// Highest NSID a subsystem may use (Identify Controller NN).
 pub const NAMESPACES_MAX: u32 = 1024;
+/// Highest ANA group id (ANAGRPMAX, and NANAGRPID): hosts size their ANA log buffer by it,
+/// 32 bytes a group (Linux: header + NANAGRPID * 32 + MNAN * 4 must fit in MDTS). Fixed, not
+/// configured, so every node describes a subsystem's paths alike.
+pub const ANA_GROUP_ID_MAX: u32 = 128;
+/// The largest ANA log page a host may have to read: its header, ANA_GROUP_ID_MAX group
+/// descriptors and NAMESPACES_MAX NSIDs (8 208 bytes). Linux reads it in one command and turns
+/// ANA off for a controller whose MDTS is smaller (every path then looks optimized), so a
+/// multipath configuration needs `transport.max_io_bytes` at least this big (config/ana.rs).
+pub const ANA_LOG_BYTES_MAX: u32 = (stager_nvme::log_page::ANA_HEADER_BYTES
+    + stager_nvme::log_page::ANA_GROUP_BYTES * ANA_GROUP_ID_MAX as usize
+    + 4 * NAMESPACES_MAX as usize) as u32;
+const _: () = assert!(ANA_LOG_BYTES_MAX <= 16 << 10, "config/ana.rs tells operators 16KiB is enough");
+/// Highest controller id (0xFFF0.. are reserved by the spec).
+pub const CNTLID_MAX: u16 = 0xFFEF;
 /// How often a reactor looks at its timers; an idle reactor wakes this often (20 times a
 /// second: well under 1% of a core).
 pub const TIMER_TICK: Duration = Duration::from_millis(50);
@@ -87,3 +101,7 @@ const _: () = assert!(R2T_PER_CMD_MAX << TTAG_SLOT_BITS <= 1 << 16);
 const _: () = assert!(R2T_PER_CMD_MAX <= u8::MAX as usize);
 /// Firmware revision reported in Identify Controller.
 pub const FIRMWARE_REVISION: &str = "0.1.0";
+/// How often a node in a cluster (`cluster:`, feature `cluster`) re-reads its free flash and SAN
+/// reachability and re-puts its registration when they changed, and retries etcd when it could
+/// not register: one status round trip to each flash reactor and at most one small etcd write.
+pub const CLUSTER_REFRESH: Duration = Duration::from_secs(2);

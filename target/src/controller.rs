@@ -6,7 +6,8 @@
 //!
 //! Admin commands complete synchronously here except AERs (held until an event) and a
 //! shutdown (CC.SHN), whose volatile-cache flush the connection carries out on the bdevs and
-//! then reports through `finish_shutdown`.
+//! then reports through `finish_shutdown`. The one event raised today is the ANA change
+//! notice (`ana.rs`): `take_async_event` hands the connection a held AER to answer with it.
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,12 +15,12 @@ use std::time::Instant;
 
 use stager_nvme::command::{admin, fctype, Command, FABRICS_OPCODE};
 use stager_nvme::fabrics::{self, cc, csts, prop};
-use stager_nvme::identify::{self, cns, ControllerIdentity, ControllerType};
-use stager_nvme::log_page::{self, lid, DiscoveryEntry, ErrorEntry, SmartLog};
+use stager_nvme::identify::{self, cns, AnaReporting, ControllerIdentity, ControllerType};
+use stager_nvme::log_page::{self, async_event, lid, DiscoveryEntry, ErrorEntry, SmartLog};
 use stager_nvme::status::Status;
 use stager_nvme::Nsid;
 
-use crate::constants::{AER_LIMIT, ERROR_LOG_ENTRIES, FIRMWARE_REVISION, NAMESPACES_MAX};
+use crate::constants::{AER_LIMIT, ANA_GROUP_ID_MAX, ERROR_LOG_ENTRIES, FIRMWARE_REVISION, NAMESPACES_MAX};
 use crate::subsystem::{Limits, Subsystem, SubsystemKind, TargetShared};
 
 /// Counters one queue keeps; written only by the reactor owning the queue.
@@ -35,6 +36,12 @@ pub struct QueueStats {
 pub struct ControllerShared {
     pub cntlid: u16,
     pub subsystem: Arc<Subsystem>,
+    /// The listener (index in `TargetShared::listeners`) the admin queue came through: the
+    /// port whose ANA states this controller reports.
+    pub listener: usize,
+    /// An ANA state this controller reports changed and the host has not been told yet
+    /// (set by `TargetShared::set_ana_state`, taken by the admin queue).
+    pub ana_change_pending: AtomicBool,
     pub hostnqn: String,
     pub host_id: [u8; 16],
     pub cc: AtomicU32,
@@ -58,10 +65,18 @@ pub struct ErrorLog {
 }
 
 impl ControllerShared {
-    pub fn new(cntlid: u16, subsystem: Arc<Subsystem>, hostnqn: String, host_id: [u8; 16]) -> ControllerShared {
+    pub fn new(
+        cntlid: u16,
+        subsystem: Arc<Subsystem>,
+        listener: usize,
+        hostnqn: String,
+        host_id: [u8; 16],
+    ) -> ControllerShared {
         ControllerShared {
             cntlid,
             subsystem,
+            listener,
+            ana_change_pending: AtomicBool::new(false),
             hostnqn,
             host_id,
             cc: AtomicU32::new(0),
@@ -86,6 +101,14 @@ impl ControllerShared {
         }
         let bit = 1u64 << (qid - 1);
         self.connected_qids.fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    /// The path-related status an I/O command on namespace `ns` gets through this controller
+    /// (its group is inaccessible, lost or changing here); `None` when the path serves I/O.
+    /// One atomic load: it runs for every command.
+    #[inline]
+    pub fn ana_io_status(&self, ns: &crate::subsystem::Namespace) -> Option<Status> {
+        self.subsystem.ana.state(ns.ana_index, self.listener).io_status()
     }
 
     pub fn release_qid(&self, qid: u16) {
@@ -140,6 +163,9 @@ pub struct AdminState {
     pub last_keep_alive: Instant,
     pub held_aers: Vec<u16>,
     async_event_config: u32,
+    /// An ANA change notice was sent and the host has not read the ANA log page (with RAE
+    /// clear) since: further notices wait until it does.
+    ana_notice_masked: bool,
     vwc_enabled: bool,
     /// Discovery log entries (discovery controllers only), filtered for this host.
     discovery_entries: Vec<DiscoveryEntry>,
@@ -160,6 +186,7 @@ impl AdminState {
             last_keep_alive: Instant::now(),
             held_aers: Vec::new(),
             async_event_config: 0,
+            ana_notice_masked: false,
             vwc_enabled: true,
             discovery_entries,
             discovery_generation: 1,
@@ -253,6 +280,26 @@ impl AdminState {
         AdminOutcome::ok()
     }
 
+    /// A held AER to answer now, with its DW0, if an event is due: an ANA change notice is
+    /// pending, the host enabled it (Set Features 0Bh bit 11), and no earlier notice waits for
+    /// the host to read the log page. A notice the host did not enable is dropped.
+    pub fn take_async_event(&mut self) -> Option<(u16, u32)> {
+        if !self.shared.ana_change_pending.load(Ordering::Acquire) {
+            return None;
+        }
+        if self.async_event_config & async_event::CONFIG_ANA_CHANGE == 0 {
+            self.shared.ana_change_pending.store(false, Ordering::Release);
+            return None;
+        }
+        if self.ana_notice_masked || self.held_aers.is_empty() || !self.shared.enabled() {
+            return None;
+        }
+        self.shared.ana_change_pending.store(false, Ordering::Release);
+        self.ana_notice_masked = true;
+        let cid = self.held_aers.remove(0);
+        Some((cid, async_event::encode(async_event::TYPE_NOTICE, async_event::NOTICE_ANA_CHANGE, lid::ANA)))
+    }
+
     /// Called once the shutdown flush finished.
     pub fn finish_shutdown(&mut self) {
         let s = self.shared.csts.load(Ordering::Acquire) & !(0x3 << 2) & !csts::RDY;
@@ -276,6 +323,11 @@ impl AdminState {
             in_capsule_bytes: self.limits.in_capsule_bytes as u32,
             aer_limit: AER_LIMIT,
             error_log_entries: ERROR_LOG_ENTRIES as u8,
+            ana: (!discovery).then_some(AnaReporting {
+                transition_time_s: sub.ana.transition_time_s,
+                group_id_max: ANA_GROUP_ID_MAX,
+                namespaces_max: NAMESPACES_MAX,
+            }),
         }
     }
 
@@ -399,6 +451,15 @@ impl AdminState {
                 b
             }
             (lid::CHANGED_NAMESPACES, false) => vec![0u8; 4096],
+            (lid::ANA, false) => {
+                // LSP bit 0 (CDW10 bit 8): groups only. RAE (bit 15) clear: the host has seen
+                // the change, so the next one may be announced.
+                let groups_only = cmd.cdw(10) & (1 << 8) != 0;
+                if cmd.cdw(10) & (1 << 15) == 0 {
+                    self.ana_notice_masked = false;
+                }
+                self.shared.subsystem.ana.log_page(self.shared.listener).encode(groups_only)
+            }
             _ => return AdminOutcome::status(Status::INVALID_LOG_PAGE),
         };
         if offset > page.len() as u64 {

@@ -3,6 +3,9 @@
 //! The `stagerd` binary is a thin CLI over `Target`; tests start targets in-process the same way.
 
 pub mod acceptor;
+pub mod ana;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod config;
 pub mod constants;
 pub mod controller;

@@ -78,6 +78,13 @@ fn main() -> ExitCode {
         }
     };
     print_banner(&cfg, &target);
+    #[cfg(feature = "cluster")]
+    let membership = stager_target::cluster::Membership::start(
+        &cfg,
+        (0..cfg.listeners.len()).map(|i| target.listen_addr(i).to_string()).collect(),
+        target.fabric_addr(),
+        target.volumes().cloned(),
+    );
     let mut running = cfg.clone();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
@@ -89,6 +96,10 @@ fn main() -> ExitCode {
         }
     }
     tracing::info!("signal received: finishing in-flight I/O, closing connections, syncing files");
+    #[cfg(feature = "cluster")]
+    if let Some(m) = membership {
+        m.stop();
+    }
     target.shutdown();
     ExitCode::SUCCESS
 }
@@ -183,6 +194,14 @@ fn describe(c: &Config) {
         println!("  node {}{domain}: {kind} fabric on {}", n.id, n.fabric.listen);
         for p in &n.peers {
             println!("    peer {} at {}", p.id, p.address);
+        }
+        if let Some(cl) = &c.cluster {
+            println!(
+                "    registered in etcd at {} under {} (lease {} ms)",
+                cl.endpoints.join(", "),
+                cl.prefix,
+                cl.lease_ttl_ms
+            );
         }
         if !n.peers.is_empty() {
             let f = n.replica_flash.clone().or_else(|| c.flash.first().map(|f| f.name.clone()));

@@ -8,6 +8,12 @@
 //! -> {"op":"set-policy","volume":1,"policy":"write-through"}
 //! <- {"ok":true,"message":"volume 1: requested write-through, effective write-through; destaging 12.0 MiB of dirty data"}
 //! <- {"ok":false,"error":"no volume 7 on this node"}
+//! -> {"op":"accept-loss","volume":1}
+//! <- {"ok":true,"message":"volume 1: loss of 3 block(s) accepted; reads of them return what the SAN holds"}
+//! -> {"op":"ana-show"}
+//! <- {"ok":true,"ana":[{"subsystem":"nqn...","group":1,"listener":"tcp0","state":"optimized",...}]}
+//! -> {"op":"ana-set","group":1,"state":"optimized"}            (optional "subsystem", "listener")
+//! <- {"ok":true,"message":"ANA group 1: optimized on 1 path(s), 2 controller(s) notified","ana":[...]}
 //! ```
 //!
 //! The socket file is created with the daemon's umask; anyone who can open it can change
@@ -30,6 +36,8 @@ use serde::{Deserialize, Serialize};
 use stager_policy::WritePolicy;
 use tracing::{info, warn};
 
+use crate::ana::{AnaPathStatus, AnaScope};
+use crate::subsystem::TargetShared;
 use crate::volume::status::NodeStatus;
 use crate::volume::VolumeService;
 
@@ -46,7 +54,24 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    SetPolicy { volume: u32, policy: String },
+    SetPolicy {
+        volume: u32,
+        policy: String,
+    },
+    AcceptLoss {
+        volume: u32,
+    },
+    /// Every ANA path of the node and its state.
+    AnaShow,
+    /// Set an ANA group's state (in one subsystem / through one listener, or everywhere).
+    AnaSet {
+        group: u32,
+        state: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subsystem: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listener: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,11 +83,17 @@ pub struct Response {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// ANA paths: all of them (`ana-show`) or those a change touched (`ana-set`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ana: Option<Vec<AnaPathStatus>>,
 }
 
 impl Response {
     fn error(e: impl Into<String>) -> Response {
-        Response { ok: false, status: None, message: None, error: Some(e.into()) }
+        Response { ok: false, status: None, message: None, error: Some(e.into()), ana: None }
+    }
+    fn ok() -> Response {
+        Response { ok: true, status: None, message: None, error: None, ana: None }
     }
 }
 
@@ -73,7 +104,11 @@ pub struct Management {
 }
 
 impl Management {
-    pub fn start(path: &Path, volumes: Option<Arc<VolumeService>>) -> Result<Management, String> {
+    pub fn start(
+        path: &Path,
+        volumes: Option<Arc<VolumeService>>,
+        target: Option<Arc<TargetShared>>,
+    ) -> Result<Management, String> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 return Err(format!("{}: another stagerd is serving this socket", path.display()));
@@ -90,7 +125,7 @@ impl Management {
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("management".into())
-            .spawn(move || serve(listener, volumes, stop2))
+            .spawn(move || serve(listener, volumes, target, stop2))
             .map_err(|e| e.to_string())?;
         info!("management socket {}", path.display());
         Ok(Management { stop, thread: Some(thread), path: path.to_path_buf() })
@@ -105,7 +140,12 @@ impl Management {
     }
 }
 
-fn serve(listener: UnixListener, volumes: Option<Arc<VolumeService>>, stop: Arc<AtomicBool>) {
+fn serve(
+    listener: UnixListener,
+    volumes: Option<Arc<VolumeService>>,
+    target: Option<Arc<TargetShared>>,
+    stop: Arc<AtomicBool>,
+) {
     let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -116,9 +156,9 @@ fn serve(listener: UnixListener, volumes: Option<Arc<VolumeService>>, stop: Arc<
                         reply(&stream, &Response::error(format!("{CLIENTS_MAX} clients are being served; try again")));
                     continue;
                 }
-                let (volumes, clients2) = (volumes.clone(), clients.clone());
+                let (volumes, target, clients2) = (volumes.clone(), target.clone(), clients.clone());
                 let spawned = std::thread::Builder::new().name("management-client".into()).spawn(move || {
-                    if let Err(e) = handle(stream, volumes.as_deref()) {
+                    if let Err(e) = handle(stream, volumes.as_deref(), target.as_deref()) {
                         warn!("management request failed: {e}");
                     }
                     clients2.fetch_sub(1, Ordering::SeqCst);
@@ -137,7 +177,7 @@ fn serve(listener: UnixListener, volumes: Option<Arc<VolumeService>>, stop: Arc<
     }
 }
 
-fn handle(stream: UnixStream, volumes: Option<&VolumeService>) -> std::io::Result<()> {
+fn handle(stream: UnixStream, volumes: Option<&VolumeService>, target: Option<&TargetShared>) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
@@ -153,7 +193,7 @@ fn handle(stream: UnixStream, volumes: Option<&VolumeService>) -> std::io::Resul
             Err(_) => Response::error("bad request: not UTF-8 text (one JSON object per line)"),
             Ok(text) => match serde_json::from_str::<Request>(text.trim()) {
                 Err(e) => Response::error(format!("bad request: {e}")),
-                Ok(req) => answer(req, volumes),
+                Ok(req) => answer(req, volumes, target),
             },
         },
     };
@@ -167,20 +207,55 @@ fn reply(stream: &UnixStream, response: &Response) -> std::io::Result<()> {
     s.write_all(out.as_bytes())
 }
 
-fn answer(req: Request, volumes: Option<&VolumeService>) -> Response {
+fn answer(req: Request, volumes: Option<&VolumeService>, target: Option<&TargetShared>) -> Response {
     match req {
         Request::Status => match volumes {
             None => Response {
-                ok: true,
                 status: Some(NodeStatus { pid: std::process::id(), uptime_s: 0.0, devices: Vec::new() }),
-                message: None,
-                error: None,
+                ..Response::ok()
             },
             Some(v) => match v.status() {
-                Ok(s) => Response { ok: true, status: Some(s), message: None, error: None },
+                Ok(s) => Response { status: Some(s), ..Response::ok() },
                 Err(e) => Response::error(e),
             },
         },
+        Request::AcceptLoss { volume } => {
+            let Some(v) = volumes else { return Response::error("this node has no write-back volumes") };
+            match v.accept_loss(volume) {
+                Ok(m) => {
+                    info!("management: {m}");
+                    Response { message: Some(m), ..Response::ok() }
+                }
+                Err(e) => Response::error(e),
+            }
+        }
+        Request::AnaShow => match target {
+            Some(t) => Response { ana: Some(t.ana_status()), ..Response::ok() },
+            None => Response::error("this daemon serves no subsystems"),
+        },
+        Request::AnaSet { group, state, subsystem, listener } => {
+            let Some(t) = target else { return Response::error("this daemon serves no subsystems") };
+            let Some(s) = stager_nvme::log_page::AnaState::from_name(&state) else {
+                let names: Vec<&str> = stager_nvme::log_page::AnaState::ALL.iter().map(|a| a.name()).collect();
+                return Response::error(format!("`{state}` is not an ANA state ({})", names.join(", ")));
+            };
+            match t.set_ana_state(group, s, &AnaScope { subsystem, listener }) {
+                Ok(change) => {
+                    let m = if change.changed.is_empty() {
+                        format!("ANA group {group}: already {s} on every path asked for; nothing changed")
+                    } else {
+                        format!(
+                            "ANA group {group}: {s} on {} path(s), {} controller(s) notified",
+                            change.changed.len(),
+                            change.controllers_notified
+                        )
+                    };
+                    info!("management: {m}");
+                    Response { message: Some(m), ana: Some(change.changed), ..Response::ok() }
+                }
+                Err(e) => Response::error(e.to_string()),
+            }
+        }
         Request::SetPolicy { volume, policy } => {
             let (policy, copies) = match crate::config::parse_policy(&policy) {
                 Ok((p, n)) => (p, (p == WritePolicy::WriteBack && policy.contains('+')).then_some(n)),
@@ -190,7 +265,7 @@ fn answer(req: Request, volumes: Option<&VolumeService>) -> Response {
             match v.set_policy(volume, policy, copies) {
                 Ok(m) => {
                     info!("management: {m}");
-                    Response { ok: true, status: None, message: Some(m), error: None }
+                    Response { message: Some(m), ..Response::ok() }
                 }
                 Err(e) => Response::error(e),
             }
@@ -252,7 +327,7 @@ mod tests {
     fn clients_are_served_independently_and_garbage_gets_an_error() {
         let dir = std::env::temp_dir().join(format!("stager-mgmt-{}", std::process::id()));
         let path = dir.join("m.sock");
-        let m = Management::start(&path, None).unwrap();
+        let m = Management::start(&path, None, None).unwrap();
         // A client that connects and says nothing does not hold the others up.
         let _silent = UnixStream::connect(&path).unwrap();
         let t = Instant::now();

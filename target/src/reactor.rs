@@ -71,7 +71,8 @@ impl Poller for crate::volume::host::EngineHost {
 const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub enum ReactorMsg {
-    Connection(TcpStream, SocketAddr),
+    /// A new connection, its peer, and the listener (index) it came through.
+    Connection(TcpStream, SocketAddr, usize),
     /// Finish in-flight I/O, close every connection, exit.
     Stop,
 }
@@ -245,6 +246,8 @@ impl Reactor {
         let mut now = Instant::now();
         let mut stop_since: Option<Instant> = None;
         let mut iteration = 0u32;
+        // The target's ANA change count last acted on (see `ana.rs`).
+        let mut ana_seen = self.target.ana_changes.load(std::sync::atomic::Ordering::Acquire);
         // Messages come with a write to the wake eventfd, whose read completes in the ring:
         // the channel is looked at after that (and every MSG_CHECK_EVERY iterations, to be safe)
         // rather than on every turn of a spinning loop.
@@ -357,6 +360,17 @@ impl Reactor {
             let tick = now >= next_tick;
             if tick {
                 next_tick = now + TIMER_TICK;
+                // ANA states changed: controllers with a pending notice answer a held AER.
+                let ana_now = cx.target.ana_changes.load(std::sync::atomic::Ordering::Acquire);
+                if ana_now != ana_seen {
+                    ana_seen = ana_now;
+                    for (i, slot) in conns.iter_mut().enumerate() {
+                        if let Some(c) = slot.as_mut() {
+                            c.post_async_events();
+                            dirty.push(i as u32);
+                        }
+                    }
+                }
             }
             if tick && now >= next_conn_tick {
                 next_conn_tick = now + CONNECTION_TIMER;
@@ -403,7 +417,7 @@ impl Reactor {
         while let Ok(msg) = self.rx.try_recv() {
             *work += 1;
             match msg {
-                ReactorMsg::Connection(s, peer) => self.add(s, peer),
+                ReactorMsg::Connection(s, peer, listener) => self.add(s, peer, listener),
                 ReactorMsg::Stop => {
                     self.stopping = true;
                     for (i, c) in self.conns.iter_mut().enumerate() {
@@ -417,7 +431,7 @@ impl Reactor {
         }
     }
 
-    fn add(&mut self, stream: TcpStream, peer: SocketAddr) {
+    fn add(&mut self, stream: TcpStream, peer: SocketAddr, listener: usize) {
         let _ = stream.set_nodelay(true);
         let idx = self.free_conns.pop().unwrap_or_else(|| {
             self.conns.push(None);
@@ -425,7 +439,7 @@ impl Reactor {
         });
         let Reactor { ring, channels, pool, target, .. } = self;
         let cx = ReactorCtx { ring, channels, pool, target, reactor: self.id, now: Instant::now() };
-        let conn = Connection::new(idx, stream, peer, &cx);
+        let conn = Connection::new(idx, stream, peer, listener, &cx);
         debug!("reactor {}: new connection from {peer}", self.id);
         self.conns[idx as usize] = Some(conn);
         self.dirty.push(idx);

@@ -1,16 +1,19 @@
 //! NVM subsystems and their namespaces, as built from the configuration, plus the registry of
-//! live controllers. Subsystems are shared read-only by every reactor (`Arc`); the only
-//! mutable parts (the controller registry, controller ids) are touched on Connect and
-//! disconnect, never on the I/O path.
+//! live controllers. Subsystems are shared read-only by every reactor (`Arc`); the mutable
+//! parts are the controller registry and controller ids (touched on Connect and disconnect,
+//! never on the I/O path) and the ANA states (`ana.rs`: atomics the I/O path only reads).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use stager_nvme::bdev::BlockDevice;
 use stager_nvme::identify::NamespaceIdentity;
 
+use crate::ana::SubsystemAna;
+use crate::constants::CNTLID_MAX;
 use crate::controller::ControllerShared;
 
 pub struct Namespace {
@@ -19,6 +22,10 @@ pub struct Namespace {
     pub channel: u32,
     pub bdev: Arc<dyn BlockDevice>,
     pub uuid: [u8; 16],
+    /// ANAGRPID, and the group's index in its subsystem's `ana.groups` (the I/O path looks
+    /// the state up by index).
+    pub ana_group: u32,
+    pub ana_index: usize,
 }
 
 impl Namespace {
@@ -30,7 +37,16 @@ impl Namespace {
     }
     pub fn identity(&self) -> NamespaceIdentity {
         let info = self.bdev.info();
-        NamespaceIdentity { blocks: info.blocks, block_size: info.block_size, nguid: self.uuid, uuid: self.uuid }
+        NamespaceIdentity {
+            blocks: info.blocks,
+            block_size: info.block_size,
+            nguid: self.uuid,
+            uuid: self.uuid,
+            ana_group: self.ana_group,
+            // Every namespace may be reached through several controllers (other hosts, other
+            // nodes): a multipath host merges its paths only when NMIC says so.
+            shared: true,
+        }
     }
 }
 
@@ -51,8 +67,13 @@ pub struct Subsystem {
     pub listeners: Vec<SocketAddr>,
     /// Sorted by NSID.
     pub namespaces: Vec<Arc<Namespace>>,
+    /// ANA groups and their states on this node.
+    pub ana: SubsystemAna,
     controllers: Mutex<HashMap<u16, Weak<ControllerShared>>>,
-    next_cntlid: AtomicU16,
+    /// The controller ids this node hands out (`ana.cntlid_min..=cntlid_max`): disjoint on
+    /// the nodes that serve one NQN, so a host never sees one id twice in a subsystem.
+    cntlids: RangeInclusive<u16>,
+    next_cntlid: AtomicU32,
 }
 
 impl Subsystem {
@@ -78,9 +99,18 @@ impl Subsystem {
             hosts,
             listeners,
             namespaces,
+            ana: SubsystemAna::none(),
             controllers: Mutex::new(HashMap::new()),
-            next_cntlid: AtomicU16::new(1),
+            cntlids: 1..=CNTLID_MAX,
+            next_cntlid: AtomicU32::new(0),
         }
+    }
+
+    /// The subsystem's ANA groups and this node's controller id range.
+    pub fn with_ana(mut self, ana: SubsystemAna, cntlids: RangeInclusive<u16>) -> Subsystem {
+        self.ana = ana;
+        self.cntlids = cntlids;
+        self
     }
 
     pub fn host_allowed(&self, hostnqn: &str) -> bool {
@@ -91,12 +121,15 @@ impl Subsystem {
         self.namespaces.binary_search_by_key(&nsid, |n| n.nsid).ok().map(|i| &self.namespaces[i])
     }
 
-    /// A fresh controller id in 1..=0xFFEF (0xFFF0.. are reserved), not in use.
+    /// A fresh controller id from this node's range, not in use; handed out round-robin so a
+    /// host that reconnects gets a new id.
     pub fn allocate_cntlid(&self) -> Option<u16> {
         let ctrls = self.controllers.lock().ok()?;
-        for _ in 0..0xFFEF {
-            let id = self.next_cntlid.fetch_add(1, Ordering::Relaxed);
-            let id = (id % 0xFFEF).max(1);
+        let (first, last) = (*self.cntlids.start() as u32, *self.cntlids.end() as u32);
+        let span = last.checked_sub(first)? + 1;
+        for _ in 0..span {
+            let n = self.next_cntlid.fetch_add(1, Ordering::Relaxed) % span;
+            let id = (first + n) as u16;
             if ctrls.get(&id).is_none_or(|w| w.strong_count() == 0) {
                 return Some(id);
             }
@@ -120,6 +153,11 @@ impl Subsystem {
     pub fn controller(&self, cntlid: u16) -> Option<Arc<ControllerShared>> {
         self.controllers.lock().ok()?.get(&cntlid)?.upgrade()
     }
+
+    /// The live controllers (control plane: ANA changes, status).
+    pub fn controllers(&self) -> Vec<Arc<ControllerShared>> {
+        self.controllers.lock().map(|c| c.values().filter_map(Weak::upgrade).collect()).unwrap_or_default()
+    }
 }
 
 /// Everything reactors share about the target: subsystems by NQN and the transport limits.
@@ -132,6 +170,12 @@ pub struct TargetShared {
     pub volumes: Option<Arc<crate::volume::VolumeService>>,
     /// Counters of the NVMe/TCP transport, summed over connections.
     pub stats: crate::transport::tcp::TransportStats,
+    /// Name and bound address of each listener, in configuration order: a controller's
+    /// `listener` indexes it, and so do the ANA states.
+    pub listeners: Vec<(String, SocketAddr)>,
+    /// Bumped by every ANA state change: reactors compare it on their timer tick and then let
+    /// controllers with a pending ANA change notice answer an Asynchronous Event Request.
+    pub ana_changes: AtomicU64,
 }
 
 /// Transport and controller limits from the configuration.

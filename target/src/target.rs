@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use stager_nvme::bdev::{open_device, BlockDevice, MemoryDevice};
+use stager_nvme::log_page::AnaState;
 use stager_nvme::DISCOVERY_NQN;
 use tracing::info;
 
+use crate::ana::{AnaChange, AnaError, AnaPathStatus, AnaScope, SubsystemAna};
 use crate::config::{BackendConfig, Config};
 use crate::reactor::{self, ReactorHandle};
 use crate::subsystem::{Limits, Namespace, Subsystem, SubsystemKind, TargetShared};
@@ -87,6 +89,7 @@ impl Target {
         let mut namespaces: Vec<Arc<Namespace>> = Vec::new();
         let mut subsystems = HashMap::new();
         for s in &config.subsystems {
+            let ana_groups = s.effective_ana_groups();
             let mut nss = Vec::new();
             for n in &s.namespaces {
                 let bdev: Arc<dyn BlockDevice> = match (devices.remove(&(s.nqn.clone(), n.nsid)), &n.backend) {
@@ -134,11 +137,14 @@ impl Target {
                         Arc::new(VolumeDevice::new(service, info))
                     }
                 };
+                let ana_group = s.ana_group_of(n.nsid);
                 let ns = Arc::new(Namespace {
                     nsid: n.nsid,
                     channel: namespaces.len() as u32,
                     bdev,
                     uuid: n.effective_uuid(&s.nqn),
+                    ana_group,
+                    ana_index: ana_groups.iter().position(|g| g.id == ana_group).unwrap_or(0),
                 });
                 namespaces.push(ns.clone());
                 nss.push(ns);
@@ -158,6 +164,16 @@ impl Target {
                 addrs,
                 nss,
             );
+            // Each group's state through every listener of the target, and its namespaces.
+            let groups = ana_groups
+                .iter()
+                .map(|g| {
+                    let members = s.namespaces.iter().map(|n| n.nsid).filter(|&n| s.ana_group_of(n) == g.id).collect();
+                    (g.id, members, config.listeners.iter().map(|l| g.state_on(&l.name)).collect())
+                })
+                .collect();
+            let ana = SubsystemAna::new(groups, config.ana.transition_time_s);
+            let sub = sub.with_ana(ana, config.ana.cntlid_min..=config.ana.cntlid_max);
             subsystems.insert(s.nqn.clone(), Arc::new(sub));
         }
         let discovery = Subsystem::new(
@@ -189,6 +205,8 @@ impl Target {
             namespaces,
             volumes: volumes.clone(),
             stats: Default::default(),
+            listeners: listeners.iter().map(|(name, _, addr)| (name.clone(), *addr)).collect(),
+            ana_changes: Default::default(),
         });
         let mut reactors = Vec::new();
         for (id, core) in config.reactors.cores.iter().enumerate() {
@@ -224,7 +242,7 @@ impl Target {
             }
         };
         let management = match &config.management.socket {
-            Some(path) => match crate::management::Management::start(path, volumes.clone()) {
+            Some(path) => match crate::management::Management::start(path, volumes.clone(), Some(shared.clone())) {
                 Ok(m) => Some(m),
                 Err(e) => {
                     for mut r in reactors {
@@ -240,8 +258,8 @@ impl Target {
         let stop = Arc::new(AtomicBool::new(false));
         let next = Arc::new(AtomicUsize::new(0));
         let mut acceptors = Vec::new();
-        for (name, sock, addr) in listeners {
-            let h = crate::acceptor::spawn(sock, name.clone(), reactors.clone(), next.clone(), stop.clone())
+        for (index, (name, sock, addr)) in listeners.into_iter().enumerate() {
+            let h = crate::acceptor::spawn(sock, index, name.clone(), reactors.clone(), next.clone(), stop.clone())
                 .map_err(|source| StartError::Listen { name: name.clone(), addr, source })?;
             info!("listening on {addr} (listener {name}, NVMe/TCP)");
             acceptors.push(h);
@@ -257,6 +275,20 @@ impl Target {
     /// The NVMe/TCP transport's counters (copies on the receive path, back-pressure, timeouts).
     pub fn transport_stats(&self) -> &crate::transport::tcp::TransportStats {
         &self.shared.stats
+    }
+
+    /// Sets ANA group `group` to `state` on this node (within `scope`: one subsystem, one
+    /// listener, or all of them) and sends the ANA change notice to every controller whose
+    /// path changed. What failover calls: e.g. the node taking a volume over sets its group
+    /// optimized. Thread-safe; returns once the states are set (hosts hear within a reactor
+    /// tick, ~50 ms).
+    pub fn set_ana_state(&self, group: u32, state: AnaState, scope: &AnaScope) -> Result<AnaChange, AnaError> {
+        self.shared.set_ana_state(group, state, scope)
+    }
+
+    /// Every (subsystem, ANA group, listener) path of this node with its state.
+    pub fn ana_status(&self) -> Vec<AnaPathStatus> {
+        self.shared.ana_status()
     }
 
     /// The destage reactor's handle, when the configuration has write-back volumes.

@@ -1,7 +1,8 @@
 //! Write-back+1 and +2 between in-process stagerd nodes on 127.0.0.1, over the tcp fabric:
 //! every acknowledged write is in each replica's log (inspected on the replica's flash, and
 //! destaged from there alone), a stale source is refused, published watermarks are applied
-//! lazily on the replica, and a replica that stops answering holds back only its own volume.
+//! lazily on the replica, a replica that stops answering holds back only its own volume, and a
+//! replica whose copy was damaged on its flash says so until its source has resynced it.
 
 mod common;
 
@@ -310,6 +311,82 @@ fn a_replica_discards_its_copy_lazily_once_the_source_publishes_its_watermark() 
 }
 
 /// A stagerd process, killed when dropped.
+/// Flips one byte of a data block in the second-to-last data frame of a flash file's log (later
+/// frames prove the damaged one was acknowledged). Returns the block's offset.
+fn flip_late_data_block(path: &Path) -> u64 {
+    const LOG_START: usize = 8192;
+    let mut img = std::fs::read(path).unwrap();
+    let mut data_frames = Vec::new();
+    let mut at = LOG_START;
+    while at + BS <= img.len() {
+        let b = &img[at..at + BS];
+        if &b[..4] == b"STLF" && u32::from_le_bytes([b[12], b[13], b[14], b[15]]) > 0 {
+            data_frames.push(at);
+        }
+        at += BS;
+    }
+    assert!(data_frames.len() >= 2, "the log holds {} data frames", data_frames.len());
+    let frame = data_frames[data_frames.len() - 2];
+    img[frame + BS + 100] ^= 0xff;
+    std::fs::write(path, img).unwrap();
+    (frame + BS) as u64
+}
+
+#[test]
+fn a_damaged_copy_says_so_until_its_source_has_resynced_it() {
+    let d = dir("damaged-copy");
+    let b_cfg = replica_config(&d, "node-b", &["node-a"]);
+    let written: Vec<Vec<u8>> = {
+        let b = TestTarget::start(b_cfg.clone());
+        let b_addr = b.target.as_ref().unwrap().fabric_addr().unwrap();
+        let a = TestTarget::start(source_config(
+            &d,
+            "node-a",
+            "a-flash.img",
+            &[(5, 1, vec!["node-b"])],
+            &[("node-b", b_addr)],
+        ));
+        wait_in_sync(a.target.as_ref().unwrap(), 5);
+        let mut host = a.connect(&opts());
+        let data: Vec<Vec<u8>> = (0..60u64).map(|i| pattern(500 + i, 2 * BS)).collect();
+        for (i, p) in data.iter().enumerate() {
+            write(host.io_queue(0), 1, i as u64 * 2, p);
+        }
+        // Both stop at once: the replica has not applied a watermark over these entries yet.
+        drop(host);
+        drop(b);
+        drop(a);
+        data
+    };
+    let flipped = flip_late_data_block(&d.join("node-b-flash.img"));
+    eprintln!("flipped a byte of the replica's log block at {flipped}");
+    let inspected = offline::inspect(&file_spec(d.join("node-b-flash.img"))).expect("inspect the replica's flash");
+    let replay = inspected.device.replay.as_ref().expect("a replay report");
+    assert!(replay.lost_entries >= 1, "{replay:?}");
+    assert!(inspected.device.copies.iter().any(|c| c.volume == 5 && c.damaged), "{:?}", inspected.device.copies);
+
+    // The replica restarts and says its copy is damaged; its source comes back, resyncs it,
+    // destages, and once the watermark it publishes covers the lost entry the copy is whole.
+    let b = TestTarget::start(b_cfg);
+    let bt = b.target.as_ref().unwrap();
+    let copy = |t: &Target| status(t).devices[0].copies.iter().find(|c| c.volume == 5).cloned().expect("the copy");
+    assert!(copy(bt).damaged, "the restarted replica does not report its damaged copy");
+    let b_addr = bt.fabric_addr().unwrap();
+    let a =
+        TestTarget::start(source_config(&d, "node-a", "a-flash.img", &[(5, 1, vec!["node-b"])], &[("node-b", b_addr)]));
+    wait_in_sync(a.target.as_ref().unwrap(), 5);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while copy(bt).damaged {
+        assert!(Instant::now() < deadline, "the copy is still damaged after its source resynced: {:?}", copy(bt));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Nothing was lost on the source's side: every write reads back.
+    let mut host = a.connect(&opts());
+    for (i, p) in written.iter().enumerate() {
+        assert_eq!(&read(host.io_queue(0), 1, i as u64 * 2, 2 * BS), p, "write {i} after the resync");
+    }
+}
+
 struct Node(std::process::Child);
 
 impl Drop for Node {
@@ -319,22 +396,8 @@ impl Drop for Node {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn spawn_node(d: &Path, name: &str, yaml: String) -> Node {
-    let cfg = d.join(format!("{name}.yaml"));
-    std::fs::write(&cfg, yaml).unwrap();
-    let log = std::fs::File::create(d.join(format!("{name}.log"))).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stagerd"))
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("stagerd starts");
-    Node(child)
+    Node(spawn_stagerd(d, name, &yaml))
 }
 
 fn node_status(sock: &Path) -> Option<NodeStatus> {

@@ -22,7 +22,7 @@ pub use buf::{AlignedBuf, BufPool, LentBuf, BUF_ALIGN};
 pub use fault::{Fault, FaultyDevice};
 pub use file::FileDevice;
 pub use mem::MemoryDevice;
-pub use open::{open_device, read_blocking, DeviceSpec};
+pub use open::{open_device, read_blocking, write_blocking, DeviceSpec};
 pub use passthru::{passthru_supported, PassthruDevice};
 pub use vfio::VfioDevice;
 

@@ -87,9 +87,24 @@ pub fn open_device(spec: &DeviceSpec) -> std::io::Result<Arc<dyn BlockDevice>> {
 /// Reads `len` bytes at `offset` outside any reactor, on a channel and ring of its own (a
 /// superblock probe before the engine opens the device; tests). Gives up after `timeout`.
 pub fn read_blocking(dev: &dyn BlockDevice, offset: u64, len: usize, timeout: Duration) -> std::io::Result<AlignedBuf> {
+    let io = BdevIo::new(BdevOp::Read, offset, len as u64, Some(AlignedBuf::new(len)), 0);
+    let buf = run_blocking(dev, io, timeout)?;
+    buf.ok_or_else(|| std::io::Error::other("read buffer lost"))
+}
+
+/// Writes `buf` at `offset` durably (FUA) outside any reactor, like [`read_blocking`] (an
+/// operator's `stagerctl flash wipe`).
+pub fn write_blocking(dev: &dyn BlockDevice, offset: u64, buf: AlignedBuf, timeout: Duration) -> std::io::Result<()> {
+    let io = BdevIo::new(BdevOp::Write { fua: true }, offset, buf.len() as u64, Some(buf), 0);
+    run_blocking(dev, io, timeout).map(|_| ())
+}
+
+fn run_blocking(dev: &dyn BlockDevice, io: BdevIo, timeout: Duration) -> std::io::Result<Option<AlignedBuf>> {
+    let offset = io.offset;
+    let what = if matches!(io.op, BdevOp::Read) { "read" } else { "write" };
     let mut ch = dev.channel(0)?;
     let mut ring = Ring::new(16)?;
-    ch.submit(BdevIo::new(BdevOp::Read, offset, len as u64, Some(AlignedBuf::new(len)), 0), &mut ring);
+    ch.submit(io, &mut ring);
     let start = Instant::now();
     let (mut cqes, mut done) = (Vec::new(), Vec::new());
     loop {
@@ -99,7 +114,7 @@ pub fn read_blocking(dev: &dyn BlockDevice, offset: u64, len: usize, timeout: Du
         if start.elapsed() > timeout {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("{}: a read did not complete within {} s", dev.info().name, timeout.as_secs()),
+                format!("{}: a {what} did not complete within {} s", dev.info().name, timeout.as_secs()),
             ));
         }
         cqes.clear();
@@ -110,8 +125,8 @@ pub fn read_blocking(dev: &dyn BlockDevice, offset: u64, len: usize, timeout: Du
         }
     }
     let d = done.pop().ok_or_else(|| std::io::Error::other("no completion"))?;
-    d.result.map_err(|e| std::io::Error::other(format!("{}: read at {offset}: {e}", dev.info().name)))?;
-    d.buf.ok_or_else(|| std::io::Error::other("read buffer lost"))
+    d.result.map_err(|e| std::io::Error::other(format!("{}: {what} at {offset}: {e}", dev.info().name)))?;
+    Ok(d.buf)
 }
 
 #[cfg(test)]

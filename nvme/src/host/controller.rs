@@ -12,11 +12,15 @@ use super::{HostError, HostOptions, Result};
 use crate::command::{admin, Command, DataDirection};
 use crate::fabrics::{self, cc, csts, prop, Connect};
 use crate::identify::{self, cns, ControllerInfo, NamespaceIdentity};
-use crate::log_page::{self, DiscoveryEntry};
+use crate::log_page::{self, AnaLog, DiscoveryEntry};
 use crate::DISCOVERY_NQN;
 
 /// Admin queue depth the host asks for.
 const ADMIN_DEPTH: usize = 32;
+/// The tag of an outstanding Asynchronous Event Request on the admin queue.
+const AER_TAG: u64 = u64::MAX - 1;
+/// Bytes read for the ANA log: its header, 128 group descriptors and 1024 NSIDs.
+const ANA_LOG_BYTES: usize = 16 + 128 * 32 + 1024 * 4;
 
 pub struct Controller {
     admin: Arc<Mutex<QueuePair>>,
@@ -122,6 +126,70 @@ impl Controller {
         let r = self.admin(get_log_page_cmd(lid, len, offset), vec![0; len], DataDirection::ControllerToHost)?;
         r.ok()?;
         Ok(r.data)
+    }
+
+    /// Get Log Page with a log specific parameter (`lsp`, CDW10 bits 11:8) and Retain
+    /// Asynchronous Event (`rae`, bit 15): reading a log with RAE clear re-arms the events
+    /// that it reports.
+    pub fn get_log_page_with(&self, lid: u8, len: usize, offset: u64, lsp: u8, rae: bool) -> Result<Vec<u8>> {
+        let mut c = get_log_page_cmd(lid, len, offset);
+        c.set_cdw(10, c.cdw(10) | ((lsp & 0xF) as u32) << 8 | (rae as u32) << 15);
+        let r = self.admin(c, vec![0; len], DataDirection::ControllerToHost)?;
+        r.ok()?;
+        Ok(r.data)
+    }
+
+    /// Reads and decodes the Asymmetric Namespace Access log (RAE clear, as Linux reads it).
+    pub fn ana_log(&self, groups_only: bool) -> Result<AnaLog> {
+        let b = self.get_log_page_with(log_page::lid::ANA, ANA_LOG_BYTES, 0, groups_only as u8, false)?;
+        AnaLog::decode(&b).map_err(HostError::Protocol)
+    }
+
+    /// Set Features `fid` to `value` (CDW11); returns DW0 of the completion.
+    pub fn set_feature(&self, fid: u8, value: u32) -> Result<u32> {
+        let mut c = Command::new(admin::SET_FEATURES, 0);
+        c.set_cdw(10, fid as u32).set_cdw(11, value);
+        let r = self.admin(c, vec![], DataDirection::None)?;
+        r.ok()?;
+        Ok(r.completion.dw0)
+    }
+
+    /// Sends an Asynchronous Event Request and returns at once; the controller answers it when
+    /// an event occurs (see `wait_async_event`). One is outstanding at a time.
+    pub fn request_async_event(&self) -> Result<()> {
+        let mut q = self.admin.lock().map_err(|_| HostError::Protocol("admin queue poisoned".into()))?;
+        q.submit(Command::new(admin::ASYNC_EVENT_REQUEST, 0), vec![], DataDirection::None, AER_TAG)?;
+        let mut out = Vec::new();
+        q.poll(&mut out)?;
+        if let Some(r) = out.into_iter().find(|r| r.tag == AER_TAG) {
+            // Answered at once (an event was already pending, or the request was refused).
+            r.ok()?;
+            return Err(HostError::Protocol(format!("AER answered at once: DW0 {:#x}", r.completion.dw0)));
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the outstanding Asynchronous Event Request to complete;
+    /// returns its DW0 (type, information, log page: `log_page::async_event::decode`), or
+    /// `None` when no event came.
+    pub fn wait_async_event(&self, timeout: Duration) -> Result<Option<u32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut q = self.admin.lock().map_err(|_| HostError::Protocol("admin queue poisoned".into()))?;
+                let mut out = Vec::new();
+                q.poll(&mut out)?;
+                let found = out.into_iter().find(|r| r.tag == AER_TAG).or_else(|| q.take_finished(AER_TAG));
+                if let Some(r) = found {
+                    r.ok()?;
+                    return Ok(Some(r.completion.dw0));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn io_queue(&mut self, i: usize) -> &mut QueuePair {

@@ -59,6 +59,9 @@ pub struct QueuePair {
     free_cids: Vec<u16>,
     busy_poll: bool,
     timeout: Duration,
+    /// Completions of other commands that arrived while `execute` waited for its own (an
+    /// Asynchronous Event Request answered meanwhile): kept for `take_finished`.
+    stash: Vec<Response>,
 }
 
 /// Initial receive buffer: several PDUs per read; grows to fit one larger PDU when needed.
@@ -86,6 +89,7 @@ impl QueuePair {
             free_cids: (0..depth as u16).rev().collect(),
             busy_poll: opts.busy_poll,
             timeout,
+            stash: Vec::new(),
         };
         let icreq = Pdu::IcReq { pfv: 0, hpda: 0, digests: opts.digests, maxr2t: opts.maxr2t };
         pdu::encode(&icreq, &[], Digests::default(), &mut q.tx);
@@ -216,6 +220,12 @@ impl QueuePair {
         }
     }
 
+    /// A command submitted with `tag` that finished while `execute` waited for another one.
+    pub fn take_finished(&mut self, tag: u64) -> Option<Response> {
+        let i = self.stash.iter().position(|r| r.tag == tag)?;
+        Some(self.stash.swap_remove(i))
+    }
+
     /// Submits one command and waits for it.
     pub fn execute(&mut self, cmd: Command, data: Vec<u8>, dir: DataDirection) -> Result<Response> {
         const TAG: u64 = u64::MAX;
@@ -224,7 +234,9 @@ impl QueuePair {
         loop {
             self.wait(&mut out)?;
             if let Some(i) = out.iter().position(|r| r.tag == TAG) {
-                return Ok(out.swap_remove(i));
+                let mine = out.swap_remove(i);
+                self.stash.append(&mut out);
+                return Ok(mine);
             }
             if self.outstanding() == 0 {
                 return Err(HostError::Protocol("command vanished".into()));

@@ -1030,7 +1030,7 @@ impl Engine {
                     // Its data failed its checksum: above the watermark, its blocks are lost.
                     if e.seq > v.watermark {
                         if v.is_copy() {
-                            v.copy_damaged = true;
+                            v.copy_damaged = Some(v.copy_damaged.map_or(e.seq, |d| d.max(e.seq)));
                         } else {
                             v.mark_lost(e.lba, e.blocks as u64);
                         }
@@ -1082,6 +1082,11 @@ impl Engine {
         }
         for (_, affected) in unknown {
             self.lose_whole(&affected);
+        }
+        for v in &mut self.volumes {
+            if v.copy_damaged == Some(LogSeq(u64::MAX)) {
+                v.copy_damaged = Some(LogSeq(v.next_seq.0.saturating_sub(1)));
+            }
         }
         self.log.acked = self.log.frames.len();
         for v in &mut self.volumes {
@@ -1143,7 +1148,8 @@ impl Engine {
                 "damaged log region of unknown entries: every block of the volume is marked lost"
             );
             if v.is_copy() {
-                v.copy_damaged = true;
+                // Which entries are unknown: every one up to the newest found (set below).
+                v.copy_damaged = Some(LogSeq(u64::MAX));
             } else {
                 let blocks = v.blocks;
                 v.mark_lost(Lba(0), blocks);

@@ -198,7 +198,7 @@ impl Engine {
         let v = &self.volumes[self.volume_index(volume)?];
         (v.is_copy() && v.persisted_epoch >= epoch).then(|| CopyState {
             // A copy damaged by its log says it holds nothing: its source resyncs it.
-            durable: if v.copy_damaged { LogSeq(0) } else { LogSeq(v.next_seq.0 - 1) },
+            durable: if v.copy_damaged.is_some() { LogSeq(0) } else { LogSeq(v.next_seq.0 - 1) },
             watermark: v.persisted_watermark,
             epoch: v.epoch,
         })
@@ -302,6 +302,14 @@ impl Engine {
                 v.watermark = v.published;
                 v.publish_urgent = false;
                 changed = true;
+                if v.copy_damaged.is_some_and(|d| v.watermark >= d) {
+                    tracing::info!(
+                        volume = v.id.0,
+                        watermark = v.watermark.0,
+                        "the source's watermark covers every entry this copy lost to log damage: it is whole again"
+                    );
+                    v.copy_damaged = None;
+                }
             }
         }
         if changed {
@@ -735,6 +743,12 @@ impl Engine {
     pub fn copy_received(&self, id: VolumeId) -> Option<LogSeq> {
         let v = &self.volumes[self.volume_index(id)?];
         v.is_copy().then(|| LogSeq(v.next_seq.0 - 1))
+    }
+
+    /// Whether replay found damage in this copy's part of the log: it is incomplete, and says
+    /// so to its source (durable 0) until the source sends everything again.
+    pub fn copy_damaged(&self, id: VolumeId) -> bool {
+        self.volume_index(id).is_some_and(|vi| self.volumes[vi].copy_damaged.is_some())
     }
 
     /// For a replicated volume: the lowest sequence number every replica has durable.

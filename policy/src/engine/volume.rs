@@ -348,9 +348,10 @@ pub(crate) struct Volume {
     /// Blocks whose newest acknowledged data a damaged log lost: reads fail until they are
     /// written again or an operator accepts the loss (kept in the superblock).
     pub lost: DirtyIndex,
-    /// A replica copy that lost entries to damage: it reports holding nothing, so its source
-    /// resyncs it.
-    pub copy_damaged: bool,
+    /// A replica copy that lost entries to damage, up to this sequence number: it reports
+    /// holding nothing, so its source resyncs it, and it is whole again once the source's
+    /// published watermark covers every entry it may have lost.
+    pub copy_damaged: Option<LogSeq>,
     pub metrics: VolumeMetrics,
 }
 
@@ -396,7 +397,7 @@ impl Volume {
             last_record_ns: 0,
             persisted_epoch: Epoch(0),
             lost: DirtyIndex::default(),
-            copy_damaged: false,
+            copy_damaged: None,
             metrics: VolumeMetrics {
                 id: spec.id,
                 requested: spec.policy,

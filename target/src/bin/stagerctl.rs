@@ -3,8 +3,14 @@
 //! - `stagerctl status` — every flash device and volume of a running stagerd: requested and
 //!   effective policy, flash footprint (dirty, clean cached, replica), destage rate, SAN health.
 //! - `stagerctl volume set-policy ID POLICY` — change a volume's write policy live.
-//! - `stagerctl flash inspect DEVICE` — the volumes and dirty bytes a flash device holds,
-//!   read-only, without a daemon (a device moved from another node).
+//! - `stagerctl volume accept-loss ID` — accept that a volume's lost blocks (acknowledged data in
+//!   a damaged part of the log) are gone: reads of them return the SAN's data again.
+//! - `stagerctl ana show` — this node's ANA paths (subsystem, group, listener) and their states.
+//! - `stagerctl ana set GROUP STATE` — set an ANA group's state on this node (optimized,
+//!   non-optimized, inaccessible, persistent-loss, change); hosts get an ANA change notice.
+//! - `stagerctl flash inspect DEVICE` — the volumes and dirty bytes a flash device holds, and
+//!   what replay would recover and lose, read-only, without a daemon (a device moved from
+//!   another node).
 //! - `stagerctl flash destage DEVICE --config FILE` — destage a device's dirty data to the SANs
 //!   the file names, with a progress bar; refuses a device a running stagerd owns. On a
 //!   replica's flash it destages the copies it keeps (the source node's file names the SANs).
@@ -13,7 +19,11 @@
 //! passthrough), or `vfio:ADDRESS` for an NVMe controller bound to vfio-pci (the same names
 //! `stagerctl status` shows).
 //!
-//! Exit status: 0 done, 1 the operation failed, 2 bad arguments.
+//! - `stagerctl flash wipe DEVICE` — make a device blank (its superblock and log start zeroed) so
+//!   that stagerd formats it; refuses while it holds data not on a SAN unless `--force`.
+//!
+//! Exit status: 0 done, 1 the operation failed (for `inspect`: it cannot tell what the device
+//! holds), 2 bad arguments, 3 `inspect` found acknowledged data lost to log damage (listed).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +63,36 @@ enum Cmd {
         #[command(subcommand)]
         cmd: FlashCmd,
     },
+    /// Asymmetric Namespace Access (multipath) states of a running stagerd.
+    Ana {
+        #[command(subcommand)]
+        cmd: AnaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AnaCmd {
+    /// Show every (subsystem, ANA group, listener) path of this node and its state.
+    Show {
+        #[arg(long, default_value = DEFAULT_MANAGEMENT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set an ANA group's state on this node; connected hosts get an ANA change notice.
+    Set {
+        group: u32,
+        /// optimized, non-optimized, inaccessible, persistent-loss or change.
+        state: String,
+        /// Only in this subsystem (default: every subsystem with this group).
+        #[arg(long)]
+        subsystem: Option<String>,
+        /// Only through this listener (default: all of them).
+        #[arg(long)]
+        listener: Option<String>,
+        #[arg(long, default_value = DEFAULT_MANAGEMENT_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -61,6 +101,13 @@ enum VolumeCmd {
     SetPolicy {
         id: u32,
         policy: String,
+        #[arg(long, default_value = DEFAULT_MANAGEMENT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Accept that a volume's lost blocks (log damage) are gone: reads of them return the SAN's
+    /// data again instead of Unrecovered Read Error.
+    AcceptLoss {
+        id: u32,
         #[arg(long, default_value = DEFAULT_MANAGEMENT_SOCKET)]
         socket: PathBuf,
     },
@@ -84,6 +131,29 @@ enum FlashCmd {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Make a flash device blank so that stagerd formats it (its superblock and the start of its
+    /// log are zeroed). Refuses a device that holds dirty data or copies, or whose contents
+    /// cannot be read, unless --force.
+    Wipe {
+        /// A file or block device, /dev/ngXnY (NVMe passthrough) or vfio:0000:00:04.0.
+        #[arg(value_parser = parse_device)]
+        device: DeviceSpec,
+        /// Wipe even though data not on any SAN would be destroyed.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Prints what stagerd answered to a change request.
+fn said(r: stager_target::management::Response) -> Result<u8, String> {
+    match (r.ok, r.message, r.error) {
+        (true, Some(m), _) => {
+            println!("{m}");
+            Ok(0)
+        }
+        (_, _, Some(e)) => Err(e),
+        _ => Err("stagerd sent an empty answer".into()),
+    }
 }
 
 fn parse_device(s: &str) -> Result<DeviceSpec, String> {
@@ -101,7 +171,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .try_init();
     match run(cli.cmd) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("stagerctl: {e}");
             ExitCode::FAILURE
@@ -109,7 +179,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cmd: Cmd) -> Result<(), String> {
+/// Exit status of `inspect` when acknowledged data was lost to log damage.
+const EXIT_LOST: u8 = 3;
+
+fn run(cmd: Cmd) -> Result<u8, String> {
     match cmd {
         Cmd::Status { socket, json } => {
             let r = call(&socket, &Request::Status)?;
@@ -122,24 +195,63 @@ fn run(cmd: Cmd) -> Result<(), String> {
             } else {
                 print!("{}", render(&status));
             }
-            Ok(())
+            Ok(0)
         }
         Cmd::Volume { cmd: VolumeCmd::SetPolicy { id, policy, socket } } => {
-            let r = call(&socket, &Request::SetPolicy { volume: id, policy })?;
-            match (r.ok, r.message, r.error) {
-                (true, Some(m), _) => {
-                    println!("{m}");
-                    Ok(())
-                }
-                (_, _, Some(e)) => Err(e),
-                _ => Err("stagerd sent an empty answer".into()),
+            said(call(&socket, &Request::SetPolicy { volume: id, policy })?)
+        }
+        Cmd::Volume { cmd: VolumeCmd::AcceptLoss { id, socket } } => {
+            said(call(&socket, &Request::AcceptLoss { volume: id })?)
+        }
+        Cmd::Ana { cmd: AnaCmd::Show { socket, json } } => {
+            let r = call(&socket, &Request::AnaShow)?;
+            let paths = match (r.ok, r.ana) {
+                (true, Some(p)) => p,
+                _ => return Err(r.error.unwrap_or_else(|| "stagerd sent no ANA state".into())),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&paths).map_err(|e| e.to_string())?);
+                return Ok(0);
             }
+            println!(
+                "{:<40} {:>5}  {:<12} {:<22} {:<15} {:>11}  namespaces",
+                "subsystem", "group", "listener", "address", "state", "controllers"
+            );
+            for p in paths {
+                let nsids: Vec<String> = p.namespaces.iter().map(u32::to_string).collect();
+                println!(
+                    "{:<40} {:>5}  {:<12} {:<22} {:<15} {:>11}  {}",
+                    p.subsystem,
+                    p.group,
+                    p.listener,
+                    p.address,
+                    p.state,
+                    p.controllers,
+                    if nsids.is_empty() { "-".to_string() } else { nsids.join(",") }
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Ana { cmd: AnaCmd::Set { group, state, subsystem, listener, socket } } => {
+            let r = call(&socket, &Request::AnaSet { group, state, subsystem, listener })?;
+            said(r)
         }
         Cmd::Flash { cmd: FlashCmd::Inspect { device, json } } => {
             let i = offline::inspect(&device)?;
+            let unknown = i.device.replay.as_ref().is_some_and(|r| r.unknown_regions > 0);
+            let lost = i.device.replay.as_ref().is_some_and(|r| r.lost_data())
+                || i.device.volumes.iter().any(|v| v.lost_blocks > 0)
+                || i.device.copies.iter().any(|c| c.damaged);
+            let code = if unknown {
+                1
+            } else if lost {
+                EXIT_LOST
+            } else {
+                0
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&i).map_err(|e| e.to_string())?);
-                return Ok(());
+                return Ok(code);
             }
             println!(
                 "{}: Stager flash device {:#x}, superblock generation {}, incarnation {}",
@@ -154,6 +266,28 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 human_bytes(i.device.log_capacity_bytes),
                 human_bytes(i.device.cache_capacity_bytes)
             );
+            if let Some(r) = &i.device.replay {
+                println!(
+                    "  replay: {} frames, {} entries recovered; the log ends {}{}",
+                    r.frames,
+                    r.entries,
+                    r.stop_reason,
+                    if r.repaired_headers > 0 {
+                        format!("; {} frame header(s) read from their mirror", r.repaired_headers)
+                    } else {
+                        String::new()
+                    }
+                );
+                if r.lost_data() {
+                    println!(
+                        "  DAMAGED LOG: {} damaged frame(s) with {} acknowledged entries lost, {} unreadable region(s)",
+                        r.damaged_frames, r.lost_entries, r.unknown_regions
+                    );
+                    for d in &r.damage {
+                        println!("    {d}");
+                    }
+                }
+            }
             for v in &i.device.volumes {
                 println!(
                     "  volume {}: {} dirty ({} entries above the persisted destage watermark, seq {})",
@@ -162,6 +296,14 @@ fn run(cmd: Cmd) -> Result<(), String> {
                     v.watermark_lag_entries,
                     v.persisted_watermark
                 );
+                if v.lost_blocks > 0 {
+                    println!(
+                        "    LOST: {} block(s) ({}) whose acknowledged data was in the damaged log; stagerd answers \
+                         reads of them with Unrecovered Read Error until they are rewritten or the loss is accepted",
+                        v.lost_blocks,
+                        human_bytes(v.lost_blocks * stager_policy::constants::BLOCK_SIZE_U64)
+                    );
+                }
             }
             for c in &i.device.copies {
                 println!(
@@ -172,6 +314,9 @@ fn run(cmd: Cmd) -> Result<(), String> {
                     c.watermark,
                     c.durable_seq
                 );
+                if c.damaged {
+                    println!("    DAMAGED: this copy is incomplete; only its source's own log or SAN is complete");
+                }
             }
             let dirty: u64 = i.device.volumes.iter().map(|v| v.dirty_bytes).sum::<u64>()
                 + i.device.copies.iter().map(|c| c.bytes).sum::<u64>();
@@ -183,10 +328,18 @@ fn run(cmd: Cmd) -> Result<(), String> {
             }
             if dirty > 0 {
                 println!("  {} to destage: stagerctl flash destage {} --config FILE", human_bytes(dirty), i.path);
-            } else {
+            } else if code == 0 {
                 println!("  nothing to destage");
+            } else {
+                println!("  nothing intact left to destage");
             }
-            Ok(())
+            if unknown {
+                println!(
+                    "  cannot tell which blocks the unreadable region(s) held: every block of the volumes with data \
+                     above their watermark is marked lost. Keep the device until the SAN's data is checked."
+                );
+            }
+            Ok(code)
         }
         Cmd::Flash { cmd: FlashCmd::Destage { device, config: path } } => {
             let cfg = config::load(&path).map_err(|e| e.to_string())?;
@@ -205,7 +358,12 @@ fn run(cmd: Cmd) -> Result<(), String> {
             bar.finish_and_clear();
             let m = result?;
             println!("{}: {m}", device.label());
-            Ok(())
+            Ok(0)
+        }
+        Cmd::Flash { cmd: FlashCmd::Wipe { device, force } } => {
+            let m = offline::wipe(&device, force)?;
+            println!("{}: {m}", device.label());
+            Ok(0)
         }
     }
 }

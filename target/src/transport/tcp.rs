@@ -248,6 +248,9 @@ pub struct Connection {
     idx: u32,
     stream: TcpStream,
     pub peer: SocketAddr,
+    /// The listener the connection came through (index in `TargetShared::listeners`): the
+    /// port whose ANA states its controller reports.
+    listener: usize,
     phase: Phase,
     digests: Digests,
     /// MAXH2CDATA we announced.
@@ -287,7 +290,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(idx: u32, stream: TcpStream, peer: SocketAddr, cx: &ReactorCtx) -> Connection {
+    pub fn new(idx: u32, stream: TcpStream, peer: SocketAddr, listener: usize, cx: &ReactorCtx) -> Connection {
         let l = &cx.target.limits;
         let zero_copy = match l.zero_copy_send {
             ZeroCopySend::On => true,
@@ -299,6 +302,7 @@ impl Connection {
             idx,
             stream,
             peer,
+            listener,
             phase: Phase::AwaitIcReq,
             digests: Digests::default(),
             maxh2c: l.max_h2c_data_bytes,
@@ -919,6 +923,10 @@ impl Connection {
         let sub = &q.ctrl.subsystem;
         let nsid = cmd.nsid();
         if cmd.opcode() == io::FLUSH && nsid == Nsid::BROADCAST.0 {
+            // Through a path that cannot reach some namespace, the flush of all cannot be done.
+            if let Some(s) = sub.namespaces.iter().find_map(|n| q.ctrl.ana_io_status(n)) {
+                return Plan::Fail(s);
+            }
             return Plan::FlushAll { shutdown: false };
         }
         let known = matches!(
@@ -931,6 +939,11 @@ impl Connection {
         let Some(ns) = sub.namespace(nsid) else {
             return Plan::Fail(Status::INVALID_NAMESPACE);
         };
+        // ANA: through an inaccessible (lost, changing) path the command fails with a
+        // path-related status, without DNR, so a multipath host retries it on another path.
+        if let Some(s) = q.ctrl.ana_io_status(ns) {
+            return Plan::Fail(s);
+        }
         let bs = ns.block_size() as u64;
         let kind = match cmd.opcode() {
             io::FLUSH => {
@@ -1256,6 +1269,32 @@ impl Connection {
                 self.execute(slot, cx);
             }
         }
+        // An AER just held may be due at once; a log page just read may re-arm a notice.
+        self.post_async_events();
+    }
+
+    /// Answers held Asynchronous Event Requests with the events due (an ANA change notice):
+    /// called when the target's ANA states changed, on the connection's timer, and after
+    /// admin commands. Only an admin queue has anything to do.
+    pub fn post_async_events(&mut self) {
+        while let Some((cid, dw0)) =
+            self.queue.as_mut().and_then(|q| q.admin.as_mut()).and_then(|a| a.take_async_event())
+        {
+            let held = self.reqs.iter().position(|r| {
+                r.state == ReqState::Executing
+                    && r.owns_cid
+                    && r.cmd.cid() == cid
+                    && r.cmd.opcode() == admin::ASYNC_EVENT_REQUEST
+            });
+            let Some(slot) = held else { continue };
+            if let Some(q) = &self.queue {
+                info!(
+                    "controller {} of {} (host {}): ANA change notice sent",
+                    q.ctrl.cntlid, q.ctrl.subsystem.nqn, q.ctrl.hostnqn
+                );
+            }
+            self.complete(slot as u16, Status::SUCCESS, dw0, 0);
+        }
     }
 
     fn connect(&mut self, slot: u16, cx: &mut ReactorCtx) {
@@ -1288,7 +1327,8 @@ impl Connection {
                     return Err(fail(Status::CONNECT_INVALID_PARAMETERS, true, connect_field::CNTLID));
                 }
                 let cntlid = sub.allocate_cntlid().ok_or((Status::CONNECT_CONTROLLER_BUSY, 0))?;
-                let ctrl = Arc::new(ControllerShared::new(cntlid, sub.clone(), c.hostnqn.clone(), c.host_id));
+                let ctrl =
+                    Arc::new(ControllerShared::new(cntlid, sub.clone(), self.listener, c.hostnqn.clone(), c.host_id));
                 sub.register(&ctrl);
                 let stats = Arc::new(QueueStats::default());
                 if let Ok(mut s) = ctrl.queue_stats.lock() {
@@ -1390,6 +1430,7 @@ impl Connection {
                 );
             }
         }
+        self.post_async_events();
         let Some(q) = &mut self.queue else { return };
         if let Some(a) = &q.admin {
             if a.kato_ms > 0 {

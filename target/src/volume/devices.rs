@@ -493,6 +493,62 @@ pub fn probe_superblock(dev: &dyn BlockDevice) -> std::io::Result<Probe> {
     })
 }
 
+/// How much of a blank device's log area [`scan_for_frames`] reads: a log that was ever used
+/// begins with frames, so a superblock zeroed over a used log shows here.
+pub const FRAME_SCAN_BYTES: u64 = 64 << 20;
+
+/// Log frames found on a device whose superblock is blank.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FoundFrames {
+    /// The format they belong to (the lost superblock's device id), of the first one found.
+    pub device_id: u64,
+    pub frames: u64,
+}
+
+/// Looks for valid log frame headers in the first [`FRAME_SCAN_BYTES`] of the log area: on a
+/// device with a blank superblock they mean the superblock was lost over a used log, which
+/// must not be formatted over without an operator's word.
+pub fn scan_for_frames(dev: &dyn BlockDevice) -> std::io::Result<Option<FoundFrames>> {
+    use stager_policy::constants::LOG_START;
+    use stager_policy::log::FrameHeader;
+    const CHUNK: u64 = 1 << 20;
+    let size = dev.info().size_bytes();
+    let end = size.min(LOG_START + FRAME_SCAN_BYTES);
+    let mut found: Option<FoundFrames> = None;
+    let mut at = LOG_START;
+    while at + BLOCK_SIZE_U64 <= end {
+        let len = CHUNK.min(end - at) / BLOCK_SIZE_U64 * BLOCK_SIZE_U64;
+        let buf = read_blocking(dev, at, len as usize, std::time::Duration::from_secs(30))?;
+        for block in buf.chunks_exact(BLOCK_SIZE_U64 as usize) {
+            if let Ok(h) = FrameHeader::decode(block) {
+                match &mut found {
+                    Some(f) => f.frames += 1,
+                    None => found = Some(FoundFrames { device_id: h.device_id, frames: 1 }),
+                }
+            }
+        }
+        at += len;
+    }
+    Ok(found)
+}
+
+/// Checks that a formatted device is as large as its superblock's layout says: a device that
+/// shrank (a truncated file, a smaller namespace) lost the end of its log or cache.
+pub fn check_fits_superblock(sb: &Superblock, size: u64) -> Result<(), String> {
+    let end = sb.cache_start.saturating_add(sb.cache_slots.saturating_mul(BLOCK_SIZE_U64));
+    let log_end = sb.log_start.saturating_add(sb.log_bytes);
+    let need = end.max(log_end);
+    if size < need {
+        return Err(format!(
+            "the device is {size} bytes but its superblock (device {:#x}) lays out {need} bytes: it was truncated \
+             or replaced by a smaller one, and the end of its log may be gone. Nothing was changed. Restore the \
+             original device or file (its full size) and start again",
+            sb.device_id
+        ));
+    }
+    Ok(())
+}
+
 /// Opens a flash device (any driver) or a SAN file.
 pub fn open_flash_device(spec: &DeviceSpec) -> std::io::Result<Arc<dyn BlockDevice>> {
     open_device(spec)

@@ -85,6 +85,11 @@ pub(crate) enum HostMsg {
         copies: Option<usize>,
         reply: Sender<Result<String, String>>,
     },
+    /// An operator accepts that a volume's lost blocks are gone.
+    AcceptLoss {
+        volume: VolumeId,
+        reply: Sender<Result<String, String>>,
+    },
     /// A volume's epoch (what a source presents to its replicas).
     Epoch {
         volume: VolumeId,
@@ -410,6 +415,7 @@ impl EngineHost {
             match self.engine.state() {
                 EngineState::Ready => {
                     self.reported_ready = true;
+                    self.report_damage();
                     self.ready.set(Ok(self.ready_line()));
                 }
                 EngineState::Failed(why) => {
@@ -476,6 +482,36 @@ impl EngineHost {
         before - self.opening.len()
     }
 
+    /// Logs what replay found damaged, as an ERROR an operator cannot miss.
+    fn report_damage(&self) {
+        let Some(r) = self.engine.replay_report() else { return };
+        let r = super::status::ReplaySummary::of(r);
+        if r.repaired_headers > 0 {
+            warn!(
+                "flash {} ({}): {} frame header(s) were damaged and read from their mirror half",
+                self.name,
+                self.path.display(),
+                r.repaired_headers
+            );
+        }
+        if !r.lost_data() {
+            return;
+        }
+        for d in &r.damage {
+            error!("flash {} ({}): damaged log: {d}", self.name, self.path.display());
+        }
+        for id in self.engine.volume_ids() {
+            let Some(m) = self.engine.volume_metrics(id) else { continue };
+            if m.lost_blocks > 0 {
+                error!(
+                    "volume {}: {} block(s) of acknowledged data lost to log damage; reads of them answer \
+                     Unrecovered Read Error until written again or `stagerctl volume accept-loss {}`",
+                    id.0, m.lost_blocks, id.0
+                );
+            }
+        }
+    }
+
     fn ready_line(&self) -> String {
         let e = &self.engine;
         let dirty: u64 = e.volume_ids().iter().filter_map(|id| e.volume_metrics(*id)).map(|m| m.dirty_bytes).sum();
@@ -529,6 +565,17 @@ impl EngineHost {
                 if r.is_ok() {
                     self.hub.add(h.link, h.ep, h.local, h.remote);
                 }
+                let _ = reply.send(r);
+            }
+            HostMsg::AcceptLoss { volume, reply } => {
+                let r = match self.engine.accept_loss(volume) {
+                    None => Err(format!("no volume {} on this device", volume.0)),
+                    Some(0) => Ok(format!("volume {}: no lost blocks; nothing to accept", volume.0)),
+                    Some(n) => Ok(format!(
+                        "volume {}: loss of {n} block(s) accepted; reads of them return what the SAN holds",
+                        volume.0
+                    )),
+                };
                 let _ = reply.send(r);
             }
             HostMsg::SetPolicy { volume, policy, copies, reply } => {

@@ -14,7 +14,8 @@ use stager_policy::node::Node;
 use stager_policy::{Clock, Destager, Engine, EngineConfig, EngineState, San, VolumeId, VolumeSpec, WritePolicy};
 
 use super::devices::{
-    open_flash_device, probe_superblock, BdevPort, LockError, OwnerLock, Probe, ReadOnlyFlash, SharedRing,
+    open_flash_device, probe_superblock, scan_for_frames, BdevPort, LockError, OwnerLock, Probe, ReadOnlyFlash,
+    SharedRing, FRAME_SCAN_BYTES,
 };
 use super::service::{open_san, san_label};
 use super::status::DeviceStatus;
@@ -97,6 +98,7 @@ pub fn inspect(device: &DeviceSpec) -> Result<Inspection, String> {
     };
     let dev = open_flash_device(device).map_err(|e| format!("{path}: cannot open: {e}"))?;
     let sb = read_superblock(&*dev, path)?;
+    super::devices::check_fits_superblock(&sb, dev.info().size_bytes()).map_err(|e| format!("{path}: {e}"))?;
     let ring = SharedRing::new().map_err(|e| format!("io_uring: {e}"))?;
     let port = BdevPort::new(dev, ring).map_err(|e| format!("io_uring: {e}"))?;
     let mut e = Engine::open_for_inspection(Box::new(ReadOnlyFlash(port)), &sb).map_err(|e| e.to_string())?;
@@ -113,6 +115,64 @@ pub fn inspect(device: &DeviceSpec) -> Result<Inspection, String> {
         incarnation: sb.incarnation.0,
         device,
     })
+}
+
+/// Makes a device blank so that stagerd formats it: zeroes both superblock copies and the part
+/// of the log area start-up scans for frames. Refuses a device a running process owns, and,
+/// without `force`, one that holds dirty data or copies, or whose contents cannot be read.
+pub fn wipe(device: &DeviceSpec, force: bool) -> Result<String, String> {
+    use stager_policy::constants::LOG_START;
+    let path = &device.label();
+    let _lock = OwnerLock::take_device(device, true).map_err(|e| e.to_string())?;
+    let refuse = |why: String| -> Result<String, String> {
+        Err(format!("{why}; nothing was changed (--force wipes it anyway, destroying that data)"))
+    };
+    if !force {
+        let dev = open_flash_device(device).map_err(|e| format!("{path}: cannot open: {e}"))?;
+        match probe_superblock(&*dev).map_err(|e| format!("{path}: cannot read: {e}"))? {
+            Probe::Damaged(why) => return refuse(format!("{path}: its superblock is damaged ({why})")),
+            Probe::Blank => {
+                if let Some(f) = scan_for_frames(&*dev).map_err(|e| format!("{path}: cannot read: {e}"))? {
+                    return refuse(format!(
+                        "{path}: its superblock is blank but its log holds {} frame(s) of device {:#x}",
+                        f.frames, f.device_id
+                    ));
+                }
+            }
+            Probe::Formatted(_) => {
+                drop(dev);
+                let i = inspect(device)?;
+                let dirty: u64 = i.device.volumes.iter().map(|v| v.dirty_bytes).sum::<u64>()
+                    + i.device.copies.iter().map(|c| c.bytes).sum::<u64>();
+                let lost = i.device.replay.as_ref().is_some_and(|r| r.lost_data());
+                if dirty > 0 {
+                    return refuse(format!(
+                        "{path} holds {dirty} bytes of data not yet on its SANs; destage it first \
+                         (stagerctl flash destage {path} --config FILE)"
+                    ));
+                }
+                if lost {
+                    return refuse(format!("{path}: its log is damaged (see stagerctl flash inspect)"));
+                }
+            }
+        }
+    }
+    let dev = open_flash_device(device).map_err(|e| format!("{path}: cannot open: {e}"))?;
+    let end = dev.info().size_bytes().min(LOG_START + FRAME_SCAN_BYTES);
+    let chunk = 1u64 << 20;
+    let mut at = 0;
+    while at < end {
+        let len = chunk.min(end - at) / BLOCK_SIZE_U64 * BLOCK_SIZE_U64;
+        if len == 0 {
+            break;
+        }
+        let buf = stager_nvme::bdev::AlignedBuf::new(len as usize);
+        stager_nvme::bdev::write_blocking(&*dev, at, buf, Duration::from_secs(30))
+            .map_err(|e| format!("{path}: cannot write: {e}"))?;
+        at += len;
+    }
+    tracing::warn!("{path}: wiped by the operator{}", if force { " (forced)" } else { "" });
+    Ok(format!("wiped ({} MiB zeroed): stagerd formats it at its next start", at >> 20))
 }
 
 /// The cache share that reproduces the superblock's layout on a device of `size` bytes.

@@ -33,7 +33,10 @@ use stager_policy::{
 };
 use tracing::{error, info, warn};
 
-use super::devices::{open_flash_device, prepare_flash_file, probe_superblock, BdevPort, OwnerLock, Probe, SharedRing};
+use super::devices::{
+    check_fits_superblock, open_flash_device, prepare_flash_file, probe_superblock, scan_for_frames, BdevPort,
+    OwnerLock, Probe, SharedRing,
+};
 use super::host::{host_waker, Completion, HostMsg, HostPlan, Ready};
 use super::status::{human_bytes, NodeStatus};
 use crate::config::{BackendConfig, Config, SanConfig};
@@ -269,6 +272,8 @@ impl VolumeService {
                 std::fs::File::create(&f.path).map_err(|e| format!("{what}: cannot create: {e}"))?;
             }
             let lock = OwnerLock::take_device(&device, true).map_err(|e| format!("{what}: {e}"))?;
+            // What the device holds decides whether it may be extended or formatted at all.
+            check_before_start(f, &device).map_err(|e| format!("{what}: {e}"))?;
             prepare_flash_file(&f.path, f.size).map_err(|e| format!("{what}: cannot prepare the file: {e}"))?;
             let bdev = open_flash_device(&device).map_err(|e| format!("{what}: cannot open: {e}"))?;
             let probe = probe_superblock(&*bdev).map_err(|e| format!("{what}: cannot read its superblock: {e}"))?;
@@ -505,6 +510,19 @@ impl VolumeService {
             }
         }
         Ok(NodeStatus { pid: std::process::id(), uptime_s: self.started.elapsed().as_secs_f64(), devices })
+    }
+
+    /// An operator accepts that a volume's lost blocks (log damage) are gone: reads of them
+    /// return the SAN's data again. Returns a line saying what happened.
+    pub fn accept_loss(&self, volume: u32) -> Result<String, String> {
+        let Some(d) = self.devices.iter().find(|d| d.volumes.contains(&VolumeId(volume))) else {
+            return Err(format!("no volume {volume} on this node"));
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if !d.send(HostMsg::AcceptLoss { volume: VolumeId(volume), reply: tx }) {
+            return Err(format!("flash {}: its reactor is not running", d.name));
+        }
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
     }
 
     /// Changes a volume's requested policy live; returns a line saying what happened.
@@ -806,5 +824,65 @@ impl DestageCore {
             }
             self.waker.sleeping.store(false, Ordering::SeqCst);
         }
+    }
+}
+
+/// Reads a flash device as it is, before start-up extends or formats anything, and refuses a
+/// start that would destroy or misread what it holds: a device smaller than its superblock's
+/// layout (a truncated file), a configuration that lays it out differently from its format, a
+/// blank superblock over a log area that holds frames. A refused start changes nothing.
+fn check_before_start(f: &crate::config::FlashConfig, device: &DeviceSpec) -> Result<(), String> {
+    let label = device.label();
+    let as_is = match device {
+        DeviceSpec::File { path, block_size, direct, .. } => {
+            match std::fs::metadata(path) {
+                // An empty or new file holds nothing; it is created and formatted.
+                Ok(m) if m.is_file() && m.len() < 2 * stager_policy::constants::BLOCK_SIZE_U64 => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(format!("cannot read its size: {e}")),
+            }
+            DeviceSpec::File { path: path.clone(), size_bytes: None, block_size: *block_size, direct: *direct }
+        }
+        other => other.clone(),
+    };
+    let dev = open_flash_device(&as_is).map_err(|e| format!("cannot open: {e}"))?;
+    let size = dev.info().size_bytes();
+    match probe_superblock(&*dev).map_err(|e| format!("cannot read its superblock: {e}"))? {
+        Probe::Damaged(_) => Ok(()), // refused below with the superblock's own error
+        Probe::Formatted(sb) => {
+            check_fits_superblock(&sb, size)?;
+            let target = f.size.unwrap_or(size);
+            let have = Layout {
+                log_start: sb.log_start,
+                log_bytes: sb.log_bytes,
+                cache_start: sb.cache_start,
+                cache_slots: sb.cache_slots,
+            };
+            if Layout::for_device(target, f.cache_percent) != Some(have) {
+                return Err(format!(
+                    "it was formatted (device {:#x}) with a {} MiB log and {} cache slots, but `size: {}` and \
+                     `cache_percent: {}` lay it out differently; a layout is fixed when a device is formatted. \
+                     Put the keys back as they were (the file is {size} bytes), or destage it (`stagerctl flash \
+                     destage {label} --config FILE`) and wipe it (`stagerctl flash wipe {label}`). Nothing was changed",
+                    sb.device_id,
+                    sb.log_bytes >> 20,
+                    sb.cache_slots,
+                    f.size.map_or_else(|| "(the device's)".to_string(), |s| s.to_string()),
+                    f.cache_percent,
+                ));
+            }
+            Ok(())
+        }
+        Probe::Blank => match scan_for_frames(&*dev).map_err(|e| format!("cannot read its log area: {e}"))? {
+            None => Ok(()),
+            Some(found) => Err(format!(
+                "its superblock is blank but its log area holds {} log frame(s) of device {:#x}: the superblock \
+                 was overwritten and formatting would destroy acknowledged writes that may not be on the SAN. \
+                 Nothing was changed. Keep the device aside; if its data is not needed, `stagerctl flash wipe \
+                 {label} --force` makes it blank",
+                found.frames, found.device_id
+            )),
+        },
     }
 }

@@ -34,6 +34,50 @@ pub struct DeviceStatus {
     pub fabric_write_bytes: u64,
     #[serde(default)]
     pub fabric_staged_copies: u64,
+    /// What replay found when the device was opened (damage, lost entries), if it was replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplaySummary>,
+}
+
+/// What log replay found, as `stagerctl status` and `stagerctl flash inspect` show it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReplaySummary {
+    pub frames: u64,
+    pub entries: u64,
+    /// Why replay stopped where it did (the torn tail, or the end of the written log).
+    pub stop_reason: String,
+    /// Acknowledged frames found damaged, and the entries they held (their blocks are lost).
+    pub damaged_frames: u64,
+    pub lost_entries: u64,
+    /// Damaged regions whose entries could not be read at all: every block of every volume that
+    /// had data above its watermark is marked lost.
+    pub unknown_regions: u64,
+    /// Blocks newly marked lost by this replay, over all volumes.
+    pub lost_blocks: u64,
+    /// Frame headers read from their mirror half.
+    pub repaired_headers: u64,
+    pub damage: Vec<String>,
+}
+
+impl ReplaySummary {
+    pub fn of(r: &stager_policy::ReplayReport) -> ReplaySummary {
+        ReplaySummary {
+            frames: r.frames,
+            entries: r.entries,
+            stop_reason: r.stop_reason.clone(),
+            damaged_frames: r.damaged_frames,
+            lost_entries: r.lost_entries,
+            unknown_regions: r.unknown_regions,
+            lost_blocks: r.lost_blocks,
+            repaired_headers: r.repaired_headers,
+            damage: r.damage.clone(),
+        }
+    }
+
+    /// Whether replay found acknowledged data it could not recover.
+    pub fn lost_data(&self) -> bool {
+        self.damaged_frames > 0 || self.lost_entries > 0 || self.unknown_regions > 0 || self.lost_blocks > 0
+    }
 }
 
 /// A copy of a peer's volume kept on this device.
@@ -49,6 +93,10 @@ pub struct CopyStatus {
     pub link: String,
     pub durable_seq: u64,
     pub watermark: u64,
+    /// Replay found damage in this copy: it is incomplete (its source resends it when it
+    /// reconnects; `stagerctl flash destage` would not be complete).
+    #[serde(default)]
+    pub damaged: bool,
 }
 
 /// One of a replicated volume's links, as its source sees it.
@@ -108,6 +156,13 @@ pub struct VolumeStatus {
     pub log_full_waits: u64,
     pub log_full_fallthroughs: u64,
     pub busy_returns: u64,
+    /// Blocks whose acknowledged data was in a damaged part of the log: reads of them answer
+    /// Unrecovered Read Error until they are written again or the loss is accepted.
+    #[serde(default)]
+    pub lost_blocks: u64,
+    /// Host reads refused because they touched a lost block.
+    #[serde(default)]
+    pub lost_reads: u64,
 }
 
 impl VolumeStatus {
@@ -147,6 +202,8 @@ impl VolumeStatus {
             log_full_waits: m.log_full_waits,
             log_full_fallthroughs: m.log_full_fallthroughs,
             busy_returns: m.busy_returns,
+            lost_blocks: m.lost_blocks,
+            lost_reads: m.lost_reads,
         }
     }
 }
@@ -196,6 +253,7 @@ impl DeviceStatus {
                     link: if l.is_some() { "receiving".into() } else { "idle".into() },
                     durable_seq: e.copy_received(id).map_or(0, |s| s.0),
                     watermark: e.volume_metrics(id).map_or(0, |m| m.persisted_watermark.0),
+                    damaged: e.copy_damaged(id),
                 }
             })
             .collect();
@@ -212,6 +270,7 @@ impl DeviceStatus {
             copies,
             fabric_write_bytes: 0,
             fabric_staged_copies: 0,
+            replay: e.replay_report().map(ReplaySummary::of),
         }
     }
 }
@@ -288,6 +347,17 @@ pub fn render(s: &NodeStatus) -> String {
             human_bytes(d.log_capacity_bytes),
             human_bytes(d.cache_capacity_bytes),
         );
+        if let Some(r) = d.replay.as_ref().filter(|r| r.lost_data()) {
+            let _ = writeln!(
+                out,
+                "  LOG DAMAGE found at start: {} damaged frame(s), {} entries lost, {} unreadable region(s); \
+                 {} block(s) marked lost",
+                r.damaged_frames, r.lost_entries, r.unknown_regions, r.lost_blocks
+            );
+            for line in &r.damage {
+                let _ = writeln!(out, "    {line}");
+            }
+        }
         for v in &d.volumes {
             let policy = if v.requested_policy == v.effective_policy {
                 v.effective_policy.clone()
@@ -335,17 +405,30 @@ pub fn render(s: &NodeStatus) -> String {
                     },
                 );
             }
+            if v.lost_blocks > 0 {
+                let _ = writeln!(
+                    out,
+                    "    LOST: {} block(s) ({}) of acknowledged data were in a damaged part of the log; reads of them \
+                     answer Unrecovered Read Error ({} so far) until they are written again or the loss is accepted \
+                     (stagerctl volume accept-loss {})",
+                    v.lost_blocks,
+                    human_bytes(v.lost_blocks * stager_policy::constants::BLOCK_SIZE_U64),
+                    v.lost_reads,
+                    v.id
+                );
+            }
         }
         for c in &d.copies {
             let _ = writeln!(
                 out,
-                "  copy of volume {} for node {}: replica {} ({}), durable to seq {}, source watermark {}",
+                "  copy of volume {} for node {}: replica {} ({}), durable to seq {}, source watermark {}{}",
                 c.volume,
                 c.source,
                 human_bytes(c.bytes),
                 c.link,
                 c.durable_seq,
                 c.watermark,
+                if c.damaged { ", DAMAGED (incomplete until its source resends it)" } else { "" },
             );
         }
     }

@@ -83,3 +83,24 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A TCP port on 127.0.0.1 that was free just now (for configs written before the process that
+/// binds it starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs the stagerd binary on `yaml`, written to `{dir}/{name}.yaml`; its output goes to
+/// `{dir}/{name}.log`.
+pub fn spawn_stagerd(dir: &std::path::Path, name: &str, yaml: &str) -> std::process::Child {
+    let cfg = dir.join(format!("{name}.yaml"));
+    std::fs::write(&cfg, yaml).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_stagerd"))
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("stagerd starts")
+}

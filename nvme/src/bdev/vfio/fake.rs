@@ -328,12 +328,19 @@ impl FakeController {
                         in_capsule_bytes: 0,
                         aer_limit: 1,
                         error_log_entries: 1,
+                        ana: None,
                     }
                     .encode(),
                     cns::NAMESPACE if c.nsid() == 1 => {
-                        let mut b =
-                            NamespaceIdentity { blocks, block_size: 1 << s.lba_shift, nguid: [0; 16], uuid: [0; 16] }
-                                .encode();
+                        let mut b = NamespaceIdentity {
+                            blocks,
+                            block_size: 1 << s.lba_shift,
+                            nguid: [0; 16],
+                            uuid: [0; 16],
+                            ana_group: 0,
+                            shared: false,
+                        }
+                        .encode();
                         if !s.deallocated_reads_zeroes {
                             b[33] = 0;
                         }
