@@ -48,24 +48,13 @@ fail() {
     for f in "$work"/stagerd*.log; do echo "--- $f"; tail -30 "$f"; done
     exit 1
 }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source tests/lib/san.sh
 now_ms() { date +%s%3N; }
 
-iscsi_port=$(free_port)
 nvme_port=$(free_port)
-control=$((2000 + $$ % 7000))
 iqn=iqn.2026-11.dev.stager:sanout
 truncate -s 256M "$work/lun.img"
-start_tgtd() {
-    tgtd -f --iscsi "portal=127.0.0.1:$iscsi_port" --control-port "$control" >> "$work/tgtd.log" 2>&1 &
-    tgtd_pid=$!
-    for _ in $(seq 100); do (exec 3<> "/dev/tcp/127.0.0.1/$iscsi_port") 2> /dev/null && break; sleep 0.1; done
-    adm() { tgtadm -C "$control" --lld iscsi "$@"; }
-    adm --op new --mode target --tid 1 -T "$iqn"
-    adm --op new --mode logicalunit --tid 1 --lun 1 -b "$work/lun.img"
-    adm --op bind --mode target --tid 1 -I ALL
-}
-start_tgtd
+start_tgtd "$iqn" 211 "$work/lun.img"
 echo "san_outage: tgtd on 127.0.0.1:$iscsi_port serving $work/lun.img"
 
 # $1 config file, $2 flash file, $3 policy
@@ -197,7 +186,7 @@ outage() {
         kill -CONT "$tgtd_pid"
     else
         wait "$tgtd_pid" 2> /dev/null || true
-        start_tgtd
+        start_tgtd "$iqn" 211 "$work/lun.img"
     fi
     local t1
     t1=$(now_ms)

@@ -6,13 +6,14 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 # start_tgtd IQN SALT LUN_FILE...: starts tgtd with one target IQN and one LUN (1, 2, …) per
 # file, and sets iscsi_port, tgtd_pid and the `adm` function (tgtadm on its control port).
-# SALT keeps the control ports of tests that run at the same time apart.
+# SALT keeps the control ports of tests that run at the same time apart. Called again (after
+# the test killed tgtd), it serves the same files on the same port.
 start_tgtd() {
     local iqn=$1 salt=$2 lun=0 f
     shift 2
-    iscsi_port=$(free_port)
+    iscsi_port=${iscsi_port:-$(free_port)}
     tgtd_control=$((2000 + ($$ + salt) % 7000))
-    tgtd -f --iscsi "portal=127.0.0.1:$iscsi_port" --control-port "$tgtd_control" > "$work/tgtd.log" 2>&1 &
+    tgtd -f --iscsi "portal=127.0.0.1:$iscsi_port" --control-port "$tgtd_control" >> "$work/tgtd.log" 2>&1 &
     tgtd_pid=$!
     for _ in $(seq 100); do (exec 3<> "/dev/tcp/127.0.0.1/$iscsi_port") 2> /dev/null && break; sleep 0.1; done
     adm --op new --mode target --tid 1 -T "$iqn"
