@@ -519,10 +519,11 @@ impl Destager {
             Op::Host { vi, token, sent_ns, read } => {
                 let ok = done.result.is_ok();
                 // Host commands do not move the destager's SAN health (the engine keeps its own
-                // for them; an outage its client knows of comes through `San::outage`). Letting
+                // for them; an outage its client knows of comes through `San::outage`). (Letting
                 // them back off destage writes changed the simulator's trajectories and exposed
-                // a stale overwrite after crash recovery (seed 7488, issue 13's notes), not yet
-                // understood.
+                // a replica counted in sync while its copy still held entries the source's
+                // watermark had jumped over — fixed in `attach_replica` and the write-through
+                // gate.)
                 let v = &mut self.volumes[vi];
                 v.host_ops -= 1;
                 if ok && read {

@@ -378,6 +378,10 @@ impl Engine {
         }
         let v = &mut self.volumes[vi];
         let own_last = LogSeq(v.next_seq.0 - 1);
+        // What the replica must know is destaged before it counts: the persisted watermark,
+        // and any sequence numbers another replica held that this node never logged (their
+        // entries may sit in this replica's copy too, of any block).
+        let known = v.persisted_watermark.max(v.void_upto);
         let sync = if copy.durable > own_last {
             // The replica holds entries this node never logged (it sent them, then crashed
             // before its own log write). Their numbers are never reused: once this node's
@@ -385,12 +389,13 @@ impl Engine {
             // replica discards them when that watermark is published.
             v.void_upto = v.void_upto.max(copy.durable);
             SyncState::Syncing { until: copy.durable }
-        } else if copy.durable == own_last && copy.watermark >= v.persisted_watermark {
+        } else if copy.durable == own_last && copy.watermark >= known {
             SyncState::InSync
         } else if copy.durable == own_last {
             // It holds every entry, but entries destaged while it was away may since have been
-            // overwritten by write-through writes: it must learn the watermark first.
-            SyncState::Syncing { until: v.persisted_watermark }
+            // overwritten by write-through writes, and entries voided by the watermark's jump
+            // over unlogged numbers may be in its copy: it must learn the watermark first.
+            SyncState::Syncing { until: known }
         } else {
             SyncState::Syncing { until: own_last }
         };
@@ -542,7 +547,7 @@ impl Engine {
     }
 
     /// The lowest watermark the attached replicas of `vi` persisted.
-    fn replicas_watermark(&self, vi: usize) -> LogSeq {
+    pub(crate) fn replicas_watermark(&self, vi: usize) -> LogSeq {
         let mut wm = LogSeq(u64::MAX);
         for l in &self.volumes[vi].links {
             if let Some(Link::Out { out, .. }) = self.links.get(l) {

@@ -297,8 +297,11 @@ impl Engine {
             let WriteState::Gated { deadline_ns } = state else { panic!("engine: gated write in state {state:?}") };
             // Destaged blocks a replica may not know are destaged count as dirty too: its copy
             // destaged later must not put older data over this write.
+            // So do all blocks while an attached replica may still hold entries this node never
+            // logged (numbers its watermark jumped over): their blocks are unknown.
+            let voided = self.volumes[vi].void_upto > self.replicas_watermark(vi);
             let v = &self.volumes[vi];
-            let unpublished = v.unpublished.overlaps(lba, blocks) && !self.cfg.bugs.skip_replica_gate;
+            let unpublished = (v.unpublished.overlaps(lba, blocks) || voided) && !self.cfg.bugs.skip_replica_gate;
             let dirty = (v.index.overlaps(lba, blocks) || unpublished) && !self.cfg.bugs.skip_write_through_gate;
             if !dirty {
                 self.volumes[vi].gated.remove(i);
