@@ -200,6 +200,7 @@ pub fn check_with(seed: u64, rots: &[Rot], bugs: crate::engine::Bugs) -> Result<
     let mut half_hit = vec![[false; 2]; frames.len()];
     {
         let mut f = flash.0.borrow_mut();
+        let before = f.image[start..end].to_vec();
         for r in rots {
             let at = start + ((r.at as u64 * (end - start) as u64) >> 32) as usize;
             let len = (r.len as usize).clamp(1, 70_000).min(end - at);
@@ -207,19 +208,21 @@ pub fn check_with(seed: u64, rots: &[Rot], bugs: crate::engine::Bugs) -> Result<
             for b in &mut f.image[at..at + len] {
                 *b ^= xor;
             }
-            for (i, e) in entries.iter().enumerate() {
-                if e.data.start < at + len && at < e.data.end {
-                    entry_hit[i] = true;
-                }
-            }
-            for (k, &(fat, n)) in frames.iter().enumerate() {
-                // The bytes each half's checks cover: frame header and the entry headers.
-                let used = 64 + 64 * n;
-                for (h, base) in [fat, fat + BLOCK_SIZE / 2].into_iter().enumerate() {
-                    if base < at + len && at < base + used {
-                        half_hit[k][h] = true;
-                    }
-                }
+        }
+        // What is damaged is what differs in the end: two rots over the same bytes with the
+        // same pattern cancel out.
+        let changed = |range: std::ops::Range<usize>| {
+            let (a, b) = (range.start.max(start), range.end.min(end));
+            a < b && f.image[a..b] != before[a - start..b - start]
+        };
+        for (i, e) in entries.iter().enumerate() {
+            entry_hit[i] = changed(e.data.clone());
+        }
+        for (k, &(fat, n)) in frames.iter().enumerate() {
+            // The bytes each half's checks cover: frame header and the entry headers.
+            let used = 64 + 64 * n;
+            for (h, base) in [fat, fat + BLOCK_SIZE / 2].into_iter().enumerate() {
+                half_hit[k][h] = changed(base..base + used);
             }
         }
     }
