@@ -8,38 +8,9 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use stager_nvme::command::DataDirection;
-use stager_nvme::host::{io_cmd, HostOptions, Response};
+use stager_nvme::host::{io_cmd, HostOptions};
 use stager_nvme::status::Status;
 use stager_target::config::ZeroCopySend;
-
-/// One round of pipelined I/O on `q`: `n` writes (in-capsule 4 KiB and 64 KiB through R2T)
-/// then reads of the same blocks, checking every byte.
-fn round(q: &mut stager_nvme::host::QueuePair, seed: u64, n: u64) {
-    let len = |i: u64| if i.is_multiple_of(2) { 4096 } else { 65536 };
-    let mut out: Vec<Response> = Vec::new();
-    for i in 0..n {
-        let l = len(i);
-        let lba = i * 16;
-        q.submit(io_cmd::write(1, lba, (l / 4096) as u32), pattern(seed + i, l), DataDirection::HostToController, i)
-            .unwrap();
-    }
-    while out.len() < n as usize {
-        q.wait(&mut out).unwrap();
-    }
-    assert!(out.iter().all(|r| r.status() == Status::SUCCESS));
-    out.clear();
-    for i in 0..n {
-        let l = len(i);
-        q.submit(io_cmd::read(1, i * 16, (l / 4096) as u32), vec![0; l], DataDirection::ControllerToHost, i).unwrap();
-    }
-    while out.len() < n as usize {
-        q.wait(&mut out).unwrap();
-    }
-    for r in &out {
-        assert_eq!(r.status(), Status::SUCCESS);
-        assert!(r.data == pattern(seed + r.tag, len(r.tag)), "read of block {} returned other bytes", r.tag * 16);
-    }
-}
 
 #[test]
 fn zero_copy_sends_deliver_intact_data() {

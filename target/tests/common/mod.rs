@@ -104,3 +104,43 @@ pub fn spawn_stagerd(dir: &std::path::Path, name: &str, yaml: &str) -> std::proc
         .spawn()
         .expect("stagerd starts")
 }
+
+/// One round of pipelined I/O on `q`: `n` writes (in-capsule 4 KiB and 64 KiB through R2T)
+/// then reads of the same blocks, checking every byte.
+pub fn round(q: &mut stager_nvme::host::QueuePair, seed: u64, n: u64) {
+    let len = |i: u64| if i.is_multiple_of(2) { 4096 } else { 65536 };
+    let mut out: Vec<stager_nvme::host::Response> = Vec::new();
+    for i in 0..n {
+        let l = len(i);
+        let lba = i * 16;
+        q.submit(
+            stager_nvme::host::io_cmd::write(1, lba, (l / 4096) as u32),
+            pattern(seed + i, l),
+            stager_nvme::command::DataDirection::HostToController,
+            i,
+        )
+        .unwrap();
+    }
+    while out.len() < n as usize {
+        q.wait(&mut out).unwrap();
+    }
+    assert!(out.iter().all(|r| r.status() == stager_nvme::status::Status::SUCCESS));
+    out.clear();
+    for i in 0..n {
+        let l = len(i);
+        q.submit(
+            stager_nvme::host::io_cmd::read(1, i * 16, (l / 4096) as u32),
+            vec![0; l],
+            stager_nvme::command::DataDirection::ControllerToHost,
+            i,
+        )
+        .unwrap();
+    }
+    while out.len() < n as usize {
+        q.wait(&mut out).unwrap();
+    }
+    for r in &out {
+        assert_eq!(r.status(), stager_nvme::status::Status::SUCCESS);
+        assert!(r.data == pattern(seed + r.tag, len(r.tag)), "read of block {} returned other bytes", r.tag * 16);
+    }
+}
