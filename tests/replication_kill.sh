@@ -35,6 +35,7 @@ fail() {
     exit 1
 }
 source tests/lib/san.sh
+source tests/lib/nodes.sh
 ctl() { "$BIN/stagerctl" "$@"; }
 
 iqn=iqn.2026-11.dev.stager:replkill
@@ -99,21 +100,6 @@ subsystems:
 EOF
 target="tcp://127.0.0.1:${nvme[a]}/nqn.2026-11.dev.stager:replkill"
 
-start() { # $1 node (a, b, c or check)
-    "$BIN/stagerd" --config "$work/node-$1.yaml" > "$work/stagerd-$1.log" 2>&1 &
-    pid[$1]=$!
-    for _ in $(seq 300); do
-        ctl status --socket "$work/$1.sock" > /dev/null 2>&1 && return 0
-        kill -0 "${pid[$1]}" 2> /dev/null || fail "node $1 exited at start"
-        sleep 0.1
-    done
-    fail "node $1 did not come up"
-}
-stop() { # $1 node, $2 signal
-    kill "-$2" "${pid[$1]}" 2> /dev/null || true
-    wait "${pid[$1]}" 2> /dev/null || true
-    unset "pid[$1]"
-}
 volume_json() { # $1 volume id: node-a's status of it
     ctl status --json --socket "$work/a.sock" | python3 -c "import json,sys; print(json.dumps([v for d in json.load(sys.stdin)['devices'] for v in d['volumes'] if v['id']==$1][0]))"
 }

@@ -28,6 +28,12 @@ pub const RECORD_BYTES_MAX: usize = 64 << 10;
 pub const HISTORY_MAX: usize = 64;
 /// Replicas a volume may have (write-back+2).
 pub const REPLICAS_MAX: usize = 2;
+/// Longest SAN name in a volume record (a path or an iSCSI URL).
+pub const SAN_BYTES_MAX: usize = 1024;
+/// How long the owner waits, with a replica's link down while both nodes are alive, before it
+/// names the replica `unreachable` in the volume record (and the manager replaces it): long
+/// enough for a link's own reconnect after a blip, short against the lease TTL.
+pub const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
 /// Longest node id: the same bound as the node id a replica writes into its flash superblock.
 pub const NODE_ID_BYTES_MAX: usize = 31;
 /// Longest key prefix (`/stager/NAME`).

@@ -21,6 +21,7 @@
 
 pub mod constants;
 mod error;
+pub mod manager;
 pub mod placement;
 mod record;
 pub mod testing;
@@ -66,7 +67,9 @@ pub struct ClusterConfig {
     pub op_timeout: Duration,
 }
 
-/// A change to a volume record, from [`Cluster::watch_volumes`].
+/// A change to a volume record, from [`Cluster::watch_volumes`]. Records are a few hundred
+/// bytes and changes rare: not boxed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VolumeEvent {
     Changed { id: u32, record: VolumeRecord, revision: Revision },

@@ -21,7 +21,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::constants::{HISTORY_MAX, NODE_ID_BYTES_MAX, PREFIX_BYTES_MAX, RECORD_BYTES_MAX, REPLICAS_MAX};
+use crate::constants::{
+    HISTORY_MAX, NODE_ID_BYTES_MAX, PREFIX_BYTES_MAX, RECORD_BYTES_MAX, REPLICAS_MAX, SAN_BYTES_MAX,
+};
 use crate::error::ClusterError;
 
 /// A live node as it describes itself to the resource manager.
@@ -48,7 +50,7 @@ pub struct NodeInfo {
 
 /// One volume's cluster state: who serves it, who keeps copies, under which epoch, and why its
 /// effective policy is what it is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     pub id: u32,
     /// The node serving the volume (its source); empty while no node does.
@@ -68,9 +70,22 @@ pub struct VolumeRecord {
     /// The newest transitions, oldest first, at most `HISTORY_MAX`.
     #[serde(default)]
     pub history: Vec<Transition>,
-    /// Total time the volume spent with fewer copies than requested.
+    /// Total time the volume spent with fewer copies than requested, not counting the
+    /// current stretch (see `unprotected_since_unix_ms`).
     #[serde(default)]
     pub unprotected_ms: u64,
+    /// When the current stretch of running below the requested policy began (0: it runs as
+    /// requested). Written by the owner.
+    #[serde(default)]
+    pub unprotected_since_unix_ms: u64,
+    /// Replicas the owner has not been able to reach over the fabric for a while (the link is
+    /// cut though both nodes are alive): the resource manager replaces them. Written by the owner.
+    #[serde(default)]
+    pub unreachable: Vec<String>,
+    /// The volume's SAN as its owner names it (`file:PATH` or an `iscsi://` URL): what other
+    /// nodes probe to say whether they could destage a copy of it (`NodeInfo::sans_reachable`).
+    #[serde(default)]
+    pub san: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +180,15 @@ impl VolumeRecord {
         }
         if self.history.len() > HISTORY_MAX {
             return Err(format!("{} history entries; at most {HISTORY_MAX}", self.history.len()));
+        }
+        if self.unreachable.len() > REPLICAS_MAX {
+            return Err(format!("{} unreachable replicas; at most {REPLICAS_MAX}", self.unreachable.len()));
+        }
+        for (i, r) in self.unreachable.iter().enumerate() {
+            check_node_id(r).map_err(|e| format!("unreachable[{i}]: {e}"))?;
+        }
+        if self.san.len() > SAN_BYTES_MAX {
+            return Err(format!("san: {} bytes; at most {SAN_BYTES_MAX}", self.san.len()));
         }
         Ok(())
     }
@@ -280,6 +304,9 @@ mod tests {
             reason: String::new(),
             history: vec![Transition { at_unix_ms: 1, what: "created".into() }],
             unprotected_ms: 0,
+            unprotected_since_unix_ms: 0,
+            unreachable: Vec::new(),
+            san: String::new(),
         }
     }
 

@@ -40,6 +40,9 @@ fn record(owner: &str, epoch: u64) -> VolumeRecord {
         reason: String::new(),
         history: Vec::new(),
         unprotected_ms: 0,
+        unprotected_since_unix_ms: 0,
+        unreachable: Vec::new(),
+        san: String::new(),
     }
 }
 

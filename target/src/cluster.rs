@@ -1,54 +1,61 @@
-//! This node's membership in the cluster (the `cluster:` section; the `cluster` feature): it
-//! registers the node in etcd under a lease through stager-cluster, keeps the registration's
-//! facts current, and says when its lease is lost.
+//! This node in the cluster (the `cluster:` section; the `cluster` feature): one thread that
+//! owns the etcd client (so the reactors never wait for etcd) and, every `CLUSTER_TICK`:
 //!
-//! It is what the resource manager's placement reads (`stager_cluster::placement`): free flash
-//! on the device that keeps copies for peers, and which of this node's volumes' SANs answer. It
-//! is one thread that owns the etcd client, so the reactors never wait for etcd; a node that
-//! cannot reach etcd keeps serving and retries every `CLUSTER_REFRESH`.
+//! - **membership**: keeps the node registered under its lease with what placement reads
+//!   (free flash on the device that keeps copies for peers; the volumes whose SAN answers —
+//!   its own, and those of other nodes' volumes it probes through the SAN their records name);
+//! - **owner**: for each volume it serves, creates the volume's record if there is none,
+//!   follows the replica set and epoch the record names (`Replication::set_replicas`), and
+//!   writes what only it knows: requested and effective policy and why, the replicas it cannot
+//!   reach (`UNREACHABLE_AFTER`), time spent unprotected (`stager_cluster::manager::owner_report`);
+//! - **resource manager**, while elected: reviews every record against the live nodes and
+//!   replaces lost replicas with an epoch bump (`stager_cluster::manager::review`);
+//! - **replica**: lets go of copies it keeps for volumes whose record has moved the role to
+//!   other nodes once the owner reports them protected again (`may_discard_copy`).
 //!
-//! Not built yet: stagerd does not read or act on the volume records (no resource manager runs
-//! here, and losing the lease does not yet stop this node acting as an owner); it only logs it.
+//! A node that cannot reach etcd keeps serving under the replica set it has, and retries.
+//! Not built: taking a volume over when its owner is lost (the manager logs it), and stopping
+//! to act as owner when this node's lease is lost (it only logs that).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use stager_cluster::{unix_ms_now, Cluster, LeaseState, NodeInfo};
+use stager_cluster::constants::UNREACHABLE_AFTER;
+use stager_cluster::manager::{copies_of, may_discard_copy, owner_report, review, OwnerView, Review};
+use stager_cluster::{unix_ms_now, Cluster, LeaseState, NodeInfo, Revision, VolumeRecord};
+use stager_policy::{Epoch, VolumeId};
 
-use crate::config::Config;
-use crate::constants::CLUSTER_REFRESH;
+use crate::config::{BackendConfig, Config, SanConfig};
+use crate::constants::{CLUSTER_REFRESH, CLUSTER_SAN_PROBE, CLUSTER_TICK};
+use crate::volume::replication::Replication;
+use crate::volume::status::{NodeStatus, VolumeStatus};
 use crate::volume::VolumeService;
 
-/// The membership thread; `stop` deregisters the node (a graceful leave).
+/// The cluster thread; `stop` deregisters the node (a graceful leave).
 pub struct Membership {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// What the node says about itself, except what changes (`flash_free_bytes`, `sans_reachable`).
-struct Facts {
+/// What the thread knows and remembers between ticks.
+struct Agent {
+    me: String,
     base: NodeInfo,
     /// The flash device that keeps copies for peers (`node.replica_flash`, else the first).
     replica_flash: Option<String>,
     volumes: Option<Arc<VolumeService>>,
-}
-
-impl Facts {
-    fn now(&self) -> NodeInfo {
-        let mut info = self.base.clone();
-        let status = self.volumes.as_ref().map(|v| v.status());
-        if let Some(Ok(status)) = status {
-            for d in &status.devices {
-                if Some(&d.name) == self.replica_flash.as_ref() && !d.degraded {
-                    info.flash_free_bytes = d.log_capacity_bytes.saturating_sub(d.log_used_bytes);
-                }
-                info.sans_reachable.extend(d.volumes.iter().filter(|v| v.san_reachable).map(|v| v.id));
-            }
-            info.sans_reachable.sort_unstable();
-        }
-        info
-    }
+    replication: Option<Arc<Replication>>,
+    /// This node's volumes' SANs as records name them.
+    own_sans: HashMap<u32, String>,
+    /// Since when each (volume, replica) link has been down.
+    down_since: HashMap<(u32, String), Instant>,
+    /// Other nodes' volumes' SANs: when each was probed, and whether it answered.
+    probes: HashMap<u32, (Instant, bool)>,
+    /// What was said last, per topic, so a lasting condition is logged once.
+    said: HashMap<String, String>,
 }
 
 impl Membership {
@@ -59,10 +66,18 @@ impl Membership {
         nvme_addrs: Vec<String>,
         fabric_addr: Option<std::net::SocketAddr>,
         volumes: Option<Arc<VolumeService>>,
+        replication: Option<Arc<Replication>>,
     ) -> Option<Membership> {
         let (cl, node) = (cfg.cluster.as_ref()?, cfg.node.as_ref()?);
         let client_cfg = cl.client_config(&node.id);
-        let facts = Facts {
+        let mut own_sans = HashMap::new();
+        for n in cfg.subsystems.iter().flat_map(|s| &s.namespaces) {
+            if let BackendConfig::Volume { id, san, .. } = &n.backend {
+                own_sans.insert(*id, san_name(san));
+            }
+        }
+        let agent = Agent {
+            me: node.id.clone(),
             base: NodeInfo {
                 id: node.id.clone(),
                 fault_domain: node.fault_domain.clone(),
@@ -74,13 +89,18 @@ impl Membership {
             },
             replica_flash: node.replica_flash.clone().or_else(|| cfg.flash.first().map(|f| f.name.clone())),
             volumes,
+            replication,
+            own_sans,
+            down_since: HashMap::new(),
+            probes: HashMap::new(),
+            said: HashMap::new(),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("cluster".into())
-            .spawn(move || run(client_cfg, facts, &flag))
-            .map_err(|e| tracing::error!("cluster: cannot start the membership thread: {e}"))
+            .spawn(move || run(client_cfg, agent, &flag))
+            .map_err(|e| tracing::error!("cluster: cannot start the cluster thread: {e}"))
             .ok()?;
         Some(Membership { stop, thread: Some(thread) })
     }
@@ -95,25 +115,52 @@ impl Membership {
     }
 }
 
-fn run(cfg: stager_cluster::ClusterConfig, facts: Facts, stop: &AtomicBool) {
+/// How a volume's SAN is named in its record: what another node opens to probe it.
+fn san_name(san: &SanConfig) -> String {
+    match san {
+        SanConfig::File { path, .. } => {
+            let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+            format!("file:{}", abs.display())
+        }
+        SanConfig::Iscsi { url, .. } => url.clone(),
+    }
+}
+
+/// Whether this node reaches the SAN a record names (a file it can open, an iSCSI LUN it can
+/// log in to as the default initiator).
+fn probe_san(name: &str) -> bool {
+    if let Some(path) = name.strip_prefix("file:") {
+        return std::fs::OpenOptions::new().read(true).write(true).open(path).is_ok();
+    }
+    #[cfg(feature = "iscsi")]
+    if name.starts_with("iscsi://") {
+        return crate::san::iscsi::IscsiLun::connect(
+            name,
+            crate::config::DEFAULT_INITIATOR_IQN,
+            Duration::from_secs(2),
+        )
+        .is_ok();
+    }
+    false
+}
+
+fn run(cfg: stager_cluster::ClusterConfig, mut agent: Agent, stop: &AtomicBool) {
     let endpoints = cfg.endpoints.join(",");
     let mut client: Option<Cluster> = None;
-    let mut said: Option<String> = None;
     // The registration etcd holds, when the lease is alive.
     let mut registered: Option<NodeInfo> = None;
-    let mut next = std::time::Instant::now();
+    let mut next_connect = Instant::now();
+    let mut next_register = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        if std::time::Instant::now() < next {
-            continue;
-        }
-        next = std::time::Instant::now() + CLUSTER_REFRESH;
+        std::thread::sleep(CLUSTER_TICK);
         let c = match &client {
             Some(c) => c,
+            None if Instant::now() < next_connect => continue,
             None => match Cluster::connect(cfg.clone()) {
                 Ok(c) => client.insert(c),
                 Err(e) => {
-                    say(&mut said, format!("cluster: cannot reach etcd at {endpoints}, retrying: {e}"));
+                    next_connect = Instant::now() + CLUSTER_REFRESH;
+                    agent.say("etcd", format!("cluster: cannot reach etcd at {endpoints}, retrying: {e}"));
                     continue;
                 }
             },
@@ -125,26 +172,54 @@ fn run(cfg: stager_cluster::ClusterConfig, facts: Facts, stop: &AtomicBool) {
                 cfg.node
             );
         }
-        let info = facts.now();
-        if registered.as_ref() == Some(&info) {
+        let status = agent.volumes.as_ref().map(|v| v.status());
+        let status = match status {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                agent.say("status", format!("cluster: cannot read this node's volumes: {e}"));
+                None
+            }
+            None => None,
+        };
+        let records = if alive { c.volumes().map_err(|e| e.to_string()) } else { Err("lease lost".to_string()) };
+        let info = agent.facts(status.as_ref(), records.as_ref().ok());
+        if registered.as_ref() != Some(&info) || Instant::now() >= next_register {
+            next_register = Instant::now() + CLUSTER_REFRESH;
+            if registered.as_ref() != Some(&info) {
+                match c.register(&info) {
+                    Ok(()) => {
+                        if registered.is_none() {
+                            tracing::info!(
+                                "cluster: node {} registered in etcd at {endpoints} under {} ({} bytes of free flash, SANs of volumes {:?} reachable)",
+                                cfg.node,
+                                cfg.prefix,
+                                info.flash_free_bytes,
+                                info.sans_reachable
+                            );
+                        }
+                        agent.said.remove("etcd");
+                        registered = Some(info);
+                    }
+                    Err(e) => {
+                        agent.say("etcd", format!("cluster: registering node {} failed, retrying: {e}", cfg.node))
+                    }
+                }
+            }
+        }
+        if registered.is_none() {
             continue;
         }
-        match c.register(&info) {
-            Ok(()) => {
-                if registered.is_none() {
-                    tracing::info!(
-                        "cluster: node {} registered in etcd at {endpoints} under {} ({} bytes of free flash, SANs of volumes {:?} reachable)",
-                        cfg.node,
-                        cfg.prefix,
-                        info.flash_free_bytes,
-                        info.sans_reachable
-                    );
-                }
-                said = None;
-                registered = Some(info);
+        let (Ok(records), Some(status)) = (records, status) else { continue };
+        let nodes = match c.nodes() {
+            Ok(n) => n,
+            Err(e) => {
+                agent.say("etcd", format!("cluster: cannot list nodes: {e}"));
+                continue;
             }
-            Err(e) => say(&mut said, format!("cluster: registering node {} failed, retrying: {e}", cfg.node)),
-        }
+        };
+        agent.own_volumes(c, &status, &records, &nodes);
+        agent.manage(c, &records, &nodes);
+        agent.copies(&status, &records, &nodes);
     }
     if let Some(c) = client {
         if let Err(e) = c.deregister() {
@@ -154,11 +229,231 @@ fn run(cfg: stager_cluster::ClusterConfig, facts: Facts, stop: &AtomicBool) {
     }
 }
 
-/// Logs `msg` unless it is the one said last (a node cut off from etcd says so once, not every
-/// `CLUSTER_REFRESH`).
-fn say(said: &mut Option<String>, msg: String) {
-    if said.as_deref() != Some(msg.as_str()) {
-        tracing::warn!("{msg}");
-        *said = Some(msg);
+impl Agent {
+    /// Logs `msg` at warn unless it is what was said last on `topic`.
+    fn say(&mut self, topic: &str, msg: String) {
+        if self.said.get(topic) != Some(&msg) {
+            tracing::warn!("{msg}");
+            self.said.insert(topic.to_string(), msg);
+        }
+    }
+
+    /// What the node registers now.
+    fn facts(&mut self, status: Option<&NodeStatus>, records: Option<&Vec<(VolumeRecord, Revision)>>) -> NodeInfo {
+        let mut info = self.base.clone();
+        if let Some(status) = status {
+            for d in &status.devices {
+                if Some(&d.name) == self.replica_flash.as_ref() && !d.degraded {
+                    info.flash_free_bytes = d.log_capacity_bytes.saturating_sub(d.log_used_bytes);
+                }
+                info.sans_reachable.extend(d.volumes.iter().filter(|v| v.san_reachable).map(|v| v.id));
+            }
+        }
+        // Other nodes' volumes: this node could keep a copy only if it could destage it.
+        for (rec, _) in records.into_iter().flatten() {
+            if self.own_sans.contains_key(&rec.id) || rec.san.is_empty() {
+                continue;
+            }
+            let due = self.probes.get(&rec.id).is_none_or(|(at, _)| at.elapsed() >= CLUSTER_SAN_PROBE);
+            if due {
+                let ok = probe_san(&rec.san);
+                if self.probes.get(&rec.id).is_some_and(|(_, was)| *was != ok) || (!ok && due) {
+                    let msg = if ok { "answers" } else { "does not answer" };
+                    self.say(
+                        &format!("probe-{}", rec.id),
+                        format!("cluster: volume {}'s SAN {} {msg} from this node", rec.id, rec.san),
+                    );
+                }
+                self.probes.insert(rec.id, (Instant::now(), ok));
+            }
+            if self.probes.get(&rec.id).is_some_and(|(_, ok)| *ok) {
+                info.sans_reachable.push(rec.id);
+            }
+        }
+        info.sans_reachable.sort_unstable();
+        info.sans_reachable.dedup();
+        info
+    }
+
+    /// The owner's part for each volume this node serves.
+    fn own_volumes(
+        &mut self,
+        c: &Cluster,
+        status: &NodeStatus,
+        records: &[(VolumeRecord, Revision)],
+        nodes: &[NodeInfo],
+    ) {
+        let now = Instant::now();
+        let vols: Vec<&VolumeStatus> = status.devices.iter().flat_map(|d| d.volumes.iter()).collect();
+        for v in vols {
+            let requested = v.requested_policy.clone();
+            let copies = copies_of(&requested);
+            let named: Vec<String> = v.replicas.iter().map(|r| r.node.clone()).collect();
+            for r in &v.replicas {
+                let key = (v.id, r.node.clone());
+                if r.state == "down" {
+                    self.down_since.entry(key).or_insert(now);
+                } else {
+                    self.down_since.remove(&key);
+                }
+            }
+            let effective = if v.reason == "as-requested" { requested.clone() } else { v.effective_policy.clone() };
+            let reason = if v.reason == "as-requested" { String::new() } else { v.reason.clone() };
+            let unreachable: Vec<String> = named
+                .iter()
+                .filter(|n| {
+                    self.down_since
+                        .get(&(v.id, (*n).clone()))
+                        .is_some_and(|s| now.duration_since(*s) >= UNREACHABLE_AFTER)
+                        && nodes.iter().any(|x| &x.id == *n)
+                })
+                .cloned()
+                .collect();
+            let view = OwnerView {
+                requested: requested.clone(),
+                effective,
+                reason,
+                unreachable,
+                san: self.own_sans.get(&v.id).cloned().unwrap_or_default(),
+            };
+            let Some((rec, rev)) = records.iter().find(|(r, _)| r.id == v.id) else {
+                let mut rec = VolumeRecord {
+                    id: v.id,
+                    owner: self.me.clone(),
+                    replicas: named.clone(),
+                    epoch: 1,
+                    ..Default::default()
+                };
+                rec.push_transition(unix_ms_now(), format!("created by its owner {}", self.me));
+                let rec = owner_report(&rec, &view, unix_ms_now()).unwrap_or(rec);
+                match c.put_volume_if(&rec, None) {
+                    Ok(Ok(_)) => tracing::info!(
+                        "cluster: volume {}: record created (owner {}, replicas {:?})",
+                        v.id,
+                        self.me,
+                        named
+                    ),
+                    Ok(Err(_)) => {}
+                    Err(e) => self.say("etcd", format!("cluster: cannot create volume {}'s record: {e}", v.id)),
+                }
+                continue;
+            };
+            if rec.owner != self.me {
+                self.say(
+                    &format!("owner-{}", v.id),
+                    format!(
+                        "cluster: volume {}'s record names node {:?} as its owner, not this node: not following its replica set",
+                        v.id, rec.owner
+                    ),
+                );
+                continue;
+            }
+            // Follow the record's replica set and epoch.
+            if named != rec.replicas || copies != copies_of(&rec.requested) || self.applied_epoch(v.id) < rec.epoch {
+                if let Some(repl) = &self.replication {
+                    let take = rec.replicas.iter().take(copies).cloned().collect::<Vec<_>>();
+                    match repl.set_replicas(VolumeId(v.id), &take, copies, Epoch(rec.epoch)) {
+                        Ok(e) => {
+                            if named != take {
+                                tracing::info!(
+                                    "cluster: volume {}: replicas {:?} → {:?} (record epoch {}, volume epoch {})",
+                                    v.id,
+                                    named,
+                                    take,
+                                    rec.epoch,
+                                    e.0
+                                );
+                            }
+                            self.said.insert(format!("epoch-{}", v.id), rec.epoch.to_string());
+                        }
+                        Err(e) => self.say(
+                            &format!("follow-{}", v.id),
+                            format!("cluster: volume {}: cannot take the replica set {:?}: {e}", v.id, rec.replicas),
+                        ),
+                    }
+                } else if !rec.replicas.is_empty() {
+                    self.say(
+                        &format!("follow-{}", v.id),
+                        format!(
+                            "cluster: volume {} has replicas {:?} but this node has no node.peers to reach them",
+                            v.id, rec.replicas
+                        ),
+                    );
+                }
+            }
+            if let Some(new) = owner_report(rec, &view, unix_ms_now()) {
+                match c.put_volume_if(&new, Some(*rev)) {
+                    Ok(Ok(_)) => {
+                        if new.effective != rec.effective || new.reason != rec.reason {
+                            tracing::info!("cluster: volume {}: effective {} {}", v.id, new.effective, new.reason);
+                        }
+                    }
+                    Ok(Err(_)) => {} // changed meanwhile: the next tick reads it again
+                    Err(e) => self.say("etcd", format!("cluster: cannot update volume {}'s record: {e}", v.id)),
+                }
+            }
+        }
+    }
+
+    /// The record epoch this node last applied to a volume (0: none yet).
+    fn applied_epoch(&self, volume: u32) -> u64 {
+        self.said.get(&format!("epoch-{volume}")).and_then(|e| e.parse().ok()).unwrap_or(0)
+    }
+
+    /// The resource manager's part: stand for election, and while elected review every record.
+    fn manage(&mut self, c: &Cluster, records: &[(VolumeRecord, Revision)], nodes: &[NodeInfo]) {
+        if !c.is_leader() {
+            match c.campaign(Duration::from_millis(50)) {
+                Ok(true) => tracing::info!("cluster: node {} is the resource manager", self.me),
+                Ok(false) => return,
+                Err(e) => {
+                    self.say("campaign", format!("cluster: cannot stand for resource manager: {e}"));
+                    return;
+                }
+            }
+        }
+        for (rec, rev) in records {
+            match review(rec, nodes, unix_ms_now()) {
+                Review::Keep => {
+                    self.said.remove(&format!("lost-{}", rec.id));
+                }
+                Review::OwnerLost => self.say(
+                    &format!("lost-{}", rec.id),
+                    format!(
+                        "cluster: volume {}: its owner {} is gone; taking a volume over is not automatic yet: destage a replica's copy (docs/operations.md)",
+                        rec.id, rec.owner
+                    ),
+                ),
+                Review::Change { record, why } => match c.put_volume_as_leader(record.as_ref(), Some(*rev)) {
+                    Ok(Ok(_)) => tracing::warn!("cluster: resource manager: volume {}: {why}", rec.id),
+                    Ok(Err(_)) => {}
+                    Err(e) => self.say("manage", format!("cluster: resource manager: volume {}: {e}", rec.id)),
+                },
+            }
+        }
+    }
+
+    /// The replica's part: copies of volumes whose role moved on are let go once safe.
+    fn copies(&mut self, status: &NodeStatus, records: &[(VolumeRecord, Revision)], nodes: &[NodeInfo]) {
+        let Some(volumes) = &self.volumes else { return };
+        for copy in status.devices.iter().flat_map(|d| d.copies.iter()) {
+            if copy.bytes == 0 {
+                continue;
+            }
+            let Some((rec, _)) = records.iter().find(|(r, _)| r.id == copy.volume) else { continue };
+            if !may_discard_copy(rec, &self.me, nodes) {
+                continue;
+            }
+            match volumes.discard_copy(copy.volume) {
+                Ok(bytes) => tracing::info!(
+                    "cluster: volume {}: this node is no longer its replica (now {:?}, epoch {}): its copy of {} let go",
+                    copy.volume,
+                    rec.replicas,
+                    rec.epoch,
+                    crate::volume::status::human_bytes(bytes)
+                ),
+                Err(e) => tracing::warn!("cluster: volume {}: cannot let its copy go: {e}", copy.volume),
+            }
+        }
     }
 }

@@ -105,3 +105,11 @@ pub const FIRMWARE_REVISION: &str = "0.1.0";
 /// reachability and re-puts its registration when they changed, and retries etcd when it could
 /// not register: one status round trip to each flash reactor and at most one small etcd write.
 pub const CLUSTER_REFRESH: Duration = Duration::from_secs(2);
+/// How often the cluster thread reads the volume records and live nodes and acts on them (owner,
+/// resource manager, replica): a detected failure waits at most this long on top of its
+/// detection (a lease's expiry, `UNREACHABLE_AFTER`). Costs two small etcd reads and one status
+/// round trip to each flash reactor per tick.
+pub const CLUSTER_TICK: Duration = Duration::from_millis(250);
+/// How often a node probes the SAN of another node's volume (a file opened, an iSCSI login) to
+/// say whether it could keep a copy of it.
+pub const CLUSTER_SAN_PROBE: Duration = Duration::from_secs(10);

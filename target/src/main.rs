@@ -84,6 +84,7 @@ fn main() -> ExitCode {
         (0..cfg.listeners.len()).map(|i| target.listen_addr(i).to_string()).collect(),
         target.fabric_addr(),
         target.volumes().cloned(),
+        target.replication(),
     );
     let mut running = cfg.clone();
     while !stop.load(Ordering::Relaxed) {

@@ -44,7 +44,7 @@ pub struct Target {
     listen_addrs: Vec<SocketAddr>,
     volumes: Option<Arc<VolumeService>>,
     management: Option<crate::management::Management>,
-    replication: Option<crate::volume::replication::Replication>,
+    replication: Option<Arc<crate::volume::replication::Replication>>,
 }
 
 impl Target {
@@ -232,7 +232,7 @@ impl Target {
         }
         // Replication links once the engines are ready (a source presents its new epoch).
         let replication = match crate::volume::replication::Replication::start(&config, volumes.as_ref()) {
-            Ok(r) => r,
+            Ok(r) => r.map(Arc::new),
             Err(e) => {
                 for mut r in reactors {
                     r.stop_and_join();
@@ -294,6 +294,12 @@ impl Target {
     /// The destage reactor's handle, when the configuration has write-back volumes.
     pub fn volumes(&self) -> Option<&Arc<VolumeService>> {
         self.volumes.as_ref()
+    }
+
+    /// The replication links (what the cluster agent changes replica sets through), when the
+    /// node has peers.
+    pub fn replication(&self) -> Option<Arc<crate::volume::replication::Replication>> {
+        self.replication.clone()
     }
 
     /// The replication fabric's set-up listener, when the node has peers.

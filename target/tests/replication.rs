@@ -13,7 +13,7 @@ use common::*;
 use stager_nvme::bdev::DeviceSpec;
 use stager_nvme::command::DataDirection;
 use stager_nvme::host::{io_cmd, QueuePair};
-use stager_policy::WritePolicy;
+use stager_policy::{Epoch, VolumeId, WritePolicy};
 use stager_target::config::{
     BackendConfig, Config, DeviceKind, FabricKindYaml, FabricYaml, FlashConfig, NamespaceConfig, NodeConfig,
     PeerConfig, SanConfig,
@@ -491,4 +491,74 @@ fn a_replica_that_stops_answering_holds_back_only_its_own_volume() {
     assert!(took2 > took1, "volume 2 waited ({took2:?}) longer than volume 1's 50 writes ({took1:?})");
     let mut h1 = connect();
     assert_eq!(read(h1.io_queue(0), 2, 0, BS), pattern(2, BS), "volume 2's held-back write landed");
+}
+
+#[test]
+fn a_replica_set_changes_live_and_the_old_replica_lets_its_copy_go() {
+    let d = dir("reset");
+    let b = TestTarget::start(replica_config(&d, "node-b", &["node-a"]));
+    let c = TestTarget::start(replica_config(&d, "node-c", &["node-a"]));
+    let b_addr = b.target.as_ref().unwrap().fabric_addr().expect("node-b has a fabric");
+    let c_addr = c.target.as_ref().unwrap().fabric_addr().expect("node-c has a fabric");
+    let a_cfg = source_config(
+        &d,
+        "node-a",
+        "a-flash.img",
+        &[(7, 1, vec!["node-b"])],
+        &[("node-b", b_addr), ("node-c", c_addr)],
+    );
+    let a = TestTarget::start(a_cfg);
+    let ta = a.target.as_ref().unwrap();
+    wait_in_sync(ta, 7);
+    let mut conn = a.connect(&opts());
+    let q = conn.io_queue(0);
+    for i in 0..200u64 {
+        write(q, 1, i * 3, &pattern(i, BS));
+    }
+    let durable = status(ta).devices[0].volumes[0].replicas[0].durable_seq;
+    assert!(durable >= 200, "node-b durable to {durable}");
+
+    // The cluster moves the copy to node-c under a newer epoch: node-b's link goes, node-c's
+    // comes up and syncs, and the volume is write-back+1 again with node-c.
+    let repl = ta.replication().expect("node-a replicates");
+    let epoch = repl.set_replicas(VolumeId(7), &["node-c".to_string()], 1, Epoch(40)).expect("set replicas");
+    assert!(epoch >= Epoch(40), "the volume's epoch follows the record's: {epoch:?}");
+    wait_in_sync(ta, 7);
+    let v = status(ta).devices[0].volumes.iter().find(|v| v.id == 7).cloned().unwrap();
+    assert_eq!(v.replicas.iter().map(|r| r.node.as_str()).collect::<Vec<_>>(), ["node-c"]);
+    assert_eq!(v.requested_policy, "write-back+1");
+    for i in 200..300u64 {
+        write(q, 1, i * 3, &pattern(i, BS));
+    }
+    for i in [0u64, 199, 250, 299] {
+        assert_eq!(read(q, 1, i * 3, BS), pattern(i, BS), "block of write {i}");
+    }
+    let copy_c = status(c.target.as_ref().unwrap()).devices[0].copies.iter().find(|c| c.volume == 7).cloned();
+    assert!(copy_c.is_some_and(|c| c.durable_seq >= 300), "node-c holds the new writes");
+
+    // Naming fewer replicas than the policy's copies runs the volume write-through.
+    repl.set_replicas(VolumeId(7), &[], 1, Epoch(41)).expect("no replica");
+    let v = status(ta).devices[0].volumes.iter().find(|v| v.id == 7).cloned().unwrap();
+    assert_eq!((v.effective_policy.as_str(), v.reason.as_str()), ("write-through", "replica-unavailable"));
+    write(q, 1, 2000, &pattern(5000, BS));
+    assert_eq!(read(q, 1, 2000, BS), pattern(5000, BS));
+    // A node not among node.peers cannot be named.
+    assert!(repl.set_replicas(VolumeId(7), &["node-z".to_string()], 1, Epoch(42)).is_err());
+
+    // node-b still holds its old copy; told it is no longer a replica, it lets it go.
+    let vb = b.target.as_ref().unwrap().volumes().unwrap();
+    let held = vb.status().unwrap().devices[0].copies.iter().find(|c| c.volume == 7).map_or(0, |c| c.bytes);
+    assert!(held > 0, "node-b kept its copy until told");
+    assert_eq!(vb.discard_copy(7).expect("discard"), held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = vb.status().unwrap();
+        let left = s.devices[0].copies.iter().find(|c| c.volume == 7).map_or(0, |c| c.bytes);
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-b's copy still holds {left} bytes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(vb.discard_copy(1).is_err(), "no copy of volume 1 there");
 }

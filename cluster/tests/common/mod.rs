@@ -43,6 +43,9 @@ pub fn record(id: u32, owner: &str, epoch: u64) -> VolumeRecord {
         reason: "no replica yet".into(),
         history: vec![Transition { at_unix_ms: 1, what: "created".into() }],
         unprotected_ms: 0,
+        unprotected_since_unix_ms: 0,
+        unreachable: Vec::new(),
+        san: String::new(),
     }
 }
 

@@ -448,7 +448,7 @@ impl Engine {
     /// attaches), so a stale copy of this node — an old device image, a second node configured
     /// with the same volume — is refused by replicas that saw a newer one (invariant 5).
     fn bump_replicated_epochs(&mut self) {
-        for v in self.volumes.iter_mut().filter(|v| !v.replicas.is_empty()) {
+        for v in self.volumes.iter_mut().filter(|v| v.copies > 0) {
             v.epoch = v.epoch.next();
         }
     }
@@ -1161,7 +1161,7 @@ impl Engine {
     /// (its log write failed, or a replica was lost before it had it): acknowledged once the
     /// persisted watermark covers it — at once if it already does.
     pub(crate) fn ack_on_persist(&mut self, vi: usize, seq: LogSeq, op: OpId) {
-        if !self.volumes[vi].replicas.is_empty() {
+        if self.volumes[vi].copies > 0 {
             // A replicated volume's replicas must not hold an older entry of its blocks either.
             let buf = match self.volumes[vi].ops.get_mut(&op) {
                 Some(PendingOp::Write(w)) => w.buf.take(),

@@ -84,7 +84,7 @@ impl Engine {
     /// Whether the volume at `vi` may acknowledge from the log as far as replication goes.
     pub(crate) fn replication_effective(&self, vi: usize) -> Option<EffectiveReason> {
         let v = &self.volumes[vi];
-        if v.replicas.is_empty() {
+        if v.copies == 0 {
             return None;
         }
         let mut attached = 0;
@@ -95,7 +95,7 @@ impl Engine {
                 syncing |= out.sync != SyncState::InSync;
             }
         }
-        if attached < v.replicas.len() {
+        if attached < v.copies {
             Some(EffectiveReason::ReplicaUnavailable)
         } else if syncing {
             Some(EffectiveReason::ReplicaSyncing)
@@ -406,6 +406,78 @@ impl Engine {
         Ok(epoch)
     }
 
+    /// The cluster changed a volume's replica set: `replicas` are the nodes to keep copies now
+    /// (at most `copies`, the number the policy promises; fewer while the cluster has no
+    /// eligible node, and the volume runs write-through until it has them all), under `epoch`
+    /// or newer. Links to nodes no longer named are dropped: their waiting writes are
+    /// acknowledged once destaged, as when a link fails. The volume's epoch only moves up, and
+    /// is persisted before the next link opens with it. Returns the epoch in force.
+    pub fn set_replicas(
+        &mut self,
+        volume: VolumeId,
+        replicas: Vec<String>,
+        copies: usize,
+        epoch: Epoch,
+    ) -> Result<Epoch, String> {
+        let vi = self.volume_index(volume).ok_or_else(|| format!("no {volume} here"))?;
+        if self.volumes[vi].is_copy() {
+            return Err(format!("{volume} is a copy kept for another node here"));
+        }
+        if replicas.len() > copies {
+            return Err(format!("{} replicas named for {copies} copies", replicas.len()));
+        }
+        if replicas.iter().enumerate().any(|(i, r)| replicas[..i].contains(r)) {
+            return Err("a replica is named twice".into());
+        }
+        let v = &self.volumes[vi];
+        if v.replicas == replicas && v.copies == copies && v.epoch >= epoch {
+            return Ok(v.epoch);
+        }
+        let gone: Vec<LinkId> = v
+            .links
+            .iter()
+            .copied()
+            .filter(|l| matches!(self.links.get(l), Some(Link::Out { out, .. }) if !replicas.contains(&out.peer)))
+            .collect();
+        let v = &mut self.volumes[vi];
+        tracing::info!(volume = volume.0, from = ?v.replicas, to = ?replicas, copies, epoch = epoch.0, "replica set changed");
+        v.replicas = replicas;
+        v.copies = copies;
+        if epoch > v.epoch {
+            v.epoch = epoch;
+        }
+        self.sb.want();
+        for l in gone {
+            self.drop_link(l, "no longer one of the volume's replicas");
+        }
+        // Writes logged but not yet sent anywhere now count the new set.
+        self.release_waiting(vi);
+        Ok(self.volumes[vi].epoch)
+    }
+
+    /// This node no longer keeps a copy of `volume` (the cluster gave the role to another
+    /// node and the source no longer needs it): its entries are let go as if the source had
+    /// published a watermark over all of them, its link (if any) is dropped, and the space is
+    /// reclaimed. The copy's record stays, with its epoch, so a stale source is still refused.
+    /// Returns the bytes let go.
+    pub fn discard_copy(&mut self, volume: VolumeId) -> Result<u64, String> {
+        let vi = self.volume_index(volume).ok_or_else(|| format!("no copy of {volume} here"))?;
+        if !self.volumes[vi].is_copy() {
+            return Err(format!("{volume} is one of this node's own volumes"));
+        }
+        let links: Vec<LinkId> = self.volumes[vi].links.clone();
+        for l in links {
+            self.drop_link(l, "this node no longer keeps a copy of the volume");
+        }
+        let v = &mut self.volumes[vi];
+        let bytes = v.dirty_bytes();
+        let last = LogSeq(v.next_seq.0 - 1);
+        v.published = v.published.max(last);
+        v.publish_urgent = true;
+        tracing::info!(volume = volume.0, bytes, upto = last.0, "copy discarded");
+        Ok(bytes)
+    }
+
     /// Sends each replicated volume's entries of a frame being written: `entries` are the
     /// frame's entry headers and `bufs` the data of those that carry data, in order.
     pub(crate) fn replicate_frame(&mut self, entries: &[EntryHeader], bufs: &[AlignedBuf]) {
@@ -458,7 +530,7 @@ impl Engine {
         seq: LogSeq,
         buf: Option<AlignedBuf>,
     ) -> Option<Option<AlignedBuf>> {
-        if self.volumes[vi].replicas.is_empty() {
+        if self.volumes[vi].copies == 0 {
             return Some(buf);
         }
         let needs_san = !self.all_replicas_carry(vi, seq);
@@ -482,7 +554,7 @@ impl Engine {
     /// Every wanted replica is attached, in sync, and was sent entry `seq`.
     fn all_replicas_carry(&self, vi: usize, seq: LogSeq) -> bool {
         let v = &self.volumes[vi];
-        v.links.len() >= v.replicas.len()
+        v.links.len() >= v.copies
             && v.links.iter().all(|l| {
                 matches!(self.links.get(l), Some(Link::Out { out, .. }) if out.sync == SyncState::InSync && out.sent >= seq)
             })
@@ -742,6 +814,12 @@ impl Engine {
     /// The replica nodes a volume wants (empty unless write-back+N).
     pub fn volume_replicas(&self, id: VolumeId) -> Vec<String> {
         self.volume_index(id).map(|vi| self.volumes[vi].replicas.clone()).unwrap_or_default()
+    }
+
+    /// How many copies a volume's policy promises (write-back+N: N; the named replicas may be
+    /// fewer while the cluster has no eligible node).
+    pub fn volume_copies(&self, id: VolumeId) -> usize {
+        self.volume_index(id).map_or(0, |vi| self.volumes[vi].copies)
     }
 
     /// For a replica copy: the newest sequence number it received.

@@ -331,6 +331,9 @@ pub(crate) struct Volume {
     /// writes durable here waiting for the replicas, and entries destaged but not yet known
     /// to every replica (invariant 2 with replicas, see `replicate.rs`).
     pub replicas: Vec<String>,
+    /// How many copies the policy promises (write-back+N: N). The cluster may name fewer
+    /// replicas than this while it has no eligible node; the volume is write-through then.
+    pub copies: usize,
     pub links: Vec<crate::types::LinkId>,
     pub waiting: VecDeque<Waiting>,
     pub unpublished: DirtyIndex,
@@ -385,6 +388,7 @@ impl Volume {
             san_ops: HashMap::new(),
             san_health: SanHealth::new(),
             acks_on_persist: Vec::new(),
+            copies: spec.replicas.len(),
             replicas: spec.replicas,
             links: Vec::new(),
             waiting: VecDeque::new(),

@@ -109,6 +109,19 @@ pub(crate) enum HostMsg {
         link: LinkHandoff,
         reply: Sender<Result<(), String>>,
     },
+    /// Source side: the cluster changed a volume's replica set (`Engine::set_replicas`).
+    SetReplicas {
+        volume: VolumeId,
+        replicas: Vec<String>,
+        copies: usize,
+        epoch: Epoch,
+        reply: Sender<Result<Epoch, String>>,
+    },
+    /// Replica side: this node no longer keeps a copy of `volume` (`Engine::discard_copy`).
+    DiscardCopy {
+        volume: VolumeId,
+        reply: Sender<Result<u64, String>>,
+    },
     /// Source side: a link to one of a volume's replicas, which holds `copy`.
     AttachReplica {
         link: LinkHandoff,
@@ -578,8 +591,14 @@ impl EngineHost {
                 };
                 let _ = reply.send(r);
             }
+            HostMsg::SetReplicas { volume, replicas, copies, epoch, reply } => {
+                let _ = reply.send(self.engine.set_replicas(volume, replicas, copies, epoch));
+            }
+            HostMsg::DiscardCopy { volume, reply } => {
+                let _ = reply.send(self.engine.discard_copy(volume));
+            }
             HostMsg::SetPolicy { volume, policy, copies, reply } => {
-                let have = self.engine.volume_replicas(volume).len();
+                let have = self.engine.volume_copies(volume);
                 let r = if copies.is_some_and(|n| n != have) {
                     Err(format!(
                         "volume {} keeps {have} replica(s) as configured; changing how many needs a configuration \

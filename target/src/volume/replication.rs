@@ -123,9 +123,7 @@ struct Wanted {
 }
 
 pub struct Replication {
-    fabric: Fabric,
-    stop: Arc<AtomicBool>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    shared: Arc<Shared>,
 }
 
 struct Shared {
@@ -136,6 +134,37 @@ struct Shared {
     /// Connectors waiting for their link to go down.
     watching: Mutex<HashMap<LinkId, Sender<String>>>,
     ring_bytes: u64,
+    /// The configured peers' fabric listeners (`node.peers`): the nodes links may go to.
+    peers: HashMap<String, SocketAddr>,
+    /// The running connectors, each with the flag that ends it (a replica set changed).
+    connectors: Mutex<HashMap<(VolumeId, String), Arc<AtomicBool>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn spawn(&self, name: String, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
+        let t = std::thread::Builder::new().name(name).spawn(f).map_err(|e| format!("cannot start a thread: {e}"))?;
+        if let Ok(mut threads) = self.threads.lock() {
+            threads.retain(|t| !t.is_finished());
+            threads.push(t);
+        }
+        Ok(())
+    }
+
+    /// Starts the connector of (volume, replica) unless it runs.
+    fn want(self: &Arc<Self>, w: Wanted) -> Result<(), String> {
+        let key = (w.volume, w.peer.clone());
+        let flag = Arc::new(AtomicBool::new(false));
+        {
+            let Ok(mut c) = self.connectors.lock() else { return Err("connector registry poisoned".into()) };
+            if c.contains_key(&key) {
+                return Ok(());
+            }
+            c.insert(key, flag.clone());
+        }
+        let s = self.clone();
+        self.spawn(format!("stager-repl-{}-{}", w.volume.0, w.peer), move || connector(s, w, flag))
+    }
 }
 
 impl Replication {
@@ -165,35 +194,77 @@ impl Replication {
             next_link: AtomicU32::new(1),
             watching: Mutex::new(HashMap::new()),
             ring_bytes: node.fabric.ring_size,
+            peers: node.peers.iter().map(|p| (p.id.clone(), p.address)).collect(),
+            connectors: Mutex::new(HashMap::new()),
+            threads: Mutex::new(Vec::new()),
         });
-        let mut threads = Vec::new();
-        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name).spawn(f).map_err(|e| format!("cannot start a thread: {e}"))
-        };
         let s = shared.clone();
-        threads.push(spawn("stager-repl-accept".into(), Box::new(move || accept_loop(s)))?);
+        shared.spawn("stager-repl-accept".into(), move || accept_loop(s))?;
         if let Some(rx) = volumes.take_link_down() {
             let s = shared.clone();
-            threads.push(spawn("stager-repl-down".into(), Box::new(move || down_loop(s, rx)))?);
+            shared.spawn("stager-repl-down".into(), move || down_loop(s, rx))?;
         }
         for w in wanted_links(config, node, volumes) {
-            let s = shared.clone();
-            let name = format!("stager-repl-{}-{}", w.volume.0, w.peer);
-            threads.push(spawn(name, Box::new(move || connector(s, w)))?);
+            shared.want(w)?;
         }
-        Ok(Some(Replication { fabric, stop, threads: Mutex::new(threads) }))
+        Ok(Some(Replication { shared }))
+    }
+
+    /// The cluster changed `volume`'s replica set (see `Engine::set_replicas`): the engine
+    /// takes the new set and `epoch`, links to nodes no longer named go, connectors to new
+    /// ones start. Every named node must be one of `node.peers` (the nodes this one may set
+    /// links up with). Returns the volume's epoch in force.
+    pub fn set_replicas(
+        &self,
+        volume: VolumeId,
+        replicas: &[String],
+        copies: usize,
+        epoch: Epoch,
+    ) -> Result<Epoch, String> {
+        let s = &self.shared;
+        let info = s.volumes.volumes.iter().find(|v| v.id == volume).ok_or_else(|| format!("no {volume} here"))?;
+        let mut wanted = Vec::new();
+        for r in replicas {
+            let addr = s.peers.get(r).ok_or_else(|| {
+                format!("node {r:?} is not among this node's node.peers, so no link can be set up to it")
+            })?;
+            wanted.push(Wanted { volume, dev: info.dev, blocks: info.blocks, peer: r.clone(), addr: *addr });
+        }
+        // Connectors of nodes no longer named stop first, so none sets a link up again.
+        if let Ok(mut c) = s.connectors.lock() {
+            c.retain(|(v, peer), flag| {
+                let keep = *v != volume || replicas.contains(peer);
+                if !keep {
+                    flag.store(true, Ordering::SeqCst);
+                }
+                keep
+            });
+        }
+        let (dev, list) = (info.dev, replicas.to_vec());
+        let epoch = ask(
+            &s.volumes,
+            dev,
+            |reply| HostMsg::SetReplicas { volume, replicas: list, copies, epoch, reply },
+            CTL_TIMEOUT,
+        )
+        .and_then(|r| r)?;
+        for w in wanted {
+            s.want(w)?;
+        }
+        Ok(epoch)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.fabric.local_addr()
+        self.shared.fabric.local_addr()
     }
 
     /// Stops setting links up and closes the fabric (running links fail; their writes wait
     /// for destage instead).
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.fabric.stop();
-        let threads: Vec<JoinHandle<()>> = self.threads.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.fabric.stop();
+        let threads: Vec<JoinHandle<()>> =
+            self.shared.threads.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
         for t in threads {
             let _ = t.join();
         }
@@ -267,11 +338,13 @@ fn ask<T>(
     rx.recv_timeout(timeout).map_err(|_| format!("flash {}: no answer", d.name))
 }
 
-/// Keeps one (volume, replica) link up for as long as the node runs.
-fn connector(s: Arc<Shared>, w: Wanted) {
+/// Keeps one (volume, replica) link up for as long as the node runs and the replica is wanted
+/// (`done` ends it).
+fn connector(s: Arc<Shared>, w: Wanted, done: Arc<AtomicBool>) {
     let mut backoff = BACKOFF_MIN;
     let mut last_error = String::new();
-    while !s.stop.load(Ordering::SeqCst) {
+    let stopping = || s.stop.load(Ordering::SeqCst) || done.load(Ordering::SeqCst);
+    while !stopping() {
         match connect_once(&s, &w) {
             Ok((link, down)) => {
                 info!("{}: replicating to node {} over {link}", w.volume, w.peer);
@@ -284,7 +357,7 @@ fn connector(s: Arc<Shared>, w: Wanted) {
                             warn!("{}: link to node {} down ({why}); setting it up again", w.volume, w.peer);
                             break;
                         }
-                        Err(RecvTimeoutError::Timeout) if !s.stop.load(Ordering::SeqCst) => {}
+                        Err(RecvTimeoutError::Timeout) if !stopping() => {}
                         Err(_) => break,
                     }
                 }
@@ -300,7 +373,7 @@ fn connector(s: Arc<Shared>, w: Wanted) {
                     );
                     last_error = why;
                 }
-                if !nap(&s.stop, backoff) {
+                if !nap(&s.stop, backoff) || done.load(Ordering::SeqCst) {
                     return;
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);

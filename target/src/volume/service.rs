@@ -525,6 +525,17 @@ impl VolumeService {
         rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
     }
 
+    /// Lets go of the copy of `volume` this node keeps for another node (the cluster gave the
+    /// role away, see `Engine::discard_copy`); returns the bytes let go.
+    pub fn discard_copy(&self, volume: u32) -> Result<u64, String> {
+        let d = self.replica_dev.and_then(|dev| self.devices.get(dev as usize)).ok_or("no flash device for copies")?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if !d.send(HostMsg::DiscardCopy { volume: VolumeId(volume), reply: tx }) {
+            return Err(format!("flash {}: its reactor is not running", d.name));
+        }
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
+    }
+
     /// Changes a volume's requested policy live; returns a line saying what happened.
     pub fn set_policy(&self, volume: u32, policy: WritePolicy, copies: Option<usize>) -> Result<String, String> {
         let Some(d) = self.devices.iter().find(|d| d.volumes.contains(&VolumeId(volume))) else {

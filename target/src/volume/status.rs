@@ -233,8 +233,9 @@ impl DeviceStatus {
                 let (export, san) = describe(id);
                 let mut v = VolumeStatus::from_metrics(&m, export, san, e.clean_cached_bytes(id));
                 let wanted = e.volume_replicas(id);
-                if !wanted.is_empty() && m.requested == stager_policy::WritePolicy::WriteBack {
-                    v.requested_policy = format!("write-back+{}", wanted.len());
+                let copies = e.volume_copies(id);
+                if copies > 0 && m.requested == stager_policy::WritePolicy::WriteBack {
+                    v.requested_policy = format!("write-back+{copies}");
                 }
                 v.replicas = wanted.iter().map(|node| replica_status(node, id, &links)).collect();
                 let attached = v.replicas.iter().filter(|r| r.state != "down").count() as u64;

@@ -1,0 +1,295 @@
+//! What the cluster does about one volume record: pure functions, so every decision can be
+//! tested (and replayed) without etcd or a running node.
+//!
+//! Two writers share a record, each through compare-and-put on its revision:
+//! - the **resource manager** (the elected node, [`review`]) owns the replica set and the
+//!   epoch: it replaces a replica whose node is gone (its lease expired), that cannot reach the
+//!   volume's SAN any more, or that its owner reports unreachable over the fabric; it fills a
+//!   set that is short of what the policy asks for when a node becomes eligible; every change
+//!   bumps the epoch;
+//! - the **owner** ([`owner_report`]) owns what it alone knows: the requested policy, the
+//!   effective one and why, which replicas it cannot reach, how long the volume ran with fewer
+//!   copies than requested, and its SAN's name.
+//!
+//! Taking a volume over from an owner that is gone is not decided here: [`review`] says
+//! [`Review::OwnerLost`] and nothing changes (see docs/operations.md, "the source is lost for
+//! good").
+
+use crate::placement::choose_replicas;
+use crate::record::{NodeInfo, VolumeRecord};
+
+/// The copies a policy promises: `write-back+N` → N, anything else 0.
+pub fn copies_of(policy: &str) -> usize {
+    policy.strip_prefix("write-back+").and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+/// The resource manager's verdict on one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Review {
+    /// Nothing to change.
+    Keep,
+    /// The record has an owner that is not alive: not handled automatically.
+    OwnerLost,
+    /// Write this record (the replica set changed, the epoch is bumped, the transition is in
+    /// its history); `why` says it in one line.
+    Change { record: Box<VolumeRecord>, why: String },
+}
+
+/// Reviews `rec` against the live `nodes` at `now_unix_ms`.
+pub fn review(rec: &VolumeRecord, nodes: &[NodeInfo], now_unix_ms: u64) -> Review {
+    if rec.owner.is_empty() {
+        return Review::Keep;
+    }
+    let Some(owner) = nodes.iter().find(|n| n.id == rec.owner) else { return Review::OwnerLost };
+    let want = copies_of(&rec.requested);
+    let mut lost: Vec<(String, &'static str)> = Vec::new();
+    for r in &rec.replicas {
+        let why = match nodes.iter().find(|n| &n.id == r) {
+            None => Some("its node is gone (lease expired)"),
+            Some(n) if !n.sans_reachable.contains(&rec.id) => Some("it cannot reach the volume's SAN"),
+            Some(_) if rec.unreachable.contains(r) => Some("its owner cannot reach it over the fabric"),
+            Some(_) => None,
+        };
+        if let Some(why) = why {
+            lost.push((r.clone(), why));
+        }
+    }
+    let keep: Vec<String> =
+        rec.replicas.iter().filter(|r| !lost.iter().any(|(l, _)| l == *r)).take(want).cloned().collect();
+    if lost.is_empty() && rec.replicas.len() == want {
+        return Review::Keep;
+    }
+    // Never place a copy on a node just given up on, nor on one the owner cannot reach.
+    let mut exclude: Vec<String> = lost.iter().map(|(l, _)| l.clone()).collect();
+    exclude.extend(rec.unreachable.iter().cloned());
+    // A kept replica stays even while its flash is full for the moment (its copies wait for
+    // room; that is no reason to move it): only new candidates need free flash.
+    let adjusted: Vec<NodeInfo> = nodes
+        .iter()
+        .map(|n| {
+            let mut n = n.clone();
+            if keep.contains(&n.id) {
+                n.flash_free_bytes = n.flash_free_bytes.max(1);
+            }
+            n
+        })
+        .collect();
+    let next = choose_replicas(rec.id, owner, want, &adjusted, &keep, &exclude);
+    if next == rec.replicas {
+        return Review::Keep;
+    }
+    let mut why = format!("replicas [{}] → [{}]", rec.replicas.join(", "), next.join(", "));
+    for (l, w) in &lost {
+        why.push_str(&format!("; {l}: {w}"));
+    }
+    if next.len() < want {
+        why.push_str(&format!("; {} of {want} cop(ies) placeable now", next.len()));
+    }
+    let mut record = rec.clone();
+    record.replicas = next;
+    record.epoch += 1;
+    record.unreachable.retain(|u| record.replicas.contains(u));
+    why = format!("epoch {}: {why}", record.epoch);
+    record.push_transition(now_unix_ms, why.clone());
+    Review::Change { record: Box::new(record), why }
+}
+
+/// What the owner knows of its volume now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerView {
+    pub requested: String,
+    pub effective: String,
+    /// Why effective differs from requested (empty when it does not).
+    pub reason: String,
+    /// Replicas whose link has been down long enough to count as unreachable.
+    pub unreachable: Vec<String>,
+    pub san: String,
+}
+
+/// The record the owner should write so it says what `view` says, or None when it already
+/// does. The transitions of the effective policy go into the history with their time, and the
+/// time spent below the requested policy is accounted.
+pub fn owner_report(rec: &VolumeRecord, view: &OwnerView, now_unix_ms: u64) -> Option<VolumeRecord> {
+    let mut r = rec.clone();
+    let unreachable: Vec<String> = view.unreachable.iter().filter(|u| rec.replicas.contains(u)).cloned().collect();
+    r.requested = view.requested.clone();
+    r.unreachable = unreachable;
+    r.san = view.san.clone();
+    if r.effective != view.effective || r.reason != view.reason {
+        let what = if view.reason.is_empty() {
+            format!("effective {} as requested", view.effective)
+        } else {
+            format!("effective {} (requested {}): {}", view.effective, view.requested, view.reason)
+        };
+        r.effective = view.effective.clone();
+        r.reason = view.reason.clone();
+        r.push_transition(now_unix_ms, what);
+    }
+    let below = r.effective != r.requested;
+    if below && r.unprotected_since_unix_ms == 0 {
+        r.unprotected_since_unix_ms = now_unix_ms.max(1);
+    } else if !below && r.unprotected_since_unix_ms != 0 {
+        r.unprotected_ms += now_unix_ms.saturating_sub(r.unprotected_since_unix_ms);
+        r.unprotected_since_unix_ms = 0;
+    }
+    (r != *rec).then_some(r)
+}
+
+/// Whether a node that keeps a copy of `rec`'s volume may let it go: the record names other
+/// replicas, and the owner is alive and reports the volume as requested (so its replicas in
+/// force hold everything acknowledged that is not on the SAN, and this copy is no longer the
+/// last one of anything). A copy of a volume without a record is kept.
+pub fn may_discard_copy(rec: &VolumeRecord, me: &str, nodes: &[NodeInfo]) -> bool {
+    !rec.replicas.iter().any(|r| r == me)
+        && rec.owner != me
+        && nodes.iter().any(|n| n.id == rec.owner)
+        && rec.effective == rec.requested
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, domain: &str, free: u64, sans: &[u32]) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            fault_domain: Some(domain.into()),
+            fabric_addr: "127.0.0.1:1".into(),
+            nvme_addrs: vec![],
+            flash_free_bytes: free,
+            sans_reachable: sans.to_vec(),
+            started_unix_ms: 0,
+        }
+    }
+
+    fn rec(replicas: &[&str]) -> VolumeRecord {
+        VolumeRecord {
+            id: 1,
+            owner: "a".into(),
+            replicas: replicas.iter().map(|s| s.to_string()).collect(),
+            epoch: 3,
+            requested: "write-back+1".into(),
+            effective: "write-back+1".into(),
+            reason: String::new(),
+            history: vec![],
+            unprotected_ms: 0,
+            unprotected_since_unix_ms: 0,
+            unreachable: vec![],
+            san: "file:/san".into(),
+        }
+    }
+
+    fn three() -> Vec<NodeInfo> {
+        vec![node("a", "ra", 100, &[1]), node("b", "rb", 100, &[1]), node("c", "rc", 50, &[1])]
+    }
+
+    #[test]
+    fn copies_come_from_the_policy_name() {
+        assert_eq!(copies_of("write-back+2"), 2);
+        assert_eq!(copies_of("write-back+1"), 1);
+        for p in ["write-back", "write-through", "write-back+", "write-back+x", ""] {
+            assert_eq!(copies_of(p), 0, "{p}");
+        }
+    }
+
+    #[test]
+    fn a_healthy_volume_is_left_alone() {
+        assert_eq!(review(&rec(&["b"]), &three(), 10), Review::Keep);
+    }
+
+    #[test]
+    fn scenario_a_a_dead_replica_is_replaced_and_the_epoch_bumped() {
+        let nodes: Vec<NodeInfo> = three().into_iter().filter(|n| n.id != "b").collect();
+        let Review::Change { record, why } = review(&rec(&["b"]), &nodes, 10) else { panic!() };
+        assert_eq!(record.replicas, vec!["c".to_string()]);
+        assert_eq!(record.epoch, 4);
+        assert!(why.contains("lease expired"), "{why}");
+        assert_eq!(record.history.last().map(|t| t.at_unix_ms), Some(10));
+    }
+
+    #[test]
+    fn scenario_b_an_unreachable_replica_is_replaced_and_not_chosen_again() {
+        let mut r = rec(&["b"]);
+        r.unreachable = vec!["b".into()];
+        let Review::Change { record, why } = review(&r, &three(), 10) else { panic!() };
+        assert_eq!(record.replicas, vec!["c".to_string()]);
+        assert!(record.unreachable.is_empty());
+        assert!(why.contains("fabric"), "{why}");
+    }
+
+    #[test]
+    fn scenario_c_a_replica_without_the_san_is_replaced() {
+        let mut nodes = three();
+        nodes[1].sans_reachable.clear();
+        let Review::Change { record, why } = review(&rec(&["b"]), &nodes, 10) else { panic!() };
+        assert_eq!(record.replicas, vec!["c".to_string()]);
+        assert!(why.contains("SAN"), "{why}");
+    }
+
+    #[test]
+    fn with_no_eligible_node_the_lost_replica_is_dropped_and_filled_in_later() {
+        let nodes = vec![node("a", "ra", 100, &[1])];
+        let Review::Change { record, why } = review(&rec(&["b"]), &nodes, 10) else { panic!() };
+        assert!(record.replicas.is_empty());
+        assert!(why.contains("0 of 1"), "{why}");
+        assert_eq!(review(&record, &nodes, 11), Review::Keep, "nothing better: no churn");
+        let Review::Change { record: later, .. } = review(&record, &three(), 12) else { panic!() };
+        assert_eq!(later.replicas, vec!["b".to_string()]);
+        assert_eq!(later.epoch, record.epoch + 1);
+    }
+
+    #[test]
+    fn a_full_replica_is_kept_but_a_full_node_is_not_chosen() {
+        let mut nodes = three();
+        nodes[1].flash_free_bytes = 0;
+        assert_eq!(review(&rec(&["b"]), &nodes, 10), Review::Keep);
+        let nodes2: Vec<NodeInfo> = nodes.iter().filter(|n| n.id != "c").cloned().collect();
+        assert_eq!(review(&rec(&[]), &nodes2, 10), Review::Keep, "b is full: nothing to place");
+    }
+
+    #[test]
+    fn a_lost_owner_is_reported_and_nothing_changes() {
+        let nodes: Vec<NodeInfo> = three().into_iter().filter(|n| n.id != "a").collect();
+        assert_eq!(review(&rec(&["b"]), &nodes, 10), Review::OwnerLost);
+    }
+
+    #[test]
+    fn the_owner_reports_transitions_and_accounts_unprotected_time() {
+        let r = rec(&["b"]);
+        let healthy = OwnerView {
+            requested: "write-back+1".into(),
+            effective: "write-back+1".into(),
+            reason: String::new(),
+            unreachable: vec![],
+            san: "file:/san".into(),
+        };
+        assert_eq!(owner_report(&r, &healthy, 5), None);
+        let down = OwnerView {
+            effective: "write-through".into(),
+            reason: "replica-unavailable".into(),
+            unreachable: vec!["b".into(), "zz".into()],
+            ..healthy.clone()
+        };
+        let r1 = owner_report(&r, &down, 1000).expect("a change");
+        assert_eq!(r1.unreachable, vec!["b".to_string()], "only replicas of the record");
+        assert_eq!(r1.unprotected_since_unix_ms, 1000);
+        assert!(r1.history.last().is_some_and(|t| t.what.contains("replica-unavailable")));
+        assert_eq!(owner_report(&r1, &down, 1500), None);
+        let r2 = owner_report(&r1, &healthy, 4000).expect("back");
+        assert_eq!((r2.unprotected_ms, r2.unprotected_since_unix_ms), (3000, 0));
+        assert!(r2.history.last().is_some_and(|t| t.what.contains("as requested")));
+    }
+
+    #[test]
+    fn a_copy_goes_only_when_the_owner_is_alive_and_protected_by_others() {
+        let nodes = three();
+        let r = rec(&["c"]);
+        assert!(may_discard_copy(&r, "b", &nodes));
+        assert!(!may_discard_copy(&rec(&["b"]), "b", &nodes), "still a replica");
+        let mut unprotected = r.clone();
+        unprotected.effective = "write-through".into();
+        assert!(!may_discard_copy(&unprotected, "b", &nodes), "the new replica may not have it all yet");
+        let no_owner: Vec<NodeInfo> = nodes.into_iter().filter(|n| n.id != "a").collect();
+        assert!(!may_discard_copy(&r, "b", &no_owner), "possibly the last copy");
+    }
+}

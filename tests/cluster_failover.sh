@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Failure handling end to end with real parts (issue 10, scenarios a and b, and a rejoin):
+#   etcd (Debian's etcd-server) on 127.0.0.1 holds the cluster state; tgtd serves the volume's
+#   SAN (a file-backed iSCSI LUN); three stagerd nodes with `cluster:` sections run on 127.0.0.1.
+#   node-a owns volume 1, write-back+1, its copy first on node-b. node-a reaches node-c's fabric
+#   through tests/lib/tcp_proxy.py, so the link between those two alone can be cut.
+#   Under stager-perf --verify on node-a, nothing done by hand:
+#   a. node-b is killed with SIGKILL: the volume runs write-through at once; when node-b's lease
+#      expires the resource manager places the copy on node-c with a new epoch; node-a follows
+#      and is write-back+1 again once node-c is in sync.
+#   rejoin: node-b restarts; its stale copy of volume 1 is let go (never served).
+#   b. the fabric between node-a and node-c is cut silently (both alive, both in etcd): the link
+#      times out, node-a reports node-c unreachable, the manager moves the copy to node-b.
+#   Afterwards every acknowledged block verifies through node-a and, drained, on the SAN alone.
+#   Prints per scenario: time to detect, time in write-through, time back to the requested policy.
+# Needs tgtd, etcd, python3 and binaries built with the iscsi and cluster features (BIN=dir,
+# default build/release). Prints PASS/FAIL lines; exits non-zero on failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-build/release}
+for b in stagerd stagerctl stager-perf; do
+    [[ -x $BIN/$b ]] || { echo "cluster_failover: $BIN/$b missing"; exit 1; }
+done
+for c in tgtd etcd etcdctl python3; do
+    command -v $c > /dev/null || { echo "cluster_failover: $c missing"; exit 1; }
+done
+
+work=$(mktemp -d /tmp/stager-failover.XXXXXX)
+tgtd_pid=""
+etcd_pid=""
+proxy_pid=""
+writer=""
+declare -A pid=()
+cleanup() {
+    for n in "${!pid[@]}"; do kill -9 "${pid[$n]}" 2> /dev/null || true; done
+    for p in "$writer" "$proxy_pid" "$tgtd_pid" "$etcd_pid"; do [[ -n $p ]] && kill -9 "$p" 2> /dev/null || true; done
+    wait 2> /dev/null || true
+    if [[ ${KEEP:-0} == 1 ]]; then echo "cluster_failover: kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+fail() {
+    echo "FAIL: $*"
+    for f in "$work"/*.log; do echo "--- $f"; tail -30 "$f"; done
+    exit 1
+}
+source tests/lib/san.sh
+source tests/lib/nodes.sh
+ctl() { "$BIN/stagerctl" "$@"; }
+now() { date +%s.%N; }
+since() { python3 -c "print(f'{$(now) - $1:.1f}')"; }
+
+# etcd
+etcd_port=$(free_port)
+etcd_peer=$(free_port)
+etcd --name failover --data-dir "$work/etcd" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
+    --initial-cluster "failover=http://127.0.0.1:$etcd_peer" > "$work/etcd.log" 2>&1 &
+etcd_pid=$!
+prefix=/stager/failover
+record() { etcdctl --endpoints "127.0.0.1:$etcd_port" get "$prefix/volumes/1" --print-value-only 2> /dev/null; }
+field() { record | python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps(r.get('$1')))" 2> /dev/null || true; }
+for _ in $(seq 100); do etcdctl --endpoints "127.0.0.1:$etcd_port" endpoint health > /dev/null 2>&1 && break; sleep 0.1; done
+
+# the SAN
+iqn=iqn.2026-11.dev.stager:failover
+truncate -s 128M "$work/lun1.img"
+start_tgtd "$iqn" 91 "$work/lun1.img"
+san="iscsi://127.0.0.1:$iscsi_port/$iqn/1"
+
+declare -A nvme fabric
+for n in a b c; do nvme[$n]=$(free_port); fabric[$n]=$(free_port); done
+proxy_port=$(free_port)
+python3 tests/lib/tcp_proxy.py "$proxy_port" "${fabric[c]}" > "$work/proxy.log" 2>&1 &
+proxy_pid=$!
+secret="cluster failover test secret"
+cores=(0 1 1)
+i=0
+for n in a b c; do
+    peers=""
+    for p in a b c; do
+        [[ $p == "$n" ]] && continue
+        addr=${fabric[$p]}
+        [[ $n == a && $p == c ]] && addr=$proxy_port
+        peers+="    - { id: node-$p, address: 127.0.0.1:$addr, fault_domain: rack-$p }"$'\n'
+    done
+    cat > "$work/node-$n.yaml" <<EOF
+reactors: { cores: [${cores[$i]}], idle_poll_us: 200 }
+destage: { idle_poll_us: 50 }
+listeners: [{ name: tcp0, address: "127.0.0.1:${nvme[$n]}" }]
+management: { socket: $work/$n.sock }
+node:
+  id: node-$n
+  fault_domain: rack-$n
+  fabric: { listen: "127.0.0.1:${fabric[$n]}", secret: "$secret", peer_timeout_ms: 1000, ring_size: 8MiB }
+  peers:
+$peers
+cluster: { endpoints: ["127.0.0.1:$etcd_port"], prefix: $prefix, lease_ttl_ms: 3000, op_timeout_ms: 1000 }
+flash:
+  - { name: flash0, path: $work/flash-$n.img, size: 96MiB, cache_percent: 10 }
+EOF
+    i=$((i + 1))
+done
+cat >> "$work/node-a.yaml" <<EOF
+subsystems:
+  - nqn: nqn.2026-11.dev.stager:failover
+    allow_any_host: true
+    namespaces:
+      - nsid: 1
+        backend: { kind: volume, id: 1, flash: flash0, policy: write-back+1, replicas: [node-b],
+                   san: { kind: iscsi, url: "$san" } }
+EOF
+cat > "$work/node-check.yaml" <<EOF
+reactors: { cores: [0] }
+listeners: [{ name: tcp0, address: "127.0.0.1:${nvme[a]}" }]
+management: { socket: $work/check.sock }
+flash:
+  - { name: flash0, path: $work/flash-check.img, size: 64MiB }
+subsystems:
+  - nqn: nqn.2026-11.dev.stager:failover
+    allow_any_host: true
+    namespaces:
+      - nsid: 1
+        backend: { kind: volume, id: 1, flash: flash0, policy: write-through, read_cache: false,
+                   san: { kind: iscsi, url: "$san" } }
+EOF
+target="tcp://127.0.0.1:${nvme[a]}/nqn.2026-11.dev.stager:failover"
+
+vol() { # node-a's status of volume 1, one field
+    ctl status --json --socket "$work/a.sock" 2> /dev/null | python3 -c "import json,sys; v=[v for d in json.load(sys.stdin)['devices'] for v in d['volumes'] if v['id']==1][0]; print(json.dumps(v['$1']) if '$1' != 'replicas' else ' '.join(r['node']+':'+r['state'] for r in v['replicas']))" 2> /dev/null || true
+}
+wait_for() { # $1 seconds, $2 what, then a command that succeeds when it holds
+    local limit=$1 what=$2
+    shift 2
+    local end=$(($(date +%s) + limit))
+    until "$@"; do
+        (($(date +%s) < end)) || fail "$what: not within $limit s (record: $(record); replicas: $(vol replicas))"
+        sleep 0.1
+    done
+}
+protected() { [[ $(vol effective_policy) == '"write-back"' && $(vol replicas) == "$1:in-sync" ]]; }
+unprotected() { [[ $(vol effective_policy) == '"write-through"' ]]; }
+replicas_are() { [[ $(field replicas) == "[\"$1\"]" ]]; }
+
+start b
+start c
+start a
+wait_for 30 "volume 1's record created by node-a with node-b as replica" replicas_are node-b
+wait_for 30 "volume 1 write-back+1 with node-b in sync" protected node-b
+epoch0=$(field epoch)
+echo "cluster_failover: volume 1 write-back+1 on node-a, copy on node-b, epoch $epoch0"
+
+"$BIN/stager-perf" run --target "$target" --nsid 1 -q 8 -w randwrite -s 4k --range 0:32MiB -t 45 \
+    --verify-state "$work/state.json" --quiet --name failover > "$work/perf.log" 2>&1 &
+writer=$!
+sleep 3
+
+# a. a replica node dies.
+t0=$(now)
+stop b KILL
+wait_for 10 "(a) write-through after node-b's death" unprotected
+detect=$(since "$t0")
+wait_for 30 "(a) the resource manager places the copy on node-c" replicas_are node-c
+placed=$(since "$t0")
+wait_for 30 "(a) write-back+1 again with node-c in sync" protected node-c
+back=$(since "$t0")
+epoch1=$(field epoch)
+((epoch1 > epoch0)) || fail "(a) the epoch did not move ($epoch0 → $epoch1)"
+echo "PASS: (a) replica node killed: write-through after ${detect} s, node-c placed (epoch $epoch0 → $epoch1) after ${placed} s, write-back+1 again after ${back} s"
+
+# rejoin: node-b comes back; its copy is stale and must go.
+start b
+grep_copy() { grep -q "this node is no longer its replica" "$work/stagerd-b.log"; }
+wait_for 30 "node-b lets its stale copy of volume 1 go" grep_copy
+echo "PASS: rejoin: node-b restarted and let go of its stale copy ($(grep -o 'its copy of [^ ]* [^ ]* let go' "$work/stagerd-b.log" | tail -1))"
+
+# b. the fabric between node-a and node-c is cut; both stay alive and registered.
+sleep 2
+t0=$(now)
+kill -USR1 "$proxy_pid"
+wait_for 10 "(b) write-through after the link was cut" unprotected
+detect=$(since "$t0")
+wait_for 30 "(b) the resource manager moves the copy to node-b" replicas_are node-b
+placed=$(since "$t0")
+wait_for 30 "(b) write-back+1 again with node-b in sync" protected node-b
+back=$(since "$t0")
+echo "PASS: (b) link cut: write-through after ${detect} s, node-b placed after ${placed} s, write-back+1 again after ${back} s"
+etcdctl --endpoints "127.0.0.1:$etcd_port" get "$prefix/nodes/node-c" --print-value-only | grep -q node-c \
+    || fail "(b) node-c should still be alive in etcd"
+
+wait "$writer" || true
+writer=""
+grep -q "verify state saved" "$work/perf.log" || { cat "$work/perf.log"; fail "stager-perf did not save its state"; }
+grep -E "IOPS|errors" "$work/perf.log" | head -3 || true
+"$BIN/stager-perf" verify --target "$target" --nsid 1 --verify-state "$work/state.json" > "$work/verify-a.log" 2>&1 \
+    || { cat "$work/verify-a.log"; fail "a block acknowledged during the failures does not read back through node-a"; }
+echo "PASS: every acknowledged block reads back through node-a: $(tail -1 "$work/verify-a.log")"
+echo "cluster_failover: history of volume 1:"
+field history | python3 -c "import json,sys; [print('   ', t['at_unix_ms'], t['what']) for t in json.load(sys.stdin)]"
+echo "cluster_failover: unprotected_ms $(field unprotected_ms)"
+
+# Drain and check the SAN alone.
+ctl volume set-policy 1 write-through --socket "$work/a.sock" > /dev/null
+drained() { [[ $(vol dirty_bytes) == 0 ]]; }
+wait_for 60 "node-a drains volume 1" drained
+stop a TERM
+rm -f "$work/flash-check.img"
+start check
+"$BIN/stager-perf" verify --target "$target" --nsid 1 --verify-state "$work/state.json" > "$work/verify-san.log" 2>&1 \
+    || { cat "$work/verify-san.log"; fail "the SAN alone does not hold every acknowledged write"; }
+echo "PASS: the SAN alone holds every acknowledged write: $(tail -1 "$work/verify-san.log")"
+stop check TERM
+echo "cluster_failover: PASS"
