@@ -30,8 +30,9 @@ use stager_policy::{Epoch, VolumeId};
 
 use crate::config::{BackendConfig, Config, SanConfig};
 use crate::constants::{CLUSTER_REFRESH, CLUSTER_SAN_PROBE, CLUSTER_TICK};
+use crate::subsystem::TargetShared;
 use crate::volume::replication::Replication;
-use crate::volume::status::{NodeStatus, VolumeStatus};
+use crate::volume::status::{ClusterView, NodeStatus, VolumeStatus};
 use crate::volume::VolumeService;
 
 /// The cluster thread; `stop` deregisters the node (a graceful leave).
@@ -56,6 +57,8 @@ struct Agent {
     probes: HashMap<u32, (Instant, bool)>,
     /// What was said last, per topic, so a lasting condition is logged once.
     said: HashMap<String, String>,
+    /// Where `stagerctl cluster` reads what this thread last saw.
+    shared: Option<Arc<TargetShared>>,
 }
 
 impl Membership {
@@ -67,6 +70,7 @@ impl Membership {
         fabric_addr: Option<std::net::SocketAddr>,
         volumes: Option<Arc<VolumeService>>,
         replication: Option<Arc<Replication>>,
+        shared: Option<Arc<TargetShared>>,
     ) -> Option<Membership> {
         let (cl, node) = (cfg.cluster.as_ref()?, cfg.node.as_ref()?);
         let client_cfg = cl.client_config(&node.id);
@@ -94,6 +98,7 @@ impl Membership {
             down_since: HashMap::new(),
             probes: HashMap::new(),
             said: HashMap::new(),
+            shared,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -220,6 +225,7 @@ fn run(cfg: stager_cluster::ClusterConfig, mut agent: Agent, stop: &AtomicBool) 
         agent.own_volumes(c, &status, &records, &nodes);
         agent.manage(c, &records, &nodes);
         agent.copies(&status, &records, &nodes);
+        agent.publish(c, &cfg.prefix, nodes, records);
     }
     if let Some(c) = client {
         if let Err(e) = c.deregister() {
@@ -430,6 +436,28 @@ impl Agent {
                     Err(e) => self.say("manage", format!("cluster: resource manager: volume {}: {e}", rec.id)),
                 },
             }
+        }
+    }
+
+    /// Publishes what this tick saw for `stagerctl cluster`.
+    fn publish(&self, c: &Cluster, prefix: &str, nodes: Vec<NodeInfo>, records: Vec<(VolumeRecord, Revision)>) {
+        let Some(shared) = &self.shared else { return };
+        let manager = if c.is_leader() { Some(self.me.clone()) } else { c.leader().ok().flatten() };
+        let lease = match c.lease_state() {
+            LeaseState::Alive { .. } => "alive".to_string(),
+            other => format!("{other:?}"),
+        };
+        let view = ClusterView {
+            node: self.me.clone(),
+            prefix: prefix.to_string(),
+            lease,
+            manager,
+            nodes,
+            volumes: records.into_iter().map(|(r, _)| r).collect(),
+            at_unix_ms: unix_ms_now(),
+        };
+        if let Ok(mut v) = shared.cluster_view.lock() {
+            *v = Some(view);
         }
     }
 

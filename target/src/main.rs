@@ -85,6 +85,7 @@ fn main() -> ExitCode {
         target.fabric_addr(),
         target.volumes().cloned(),
         target.replication(),
+        Some(target.shared()),
     );
     let mut running = cfg.clone();
     while !stop.load(Ordering::Relaxed) {

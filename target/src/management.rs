@@ -10,6 +10,8 @@
 //! <- {"ok":false,"error":"no volume 7 on this node"}
 //! -> {"op":"accept-loss","volume":1}
 //! <- {"ok":true,"message":"volume 1: loss of 3 block(s) accepted; reads of them return what the SAN holds"}
+//! -> {"op":"cluster"}
+//! <- {"ok":true,"cluster":{"node":"node-a","manager":"node-c","nodes":[...],"volumes":[...],...}}
 //! -> {"op":"ana-show"}
 //! <- {"ok":true,"ana":[{"subsystem":"nqn...","group":1,"listener":"tcp0","state":"optimized",...}]}
 //! -> {"op":"ana-set","group":1,"state":"optimized"}            (optional "subsystem", "listener")
@@ -63,6 +65,8 @@ pub enum Request {
     },
     /// Every ANA path of the node and its state.
     AnaShow,
+    /// The cluster as this node last read it from etcd.
+    Cluster,
     /// Set an ANA group's state (in one subsystem / through one listener, or everywhere).
     AnaSet {
         group: u32,
@@ -86,14 +90,16 @@ pub struct Response {
     /// ANA paths: all of them (`ana-show`) or those a change touched (`ana-set`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ana: Option<Vec<AnaPathStatus>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::volume::status::ClusterView>,
 }
 
 impl Response {
     fn error(e: impl Into<String>) -> Response {
-        Response { ok: false, status: None, message: None, error: Some(e.into()), ana: None }
+        Response { ok: false, status: None, message: None, error: Some(e.into()), ana: None, cluster: None }
     }
     fn ok() -> Response {
-        Response { ok: true, status: None, message: None, error: None, ana: None }
+        Response { ok: true, status: None, message: None, error: None, ana: None, cluster: None }
     }
 }
 
@@ -227,6 +233,15 @@ fn answer(req: Request, volumes: Option<&VolumeService>, target: Option<&TargetS
                     Response { message: Some(m), ..Response::ok() }
                 }
                 Err(e) => Response::error(e),
+            }
+        }
+        Request::Cluster => {
+            let view = target.and_then(|t| t.cluster_view.lock().ok().and_then(|v| v.clone()));
+            match view {
+                Some(c) => Response { cluster: Some(c), ..Response::ok() },
+                None => Response::error(
+                    "this node has no cluster view: no `cluster:` section, or it has not reached etcd yet",
+                ),
             }
         }
         Request::AnaShow => match target {

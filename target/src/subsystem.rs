@@ -176,6 +176,9 @@ pub struct TargetShared {
     /// Bumped by every ANA state change: reactors compare it on their timer tick and then let
     /// controllers with a pending ANA change notice answer an Asynchronous Event Request.
     pub ana_changes: AtomicU64,
+    /// What the cluster thread last read from etcd (`stagerctl cluster`); None without a
+    /// `cluster:` section.
+    pub cluster_view: std::sync::Mutex<Option<crate::volume::status::ClusterView>>,
 }
 
 /// Transport and controller limits from the configuration.

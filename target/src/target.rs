@@ -207,6 +207,7 @@ impl Target {
             stats: Default::default(),
             listeners: listeners.iter().map(|(name, _, addr)| (name.clone(), *addr)).collect(),
             ana_changes: Default::default(),
+            cluster_view: Default::default(),
         });
         let mut reactors = Vec::new();
         for (id, core) in config.reactors.cores.iter().enumerate() {
@@ -292,6 +293,11 @@ impl Target {
     }
 
     /// The destage reactor's handle, when the configuration has write-back volumes.
+    /// What the target's threads share (the cluster thread publishes its view there).
+    pub fn shared(&self) -> Arc<TargetShared> {
+        self.shared.clone()
+    }
+
     pub fn volumes(&self) -> Option<&Arc<VolumeService>> {
         self.volumes.as_ref()
     }

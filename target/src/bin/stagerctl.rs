@@ -63,6 +63,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: FlashCmd,
     },
+    /// The cluster (etcd) as a running stagerd with a `cluster:` section sees it: live nodes,
+    /// the resource manager, each volume's owner, replicas, epoch, requested and effective
+    /// policy, time unprotected and transitions.
+    Cluster {
+        #[arg(long, default_value = DEFAULT_MANAGEMENT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Asymmetric Namespace Access (multipath) states of a running stagerd.
     Ana {
         #[command(subcommand)]
@@ -194,6 +203,19 @@ fn run(cmd: Cmd) -> Result<u8, String> {
                 println!("{}", serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?);
             } else {
                 print!("{}", render(&status));
+            }
+            Ok(0)
+        }
+        Cmd::Cluster { socket, json } => {
+            let r = call(&socket, &Request::Cluster)?;
+            let view = match (r.ok, r.cluster) {
+                (true, Some(c)) => c,
+                _ => return Err(r.error.unwrap_or_else(|| "stagerd sent no cluster view".into())),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?);
+            } else {
+                print!("{}", stager_target::volume::status::render_cluster(&view));
             }
             Ok(0)
         }

@@ -466,3 +466,81 @@ mod tests {
         assert!(v.san_unreachable_since_unix_s.is_none(), "optional in the JSON of older daemons");
     }
 }
+
+/// The cluster as this node's cluster thread last read it from etcd (`stagerctl cluster`):
+/// the live nodes, the resource manager, every volume record with its history.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// This node's id and the key prefix of its cluster.
+    pub node: String,
+    pub prefix: String,
+    /// `alive`, or why this node's lease is not.
+    pub lease: String,
+    /// The elected resource manager, if any node holds the role.
+    pub manager: Option<String>,
+    pub nodes: Vec<stager_cluster::NodeInfo>,
+    pub volumes: Vec<stager_cluster::VolumeRecord>,
+    /// When it was read.
+    pub at_unix_ms: u64,
+}
+
+/// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds.
+fn clock_ms(ms: u64) -> String {
+    let day = ms % 86_400_000;
+    format!("{:02}:{:02}:{:02}.{:03}", day / 3_600_000, day / 60_000 % 60, day / 1000 % 60, day % 1000)
+}
+
+/// The `stagerctl cluster` text.
+pub fn render_cluster(c: &ClusterView) -> String {
+    let mut out = format!(
+        "cluster {} as node {} saw it at {} UTC: lease {}, resource manager {}\n",
+        c.prefix,
+        c.node,
+        clock_ms(c.at_unix_ms),
+        c.lease,
+        c.manager.as_deref().unwrap_or("none")
+    );
+    out.push_str(&format!(
+        "{:<12} {:<12} {:>12}  {:<14} {:<22} nvme\n",
+        "node", "fault domain", "free flash", "SANs reachable", "fabric"
+    ));
+    for n in &c.nodes {
+        let sans: Vec<String> = n.sans_reachable.iter().map(u32::to_string).collect();
+        out.push_str(&format!(
+            "{:<12} {:<12} {:>12}  {:<14} {:<22} {}\n",
+            n.id,
+            n.fault_domain.as_deref().unwrap_or("-"),
+            human_bytes(n.flash_free_bytes),
+            if sans.is_empty() { "-".to_string() } else { sans.join(",") },
+            n.fabric_addr,
+            n.nvme_addrs.join(",")
+        ));
+    }
+    for v in &c.volumes {
+        let live = |id: &str| c.nodes.iter().any(|n| n.id == id);
+        let mark = |id: &str| if live(id) { id.to_string() } else { format!("{id} (GONE)") };
+        let replicas: Vec<String> = v.replicas.iter().map(|r| mark(r)).collect();
+        let unprotected_now =
+            if v.unprotected_since_unix_ms > 0 { c.at_unix_ms.saturating_sub(v.unprotected_since_unix_ms) } else { 0 };
+        out.push_str(&format!(
+            "volume {}: owner {}, replicas [{}], epoch {}, SAN {}\n  requested {}, effective {}{}; unprotected {:.1} s in all{}\n",
+            v.id,
+            if v.owner.is_empty() { "none".to_string() } else { mark(&v.owner) },
+            replicas.join(", "),
+            v.epoch,
+            if v.san.is_empty() { "-" } else { v.san.as_str() },
+            v.requested,
+            v.effective,
+            if v.reason.is_empty() { String::new() } else { format!(" ({})", v.reason) },
+            (v.unprotected_ms + unprotected_now) as f64 / 1000.0,
+            if unprotected_now > 0 { format!(", now for {:.1} s", unprotected_now as f64 / 1000.0) } else { String::new() },
+        ));
+        if !v.unreachable.is_empty() {
+            out.push_str(&format!("  unreachable from its owner: {}\n", v.unreachable.join(", ")));
+        }
+        for t in &v.history {
+            out.push_str(&format!("  {}  {}\n", clock_ms(t.at_unix_ms), t.what));
+        }
+    }
+    out
+}
