@@ -80,6 +80,8 @@ pub(crate) struct Batch {
     /// Bytes the batch writes to the SAN (data runs).
     pub bytes: u64,
     pub started_ns: u64,
+    pub writes_started_ns: u64,
+    pub flush_sent_ns: u64,
 }
 
 impl Batch {
@@ -229,6 +231,8 @@ impl Batch {
             flush_in_flight: false,
             bytes,
             started_ns: now,
+            writes_started_ns: 0,
+            flush_sent_ns: 0,
         }
     }
 

@@ -396,6 +396,9 @@ impl Destager {
             return 0;
         }
         let mut submits = Vec::new();
+        if b.writes_started_ns == 0 {
+            b.writes_started_ns = now;
+        }
         while b.in_flight < limit && v.health.may_try(now) {
             let Some(run) = b.ready.pop_front() else { break };
             b.in_flight += 1;
@@ -426,6 +429,9 @@ impl Destager {
             work += 1;
         }
         if flush {
+            if let Some(b) = self.volumes[vi].current.as_mut() {
+                b.flush_sent_ns = now;
+            }
             let token = self.token(Op::Flush { vi });
             self.volumes[vi].san.submit_flush(token);
             work += 1;
@@ -508,7 +514,16 @@ impl Destager {
                     let rate = b.bytes as f64 / elapsed;
                     v.rate_bytes_per_s =
                         if v.rate_bytes_per_s == 0.0 { rate } else { v.rate_bytes_per_s * 0.7 + rate * 0.3 };
-                    tracing::debug!(volume = v.id.0, watermark = b.upto.0, bytes = b.bytes, "destage batch durable");
+                    tracing::debug!(
+                        volume = v.id.0,
+                        watermark = b.upto.0,
+                        bytes = b.bytes,
+                        runs = b.runs.len(),
+                        ms = elapsed * 1e3,
+                        writes_ms = b.writes_started_ns.saturating_sub(b.started_ns) as f64 / 1e6,
+                        flush_ms = now.saturating_sub(b.flush_sent_ns) as f64 / 1e6,
+                        "destage batch durable"
+                    );
                     self.events.push(DestageEvent::BatchDestaged { volume: v.id, watermark: b.upto, bytes: b.bytes });
                     self.outbox.push(FromDestage::Destaged { volume: v.id, watermark: b.upto });
                     for r in b.runs {
