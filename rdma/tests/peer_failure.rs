@@ -36,9 +36,11 @@ fn a_dropped_peer_fails_the_endpoint_and_its_outstanding_writes() {
 fn a_silent_peer_fails_within_the_peer_timeout() {
     let timeout = Duration::from_millis(600);
     let b = Fabric::start(FabricConfig { peer_timeout: timeout, ..config("b", &["a"]) }).unwrap();
+    // The silence counts from the peer's last word, which comes before `accept` returns: the
+    // clock starts before it (started after, it once read 599.99 ms for a 600 ms timeout).
+    let t0 = Instant::now();
     let _silent = raw_member(b.local_addr(), "a"); // authenticates, then never says a word
     let mut eb = accept(&b);
-    let t0 = Instant::now();
     let mut evs = vec![Vec::new()];
     assert!(drive(&mut [&mut eb], &mut evs, timeout * 10, |e| failed(&e[0]).is_some()));
     assert!(matches!(failed(&evs[0]), Some(FabricError::Timeout(_))), "{:?}", evs[0]);
