@@ -8,6 +8,16 @@
 //! it sleeps in `io_uring_enter` until a completion arrives: a socket receive, a device
 //! completion, or the eventfd. An idle target therefore uses ~0% CPU.
 //!
+//! **Waiting on the kernel.** Some device I/O is finished by the kernel's own threads, which
+//! need a core: a flash file's `fdatasync` (the second half of every log frame on a file, see
+//! `stager_nvme::bdev::file`) runs in an io-wq worker. A reactor that spins while such I/O is
+//! all it waits for competes with that worker — and on a machine whose other cores spin too
+//! (a busy-polling host, other reactors) the worker waits for a scheduler tick. So a turn that
+//! found nothing to do, while a channel or poller says it [waits on the
+//! kernel](stager_nvme::bdev::BdevChannel::waits_on_kernel), is followed by a sleep in
+//! `io_uring_enter` (woken by that completion, socket data or the eventfd), not by spinning.
+//! Memory namespaces and polled devices never say so: their reactors spin as before.
+//!
 //! **Pollers.** Besides connections and namespace channels, a reactor runs [`Poller`]s: the
 //! engine hosts of the flash devices it owns (`volume/host.rs`), polled every turn right after
 //! the completions are dispatched, so a command received in a turn reaches its engine — and
@@ -47,6 +57,8 @@ pub trait Poller {
     fn woke(&mut self);
     /// Device I/O in flight (a stopping reactor lets it finish).
     fn busy(&self) -> bool;
+    /// Device I/O in flight waits for kernel threads (see "Waiting on the kernel" above).
+    fn waits_on_kernel(&self) -> bool;
 }
 
 impl Poller for crate::volume::host::EngineHost {
@@ -64,6 +76,28 @@ impl Poller for crate::volume::host::EngineHost {
     }
     fn busy(&self) -> bool {
         crate::volume::host::EngineHost::busy(self)
+    }
+    fn waits_on_kernel(&self) -> bool {
+        crate::volume::host::EngineHost::waits_on_kernel(self)
+    }
+}
+
+/// How the loop waits for its next events, decided at the top of every turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// Submit and reap without sleeping.
+    Spin,
+    /// Sleep in `io_uring_enter` until a completion or the timer (if every poller agrees).
+    Sleep,
+}
+
+/// `since_work`: time since the last turn that did work; `idle_turn`: the last turn did none;
+/// `kernel_io`: device I/O in flight waits for kernel threads (see "Waiting on the kernel").
+fn wait_for(since_work: std::time::Duration, idle_poll: std::time::Duration, idle_turn: bool, kernel_io: bool) -> Wait {
+    if since_work >= idle_poll || (idle_turn && kernel_io) {
+        Wait::Sleep
+    } else {
+        Wait::Spin
     }
 }
 
@@ -252,6 +286,8 @@ impl Reactor {
         // the channel is looked at after that (and every MSG_CHECK_EVERY iterations, to be safe)
         // rather than on every turn of a spinning loop.
         let mut msgs_due = true;
+        // The last turn did nothing (see `wait_for`).
+        let mut idle_turn = false;
         loop {
             iteration = iteration.wrapping_add(1);
             let mut work = 0usize;
@@ -275,7 +311,10 @@ impl Reactor {
             // clock_gettime when it read it twice per iteration, and 5% with once: it is read
             // after a sleep and every CLOCK_READ_EVERY iterations (a few µs of spinning, or a
             // few batches of work: timers, timeouts and the spin window need far less).
-            let mut spin = now.duration_since(last_work) < idle_poll;
+            let kernel_io = idle_turn
+                && (self.pollers.iter().any(|p| p.waits_on_kernel())
+                    || self.channels.iter().any(|c| c.waits_on_kernel()));
+            let mut spin = wait_for(now.duration_since(last_work), idle_poll, idle_turn, kernel_io) == Wait::Spin;
             if !spin {
                 // Every poller must agree (and from then on be woken by its senders).
                 let mut all = true;
@@ -409,6 +448,7 @@ impl Reactor {
             if work > 0 {
                 last_work = now;
             }
+            idle_turn = work == 0;
         }
     }
 
@@ -443,5 +483,35 @@ impl Reactor {
         debug!("reactor {}: new connection from {peer}", self.id);
         self.conns[idx as usize] = Some(conn);
         self.dirty.push(idx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{wait_for, Wait};
+    use std::time::Duration;
+
+    const IDLE_POLL: Duration = Duration::from_micros(1000);
+
+    #[test]
+    fn spins_while_recent_work_and_sleeps_once_idle_poll_has_passed() {
+        let recent = Duration::from_micros(10);
+        assert_eq!(wait_for(recent, IDLE_POLL, false, false), Wait::Spin);
+        // An idle turn alone is no reason to sleep: the next command may be on the wire.
+        assert_eq!(wait_for(recent, IDLE_POLL, true, false), Wait::Spin);
+        assert_eq!(wait_for(IDLE_POLL, IDLE_POLL, true, false), Wait::Sleep);
+        assert_eq!(wait_for(IDLE_POLL, IDLE_POLL, false, true), Wait::Sleep);
+        // idle_poll_us: 0 sleeps as soon as there is no work.
+        assert_eq!(wait_for(Duration::ZERO, Duration::ZERO, false, false), Wait::Sleep);
+    }
+
+    /// Issue 8: a log frame's fdatasync waited ~1.3 ms for an io-wq worker while the reactor
+    /// spun next to a busy-polling host.
+    #[test]
+    fn an_idle_turn_with_io_waiting_on_kernel_threads_sleeps() {
+        let recent = Duration::from_micros(10);
+        assert_eq!(wait_for(recent, IDLE_POLL, true, true), Wait::Sleep);
+        // A turn that did work spins once more: what it queued may complete at once.
+        assert_eq!(wait_for(recent, IDLE_POLL, false, true), Wait::Spin);
     }
 }

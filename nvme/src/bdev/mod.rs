@@ -170,6 +170,14 @@ pub trait BdevChannel {
     /// Moves finished I/O to `done`; returns how many.
     fn poll(&mut self, done: &mut Vec<BdevDone>) -> usize;
     fn in_flight(&self) -> usize;
+    /// Whether I/O in flight may be waiting for CPU time of the kernel's own threads rather
+    /// than for the device (a file's `fdatasync` in an io-wq worker, a write into a hole). A
+    /// reactor with nothing else to do then sleeps instead of spinning, so those threads get a
+    /// core (`reactor.rs`, "Waiting on the kernel"). Devices whose completions arrive by
+    /// interrupt or by polling say false.
+    fn waits_on_kernel(&self) -> bool {
+        false
+    }
 }
 
 /// What a device that finishes I/O inside `submit` (memory, test devices) implements; a

@@ -390,6 +390,12 @@ impl EngineHost {
         self.channel.in_flight() > 0 || !self.flash.borrow().pending.is_empty()
     }
 
+    /// Flash I/O in flight is waiting for the kernel's threads (a log frame's `fdatasync` on a
+    /// flash file): the reactor sleeps instead of spinning when it has nothing else to do.
+    pub fn waits_on_kernel(&self) -> bool {
+        self.channel.waits_on_kernel()
+    }
+
     /// One turn: take commands and messages, run the engine, route what finished, submit its
     /// device I/O. Returns the work done.
     pub fn poll(&mut self, ring: &mut Ring) -> usize {
