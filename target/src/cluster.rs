@@ -57,6 +57,8 @@ struct Agent {
     probes: HashMap<u32, (Instant, bool)>,
     /// What was said last, per topic, so a lasting condition is logged once.
     said: HashMap<String, String>,
+    /// The record epoch this node last applied to each of its volumes.
+    applied: HashMap<u32, u64>,
     /// Where `stagerctl cluster` reads what this thread last saw.
     shared: Option<Arc<TargetShared>>,
 }
@@ -98,6 +100,7 @@ impl Membership {
             down_since: HashMap::new(),
             probes: HashMap::new(),
             said: HashMap::new(),
+            applied: HashMap::new(),
             shared,
         };
         let stop = Arc::new(AtomicBool::new(false));
@@ -263,8 +266,11 @@ impl Agent {
             let due = self.probes.get(&rec.id).is_none_or(|(at, _)| at.elapsed() >= CLUSTER_SAN_PROBE);
             if due {
                 let ok = probe_san(&rec.san);
-                if self.probes.get(&rec.id).is_some_and(|(_, was)| *was != ok) || (!ok && due) {
-                    let msg = if ok { "answers" } else { "does not answer" };
+                if ok && self.probes.get(&rec.id).is_some_and(|(_, was)| !*was) {
+                    tracing::info!("cluster: volume {}'s SAN {} answers from this node again", rec.id, rec.san);
+                    self.said.remove(&format!("probe-{}", rec.id));
+                } else if !ok {
+                    let msg = "does not answer";
                     self.say(
                         &format!("probe-{}", rec.id),
                         format!("cluster: volume {}'s SAN {} {msg} from this node", rec.id, rec.san),
@@ -355,7 +361,10 @@ impl Agent {
                 continue;
             }
             // Follow the record's replica set and epoch.
-            if named != rec.replicas || copies != copies_of(&rec.requested) || self.applied_epoch(v.id) < rec.epoch {
+            if named != rec.replicas
+                || copies != copies_of(&rec.requested)
+                || self.applied.get(&v.id).copied().unwrap_or(0) < rec.epoch
+            {
                 if let Some(repl) = &self.replication {
                     let take = rec.replicas.iter().take(copies).cloned().collect::<Vec<_>>();
                     match repl.set_replicas(VolumeId(v.id), &take, copies, Epoch(rec.epoch)) {
@@ -370,7 +379,7 @@ impl Agent {
                                     e.0
                                 );
                             }
-                            self.said.insert(format!("epoch-{}", v.id), rec.epoch.to_string());
+                            self.applied.insert(v.id, rec.epoch);
                         }
                         Err(e) => self.say(
                             &format!("follow-{}", v.id),
@@ -399,11 +408,6 @@ impl Agent {
                 }
             }
         }
-    }
-
-    /// The record epoch this node last applied to a volume (0: none yet).
-    fn applied_epoch(&self, volume: u32) -> u64 {
-        self.said.get(&format!("epoch-{volume}")).and_then(|e| e.parse().ok()).unwrap_or(0)
     }
 
     /// The resource manager's part: stand for election, and while elected review every record.
