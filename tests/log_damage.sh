@@ -120,9 +120,11 @@ verify_no_stale() { # $1 label
 # The pristine log: verified writes acknowledged from flash alone (the SAN paused), then kill -9.
 start_stagerd stagerd-fill
 kill -STOP "$tgtd_pid"
-# Short runs until the log holds at least 6 MiB (as fast as this machine allows; the log has 51).
-for run in $(seq 40); do
-    "$BIN/stager-perf" run --target "$target" -q 8 -w randwrite -s 4k --range 0:32MiB -t 0.3 \
+# Short runs until the log holds at least 6 MiB; the log has 51, and a write that does not fit
+# would go to the paused SAN. 50 ms at QD8 is about 8 MiB at 40 000 writes/s (0.3 s runs overfilled
+# the log once writes to a flash file got that fast).
+for run in $(seq 200); do
+    "$BIN/stager-perf" run --target "$target" -q 8 -w randwrite -s 4k --range 0:32MiB -t 50ms \
         --verify-state "$work/state.json" --quiet --name "fill$run" > "$work/perf-fill.log" 2>&1 \
         || { cat "$work/perf-fill.log"; fail "writes with the SAN paused failed"; }
     in_log=$(ctl status --json --socket "$sock" | python3 -c 'import json,sys; print(json.load(sys.stdin)["devices"][0]["log_used_bytes"])')
