@@ -158,7 +158,6 @@ fn run(cfg: stager_cluster::ClusterConfig, mut agent: Agent, stop: &AtomicBool) 
     // The registration etcd holds, when the lease is alive.
     let mut registered: Option<NodeInfo> = None;
     let mut next_connect = Instant::now();
-    let mut next_register = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(CLUSTER_TICK);
         let c = match &client {
@@ -191,27 +190,22 @@ fn run(cfg: stager_cluster::ClusterConfig, mut agent: Agent, stop: &AtomicBool) 
         };
         let records = if alive { c.volumes().map_err(|e| e.to_string()) } else { Err("lease lost".to_string()) };
         let info = agent.facts(status.as_ref(), records.as_ref().ok());
-        if registered.as_ref() != Some(&info) || Instant::now() >= next_register {
-            next_register = Instant::now() + CLUSTER_REFRESH;
-            if registered.as_ref() != Some(&info) {
-                match c.register(&info) {
-                    Ok(()) => {
-                        if registered.is_none() {
-                            tracing::info!(
-                                "cluster: node {} registered in etcd at {endpoints} under {} ({} bytes of free flash, SANs of volumes {:?} reachable)",
-                                cfg.node,
-                                cfg.prefix,
-                                info.flash_free_bytes,
-                                info.sans_reachable
-                            );
-                        }
-                        agent.said.remove("etcd");
-                        registered = Some(info);
+        if registered.as_ref() != Some(&info) {
+            match c.register(&info) {
+                Ok(()) => {
+                    if registered.is_none() {
+                        tracing::info!(
+                            "cluster: node {} registered in etcd at {endpoints} under {} ({} bytes of free flash, SANs of volumes {:?} reachable)",
+                            cfg.node,
+                            cfg.prefix,
+                            info.flash_free_bytes,
+                            info.sans_reachable
+                        );
                     }
-                    Err(e) => {
-                        agent.say("etcd", format!("cluster: registering node {} failed, retrying: {e}", cfg.node))
-                    }
+                    agent.said.remove("etcd");
+                    registered = Some(info);
                 }
+                Err(e) => agent.say("etcd", format!("cluster: registering node {} failed, retrying: {e}", cfg.node)),
             }
         }
         if registered.is_none() {

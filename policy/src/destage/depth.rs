@@ -10,11 +10,11 @@
 //! not cut the window: it grows to `DESTAGE_DEPTH_MAX` and only SAN errors cut it, so the
 //! destager goes as fast as the SAN takes writes. (A latency baseline cannot tell a saturated
 //! SAN from writes of another size: runs go from 4 KiB to 1 MiB, and with the best latency seen
-//! on a small one every large run looked slow, which pinned the window at 1 and drained a log
-//! of random 64 KiB writes at 43 MiB/s against a SAN that takes 286 MiB/s; 103–115 MiB/s with
-//! this rule, `scripts/bench-writeback` part 3.) When the front end's flash latency is well
-//! above its best and nothing is urgent, the destager backs off to a quarter of its window and
-//! one log read at a time, leaving the device to the hosts.
+//! on a small one every large run looked slow, which pinned the window at 1: in
+//! `scripts/bench-writeback` part 3 a log of random 64 KiB writes drained at 0.10x of what the
+//! SAN takes through a write-through volume, 0.42–0.48x with this rule.) When the front end's
+//! flash latency is well above its best and nothing is urgent, the destager backs off to a
+//! quarter of its window and one log read at a time, leaving the device to the hosts.
 
 use crate::constants::{DESTAGE_DEPTH_MAX, DESTAGE_READS_IN_FLIGHT_MAX};
 use crate::link::Pressure;
