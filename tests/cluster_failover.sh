@@ -142,6 +142,7 @@ wait_for() { # $1 seconds, $2 what, then a command that succeeds when it holds
 protected() { [[ $(vol effective_policy) == '"write-back"' && $(vol replicas) == "$1:in-sync" ]]; }
 unprotected() { [[ $(vol effective_policy) == '"write-through"' ]]; }
 replicas_are() { [[ $(field replicas) == "[\"$1\"]" ]]; }
+in_sync_is() { [[ $(field in_sync) == "$1" ]]; }
 
 # node-b starts first and becomes the resource manager: killing it in (a) also tests the
 # manager's failover (another node is elected and does the replacement).
@@ -152,8 +153,9 @@ start c
 start a
 wait_for 30 "volume 1's record created by node-a with node-b as replica" replicas_are node-b
 wait_for 30 "volume 1 write-back+1 with node-b in sync" protected node-b
+wait_for 5 "the record names node-b's copy in sync" in_sync_is '["node-b"]'
 epoch0=$(field epoch)
-echo "cluster_failover: volume 1 write-back+1 on node-a, copy on node-b, epoch $epoch0"
+echo "cluster_failover: volume 1 write-back+1 on node-a, copy on node-b (in sync in the record), epoch $epoch0"
 
 "$BIN/stager-perf" run --target "$target" --nsid 1 -q 8 -w randwrite -s 4k --range 0:32MiB -t 45 \
     --verify-state "$work/state.json" --quiet --name failover > "$work/perf.log" 2>&1 &
@@ -209,6 +211,12 @@ echo "$view"
 grep -q "volume 1: owner node-a, replicas \[node-b\]" <<< "$view" || fail "stagerctl cluster does not show the volume's owner and replica"
 grep -q "epoch 3: replicas \[node-c\] → \[node-b\]" <<< "$view" || fail "stagerctl cluster does not show the transitions"
 echo "PASS: stagerctl cluster shows the nodes, the manager, the record and its transitions"
+
+# Each loss of an in-sync replica held node-a's write acknowledgements until the record no
+# longer named that replica in sync (so a copy the record names never misses an acknowledged
+# write): hold and release in node-a's log, the record written in between.
+holds=$(python3 tests/lib/acks_held.py "$work/stagerd-a.log") || fail "write acknowledgements were not held as they must be: $holds"
+echo "PASS: an in-sync replica lost → acknowledgements held until the record said so: $holds"
 
 # Drain and check the SAN alone.
 ctl volume set-policy 1 write-through --socket "$work/a.sock" > /dev/null

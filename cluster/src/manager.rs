@@ -89,6 +89,7 @@ pub fn review(rec: &VolumeRecord, nodes: &[NodeInfo], now_unix_ms: u64) -> Revie
     record.replicas = next;
     record.epoch += 1;
     record.unreachable.retain(|u| record.replicas.contains(u));
+    record.in_sync.retain(|u| record.replicas.contains(u));
     why = format!("epoch {}: {why}", record.epoch);
     record.push_transition(now_unix_ms, why.clone());
     Review::Change { record: Box::new(record), why }
@@ -104,6 +105,9 @@ pub struct OwnerView {
     /// Replicas whose link has been down long enough to count as unreachable.
     pub unreachable: Vec<String>,
     pub san: String,
+    /// Replicas whose links are in sync now (the engine's copies generation it read them at is
+    /// what the owner confirms once the record says no more than this).
+    pub in_sync: Vec<String>,
 }
 
 /// The record the owner should write so it says what `view` says, or None when it already
@@ -115,6 +119,8 @@ pub fn owner_report(rec: &VolumeRecord, view: &OwnerView, now_unix_ms: u64) -> O
     r.requested = view.requested.clone();
     r.unreachable = unreachable;
     r.san = view.san.clone();
+    // Only replicas the record names: the owner may not have followed a new set yet.
+    r.in_sync = view.in_sync.iter().filter(|u| rec.replicas.contains(u)).cloned().collect();
     if r.effective != view.effective || r.reason != view.reason {
         let what = if view.reason.is_empty() {
             format!("effective {} as requested", view.effective)
@@ -176,6 +182,7 @@ mod tests {
             unprotected_since_unix_ms: 0,
             unreachable: vec![],
             san: "file:/san".into(),
+            in_sync: replicas.iter().map(|s| s.to_string()).collect(),
         }
     }
 
@@ -262,22 +269,44 @@ mod tests {
             reason: String::new(),
             unreachable: vec![],
             san: "file:/san".into(),
+            in_sync: vec!["b".into()],
         };
         assert_eq!(owner_report(&r, &healthy, 5), None);
         let down = OwnerView {
             effective: "write-through".into(),
             reason: "replica-unavailable".into(),
             unreachable: vec!["b".into(), "zz".into()],
+            in_sync: vec![],
             ..healthy.clone()
         };
         let r1 = owner_report(&r, &down, 1000).expect("a change");
         assert_eq!(r1.unreachable, vec!["b".to_string()], "only replicas of the record");
+        assert!(r1.in_sync.is_empty(), "a lost replica is out of sync at once");
         assert_eq!(r1.unprotected_since_unix_ms, 1000);
         assert!(r1.history.last().is_some_and(|t| t.what.contains("replica-unavailable")));
         assert_eq!(owner_report(&r1, &down, 1500), None);
         let r2 = owner_report(&r1, &healthy, 4000).expect("back");
         assert_eq!((r2.unprotected_ms, r2.unprotected_since_unix_ms), (3000, 0));
         assert!(r2.history.last().is_some_and(|t| t.what.contains("as requested")));
+    }
+
+    #[test]
+    fn only_replicas_the_record_names_are_in_sync_and_a_replaced_one_drops_out() {
+        let r = rec(&["b"]);
+        let view = OwnerView {
+            requested: "write-back+1".into(),
+            effective: "write-back+1".into(),
+            reason: String::new(),
+            unreachable: vec![],
+            san: "file:/san".into(),
+            // "c" is in sync with an owner that has not followed the record's set yet.
+            in_sync: vec!["b".into(), "c".into()],
+        };
+        assert_eq!(owner_report(&r, &view, 5), None, "the record says b already; c is not its replica");
+        let nodes: Vec<NodeInfo> = three().into_iter().filter(|n| n.id != "b").collect();
+        let Review::Change { record, .. } = review(&r, &nodes, 10) else { panic!("b is gone: a change") };
+        assert_eq!(record.replicas, vec!["c".to_string()]);
+        assert!(record.in_sync.is_empty(), "the new replica is not in sync before its owner says so");
     }
 
     #[test]

@@ -86,6 +86,12 @@ pub struct VolumeRecord {
     /// nodes probe to say whether they could destage a copy of it (`NodeInfo::sans_reachable`).
     #[serde(default)]
     pub san: String,
+    /// The replicas whose copies are in sync: each holds every write the owner acknowledged
+    /// that may not be on the SAN yet, so one of them may be destaged if the owner is lost.
+    /// Written by the owner, which drops a replica from it *before* acknowledging any write that
+    /// replica lacks (`Engine::confirm_copies`) and adds one once it is in sync again.
+    #[serde(default)]
+    pub in_sync: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +192,12 @@ impl VolumeRecord {
         }
         for (i, r) in self.unreachable.iter().enumerate() {
             check_node_id(r).map_err(|e| format!("unreachable[{i}]: {e}"))?;
+        }
+        for (i, r) in self.in_sync.iter().enumerate() {
+            // A copy in sync is a copy of a replica the record names (so at most REPLICAS_MAX).
+            if !self.replicas.contains(r) || self.in_sync[..i].contains(r) {
+                return Err(format!("in_sync[{i}]: {r:?} is not one of the replicas, or named twice"));
+            }
         }
         if self.san.len() > SAN_BYTES_MAX {
             return Err(format!("san: {} bytes; at most {SAN_BYTES_MAX}", self.san.len()));
@@ -307,6 +319,7 @@ mod tests {
             unprotected_since_unix_ms: 0,
             unreachable: Vec::new(),
             san: String::new(),
+            in_sync: vec!["node-b".into()],
         }
     }
 
@@ -375,6 +388,11 @@ mod tests {
         let mut rec = volume(1);
         rec.reason = "x".repeat(RECORD_BYTES_MAX);
         assert!(matches!(encode_volume(&keys, &rec), Err(ClusterError::InvalidRecord { .. })));
+        let mut rec = volume(1);
+        rec.in_sync = vec!["node-c".into()];
+        assert!(matches!(encode_volume(&keys, &rec), Err(ClusterError::InvalidRecord { .. })), "not a replica");
+        rec.in_sync = vec!["node-b".into(), "node-b".into()];
+        assert!(matches!(encode_volume(&keys, &rec), Err(ClusterError::InvalidRecord { .. })), "twice");
     }
 
     #[test]

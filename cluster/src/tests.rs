@@ -43,6 +43,7 @@ fn record(owner: &str, epoch: u64) -> VolumeRecord {
         unprotected_since_unix_ms: 0,
         unreachable: Vec::new(),
         san: String::new(),
+        in_sync: Vec::new(),
     }
 }
 

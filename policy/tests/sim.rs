@@ -146,6 +146,14 @@ fn checker_catches_write_through_over_blocks_a_replica_still_holds() {
     assert!(f.invariant.starts_with("replica failover") || f.invariant == "invariant 2", "{f}");
 }
 
+#[test]
+fn checker_catches_acks_not_held_for_the_clusters_record() {
+    let cfg = SimConfig { confirm_copies: Some(true), ..replicated(Bugs { skip_ack_hold: true, ..Bugs::default() }) };
+    let f = first_failure(cfg, 3000);
+    // A copy the record still names in sync lacks a write acknowledged after its link was lost.
+    assert!(f.invariant.starts_with("replica failover") || f.invariant == "invariant 2", "{f}");
+}
+
 /// Seeds that once found a bug, kept as regression tests (named after what broke).
 #[test]
 fn regression_seeds() {

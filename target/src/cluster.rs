@@ -29,7 +29,7 @@ use stager_cluster::{unix_ms_now, Cluster, LeaseState, NodeInfo, Revision, Volum
 use stager_policy::{Epoch, VolumeId};
 
 use crate::config::{BackendConfig, Config, SanConfig};
-use crate::constants::{CLUSTER_REFRESH, CLUSTER_SAN_PROBE, CLUSTER_TICK};
+use crate::constants::{CLUSTER_HOLD_POLL, CLUSTER_REFRESH, CLUSTER_SAN_PROBE, CLUSTER_TICK};
 use crate::subsystem::TargetShared;
 use crate::volume::replication::Replication;
 use crate::volume::status::{ClusterView, NodeStatus, VolumeStatus};
@@ -61,6 +61,13 @@ struct Agent {
     applied: HashMap<u32, u64>,
     /// Where `stagerctl cluster` reads what this thread last saw.
     shared: Option<Arc<TargetShared>>,
+    /// A volume of this node holds write acknowledgements the record has not confirmed yet:
+    /// the next tick comes sooner (`CLUSTER_TICK_HOLDING`).
+    holding: bool,
+    /// This node owns volumes with replicas (only then can a lost link hold acknowledgements).
+    replicated: bool,
+    /// Each volume's copies generation as the last tick saw it.
+    generations: HashMap<u32, u64>,
 }
 
 impl Membership {
@@ -102,6 +109,9 @@ impl Membership {
             said: HashMap::new(),
             applied: HashMap::new(),
             shared,
+            holding: false,
+            replicated: false,
+            generations: HashMap::new(),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -158,8 +168,15 @@ fn run(cfg: stager_cluster::ClusterConfig, mut agent: Agent, stop: &AtomicBool) 
     // The registration etcd holds, when the lease is alive.
     let mut registered: Option<NodeInfo> = None;
     let mut next_connect = Instant::now();
+    let mut last_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(CLUSTER_TICK);
+        std::thread::sleep(CLUSTER_HOLD_POLL);
+        let due = last_tick.elapsed() >= CLUSTER_TICK || agent.holding || (agent.replicated && agent.any_held());
+        if !due {
+            continue;
+        }
+        last_tick = Instant::now();
+        agent.holding = false;
         let c = match &client {
             Some(c) => c,
             None if Instant::now() < next_connect => continue,
@@ -281,6 +298,14 @@ impl Agent {
         info
     }
 
+    /// Whether a volume of this node holds write acknowledgements for the record.
+    fn any_held(&self) -> bool {
+        let Some(Ok(status)) = self.volumes.as_ref().map(|v| v.status()) else { return false };
+        status.devices.iter().flat_map(|d| &d.volumes).any(|v| {
+            v.copies_confirmed < v.copies_generation && self.generations.get(&v.id) != Some(&v.copies_generation)
+        })
+    }
+
     /// The owner's part for each volume this node serves.
     fn own_volumes(
         &mut self,
@@ -291,7 +316,9 @@ impl Agent {
     ) {
         let now = Instant::now();
         let vols: Vec<&VolumeStatus> = status.devices.iter().flat_map(|d| d.volumes.iter()).collect();
+        self.replicated = vols.iter().any(|v| !v.replicas.is_empty());
         for v in vols {
+            self.generations.insert(v.id, v.copies_generation);
             let requested = v.requested_policy.clone();
             let copies = copies_of(&requested);
             let named: Vec<String> = v.replicas.iter().map(|r| r.node.clone()).collect();
@@ -315,12 +342,15 @@ impl Agent {
                 })
                 .cloned()
                 .collect();
+            let in_sync: Vec<String> =
+                v.replicas.iter().filter(|r| r.state == "in-sync").map(|r| r.node.clone()).collect();
             let view = OwnerView {
                 requested: requested.clone(),
                 effective,
                 reason,
                 unreachable,
                 san: self.own_sans.get(&v.id).cloned().unwrap_or_default(),
+                in_sync,
             };
             let Some((rec, rev)) = records.iter().find(|(r, _)| r.id == v.id) else {
                 let mut rec = VolumeRecord {
@@ -333,12 +363,15 @@ impl Agent {
                 rec.push_transition(unix_ms_now(), format!("created by its owner {}", self.me));
                 let rec = owner_report(&rec, &view, unix_ms_now()).unwrap_or(rec);
                 match c.put_volume_if(&rec, None) {
-                    Ok(Ok(_)) => tracing::info!(
-                        "cluster: volume {}: record created (owner {}, replicas {:?})",
-                        v.id,
-                        self.me,
-                        named
-                    ),
+                    Ok(Ok(_)) => {
+                        tracing::info!(
+                            "cluster: volume {}: record created (owner {}, replicas {:?})",
+                            v.id,
+                            self.me,
+                            named
+                        );
+                        self.holding = true; // the next tick confirms it
+                    }
                     Ok(Err(_)) => {}
                     Err(e) => self.say("etcd", format!("cluster: cannot create volume {}'s record: {e}", v.id)),
                 }
@@ -348,7 +381,8 @@ impl Agent {
                 self.say(
                     &format!("owner-{}", v.id),
                     format!(
-                        "cluster: volume {}'s record names node {:?} as its owner, not this node: not following its replica set",
+                        "cluster: volume {}'s record names node {:?} as its owner, not this node: not following its replica set, \
+                         and its writes are not acknowledged here",
                         v.id, rec.owner
                     ),
                 );
@@ -390,17 +424,51 @@ impl Agent {
                     );
                 }
             }
-            if let Some(new) = owner_report(rec, &view, unix_ms_now()) {
-                match c.put_volume_if(&new, Some(*rev)) {
+            // Whether the record now says what `status` said (in particular no replica in sync
+            // that was not in sync when the status was read).
+            let in_sync_recorded = owner_report(rec, &view, 0).map_or(rec.in_sync.clone(), |r| r.in_sync);
+            let recorded = match owner_report(rec, &view, unix_ms_now()) {
+                None => true,
+                Some(new) => match c.put_volume_if(&new, Some(*rev)) {
                     Ok(Ok(_)) => {
                         if new.effective != rec.effective || new.reason != rec.reason {
                             tracing::info!("cluster: volume {}: effective {} {}", v.id, new.effective, new.reason);
                         }
+                        if new.in_sync != rec.in_sync {
+                            tracing::info!("cluster: volume {}: replicas in sync {:?}", v.id, new.in_sync);
+                        }
+                        true
                     }
-                    Ok(Err(_)) => {} // changed meanwhile: the next tick reads it again
-                    Err(e) => self.say("etcd", format!("cluster: cannot update volume {}'s record: {e}", v.id)),
+                    Ok(Err(_)) => false, // changed meanwhile: the next tick reads it again
+                    Err(e) => {
+                        self.say("etcd", format!("cluster: cannot update volume {}'s record: {e}", v.id));
+                        false
+                    }
+                },
+            };
+            if v.copies_confirmed < v.copies_generation {
+                if recorded {
+                    self.confirm(v, &in_sync_recorded);
+                } else {
+                    self.holding = true;
                 }
             }
+        }
+    }
+
+    /// The record names no replica in sync that was not in sync at `v`'s copies generation:
+    /// the write acknowledgements held since go out.
+    fn confirm(&mut self, v: &VolumeStatus, in_sync: &[String]) {
+        let Some(volumes) = &self.volumes else { return };
+        match volumes.confirm_copies(v.id, v.copies_generation) {
+            // Rare (a start, a lost in-sync replica): always worth a line.
+            Ok(n) => tracing::info!(
+                "cluster: volume {}: the record says replicas {in_sync:?} are in sync (copies generation {}); \
+                 {n} held write acknowledgement(s) let out",
+                v.id,
+                v.copies_generation
+            ),
+            Err(e) => self.say(&format!("confirm-{}", v.id), format!("cluster: volume {}: {e}", v.id)),
         }
     }
 
@@ -421,13 +489,29 @@ impl Agent {
                 Review::Keep => {
                     self.said.remove(&format!("lost-{}", rec.id));
                 }
-                Review::OwnerLost => self.say(
-                    &format!("lost-{}", rec.id),
-                    format!(
-                        "cluster: volume {}: its owner {} is gone; taking a volume over is not automatic yet: destage a replica's copy (docs/operations.md)",
-                        rec.id, rec.owner
-                    ),
-                ),
+                Review::OwnerLost => {
+                    let copies = if !rec.in_sync.is_empty() {
+                        format!(
+                            "the copy on {} is in sync (holds every acknowledged write not on the SAN): destage it",
+                            rec.in_sync.join(" or ")
+                        )
+                    } else if rec.replicas.is_empty() {
+                        "its dirty data is only on its owner's flash".to_string()
+                    } else {
+                        format!(
+                            "no copy is recorded in sync (replicas {:?}): destaging one could put old data over newer",
+                            rec.replicas
+                        )
+                    };
+                    self.say(
+                        &format!("lost-{}", rec.id),
+                        format!(
+                            "cluster: volume {}: its owner {} is gone; taking a volume over is not automatic yet; {copies} \
+                             (docs/operations.md)",
+                            rec.id, rec.owner
+                        ),
+                    )
+                }
                 Review::Change { record, why } => match c.put_volume_as_leader(record.as_ref(), Some(*rev)) {
                     Ok(Ok(_)) => tracing::warn!("cluster: resource manager: volume {}: {why}", rec.id),
                     Ok(Err(_)) => {}

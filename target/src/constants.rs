@@ -110,6 +110,11 @@ pub const CLUSTER_REFRESH: Duration = Duration::from_secs(2);
 /// detection (a lease's expiry, `UNREACHABLE_AFTER`). Costs two small etcd reads and one status
 /// round trip to each flash reactor per tick.
 pub const CLUSTER_TICK: Duration = Duration::from_millis(250);
+/// How often, between ticks, the cluster thread of a node that owns replicated volumes looks
+/// (one status round trip to each flash reactor) whether one holds write acknowledgements
+/// because an in-sync replica was lost: the record must say so before they go out, so this
+/// bounds how long such writes wait on top of one etcd write.
+pub const CLUSTER_HOLD_POLL: Duration = Duration::from_millis(20);
 /// How often a node probes the SAN of another node's volume (a file opened, an iSCSI login) to
 /// say whether it could keep a copy of it.
 pub const CLUSTER_SAN_PROBE: Duration = Duration::from_secs(10);

@@ -46,6 +46,7 @@ pub fn record(id: u32, owner: &str, epoch: u64) -> VolumeRecord {
         unprotected_since_unix_ms: 0,
         unreachable: Vec::new(),
         san: String::new(),
+        in_sync: Vec::new(),
     }
 }
 

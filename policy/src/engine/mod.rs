@@ -117,6 +117,9 @@ pub struct Bugs {
     /// Write-through writes ignore blocks a replica may not know are destaged (its copy
     /// destaged later puts older data over them).
     pub skip_replica_gate: bool,
+    /// Write acknowledgements are never held for the cluster (`confirm_copies`): a copy the
+    /// record still names in sync then misses writes acknowledged after its link was lost.
+    pub skip_ack_hold: bool,
     /// Replay takes the first damaged frame for the end of the log (as before damage was told
     /// from a torn tail): every intact entry after it is dropped, older data served.
     pub replay_stops_at_damage: bool,
@@ -137,6 +140,12 @@ pub struct EngineConfig {
     /// Replica copies on the device are destaged like the node's own volumes (the offline
     /// `stagerctl flash destage` of a replica's flash); online they only wait for their source.
     pub destage_replica_copies: bool,
+    /// The cluster keeps each volume's record, which names the replicas whose copies are in
+    /// sync (`in_sync`): acknowledgements of writes wait whenever the volume's copies changed
+    /// (at start, and when a link to a replica is lost) until the cluster has recorded them
+    /// again ([`Engine::confirm_copies`]). So a copy the record names is never behind an
+    /// acknowledged write, and a replica may destage it when the owner is lost.
+    pub confirm_copies: bool,
     #[doc(hidden)]
     pub bugs: Bugs,
 }
@@ -150,6 +159,7 @@ impl Default for EngineConfig {
             gate_timeout_ns: 30_000_000_000,
             san_timeout_ns: 30_000_000_000,
             destage_replica_copies: false,
+            confirm_copies: false,
             bugs: Bugs::default(),
         }
     }
@@ -334,6 +344,13 @@ impl Engine {
         }
         let info = flash.info();
         let n = specs.len();
+        let mut volumes: Vec<Volume> = specs.into_iter().map(Volume::new).collect();
+        if cfg.confirm_copies {
+            // Nothing is acknowledged before the cluster has heard of this start.
+            for v in volumes.iter_mut().filter(|v| !v.is_copy()) {
+                v.copies_changed = 1;
+            }
+        }
         Ok(Engine {
             cfg,
             info,
@@ -352,7 +369,7 @@ impl Engine {
             sb: SuperblockWriter::new(0),
             degraded: None,
             cache: CleanCache::new(layout.cache_slots as u32),
-            volumes: specs.into_iter().map(Volume::new).collect(),
+            volumes,
             flash_ops: HashMap::new(),
             next_id: 1,
             done: Vec::new(),
@@ -713,6 +730,65 @@ impl Engine {
             self.volumes[vi].metrics.busy_returns += 1;
         }
         self.done.push(HostDone { volume: self.volumes[vi].id, token, status, buf, seq });
+    }
+
+    /// A write's successful acknowledgement: out now, or held while the cluster has not
+    /// confirmed the volume's copies since they changed (`EngineConfig::confirm_copies`).
+    pub(crate) fn ack_write(&mut self, vi: usize, token: u64, buf: Option<AlignedBuf>, seq: Option<LogSeq>) {
+        let v = &mut self.volumes[vi];
+        let done = HostDone { volume: v.id, token, status: Status::Ok, buf, seq };
+        if v.acks_held() && !self.cfg.bugs.skip_ack_hold {
+            v.held.push(done);
+        } else {
+            self.done.push(done);
+        }
+    }
+
+    /// The volume's copies changed in a way the cluster's record must hear of before another
+    /// write is acknowledged (cluster mode only).
+    pub(crate) fn copies_changed(&mut self, vi: usize) {
+        if self.cfg.confirm_copies && !self.volumes[vi].is_copy() {
+            let v = &mut self.volumes[vi];
+            v.copies_changed += 1;
+            tracing::info!(
+                volume = v.id.0,
+                generation = v.copies_changed,
+                "write acknowledgements wait until the cluster records the volume's copies"
+            );
+        }
+    }
+
+    /// The cluster recorded the volume's copies as they were at `generation` (what
+    /// [`Engine::copies_generation`] said when it read the replicas' states): the
+    /// acknowledgements held since are let out, unless the copies changed again since.
+    /// Returns how many were let out.
+    pub fn confirm_copies(&mut self, volume: VolumeId, generation: u64) -> Result<usize, String> {
+        let vi = self.volume_index(volume).ok_or_else(|| format!("no {volume} here"))?;
+        let v = &mut self.volumes[vi];
+        if v.is_copy() {
+            return Err(format!("{volume} is a copy kept for another node here"));
+        }
+        if generation > v.copies_changed {
+            return Err(format!("{volume}: generation {generation} is newer than {}", v.copies_changed));
+        }
+        v.copies_confirmed = v.copies_confirmed.max(generation);
+        if v.acks_held() {
+            return Ok(0);
+        }
+        let n = v.held.len();
+        self.done.append(&mut v.held);
+        Ok(n)
+    }
+
+    /// The volume's copies generation and the generation the cluster confirmed last.
+    pub fn copies_generation(&self, volume: VolumeId) -> Option<(u64, u64)> {
+        let v = &self.volumes[self.volume_index(volume)?];
+        Some((v.copies_changed, v.copies_confirmed))
+    }
+
+    /// How many write acknowledgements wait for the cluster (see `confirm_copies`).
+    pub fn held_acks(&self, volume: VolumeId) -> usize {
+        self.volume_index(volume).map_or(0, |vi| self.volumes[vi].held.len())
     }
 
     fn reject(&mut self, id: VolumeId, token: u64, status: Status, buf: Option<AlignedBuf>) {
@@ -1179,7 +1255,7 @@ impl Engine {
             panic!("engine: write acknowledged on persist without its op")
         };
         self.volumes[vi].enter(op, w.state, WriteState::Acked);
-        self.complete(vi, w.token, Status::Ok, w.buf, Some(seq));
+        self.ack_write(vi, w.token, w.buf, Some(seq));
     }
 
     pub(crate) fn pin(&mut self, pin: Pin) {
@@ -1257,7 +1333,7 @@ impl Engine {
                     panic!("engine: abandoned write without its op")
                 };
                 self.volumes[vi].enter(op, w.state, WriteState::Acked);
-                self.complete(vi, w.token, Status::Ok, w.buf, Some(seq));
+                self.ack_write(vi, w.token, w.buf, Some(seq));
             }
         }
         for vi in 0..self.volumes.len() {

@@ -592,7 +592,7 @@ impl Engine {
                 panic!("engine: waiting write without its op")
             };
             self.volumes[vi].enter(op, w.state, WriteState::Acked);
-            self.complete(vi, w.token, super::Status::Ok, buf.or(w.buf), Some(seq));
+            self.ack_write(vi, w.token, buf.or(w.buf), Some(seq));
         }
     }
 
@@ -756,6 +756,12 @@ impl Engine {
         v.links.retain(|x| *x != link);
         tracing::warn!(volume = v.id.0, link = link.0, peer, role, "replication link down: {why}");
         self.events.push(EngineEvent::LinkDown { link, volume: v.id, why: why.to_string() });
+        if matches!(&l, Link::Out { out, .. } if out.sync == SyncState::InSync) {
+            // The cluster's record may name this copy as in sync: it must not any more before
+            // a write it will not have is acknowledged. (A link only ever goes from syncing to
+            // in sync, so a syncing one was never recorded since its last loss.)
+            self.copies_changed(vi);
+        }
         if matches!(l, Link::Out { .. }) {
             // Writes waiting for it now wait for the SAN (and the other replicas' word).
             let ops: Vec<(OpId, LogSeq)> = self.volumes[vi].waiting.iter().map(|w| (w.op, w.seq)).collect();

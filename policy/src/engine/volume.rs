@@ -355,6 +355,12 @@ pub(crate) struct Volume {
     /// holding nothing, so its source resyncs it, and it is whole again once the source's
     /// published watermark covers every entry it may have lost.
     pub copy_damaged: Option<LogSeq>,
+    /// Cluster mode (`EngineConfig::confirm_copies`): bumped whenever the volume's copies
+    /// changed in a way the cluster's record must hear of (this start, a lost replica link);
+    /// acknowledgements of writes wait in `held` while the cluster confirmed less.
+    pub copies_changed: u64,
+    pub copies_confirmed: u64,
+    pub held: Vec<super::HostDone>,
     pub metrics: VolumeMetrics,
 }
 
@@ -402,6 +408,9 @@ impl Volume {
             persisted_epoch: Epoch(0),
             lost: DirtyIndex::default(),
             copy_damaged: None,
+            copies_changed: 0,
+            copies_confirmed: 0,
+            held: Vec::new(),
             metrics: VolumeMetrics {
                 id: spec.id,
                 requested: spec.policy,
@@ -499,6 +508,11 @@ impl Volume {
     /// Whether this volume is a replica copy kept for another node.
     pub fn is_copy(&self) -> bool {
         self.source.is_some()
+    }
+
+    /// Whether write acknowledgements wait for the cluster to confirm the volume's copies.
+    pub fn acks_held(&self) -> bool {
+        self.copies_confirmed < self.copies_changed
     }
 
     pub fn apply_report(&mut self, r: &SanReport) {

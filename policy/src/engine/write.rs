@@ -262,7 +262,7 @@ impl Engine {
                         panic!("engine: logged write without its op")
                     };
                     self.volumes[vi].enter(op, w.state, WriteState::Acked);
-                    self.complete(vi, w.token, Status::Ok, buf, Some(h.seq));
+                    self.ack_write(vi, w.token, buf, Some(h.seq));
                 }
             }
             work += 1;
@@ -387,7 +387,7 @@ impl Engine {
                     if let Some(data) = buf.as_ref() {
                         self.fill_cache(vi, w.lba, data);
                     }
-                    self.complete(vi, w.token, Status::Ok, buf, None);
+                    self.ack_write(vi, w.token, buf, None);
                 }
                 Err(_) => {
                     let w = self.write_op(vi, op);

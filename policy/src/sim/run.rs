@@ -50,6 +50,10 @@ pub struct SimConfig {
     /// With replicas: whether the run may end by losing the source and destaging a replica's
     /// copy to the SANs (random per seed when None).
     pub failover: Option<bool>,
+    /// With replicas: whether the engine holds write acknowledgements until a modelled cluster
+    /// records which copies are in sync (`EngineConfig::confirm_copies`; random per seed when
+    /// None). A failover then destages a copy the *record* names in sync, as the cluster would.
+    pub confirm_copies: Option<bool>,
 }
 
 impl Default for SimConfig {
@@ -68,6 +72,7 @@ impl Default for SimConfig {
             flash_volatile: None,
             replicas: 0,
             failover: None,
+            confirm_copies: None,
             trace_block: std::env::var("STAGER_SIM_TRACE")
                 .ok()
                 .and_then(|v| v.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))),
@@ -237,7 +242,17 @@ pub struct Simulator {
     pub replica_nodes: Vec<ReplicaNode>,
     links: Vec<Vec<LinkSlot>>,
     engine_events: Vec<EngineEvent>,
+    /// The cluster's record of each volume (`confirm_copies` runs): which replicas it names in
+    /// sync. Kept across source crashes, like etcd.
+    recorded: Vec<Vec<bool>>,
+    /// The owner's next record write: the copies generation and in-sync replicas it read from
+    /// the engine, written (and confirmed) when due, as the cluster thread does a little later.
+    record_pending: Option<(u64, Vec<RecordedCopies>)>,
 }
+
+/// One volume as the owner read it for the record: (volume index, copies generation, which
+/// replicas are in sync).
+type RecordedCopies = (usize, u64, Vec<bool>);
 
 const VOLUME_ID_BASE: u32 = 10;
 /// Blocks per volume checked for invariant 1 after each step of a large volume.
@@ -246,8 +261,12 @@ const CHECK_WINDOW_BLOCKS: u64 = 64;
 const ZEROES: u64 = 0;
 
 impl Simulator {
-    pub fn new(seed: u64, cfg: SimConfig) -> Simulator {
+    pub fn new(seed: u64, mut cfg: SimConfig) -> Simulator {
         let mut rng = StdRng::seed_from_u64(seed);
+        // Decided once per run (every engine of the run is configured alike), from its own
+        // stream so the rest of the run's draws do not move.
+        let coin = StdRng::seed_from_u64(seed ^ 0xc0f1_c0f1).gen_bool(0.5);
+        cfg.confirm_copies = Some(cfg.replicas > 0 && cfg.confirm_copies.unwrap_or(coin));
         let now = Rc::new(Cell::new(1_000_000));
         // 5% of the device for the clean cache, the rest (at least `log_bytes`) for the log.
         let log_blocks = cfg.log_bytes / BLOCK_SIZE_U64;
@@ -299,6 +318,7 @@ impl Simulator {
         let links = vec![vec![LinkSlot::None; cfg.replicas]; cfg.volumes];
         let busy = vec![vec![false; cfg.blocks as usize]; cfg.volumes];
         let model = Model::new(cfg.volumes, cfg.blocks);
+        let recorded = vec![vec![false; cfg.replicas]; cfg.volumes];
         let mut sim = Simulator {
             seed,
             cfg,
@@ -329,6 +349,8 @@ impl Simulator {
             replica_nodes,
             links,
             engine_events: Vec::new(),
+            recorded,
+            record_pending: None,
         };
         if sim.cfg.trace_block.is_some() {
             eprintln!("[sim] {:?}", sim.cfg);
@@ -348,6 +370,7 @@ impl Simulator {
             gate_timeout_ns: 2_000_000_000,
             san_timeout_ns: 2_000_000_000,
             destage_replica_copies: false,
+            confirm_copies: cfg.confirm_copies.unwrap_or(false),
             bugs: cfg.bugs,
         }
     }
@@ -532,12 +555,53 @@ impl Simulator {
                 break;
             }
         }
+        self.cluster_record();
         let mut done: Vec<HostDone> = Vec::new();
         self.engine.drain_completions(&mut done);
         for d in done {
             self.on_done(d)?;
         }
         Ok(())
+    }
+
+    /// The owner's cluster thread (`confirm_copies` runs): now and then it reads each volume's
+    /// copies generation and in-sync replicas, and a little later writes them to the record and
+    /// confirms that generation to the engine.
+    fn cluster_record(&mut self) {
+        if self.cfg.confirm_copies != Some(true) {
+            return;
+        }
+        let now = self.now.get();
+        match self.record_pending.take() {
+            Some((due, snap)) if now >= due => {
+                for (vol, generation, in_sync) in snap {
+                    self.recorded[vol] = in_sync;
+                    let id = Simulator::volume_id(vol);
+                    if let Err(e) = self.engine.confirm_copies(id, generation) {
+                        panic!("sim: confirm_copies({id}, {generation}): {e}");
+                    }
+                }
+            }
+            Some(p) => self.record_pending = Some(p),
+            None if self.rng.gen_bool(0.3) => {
+                let status = self.engine.link_status();
+                let snap = (0..self.cfg.volumes)
+                    .filter_map(|vol| {
+                        let (generation, _) = self.engine.copies_generation(Simulator::volume_id(vol))?;
+                        let in_sync = (0..self.cfg.replicas)
+                            .map(|r| match self.links[vol][r] {
+                                LinkSlot::Up(l) => status.iter().any(|s| s.link == l && s.state == "in-sync"),
+                                _ => false,
+                            })
+                            .collect();
+                        Some((vol, generation, in_sync))
+                    })
+                    .collect();
+                let due = now + self.rng.gen_range(0..3_000_000);
+                self.record_pending = Some((due, snap));
+            }
+            None => {}
+        }
     }
 
     fn check_batches(&mut self) -> Result<(), Failure> {
@@ -862,6 +926,8 @@ impl Simulator {
         for l in &mut self.links {
             l.fill(LinkSlot::None);
         }
+        // The cluster thread dies with the node: a record write it had not made is never made.
+        self.record_pending = None;
         self.in_flight.clear();
         self.to_destage.clear();
         self.to_engine.clear();
@@ -968,8 +1034,12 @@ impl Simulator {
         self.stats.failovers += 1;
         let r = self.rng.gen_range(0..self.replica_nodes.len());
         let status = self.engine.link_status();
+        // With a cluster, the record says which copies may be destaged (it may still name a copy
+        // whose link was just lost: acknowledgements wait until it no longer does); without,
+        // the links in sync at the moment of the loss.
         let in_sync: Vec<usize> = (0..self.cfg.volumes)
             .filter(|&vol| match self.links[vol][r] {
+                _ if self.cfg.confirm_copies == Some(true) => self.recorded[vol][r],
                 LinkSlot::Up(l) => status.iter().any(|s| s.link == l && s.state == "in-sync"),
                 _ => false,
             })

@@ -117,6 +117,13 @@ pub(crate) enum HostMsg {
         epoch: Epoch,
         reply: Sender<Result<Epoch, String>>,
     },
+    /// Source side: the cluster recorded the volume's copies as they were at `generation`
+    /// (`Engine::confirm_copies`).
+    ConfirmCopies {
+        volume: VolumeId,
+        generation: u64,
+        reply: Sender<Result<usize, String>>,
+    },
     /// Replica side: this node no longer keeps a copy of `volume` (`Engine::discard_copy`).
     DiscardCopy {
         volume: VolumeId,
@@ -599,6 +606,9 @@ impl EngineHost {
             }
             HostMsg::SetReplicas { volume, replicas, copies, epoch, reply } => {
                 let _ = reply.send(self.engine.set_replicas(volume, replicas, copies, epoch));
+            }
+            HostMsg::ConfirmCopies { volume, generation, reply } => {
+                let _ = reply.send(self.engine.confirm_copies(volume, generation));
             }
             HostMsg::DiscardCopy { volume, reply } => {
                 let _ = reply.send(self.engine.discard_copy(volume));

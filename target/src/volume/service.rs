@@ -403,6 +403,8 @@ impl VolumeService {
                 log_full_wait_ns,
                 san_timeout_ns: host_san_wait_ns,
                 gate_timeout_ns: host_san_wait_ns,
+                // In a cluster the record says which copies are in sync (`cluster.rs` confirms).
+                confirm_copies: config.cluster.is_some() && crate::config::CLUSTER_BUILT,
                 ..EngineConfig::default()
             };
             let ready = Arc::new(Ready::default());
@@ -520,6 +522,20 @@ impl VolumeService {
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
         if !d.send(HostMsg::AcceptLoss { volume: VolumeId(volume), reply: tx }) {
+            return Err(format!("flash {}: its reactor is not running", d.name));
+        }
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
+    }
+
+    /// The cluster's record names the replicas of `volume` that were in sync at copies
+    /// `generation` (read from `status`): held write acknowledgements go out unless the copies
+    /// changed again since. Returns how many went out.
+    pub fn confirm_copies(&self, volume: u32, generation: u64) -> Result<usize, String> {
+        let Some(d) = self.devices.iter().find(|d| d.volumes.contains(&VolumeId(volume))) else {
+            return Err(format!("no volume {volume} on this node"));
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if !d.send(HostMsg::ConfirmCopies { volume: VolumeId(volume), generation, reply: tx }) {
             return Err(format!("flash {}: its reactor is not running", d.name));
         }
         rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?

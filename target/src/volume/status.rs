@@ -163,6 +163,15 @@ pub struct VolumeStatus {
     /// Host reads refused because they touched a lost block.
     #[serde(default)]
     pub lost_reads: u64,
+    /// In a cluster: the generation of the volume's copies (bumped at start and when an in-sync
+    /// replica's link is lost) and the one the cluster's record last confirmed; while they
+    /// differ, `held_acks` write acknowledgements wait (`Engine::confirm_copies`).
+    #[serde(default)]
+    pub copies_generation: u64,
+    #[serde(default)]
+    pub copies_confirmed: u64,
+    #[serde(default)]
+    pub held_acks: u64,
 }
 
 impl VolumeStatus {
@@ -204,6 +213,9 @@ impl VolumeStatus {
             busy_returns: m.busy_returns,
             lost_blocks: m.lost_blocks,
             lost_reads: m.lost_reads,
+            copies_generation: 0,
+            copies_confirmed: 0,
+            held_acks: 0,
         }
     }
 }
@@ -238,6 +250,11 @@ impl DeviceStatus {
                     v.requested_policy = format!("write-back+{copies}");
                 }
                 v.replicas = wanted.iter().map(|node| replica_status(node, id, &links)).collect();
+                if let Some((generation, confirmed)) = e.copies_generation(id) {
+                    v.copies_generation = generation;
+                    v.copies_confirmed = confirmed;
+                }
+                v.held_acks = e.held_acks(id) as u64;
                 let attached = v.replicas.iter().filter(|r| r.state != "down").count() as u64;
                 v.replica_bytes = m.dirty_bytes * attached;
                 Some(v)
@@ -406,6 +423,14 @@ pub fn render(s: &NodeStatus) -> String {
                     },
                 );
             }
+            if v.copies_confirmed < v.copies_generation {
+                let _ = writeln!(
+                    out,
+                    "    HELD: {} write acknowledgement(s) wait until the cluster records which replicas are in sync \
+                     (copies generation {}, confirmed {})",
+                    v.held_acks, v.copies_generation, v.copies_confirmed
+                );
+            }
             if v.lost_blocks > 0 {
                 let _ = writeln!(
                     out,
@@ -535,6 +560,10 @@ pub fn render_cluster(c: &ClusterView) -> String {
             (v.unprotected_ms + unprotected_now) as f64 / 1000.0,
             if unprotected_now > 0 { format!(", now for {:.1} s", unprotected_now as f64 / 1000.0) } else { String::new() },
         ));
+        if !v.replicas.is_empty() {
+            let in_sync = if v.in_sync.is_empty() { "none".to_string() } else { v.in_sync.join(", ") };
+            out.push_str(&format!("  copies in sync (may be destaged if the owner is lost): {in_sync}\n"));
+        }
         if !v.unreachable.is_empty() {
             out.push_str(&format!("  unreachable from its owner: {}\n", v.unreachable.join(", ")));
         }
