@@ -271,6 +271,27 @@ impl MemoryChannel {
     }
 }
 
+/// How much of a lent read [`prefetch`] asks for, and how far apart: a few lines at the start of
+/// the block start the hardware's own stream prefetchers on the rest; asking for every line
+/// stalls the reactor on the core's few outstanding-miss buffers instead (measured).
+const PREFETCH_BYTES: usize = 1024;
+const PREFETCH_STRIDE: usize = 128;
+
+/// Starts loading a lent read's bytes into the caches. A random 4 KiB block of a large device
+/// is in no cache, and the kernel's copy into the socket, later in the turn, fetched its lines
+/// and its page walk one after another: in a profile of a reactor at 4 KiB QD32 randread, 35%
+/// of its time was that copy. Asked for as each read of a batch is lent, the blocks load side
+/// by side while the reactor does the rest of the batch.
+fn prefetch(ptr: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..len.min(PREFETCH_BYTES)).step_by(PREFETCH_STRIDE) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        // SAFETY: a prefetch is only a hint: it never faults and changes no memory, whatever
+        // the address (and off < len keeps it inside the lent range anyway).
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(ptr.wrapping_add(off) as *const i8) };
+    }
+}
+
 /// Copies a write's data into the device's memory. Whole cache lines go with non-temporal
 /// stores: a random block of a large device is in no cache, and an ordinary copy first reads
 /// every line it overwrites from memory (a read for ownership), then the unlock after it waits
@@ -313,6 +334,7 @@ impl SyncIo for MemoryChannel {
         let chunk = self.chunks.get(ci)?.read().ok()?.chunk.clone();
         // SAFETY: co + len <= CHUNK_BYTES, inside the chunk.
         let ptr = unsafe { NonNull::new_unchecked(chunk.ptr.as_ptr().add(co)) };
+        prefetch(ptr.as_ptr(), len);
         // SAFETY: the Arc keeps the chunk (and its backing) alive; while this clone exists the
         // chunk is shared, so writers copy it instead of writing it (`Arc::make_mut`).
         Some(unsafe { LentBuf::new(chunk, ptr, len) })
