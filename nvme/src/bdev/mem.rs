@@ -271,6 +271,56 @@ impl MemoryChannel {
     }
 }
 
+/// How much of a lent read [`prefetch`] asks for, and how far apart: a few lines at the start of
+/// the block start the hardware's own stream prefetchers on the rest; asking for every line
+/// stalls the reactor on the core's few outstanding-miss buffers instead (measured).
+const PREFETCH_BYTES: usize = 1024;
+const PREFETCH_STRIDE: usize = 128;
+
+/// Starts loading a lent read's bytes into the caches. A random 4 KiB block of a large device
+/// is in no cache, and the kernel's copy into the socket, later in the turn, fetched its lines
+/// and its page walk one after another: in a profile of a reactor at 4 KiB QD32 randread, 35%
+/// of its time was that copy. Asked for as each read of a batch is lent, the blocks load side
+/// by side while the reactor does the rest of the batch.
+fn prefetch(ptr: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..len.min(PREFETCH_BYTES)).step_by(PREFETCH_STRIDE) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        // SAFETY: a prefetch is only a hint: it never faults and changes no memory, whatever
+        // the address (and off < len keeps it inside the lent range anyway).
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(ptr.wrapping_add(off) as *const i8) };
+    }
+}
+
+/// Copies a write's data into the device's memory. Whole cache lines go with non-temporal
+/// stores: a random block of a large device is in no cache, and an ordinary copy first reads
+/// every line it overwrites from memory (a read for ownership), then the unlock after it waits
+/// for all 64 of them — in a profile of a reactor at 4 KiB QD32 randwrite, 38% of its time.
+/// Streaming stores write whole lines without reading them. The price: the block is not left in
+/// the caches, so a read of it right after the write misses (as it did before the write anyway).
+fn copy_to_device(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len());
+    #[cfg(target_arch = "x86_64")]
+    if (dst.as_ptr() as usize).is_multiple_of(64)
+        && (src.as_ptr() as usize).is_multiple_of(16)
+        && dst.len().is_multiple_of(64)
+    {
+        use std::arch::x86_64::{__m128i, _mm_load_si128, _mm_sfence, _mm_stream_si128};
+        let d = dst.as_mut_ptr() as *mut __m128i;
+        let s = src.as_ptr() as *const __m128i;
+        for i in 0..dst.len() / 16 {
+            // SAFETY: i * 16 + 16 <= len for both slices, both 16-byte aligned (checked above);
+            // SSE2 is part of x86-64.
+            unsafe { _mm_stream_si128(d.add(i), _mm_load_si128(s.add(i))) };
+        }
+        // SAFETY: a store fence; SSE is part of x86-64. Orders the streaming stores before
+        // whatever follows (the chunk's unlock), as ordinary stores would be.
+        unsafe { _mm_sfence() };
+        return;
+    }
+    dst.copy_from_slice(src);
+}
+
 /// A poisoned chunk means a reactor panicked mid-copy: report a media error for it.
 const POISONED: BdevError = BdevError::Os(libc::EIO);
 
@@ -284,6 +334,7 @@ impl SyncIo for MemoryChannel {
         let chunk = self.chunks.get(ci)?.read().ok()?.chunk.clone();
         // SAFETY: co + len <= CHUNK_BYTES, inside the chunk.
         let ptr = unsafe { NonNull::new_unchecked(chunk.ptr.as_ptr().add(co)) };
+        prefetch(ptr.as_ptr(), len);
         // SAFETY: the Arc keeps the chunk (and its backing) alive; while this clone exists the
         // chunk is shared, so writers copy it instead of writing it (`Arc::make_mut`).
         Some(unsafe { LentBuf::new(chunk, ptr, len) })
@@ -305,7 +356,7 @@ impl SyncIo for MemoryChannel {
                 for buf in io.pieces() {
                     Self::pieces(at, buf.len() as u64, |ci, co, bo, n| {
                         let mut c = self.chunks[ci].write().map_err(|_| POISONED)?;
-                        c.bytes_mut()[co..co + n].copy_from_slice(&buf[bo..bo + n]);
+                        copy_to_device(&mut c.bytes_mut()[co..co + n], &buf[bo..bo + n]);
                         Ok(())
                     })?;
                     at += buf.len() as u64;
@@ -359,6 +410,21 @@ mod tests {
         assert!(got[1024..1536].iter().all(|&b| b == 0));
         assert_eq!(&got[1536..], &expect[1536..]);
         assert!(matches!(done[3].result, Err(BdevError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn copies_to_the_device_whole_lines_or_not() {
+        let mut src = AlignedBuf::new(8192);
+        src.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 251) as u8);
+        let mut dst = AlignedBuf::new(8192);
+        // (destination offset, source offset, length): aligned whole lines go with streaming
+        // stores; a misaligned destination, source or length with an ordinary copy.
+        for (d, s, n) in [(0, 0, 4096), (64, 16, 1024), (8, 0, 4096), (0, 3, 640), (0, 0, 100)] {
+            dst.fill(0);
+            copy_to_device(&mut dst[d..d + n], &src[s..s + n]);
+            assert_eq!(&dst[d..d + n], &src[s..s + n], "copy at {d}/{s}+{n}");
+            assert!(dst[..d].iter().chain(&dst[d + n..]).all(|&b| b == 0), "bytes outside {d}+{n} changed");
+        }
     }
 
     fn write(ch: &mut Box<dyn BdevChannel>, ring: &mut Ring, off: u64, byte: u8) {
