@@ -62,7 +62,7 @@ struct Agent {
     /// Where `stagerctl cluster` reads what this thread last saw.
     shared: Option<Arc<TargetShared>>,
     /// A volume of this node holds write acknowledgements the record has not confirmed yet:
-    /// the next tick comes sooner (`CLUSTER_TICK_HOLDING`).
+    /// the next tick comes after `CLUSTER_HOLD_POLL` instead of `CLUSTER_TICK`.
     holding: bool,
     /// This node owns volumes with replicas (only then can a lost link hold acknowledgements).
     replicated: bool,
@@ -426,8 +426,9 @@ impl Agent {
             }
             // Whether the record now says what `status` said (in particular no replica in sync
             // that was not in sync when the status was read).
-            let in_sync_recorded = owner_report(rec, &view, 0).map_or(rec.in_sync.clone(), |r| r.in_sync);
-            let recorded = match owner_report(rec, &view, unix_ms_now()) {
+            let report = owner_report(rec, &view, unix_ms_now());
+            let in_sync_recorded = report.as_ref().map_or(&rec.in_sync, |r| &r.in_sync).clone();
+            let recorded = match report {
                 None => true,
                 Some(new) => match c.put_volume_if(&new, Some(*rev)) {
                     Ok(Ok(_)) => {
