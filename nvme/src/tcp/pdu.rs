@@ -267,6 +267,14 @@ pub fn peek(buf: &[u8], digests: Digests, max_data: usize) -> Result<Option<usiz
             ));
         }
         let data_len = plen - pdo - ddgst;
+        if data_len == 0 && ddgst > 0 {
+            // A data digest covers data; hosts (Linux, SPDK) send none with no data. Accepting
+            // one would leave its four bytes unchecked, or a digest error on nothing.
+            return Err(PduError::header(
+                field::PLEN,
+                format!("{} with a data digest but no data (PDO {pdo}, PLEN {plen})", type_name(t)),
+            ));
+        }
         if data_len > max_data {
             return Err(PduError::new(
                 fes::DATA_LIMIT_EXCEEDED,
@@ -345,9 +353,9 @@ pub fn decode_head(buf: &[u8], digests: Digests, max_data: usize) -> Result<Head
     let (_, digestible) = layout(t).unwrap_or((0, false));
     let header_end = hlen + if digestible && digests.header { DIGEST_BYTES } else { 0 };
     let is_term = matches!(t, pdu_type::H2C_TERM_REQ | pdu_type::C2H_TERM_REQ);
-    // peek checked header_end <= pdo and pdo + data digest <= plen for PDUs with data. Only a
-    // PDU with at least one data byte is returned before it is whole (a data digest alone, or
-    // padding alone, is not a payload).
+    // peek checked header_end <= pdo and pdo + data digest <= plen for PDUs with data, and
+    // refused a data digest without data. Only a PDU with at least one data byte is returned
+    // before it is whole (padding alone is not a payload).
     let ddgst = if digests.data { DIGEST_BYTES } else { 0 };
     let payload = plen > header_end && !is_term && plen.saturating_sub(pdo + ddgst) > 0;
     let need = if payload { pdo } else { plen };
@@ -596,20 +604,20 @@ mod tests {
     }
 
     #[test]
-    fn a_pdu_whose_data_is_only_a_digest_is_decoded_whole() {
-        // Found by fuzzing decode_head: PLEN leaves room for a data digest and no data. There
-        // is no payload to place, so the head must wait for the whole PDU like any other.
+    fn a_pdu_whose_data_is_only_a_digest_is_rejected() {
+        // Found by fuzzing: PLEN leaves room for a data digest and no data. decode_head once
+        // returned it whole without checking the digest while decode checked it over nothing;
+        // hosts never send one, so both now refuse it as a malformed header.
         let dg = Digests { header: false, data: true };
         let mut out = Vec::new();
         encode(&Pdu::CapsuleCmd(Command::new(1, 5)), &[], dg, &mut out);
         out[1] |= flags::DDGSTF;
         out[3] = 72; // PDO
         out[4..8].copy_from_slice(&76u32.to_le_bytes());
-        out.extend_from_slice(&crc32c::crc32c(&[]).to_le_bytes());
-        assert_eq!(decode_head(&out[..72], dg, 4096).unwrap(), HeadDecoded::Need(76));
-        let HeadDecoded::Head(h) = decode_head(&out, dg, 4096).unwrap() else { panic!("whole PDU") };
-        assert!(!h.has_payload());
-        assert_eq!(h.len, 76);
+        out.extend_from_slice(&0x1234_5678u32.to_le_bytes());
+        for e in [decode(&out, dg, 4096).unwrap_err(), decode_head(&out[..8], dg, 4096).unwrap_err()] {
+            assert_eq!((e.fes, e.fei), (fes::INVALID_HEADER_FIELD, field::PLEN), "{e:?}");
+        }
     }
 
     #[test]
