@@ -30,11 +30,11 @@ fn simulator_seeds() {
     // Seeds are independent: run them on every core, each thread pulling the next seed.
     let next = AtomicU64::new(base);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let results: Vec<Result<[u64; 5], Failure>> = std::thread::scope(|scope| {
+    let results: Vec<Result<[u64; 7], Failure>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
-                    let mut totals = [0u64; 5];
+                    let mut totals = [0u64; 7];
                     loop {
                         let seed = next.fetch_add(1, Ordering::Relaxed);
                         let done_count = seed - base >= seeds;
@@ -48,27 +48,31 @@ fn simulator_seeds() {
                         totals[2] += stats.reads_checked;
                         totals[3] += stats.crashes;
                         totals[4] += stats.batches_checked;
+                        totals[5] += stats.failovers;
+                        totals[6] += stats.live_rescues;
                     }
                 })
             })
             .collect();
         workers.into_iter().map(|w| w.join().expect("simulator thread panicked")).collect()
     });
-    let mut totals = [0u64; 5];
+    let mut totals = [0u64; 7];
     for r in results {
         match r {
-            Ok(t) => (0..5).for_each(|i| totals[i] += t[i]),
+            Ok(t) => (0..7).for_each(|i| totals[i] += t[i]),
             Err(f) => panic!("{f}"),
         }
     }
     eprintln!(
-        "simulator: {} seeds from {base} on {threads} threads in {:.1?}: {} writes acked, {} reads checked, {} crashes, {} destage batches checked",
+        "simulator: {} seeds from {base} on {threads} threads in {:.1?}: {} writes acked, {} reads checked, {} crashes, {} destage batches checked, {} failovers ({} of them live rescues)",
         totals[0],
         start.elapsed(),
         totals[1],
         totals[2],
         totals[3],
-        totals[4]
+        totals[4],
+        totals[5],
+        totals[6]
     );
 }
 
@@ -155,6 +159,12 @@ fn checker_catches_acks_not_held_for_the_clusters_record() {
 }
 
 /// Seeds that once found a bug, kept as regression tests (named after what broke).
+#[test]
+fn checker_catches_a_rescue_that_destages_what_its_source_destaged() {
+    let f = first_failure(replicated(Bugs { rescue_ignores_watermark: true, ..Bugs::default() }), 500);
+    assert!(f.invariant.starts_with("replica failover") || f.invariant == "invariant 2", "{f}");
+}
+
 #[test]
 fn regression_seeds() {
     let cases = [

@@ -113,6 +113,30 @@ struct VolumeDestager {
     host_ops: usize,
 }
 
+impl VolumeDestager {
+    fn new(id: VolumeId, san: Box<dyn San>) -> VolumeDestager {
+        VolumeDestager {
+            id,
+            san,
+            started: false,
+            watermark: LogSeq(0),
+            persisted_intent: LogSeq(0),
+            requested_intent: LogSeq(0),
+            dirty: VecDeque::new(),
+            dirty_bytes: 0,
+            current: None,
+            next: None,
+            health: Health { reachable: true, backoff_ns: SAN_BACKOFF_MIN_NS, retry_at: 0, errors: 0 },
+            depth: DepthController::default(),
+            rate_bytes_per_s: 0.0,
+            destaged_bytes_total: 0,
+            reported: SanReport { reachable: true, ..SanReport::default() },
+            report_at_ns: 0,
+            host_ops: 0,
+        }
+    }
+}
+
 pub struct Destager {
     layout: Layout,
     flash: Box<dyn Flash>,
@@ -130,28 +154,7 @@ impl Destager {
     /// The destager of a device laid out as `layout`, reading its log through `flash`, with
     /// each volume's SAN.
     pub fn new(layout: Layout, flash: Box<dyn Flash>, sans: Vec<(VolumeId, Box<dyn San>)>) -> Destager {
-        let volumes = sans
-            .into_iter()
-            .map(|(id, san)| VolumeDestager {
-                id,
-                san,
-                started: false,
-                watermark: LogSeq(0),
-                persisted_intent: LogSeq(0),
-                requested_intent: LogSeq(0),
-                dirty: VecDeque::new(),
-                dirty_bytes: 0,
-                current: None,
-                next: None,
-                health: Health { reachable: true, backoff_ns: SAN_BACKOFF_MIN_NS, retry_at: 0, errors: 0 },
-                depth: DepthController::default(),
-                rate_bytes_per_s: 0.0,
-                destaged_bytes_total: 0,
-                reported: SanReport { reachable: true, ..SanReport::default() },
-                report_at_ns: 0,
-                host_ops: 0,
-            })
-            .collect();
+        let volumes = sans.into_iter().map(|(id, san)| VolumeDestager::new(id, san)).collect();
         Destager {
             layout,
             flash,
@@ -164,6 +167,17 @@ impl Destager {
             pressure: Pressure { log_used_permille: 0, frontend_idle: true, frontend_slowdown: 1.0 },
             scratch: Vec::new(),
         }
+    }
+
+    /// Adds a volume whose SAN this destager did not have (a replica copy this node now
+    /// destages itself, `Engine::rescue_copy`). Its `ToDestage::Start` must come after this.
+    /// A volume it already has keeps its SAN: returns false.
+    pub fn add_volume(&mut self, id: VolumeId, san: Box<dyn San>) -> bool {
+        if self.volume_index(id).is_some() {
+            return false;
+        }
+        self.volumes.push(VolumeDestager::new(id, san));
+        true
     }
 
     fn token(&mut self, op: Op) -> IoToken {

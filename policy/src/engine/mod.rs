@@ -120,6 +120,9 @@ pub struct Bugs {
     /// Write acknowledgements are never held for the cluster (`confirm_copies`): a copy the
     /// record still names in sync then misses writes acknowledged after its link was lost.
     pub skip_ack_hold: bool,
+    /// A copy's rescue (`rescue_copy`) destages every entry the log still holds, also those
+    /// its source had destaged (which write-through writes may have overwritten since).
+    pub rescue_ignores_watermark: bool,
     /// Replay takes the first damaged frame for the end of the log (as before damage was told
     /// from a torn tail): every intact entry after it is dropped, older data served.
     pub replay_stops_at_damage: bool,
@@ -642,7 +645,7 @@ impl Engine {
     pub fn is_quiescent(&self) -> bool {
         self.state == EngineState::Ready
             && self.volumes.iter().all(|v| {
-                (v.dirty.is_empty() || (v.is_copy() && !self.cfg.destage_replica_copies))
+                (v.dirty.is_empty() || !v.destaged_here(self.cfg.destage_replica_copies))
                     && v.ops.is_empty()
                     && v.index.is_empty()
                     && v.san_ops.is_empty()
@@ -932,7 +935,7 @@ impl Engine {
     fn send_start(&mut self) {
         for vi in 0..self.volumes.len() {
             let v = &self.volumes[vi];
-            if v.is_copy() && !self.cfg.destage_replica_copies {
+            if !v.destaged_here(self.cfg.destage_replica_copies) {
                 continue;
             }
             self.outbox.push(ToDestage::Start {
@@ -1320,7 +1323,7 @@ impl Engine {
             v.persisted_watermark = v.persisted_watermark.max(wm);
             if intent > v.persisted_intent {
                 v.persisted_intent = intent;
-                if self.started && (!v.is_copy() || self.cfg.destage_replica_copies) {
+                if self.started && v.destaged_here(self.cfg.destage_replica_copies) {
                     self.outbox.push(ToDestage::IntentPersisted { volume: v.id, intent });
                 }
             }

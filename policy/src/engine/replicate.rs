@@ -26,11 +26,13 @@
 //! needs room, when the source waits, or after a second without records), so discarding
 //! replica data costs no flash writes beyond the superblock's.
 
-use super::appender::Queued;
+use super::appender::{FrameState, Queued};
 use super::volume::{PendingOp, Volume, VolumeSpec, WriteState};
 use super::{Engine, EngineEvent};
+use crate::index::DirtyLoc;
 use crate::io::{AlignedBuf, FabricEvent};
-use crate::log::EntryHeader;
+use crate::link::{DirtyRecord, ToDestage};
+use crate::log::{EntryHeader, EntryKind};
 use crate::policy::{EffectiveReason, WritePolicy};
 use crate::replica::wire::{Ack, ACK_IMM, BLOCK_LEN, PUBLISH_IMM, RECORD_ENTRIES_MAX};
 use crate::replica::{Inbound, Outbound, SyncState};
@@ -216,6 +218,11 @@ impl Engine {
         let vi = self.volume_index(volume).ok_or_else(|| format!("no copy of {volume} here"))?;
         if !self.volumes[vi].is_copy() {
             return Err(format!("{volume} is not a replica copy"));
+        }
+        if self.volumes[vi].rescuing {
+            return Err(format!(
+                "this node is destaging its copy of {volume} to the SAN (the volume's owner was lost)"
+            ));
         }
         if ring_bytes < RING_BYTES_MIN || ring_bytes / crate::replica::wire::RECORD_ALIGN >= (ACK_IMM as u64) {
             return Err(format!("ring of {ring_bytes} bytes out of range"));
@@ -476,6 +483,121 @@ impl Engine {
         v.publish_urgent = true;
         tracing::info!(volume = volume.0, bytes, upto = last.0, "copy discarded");
         Ok(bytes)
+    }
+
+    /// The copy of `volume` kept here is destaged to the volume's SAN by this node: its owner
+    /// was lost and the cluster chose this copy, one that holds every write the owner
+    /// acknowledged (the record's `in_sync`). The source's links are dropped and refused from
+    /// now on; every entry above the watermark the source published is indexed and handed to
+    /// the destager (which must have the volume's SAN) in sequence order, as the node's own
+    /// volumes are after replay. Entries at or below that watermark are not: the source
+    /// destaged them, and write-through writes may have overwritten them on the SAN since
+    /// (the source let none through before this copy persisted that watermark). Returns false
+    /// if the rescue was already under way.
+    pub fn rescue_copy(&mut self, volume: VolumeId) -> Result<bool, String> {
+        let vi = self.volume_index(volume).ok_or_else(|| format!("no copy of {volume} here"))?;
+        let v = &self.volumes[vi];
+        if !v.is_copy() {
+            return Err(format!("{volume} is one of this node's own volumes"));
+        }
+        if v.rescuing {
+            return Ok(false);
+        }
+        if self.state != super::EngineState::Ready {
+            return Err("the device is not ready (it is still recovering)".into());
+        }
+        if let Some(d) = v.copy_damaged {
+            return Err(format!(
+                "this copy lost entries up to {} to log damage: it does not hold every acknowledged write",
+                d.0
+            ));
+        }
+        for l in self.volumes[vi].links.clone() {
+            self.drop_link(l, "the volume's owner was lost: this copy is destaged to the SAN");
+        }
+        let v = &mut self.volumes[vi];
+        v.rescuing = true;
+        v.watermark = v.watermark.max(v.published);
+        let from = if self.cfg.bugs.rescue_ignores_watermark { LogSeq(0) } else { v.watermark };
+        // Only entries this copy may have acknowledged to its source: those of frames at the
+        // front of the log that went through `advance_acks` durable. Entries still queued or in
+        // frames under way were acknowledged to nobody, and abandoned ones were never durable:
+        // they stay in the copy, undestaged, until the rescue ends (a later destage of one could
+        // land after newer writes of the volume's next owner).
+        let mut handed = 0u64;
+        for f in self.log.frames.iter().take(self.log.acked) {
+            if f.state != FrameState::Acked {
+                continue;
+            }
+            for e in f.entries.iter().filter(|e| e.vi == vi && e.header.seq > from) {
+                let h = &e.header;
+                let loc = match h.kind {
+                    EntryKind::Write => DirtyLoc::Log { data_pos: e.data_pos },
+                    k => DirtyLoc::Zero { unmap: k == EntryKind::Unmap },
+                };
+                let v = &mut self.volumes[vi];
+                v.index.insert(h.lba, h.blocks as u64, h.seq, loc);
+                v.rescue_upto = v.rescue_upto.max(h.seq);
+                self.dirty_out[vi].push(DirtyRecord {
+                    seq: h.seq,
+                    kind: h.kind,
+                    lba: h.lba,
+                    blocks: h.blocks as u64,
+                    data_pos: e.data_pos,
+                    data_crc: h.data_crc,
+                    memory: None,
+                });
+                handed += 1;
+            }
+        }
+        let v = &self.volumes[vi];
+        tracing::warn!(
+            volume = volume.0,
+            source = v.source.as_deref().unwrap_or(""),
+            entries = handed,
+            from = from.0,
+            upto = v.rescue_upto.0,
+            "destaging this copy to the volume's SAN: its owner was lost"
+        );
+        if self.started {
+            self.outbox.push(ToDestage::Start { volume, watermark: from, intent: v.persisted_intent });
+        }
+        self.sb.want();
+        Ok(true)
+    }
+
+    /// Where the rescue of a copy stands: `None` if it is not being rescued, else whether
+    /// every entry it holds is on the SAN (destaged, flushed, and the watermark saying so
+    /// durable here) and the bytes still to go.
+    pub fn rescue_state(&self, volume: VolumeId) -> Option<(bool, u64)> {
+        let vi = self.volume_index(volume)?;
+        let v = &self.volumes[vi];
+        if !v.rescuing {
+            return None;
+        }
+        let done = v.persisted_watermark >= v.rescue_upto && self.dirty_out[vi].is_empty();
+        let left = v.dirty.iter().filter(|d| d.seq > v.watermark && d.seq <= v.rescue_upto).map(|d| d.bytes).sum();
+        Some((done, left))
+    }
+
+    /// Ends the rescue of a destaged copy (the cluster no longer needs it): the copy takes
+    /// links from its source again, which finds it holding nothing older than the SAN.
+    pub fn end_rescue(&mut self, volume: VolumeId) -> Result<(), String> {
+        match self.rescue_state(volume) {
+            None => Ok(()),
+            Some((false, bytes)) => Err(format!("its rescue has {bytes} bytes left to destage")),
+            Some((true, _)) => {
+                let vi = self.volume_index(volume).ok_or("no copy")?;
+                let v = &mut self.volumes[vi];
+                // Entries that were never durable (abandoned) go with the rest.
+                let last = LogSeq(v.next_seq.0 - 1);
+                v.published = v.published.max(last);
+                v.publish_urgent = true;
+                v.rescuing = false;
+                tracing::info!(volume = volume.0, "copy rescue ended: the copy takes its source's links again");
+                Ok(())
+            }
+        }
     }
 
     /// Sends each replicated volume's entries of a frame being written: `entries` are the

@@ -355,6 +355,12 @@ pub(crate) struct Volume {
     /// holding nothing, so its source resyncs it, and it is whole again once the source's
     /// published watermark covers every entry it may have lost.
     pub copy_damaged: Option<LogSeq>,
+    /// A replica copy this node destages to the volume's SAN itself, because the volume's owner
+    /// was lost ([`crate::Engine::rescue_copy`]): its entries are indexed and handed to the
+    /// destager like the node's own, and its source's links are refused.
+    pub rescuing: bool,
+    /// The newest entry of a rescued copy handed to the destager.
+    pub rescue_upto: LogSeq,
     /// Cluster mode (`EngineConfig::confirm_copies`): bumped whenever the volume's copies
     /// changed in a way the cluster's record must hear of (this start, a lost replica link);
     /// acknowledgements of writes wait in `held` while the cluster confirmed less.
@@ -408,6 +414,8 @@ impl Volume {
             persisted_epoch: Epoch(0),
             lost: DirtyIndex::default(),
             copy_damaged: None,
+            rescuing: false,
+            rescue_upto: LogSeq(0),
             copies_changed: 0,
             copies_confirmed: 0,
             held: Vec::new(),
@@ -508,6 +516,12 @@ impl Volume {
     /// Whether this volume is a replica copy kept for another node.
     pub fn is_copy(&self) -> bool {
         self.source.is_some()
+    }
+
+    /// Whether this node destages the volume: its own, or a copy being rescued (or any copy,
+    /// when `destage_copies`: an operator destages a replica's flash offline).
+    pub fn destaged_here(&self, destage_copies: bool) -> bool {
+        !self.is_copy() || destage_copies || self.rescuing
     }
 
     /// Whether write acknowledgements wait for the cluster to confirm the volume's copies.

@@ -230,6 +230,8 @@ impl Engine {
                 v.push_dirty(DirtyMeta { seq: h.seq, lba: h.lba, blocks: h.blocks as u64, bytes: h.data_bytes() });
                 if v.is_copy() {
                     // A replica copy's entry: durable here; its buffer goes back to the pool.
+                    // (One of a copy being rescued arrived before its source's link was dropped
+                    // and was never acknowledged: it is not destaged, see `rescue_copy`.)
                     if !abandoned {
                         self.copy_durable(vi, h.seq);
                     }

@@ -130,6 +130,8 @@ pub struct SimStats {
     pub link_failures: u64,
     pub replica_crashes: u64,
     pub failovers: u64,
+    /// Failovers where a running replica destaged its copies itself (`Engine::rescue_copy`).
+    pub live_rescues: u64,
     pub failover_blocks_checked: u64,
 }
 
@@ -1053,6 +1055,9 @@ impl Simulator {
         self.in_flight.clear();
         self.to_destage.clear();
         self.to_engine.clear();
+        if self.rng.gen_bool(0.5) {
+            return self.rescue_live(r, &in_sync);
+        }
         // Drop the source's ports' pending completions: a fresh engine on the replica only.
         for rn in &self.replica_nodes {
             let mut f = rn.flash.0.borrow_mut();
@@ -1087,16 +1092,70 @@ impl Simulator {
         if !quiet {
             return Err(self.fail("replica failover", "destaging the copy did not finish".into()));
         }
-        for &vol in &in_sync {
+        self.check_sans_after_failover(&in_sync, "replica failover (invariant 1 with replicas)")
+    }
+
+    /// After a failover: every block of each volume in `in_sync` reads from its SAN alone as
+    /// the host was promised.
+    fn check_sans_after_failover(&mut self, in_sync: &[usize], what: &'static str) -> Result<(), Failure> {
+        for &vol in in_sync {
             for lba in 0..self.cfg.blocks {
                 let found = self.san_block(vol, lba);
                 self.stats.failover_blocks_checked += 1;
-                self.model
-                    .check(vol, lba, found, false, "replica failover (invariant 1 with replicas)")
-                    .map_err(|v| self.violation(v))?;
+                self.model.check(vol, lba, found, false, what).map_err(|v| self.violation(v))?;
             }
         }
         Ok(())
+    }
+}
+
+impl Simulator {
+    /// The cluster's way of losing the source: replica `r`, running, destages its in-sync
+    /// copies itself (`Engine::rescue_copy`) while it keeps running, with a destager given the
+    /// volumes' SANs only now. Each must then read from its SAN alone as the host was promised.
+    fn rescue_live(&mut self, r: usize, in_sync: &[usize]) -> Result<(), Failure> {
+        self.stats.live_rescues += 1;
+        self.settle_replica(r);
+        let rn = self.replica_nodes.swap_remove(r);
+        let mut destager = Destager::new(rn.engine.layout(), Box::new(rn.flash.port(1)), Vec::new());
+        for &vol in in_sync {
+            destager.add_volume(Simulator::volume_id(vol), Box::new(self.sans[vol].clone()));
+        }
+        let mut node = Node::new(rn.engine, destager);
+        for &vol in in_sync {
+            if let Err(why) = node.engine.rescue_copy(Simulator::volume_id(vol)) {
+                return Err(self.fail("replica failover, live rescue", format!("volume {vol}: {why}")));
+            }
+        }
+        let done = |node: &Node| {
+            in_sync.iter().all(|&vol| matches!(node.engine.rescue_state(Simulator::volume_id(vol)), Some((true, _))))
+        };
+        let mut finished = false;
+        for _ in 0..400_000 {
+            self.advance(100_000);
+            node.poll(self.now.get());
+            if done(&node) {
+                finished = true;
+                break;
+            }
+            if let EngineState::Failed(why) = node.engine.state() {
+                return Err(self.fail("replica failover, live rescue", format!("the replica's engine failed: {why}")));
+            }
+        }
+        if !finished {
+            let states: Vec<String> = in_sync
+                .iter()
+                .map(|&vol| {
+                    let id = Simulator::volume_id(vol);
+                    format!("{id}: {:?} {:?}", node.engine.rescue_state(id), node.engine.volume_metrics(id))
+                })
+                .collect();
+            return Err(self.fail(
+                "replica failover, live rescue",
+                format!("destaging the copies did not finish: {}", states.join("; ")),
+            ));
+        }
+        self.check_sans_after_failover(in_sync, "replica failover, live rescue (invariant 1 with replicas)")
     }
 }
 
