@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Failure handling end to end with real parts (issue 10, scenarios a and b, and a rejoin):
+# Failure handling end to end with real parts (issue 10, scenarios a, b and e, and rejoins):
 #   etcd (Debian's etcd-server) on 127.0.0.1 holds the cluster state; tgtd serves the volume's
 #   SAN (a file-backed iSCSI LUN); three stagerd nodes with `cluster:` sections run on 127.0.0.1.
 #   node-a owns volume 1, write-back+1, its copy first on node-b. node-a reaches node-c's fabric
@@ -12,6 +12,9 @@
 #   rejoin: node-b restarts; its stale copy of volume 1 is let go (never served).
 #   b. the fabric between node-a and node-c is cut silently (both alive, both in etcd): the link
 #      times out, node-a reports node-c unreachable, the manager moves the copy to node-b.
+#   e. node-a, the owner, is killed with SIGKILL under load: node-b, whose copy the record names in
+#      sync, is made the rescuer by the resource manager and destages its copy to the SAN; the
+#      SAN alone then holds every acknowledged write. node-a comes back and is write-back+1 again.
 #   Afterwards every acknowledged block verifies through node-a and, drained, on the SAN alone.
 #   Prints per scenario: time to detect, time in write-through, time back to the requested policy.
 # Needs tgtd, etcd, python3 and binaries built with the iscsi and cluster features (BIN=dir,
@@ -217,6 +220,49 @@ echo "PASS: stagerctl cluster shows the nodes, the manager, the record and its t
 # write): hold and release in node-a's log, the record written in between.
 holds=$(python3 tests/lib/acks_held.py "$work/stagerd-a.log") || fail "write acknowledgements were not held as they must be: $holds"
 echo "PASS: an in-sync replica lost → acknowledgements held until the record said so: $holds"
+
+# e. the owner dies (kill -9) under load. Nothing by hand: when its lease expires the resource
+#    manager makes node-b, whose copy the record names in sync, the rescuer; node-b destages its
+#    copy to the SAN while it keeps running and records when it is all there. Then the SAN alone
+#    must hold every write node-a ever acknowledged.
+wait_for 30 "(e) write-back+1 with node-b in sync before the owner is killed" protected node-b
+wait_for 5 "(e) the record names node-b's copy in sync" in_sync_is '["node-b"]'
+"$BIN/stager-perf" run --target "$target" --nsid 1 -q 8 -w randwrite -s 4k --range 0:32MiB -t 30 \
+    --verify-state "$work/state.json" --quiet --name owner-kill > "$work/perf-e.log" 2>&1 &
+writer=$!
+sleep 3
+dirty_at_kill=$(vol dirty_bytes)
+t0=$(now)
+stop a KILL
+wait "$writer" || true
+writer=""
+grep -q "verify state saved" "$work/perf-e.log" || { cat "$work/perf-e.log"; fail "(e) stager-perf did not save its state"; }
+rescuer_is() { [[ $(field rescuer) == "\"$1\"" ]]; }
+rescued() { [[ $(field rescued_unix_ms) =~ ^[1-9][0-9]*$ ]]; }
+wait_for 30 "(e) the resource manager makes node-b the rescuer of volume 1" rescuer_is node-b
+chosen=$(since "$t0")
+wait_for 60 "(e) node-b's copy all on the SAN" rescued
+done_after=$(since "$t0")
+epoch_e=$(field epoch)
+echo "PASS: (e) owner killed with $dirty_at_kill dirty bytes: node-b chosen to destage its copy after ${chosen} s (epoch $epoch_e), all on the SAN after ${done_after} s"
+grep -q "destaging this node's copy" "$work/stagerd-b.log" || fail "(e) node-b does not say it destages its copy"
+start check
+"$BIN/stager-perf" verify --target "$target" --nsid 1 --verify-state "$work/state.json" > "$work/verify-rescue.log" 2>&1 \
+    || { cat "$work/verify-rescue.log"; fail "(e) after the rescue the SAN alone does not hold every acknowledged write"; }
+echo "PASS: (e) the SAN alone holds every write the killed owner acknowledged: $(tail -1 "$work/verify-rescue.log")"
+stop check TERM
+
+# The old owner comes back: it replays its log (the same data, destaged again once it may
+# write the SAN); the rescue ends, node-b's copy takes the owner's link again.
+start a
+rescue_over() { [[ $(field rescuer) == '""' || $(field rescuer) == null ]]; }
+wait_for 30 "(e) the rescue ends once the owner is back" rescue_over
+wait_for 30 "(e) write-back+1 again with node-b in sync after the owner's return" protected node-b
+echo "PASS: (e) the owner came back after the rescue and is write-back+1 again with node-b"
+grep -q "the rescue of this node's copy is over" "$work/stagerd-b.log" || fail "(e) node-b did not end its rescue"
+"$BIN/stager-perf" verify --target "$target" --nsid 1 --verify-state "$work/state.json" > "$work/verify-a2.log" 2>&1 \
+    || { cat "$work/verify-a2.log"; fail "(e) a block acknowledged before the owner was killed does not read back through it"; }
+echo "PASS: every acknowledged block reads back through the returned owner: $(tail -1 "$work/verify-a2.log")"
 
 # Drain and check the SAN alone.
 ctl volume set-policy 1 write-through --socket "$work/a.sock" > /dev/null

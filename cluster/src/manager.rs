@@ -11,9 +11,11 @@
 //!   effective one and why, which replicas it cannot reach, how long the volume ran with fewer
 //!   copies than requested, and its SAN's name.
 //!
-//! Taking a volume over from an owner that is gone is not decided here: [`review`] says
-//! [`Review::OwnerLost`] and nothing changes (see docs/operations.md, "the source is lost for
-//! good").
+//! When the owner is gone (its lease expired) the manager makes a replica whose copy is in sync
+//! the volume's **rescuer** (`VolumeRecord::rescuer`, an epoch bump): that node destages its copy
+//! to the SAN and says when it is done, so the SAN then holds every acknowledged write; the owner
+//! stays fenced from the SAN and from acknowledging until then, even if it comes back. Serving
+//! the volume from another node is not decided here ([`Review::OwnerLost`] says so).
 
 use crate::placement::choose_replicas;
 use crate::record::{NodeInfo, VolumeRecord};
@@ -28,7 +30,8 @@ pub fn copies_of(policy: &str) -> usize {
 pub enum Review {
     /// Nothing to change.
     Keep,
-    /// The record has an owner that is not alive: not handled automatically.
+    /// The record has an owner that is not alive, and no (other) rescue can be started: its
+    /// copy in sync is being or has been destaged, or there is none on a live node.
     OwnerLost,
     /// Write this record (the replica set changed, the epoch is bumped, the transition is in
     /// its history); `why` says it in one line.
@@ -40,7 +43,11 @@ pub fn review(rec: &VolumeRecord, nodes: &[NodeInfo], now_unix_ms: u64) -> Revie
     if rec.owner.is_empty() {
         return Review::Keep;
     }
-    let Some(owner) = nodes.iter().find(|n| n.id == rec.owner) else { return Review::OwnerLost };
+    let owner = nodes.iter().find(|n| n.id == rec.owner);
+    if let Some(r) = rescue(rec, owner.is_some(), nodes, now_unix_ms) {
+        return r;
+    }
+    let Some(owner) = owner else { return Review::OwnerLost };
     let want = copies_of(&rec.requested);
     let mut lost: Vec<(String, &'static str)> = Vec::new();
     for r in &rec.replicas {
@@ -93,6 +100,45 @@ pub fn review(rec: &VolumeRecord, nodes: &[NodeInfo], now_unix_ms: u64) -> Revie
     why = format!("epoch {}: {why}", record.epoch);
     record.push_transition(now_unix_ms, why.clone());
     Review::Change { record: Box::new(record), why }
+}
+
+/// The rescue of a volume whose owner is gone: start one on a live node whose copy is in sync
+/// and which reaches the SAN, move it to another such node if the rescuer is gone too before it
+/// is done, end it once done and the owner is back. None: no rescue matters (the owner is
+/// alive and none is recorded).
+fn rescue(rec: &VolumeRecord, owner_alive: bool, nodes: &[NodeInfo], now_unix_ms: u64) -> Option<Review> {
+    let able = |id: &String| nodes.iter().any(|n| &n.id == id && n.sans_reachable.contains(&rec.id));
+    let mut record = rec.clone();
+    let why = if rec.rescuer.is_empty() {
+        if owner_alive {
+            return None;
+        }
+        let r = rec.in_sync.iter().find(|r| able(r))?;
+        record.rescuer = r.clone();
+        format!("owner {} is gone: {r} destages its copy (in sync) to the SAN", rec.owner)
+    } else if rec.rescued_unix_ms == 0 {
+        if nodes.iter().any(|n| n.id == rec.rescuer) {
+            return Some(if owner_alive { Review::Keep } else { Review::OwnerLost });
+        }
+        let Some(r) = rec.in_sync.iter().find(|r| **r != rec.rescuer && able(r)) else {
+            return Some(Review::OwnerLost);
+        };
+        record.rescuer = r.clone();
+        format!("the rescuer {} is gone too: {r} destages its copy (in sync) to the SAN", rec.rescuer)
+    } else if owner_alive {
+        record.rescuer.clear();
+        record.rescued_unix_ms = 0;
+        format!(
+            "owner {} is back; the SAN holds every write it acknowledged (rescue by {} done)",
+            rec.owner, rec.rescuer
+        )
+    } else {
+        return Some(Review::OwnerLost);
+    };
+    record.epoch += 1;
+    let why = format!("epoch {}: {why}", record.epoch);
+    record.push_transition(now_unix_ms, why.clone());
+    Some(Review::Change { record: Box::new(record), why })
 }
 
 /// What the owner knows of its volume now.
@@ -183,6 +229,8 @@ mod tests {
             unreachable: vec![],
             san: "file:/san".into(),
             in_sync: replicas.iter().map(|s| s.to_string()).collect(),
+            rescuer: String::new(),
+            rescued_unix_ms: 0,
         }
     }
 
@@ -255,9 +303,39 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_owner_is_reported_and_nothing_changes() {
+    fn a_lost_owner_gets_its_copy_in_sync_destaged_and_is_fenced_until_done() {
+        let without = |gone: &[&str]| -> Vec<NodeInfo> {
+            three().into_iter().filter(|n| !gone.contains(&n.id.as_str())).collect()
+        };
+        let mut r = rec(&["b", "c"]);
+        r.in_sync = vec!["c".into(), "b".into()];
+        // The owner is gone: the first in-sync copy on a live node that reaches the SAN.
+        let Review::Change { record, why } = review(&r, &without(&["a"]), 10) else { panic!() };
+        assert_eq!((record.rescuer.as_str(), record.epoch), ("c", r.epoch + 1), "{why}");
+        assert_eq!(record.replicas, r.replicas, "the replica set stays");
+        assert_eq!(review(&record, &without(&["a"]), 11), Review::OwnerLost, "under way");
+        assert_eq!(review(&record, &three(), 11), Review::Keep, "the owner is back: it waits, nothing moves");
+        // The rescuer dies too before it is done: the other copy in sync takes over.
+        let Review::Change { record: moved, .. } = review(&record, &without(&["a", "c"]), 12) else { panic!() };
+        assert_eq!(moved.rescuer, "b");
+        let mut done = moved.clone();
+        done.rescued_unix_ms = 13;
+        assert_eq!(review(&done, &without(&["a", "c"]), 14), Review::OwnerLost, "done, the owner still gone");
+        let Review::Change { record: back, why } = review(&done, &without(&["c"]), 15) else { panic!() };
+        assert!(back.rescuer.is_empty() && back.rescued_unix_ms == 0, "{why}");
+        assert_eq!(back.epoch, done.epoch + 1);
+    }
+
+    #[test]
+    fn a_lost_owner_without_a_usable_copy_is_only_reported() {
         let nodes: Vec<NodeInfo> = three().into_iter().filter(|n| n.id != "a").collect();
-        assert_eq!(review(&rec(&["b"]), &nodes, 10), Review::OwnerLost);
+        let mut r = rec(&["b"]);
+        r.in_sync.clear();
+        assert_eq!(review(&r, &nodes, 10), Review::OwnerLost, "no copy in sync");
+        let mut cut = nodes.clone();
+        cut[0].sans_reachable.clear();
+        assert_eq!(review(&rec(&["b"]), &cut, 10), Review::OwnerLost, "the copy's node cannot reach the SAN");
+        assert_eq!(review(&rec(&[]), &nodes, 10), Review::OwnerLost, "no replica at all");
     }
 
     #[test]

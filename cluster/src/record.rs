@@ -92,6 +92,16 @@ pub struct VolumeRecord {
     /// replica lacks (`Engine::confirm_copies`) and adds one once it is in sync again.
     #[serde(default)]
     pub in_sync: Vec<String>,
+    /// The replica destaging its copy to the SAN because the owner was lost (empty: none).
+    /// Chosen by the resource manager among the copies in sync, with an epoch bump. While it
+    /// is set and `rescued_unix_ms` is 0, the owner writes nothing to the SAN and acknowledges
+    /// no write, even if it comes back.
+    #[serde(default)]
+    pub rescuer: String,
+    /// When the rescuer reported every entry of its copy on the SAN (0: not yet). Written by
+    /// the rescuer; the SAN then holds every write the owner acknowledged.
+    #[serde(default)]
+    pub rescued_unix_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +208,12 @@ impl VolumeRecord {
             if !self.replicas.contains(r) || self.in_sync[..i].contains(r) {
                 return Err(format!("in_sync[{i}]: {r:?} is not one of the replicas, or named twice"));
             }
+        }
+        if !self.rescuer.is_empty() && !self.replicas.contains(&self.rescuer) {
+            return Err(format!("rescuer: {:?} is not one of the replicas", self.rescuer));
+        }
+        if self.rescuer.is_empty() && self.rescued_unix_ms != 0 {
+            return Err("rescued_unix_ms is set without a rescuer".to_string());
         }
         if self.san.len() > SAN_BYTES_MAX {
             return Err(format!("san: {} bytes; at most {SAN_BYTES_MAX}", self.san.len()));
@@ -320,6 +336,8 @@ mod tests {
             unreachable: Vec::new(),
             san: String::new(),
             in_sync: vec!["node-b".into()],
+            rescuer: String::new(),
+            rescued_unix_ms: 0,
         }
     }
 
@@ -393,6 +411,12 @@ mod tests {
         assert!(matches!(encode_volume(&keys, &rec), Err(ClusterError::InvalidRecord { .. })), "not a replica");
         rec.in_sync = vec!["node-b".into(), "node-b".into()];
         assert!(matches!(encode_volume(&keys, &rec), Err(ClusterError::InvalidRecord { .. })), "twice");
+        let mut rec = volume(1);
+        rec.rescuer = "node-c".into();
+        assert!(matches!(encode_volume(&keys, &rec), Err(ClusterError::InvalidRecord { .. })), "rescuer");
+        rec.rescuer = String::new();
+        rec.rescued_unix_ms = 5;
+        assert!(matches!(encode_volume(&keys, &rec), Err(ClusterError::InvalidRecord { .. })), "rescued");
     }
 
     #[test]

@@ -44,6 +44,8 @@ fn record(owner: &str, epoch: u64) -> VolumeRecord {
         unreachable: Vec::new(),
         san: String::new(),
         in_sync: Vec::new(),
+        rescuer: String::new(),
+        rescued_unix_ms: 0,
     }
 }
 

@@ -10,12 +10,18 @@
 //!   reach (`UNREACHABLE_AFTER`), time spent unprotected (`stager_cluster::manager::owner_report`);
 //! - **resource manager**, while elected: reviews every record against the live nodes and
 //!   replaces lost replicas with an epoch bump (`stager_cluster::manager::review`);
-//! - **replica**: lets go of copies it keeps for volumes whose record has moved the role to
+//! - **replica**: when the record makes this node the *rescuer* of a volume whose owner was
+//!   lost, destages its copy to the volume's SAN (`VolumeService::rescue_copy`) and records when
+//!   it is all there; lets go of copies it keeps for volumes whose record has moved the role to
 //!   other nodes once the owner reports them protected again (`may_discard_copy`).
 //!
+//! **Fencing.** Each SAN this node writes in a cluster sits behind a gate (`volume::san_gate`)
+//! that this thread opens, each tick the record allows it, only up to the lease's local
+//! deadline: a node cut off from etcd stops writing its volumes' SANs before another node may be
+//! chosen to rescue them (a volume with no copy anywhere, which nobody can take over, stays
+//! open). Its write acknowledgements stop too, as soon as the rescuer drops its link.
 //! A node that cannot reach etcd keeps serving under the replica set it has, and retries.
-//! Not built: taking a volume over when its owner is lost (the manager logs it), and stopping
-//! to act as owner when this node's lease is lost (it only logs that).
+//! Not built: serving a volume from another node when its owner is lost.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,6 +74,17 @@ struct Agent {
     replicated: bool,
     /// Each volume's copies generation as the last tick saw it.
     generations: HashMap<u32, u64>,
+}
+
+/// What one tick read from etcd and the node, and until when the node may act on it (its
+/// lease's local deadline).
+#[derive(Clone, Copy)]
+struct Tick<'a> {
+    c: &'a Cluster,
+    status: &'a NodeStatus,
+    records: &'a [(VolumeRecord, Revision)],
+    nodes: &'a [NodeInfo],
+    until: Instant,
 }
 
 impl Membership {
@@ -236,9 +253,15 @@ fn run(cfg: stager_cluster::ClusterConfig, mut agent: Agent, stop: &AtomicBool) 
                 continue;
             }
         };
-        agent.own_volumes(c, &status, &records, &nodes);
+        // Until when this node may act on what it read: the lease's local deadline.
+        let until = match c.lease_state() {
+            LeaseState::Alive { valid_for } => Instant::now() + valid_for,
+            LeaseState::Lost => continue,
+        };
+        let tick = Tick { c, status: &status, records: &records, nodes: &nodes, until };
+        agent.own_volumes(&tick);
         agent.manage(c, &records, &nodes);
-        agent.copies(&status, &records, &nodes);
+        agent.copies(&tick);
         agent.publish(c, &cfg.prefix, nodes, records);
     }
     if let Some(c) = client {
@@ -307,13 +330,8 @@ impl Agent {
     }
 
     /// The owner's part for each volume this node serves.
-    fn own_volumes(
-        &mut self,
-        c: &Cluster,
-        status: &NodeStatus,
-        records: &[(VolumeRecord, Revision)],
-        nodes: &[NodeInfo],
-    ) {
+    fn own_volumes(&mut self, tick: &Tick) {
+        let Tick { c, status, records, nodes, until } = *tick;
         let now = Instant::now();
         let vols: Vec<&VolumeStatus> = status.devices.iter().flat_map(|d| d.volumes.iter()).collect();
         self.replicated = vols.iter().any(|v| !v.replicas.is_empty());
@@ -377,7 +395,9 @@ impl Agent {
                 }
                 continue;
             };
+            let Some(volumes) = self.volumes.clone() else { continue };
             if rec.owner != self.me {
+                volumes.close_san_gate(v.id);
                 self.say(
                     &format!("owner-{}", v.id),
                     format!(
@@ -388,6 +408,27 @@ impl Agent {
                 );
                 continue;
             }
+            if !rec.rescuer.is_empty() && rec.rescued_unix_ms == 0 {
+                // This node was taken for gone (its lease expired): another node's copy goes to
+                // the SAN now; until it is all there, writing the SAN from here could put this
+                // log's older data over it, and acknowledging a write would promise a copy the
+                // rescue does not have.
+                volumes.close_san_gate(v.id);
+                self.say(
+                    &format!("owner-{}", v.id),
+                    format!(
+                        "cluster: volume {}: this node was taken for gone and {} destages its copy to the SAN: \
+                         this node writes nothing to the SAN and acknowledges no write until that is done",
+                        v.id, rec.rescuer
+                    ),
+                );
+                continue;
+            }
+            self.said.remove(&format!("owner-{}", v.id));
+            // Nobody else can take a volume without copies over: its SAN stays open even while
+            // etcd is out of reach. One with copies is written only while the lease holds.
+            let copyless = rec.replicas.is_empty() && rec.in_sync.is_empty() && named.is_empty();
+            volumes.open_san_gate(v.id, (!copyless).then_some(until));
             // Follow the record's replica set and epoch.
             if named != rec.replicas
                 || copies != copies_of(&rec.requested)
@@ -490,10 +531,26 @@ impl Agent {
                 Review::Keep => {
                     self.said.remove(&format!("lost-{}", rec.id));
                 }
+                Review::OwnerLost if !rec.rescuer.is_empty() && rec.rescued_unix_ms == 0 => self.say(
+                    &format!("lost-{}", rec.id),
+                    format!(
+                        "cluster: volume {}: its owner {} is gone; {} destages its copy to the SAN",
+                        rec.id, rec.owner, rec.rescuer
+                    ),
+                ),
+                Review::OwnerLost if !rec.rescuer.is_empty() => self.say(
+                    &format!("lost-{}", rec.id),
+                    format!(
+                        "cluster: volume {}: its owner {} is gone; {}'s copy is destaged: the SAN holds every write \
+                         it acknowledged. Serving the volume from another node is not automatic yet (docs/operations.md)",
+                        rec.id, rec.owner, rec.rescuer
+                    ),
+                ),
                 Review::OwnerLost => {
                     let copies = if !rec.in_sync.is_empty() {
                         format!(
-                            "the copy on {} is in sync (holds every acknowledged write not on the SAN): destage it",
+                            "the copy on {} is in sync (holds every acknowledged write not on the SAN) but no such node \
+                             reaches the SAN now: it is destaged once one does",
                             rec.in_sync.join(" or ")
                         )
                     } else if rec.replicas.is_empty() {
@@ -507,8 +564,7 @@ impl Agent {
                     self.say(
                         &format!("lost-{}", rec.id),
                         format!(
-                            "cluster: volume {}: its owner {} is gone; taking a volume over is not automatic yet; {copies} \
-                             (docs/operations.md)",
+                            "cluster: volume {}: its owner {} is gone; {copies} (docs/operations.md)",
                             rec.id, rec.owner
                         ),
                     )
@@ -544,15 +600,33 @@ impl Agent {
         }
     }
 
-    /// The replica's part: copies of volumes whose role moved on are let go once safe.
-    fn copies(&mut self, status: &NodeStatus, records: &[(VolumeRecord, Revision)], nodes: &[NodeInfo]) {
-        let Some(volumes) = &self.volumes else { return };
+    /// The replica's part: a copy whose owner was lost is destaged when the record makes this
+    /// node its rescuer; copies of volumes whose role moved on are let go once safe.
+    fn copies(&mut self, tick: &Tick) {
+        let Tick { c, status, records, nodes, until } = *tick;
+        let Some(volumes) = self.volumes.clone() else { return };
         for copy in status.devices.iter().flat_map(|d| d.copies.iter()) {
-            if copy.bytes == 0 {
+            let Some((rec, rev)) = records.iter().find(|(r, _)| r.id == copy.volume) else { continue };
+            if rec.rescuer == self.me && rec.rescued_unix_ms == 0 {
+                self.rescue(c, &volumes, copy, rec, *rev, until);
                 continue;
             }
-            let Some((rec, _)) = records.iter().find(|(r, _)| r.id == copy.volume) else { continue };
-            if !may_discard_copy(rec, &self.me, nodes) {
+            if !copy.rescue.is_empty() && rec.rescuer != self.me {
+                // The owner is back and the rescue is over, or it moved to another node.
+                match volumes.end_rescue(copy.volume) {
+                    Ok(()) => tracing::info!(
+                        "cluster: volume {}: the rescue of this node's copy is over (record epoch {})",
+                        copy.volume,
+                        rec.epoch
+                    ),
+                    Err(e) => self.say(
+                        &format!("rescue-{}", copy.volume),
+                        format!("cluster: volume {}: cannot end this copy's rescue: {e}", copy.volume),
+                    ),
+                }
+                continue;
+            }
+            if copy.bytes == 0 || !copy.rescue.is_empty() || !may_discard_copy(rec, &self.me, nodes) {
                 continue;
             }
             match volumes.discard_copy(copy.volume) {
@@ -565,6 +639,54 @@ impl Agent {
                 ),
                 Err(e) => tracing::warn!("cluster: volume {}: cannot let its copy go: {e}", copy.volume),
             }
+        }
+    }
+
+    /// This node is the rescuer of `copy`: start destaging it, keep its SAN open while the
+    /// lease holds, and record when every entry is on the SAN.
+    fn rescue(
+        &mut self,
+        c: &Cluster,
+        volumes: &VolumeService,
+        copy: &crate::volume::status::CopyStatus,
+        rec: &VolumeRecord,
+        rev: Revision,
+        until: Instant,
+    ) {
+        let topic = format!("rescue-{}", copy.volume);
+        if copy.rescue.is_empty() {
+            match volumes.rescue_copy(copy.volume, &rec.san, until) {
+                Ok(_) => tracing::warn!(
+                    "cluster: volume {}: its owner {} is gone; destaging this node's copy ({}) to its SAN {}",
+                    copy.volume,
+                    rec.owner,
+                    crate::volume::status::human_bytes(copy.bytes),
+                    rec.san
+                ),
+                Err(e) => {
+                    self.say(&topic, format!("cluster: volume {}: cannot destage this node's copy: {e}", copy.volume))
+                }
+            }
+            return;
+        }
+        volumes.open_san_gate(copy.volume, Some(until));
+        if copy.rescue != "done" {
+            return;
+        }
+        let mut done = rec.clone();
+        done.rescued_unix_ms = unix_ms_now().max(1);
+        done.push_transition(
+            done.rescued_unix_ms,
+            format!("{}'s copy is on the SAN: it holds every write the owner acknowledged", self.me),
+        );
+        match c.put_volume_if(&done, Some(rev)) {
+            Ok(Ok(_)) => tracing::warn!(
+                "cluster: volume {}: this node's copy is destaged: the SAN holds every write its owner {} acknowledged",
+                copy.volume,
+                rec.owner
+            ),
+            Ok(Err(_)) => {} // changed meanwhile: the next tick looks again
+            Err(e) => self.say("etcd", format!("cluster: cannot update volume {}'s record: {e}", copy.volume)),
         }
     }
 }

@@ -47,6 +47,8 @@ pub fn record(id: u32, owner: &str, epoch: u64) -> VolumeRecord {
         unreachable: Vec::new(),
         san: String::new(),
         in_sync: Vec::new(),
+        rescuer: String::new(),
+        rescued_unix_ms: 0,
     }
 }
 

@@ -129,6 +129,17 @@ pub(crate) enum HostMsg {
         volume: VolumeId,
         reply: Sender<Result<u64, String>>,
     },
+    /// Replica side: destage the copy of `volume` kept here (its owner was lost;
+    /// `Engine::rescue_copy`); the destage core has its SAN already.
+    RescueCopy {
+        volume: VolumeId,
+        reply: Sender<Result<bool, String>>,
+    },
+    /// Replica side: the cluster no longer needs the copy's rescue (`Engine::end_rescue`).
+    EndRescue {
+        volume: VolumeId,
+        reply: Sender<Result<(), String>>,
+    },
     /// Source side: a link to one of a volume's replicas, which holds `copy`.
     AttachReplica {
         link: LinkHandoff,
@@ -612,6 +623,12 @@ impl EngineHost {
             }
             HostMsg::DiscardCopy { volume, reply } => {
                 let _ = reply.send(self.engine.discard_copy(volume));
+            }
+            HostMsg::RescueCopy { volume, reply } => {
+                let _ = reply.send(self.engine.rescue_copy(volume));
+            }
+            HostMsg::EndRescue { volume, reply } => {
+                let _ = reply.send(self.engine.end_rescue(volume));
             }
             HostMsg::SetPolicy { volume, policy, copies, reply } => {
                 let have = self.engine.volume_copies(volume);

@@ -22,6 +22,7 @@ pub(crate) mod fabric_hub;
 pub(crate) mod host;
 pub mod offline;
 pub mod replication;
+pub(crate) mod san_gate;
 pub mod service;
 pub mod status;
 

@@ -38,6 +38,7 @@ use super::devices::{
     OwnerLock, Probe, SharedRing,
 };
 use super::host::{host_waker, Completion, HostMsg, HostPlan, Ready};
+use super::san_gate::{GatedSan, SanGate};
 use super::status::{human_bytes, NodeStatus};
 use crate::config::{BackendConfig, Config, SanConfig};
 use crate::reactor::{new_eventfd, wake};
@@ -55,6 +56,11 @@ const STOP_DRAIN: Duration = Duration::from_secs(10);
 const HOST_INBOX: usize = 8192;
 /// Messages the destage core's inbox holds (dirty records, host SAN traffic, pressure).
 const DESTAGE_INBOX: usize = 16384;
+/// Requests the destage core's control inbox holds (rare: a rescue's SAN).
+const CONTROL_INBOX: usize = 16;
+/// How long a rescue waits for the destage core to open the copy's SAN (an iSCSI login is
+/// bounded by `destage.san_timeout_ms`, twice: login and READ CAPACITY).
+const ADD_SAN_WAIT: Duration = Duration::from_secs(30);
 
 /// How a thread that may sleep is woken: an eventfd, written only while it says it sleeps.
 pub(crate) struct Waker {
@@ -128,6 +134,12 @@ pub struct VolumeService {
     link_down: Mutex<Option<Receiver<(stager_policy::LinkId, String)>>>,
     /// Volumes whose SAN is unreachable now (status).
     outages: SanOutages,
+    /// Requests to the destage core other than the engines' messages.
+    control: Sender<CoreControl>,
+    /// In a cluster: the SAN gate of each of this node's volumes (see `san_gate`).
+    gates: HashMap<u32, Arc<SanGate>>,
+    /// The SAN gates of copies this node destages because their owner was lost.
+    rescue_gates: Mutex<HashMap<u32, Arc<SanGate>>>,
 }
 
 /// A flash device as the configuration describes it, with what was found on it.
@@ -209,6 +221,21 @@ pub(crate) fn open_san(
             ))
         }
     }
+}
+
+/// The SAN a cluster record names (`file:PATH`, or an `iscsi://` URL logged in to as the
+/// default initiator), as a configuration would.
+fn san_config_of(name: &str) -> Result<SanConfig, String> {
+    if let Some(path) = name.strip_prefix("file:") {
+        return Ok(SanConfig::File { path: PathBuf::from(path), size_bytes: None, direct: true });
+    }
+    if name.starts_with("iscsi://") {
+        return Ok(SanConfig::Iscsi {
+            url: name.to_string(),
+            initiator: crate::config::DEFAULT_INITIATOR_IQN.to_string(),
+        });
+    }
+    Err(format!("the record names SAN {name:?}, neither file:PATH nor an iscsi:// URL"))
 }
 
 /// A device id for a new device: unique enough across a fleet (time, pid, path), never 0.
@@ -303,6 +330,14 @@ impl VolumeService {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let (to_destage, destage_rx) = crossbeam_channel::bounded::<(u16, ToDestage)>(DESTAGE_INBOX);
+        let (control, control_rx) = crossbeam_channel::bounded::<CoreControl>(CONTROL_INBOX);
+        // In a cluster another node may destage a volume's data (a rescued copy): this node
+        // writes each of its volumes' SANs only while the cluster thread holds the gate open.
+        let fenced = config.cluster.is_some() && crate::config::CLUSTER_BUILT;
+        let gates: HashMap<u32, Arc<SanGate>> = match fenced {
+            true => plans.iter().flat_map(|p| &p.volumes).map(|v| (v.id, SanGate::closed())).collect(),
+            false => HashMap::new(),
+        };
         // Each device's host inbox, made here so the destage core and the other reactors can
         // reach it before the owner reactor starts.
         let mut inboxes = Vec::new();
@@ -319,7 +354,11 @@ impl VolumeService {
                 name: p.name.clone(),
                 bdev: p.bdev.clone(),
                 cache_percent: p.cache_percent,
-                volumes: p.volumes.iter().map(|v| (v.id, v.san.clone(), v.size_bytes)).collect(),
+                volumes: p
+                    .volumes
+                    .iter()
+                    .map(|v| (v.id, v.san.clone(), v.size_bytes, gates.get(&v.id).cloned()))
+                    .collect(),
                 to_host: inboxes[i].0.clone(),
                 host_waker: inboxes[i].2.clone(),
             })
@@ -339,7 +378,8 @@ impl VolumeService {
                         warn!("destage core: could not pin to core {c}; running unpinned");
                     }
                 }
-                match DestageCore::build(core_devices, destage_rx, waker2, stop2, idle_poll, san_timeout, outages2) {
+                let inbox = CoreInbox { data: destage_rx, control: control_rx };
+                match DestageCore::build(core_devices, inbox, waker2, stop2, idle_poll, san_timeout, outages2) {
                     Ok((mut core, found)) => {
                         let _ = ready_tx.send(Ok(found));
                         core.run();
@@ -448,6 +488,9 @@ impl VolumeService {
             replica_dev,
             link_down: Mutex::new(Some(link_down_rx)),
             outages,
+            control,
+            gates,
+            rescue_gates: Mutex::new(HashMap::new()),
         })))
     }
 
@@ -552,6 +595,67 @@ impl VolumeService {
         rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
     }
 
+    /// Destages the copy of `volume` this node keeps, to the SAN its record names (`san`, as
+    /// `file:PATH` or an iSCSI URL): the volume's owner was lost and the cluster chose this
+    /// copy. The SAN is opened on the destage core behind a gate open until `until` (this
+    /// node's lease deadline; [`VolumeService::open_san_gate`] keeps it open). Returns whether
+    /// the rescue started now (false: it was under way).
+    pub fn rescue_copy(&self, volume: u32, san: &str, until: Instant) -> Result<bool, String> {
+        let dev = self.replica_dev.ok_or("no flash device keeps copies here")?;
+        let d = self.devices.get(dev as usize).ok_or("no flash device keeps copies here")?;
+        let cfg = san_config_of(san)?;
+        let gate = {
+            let mut gates = self.rescue_gates.lock().map_err(|_| "rescue gates poisoned")?;
+            gates.entry(volume).or_insert_with(SanGate::closed).clone()
+        };
+        gate.open_until(Some(until));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let add = CoreControl::AddSan { dev, volume, san: cfg, gate, reply: tx };
+        if self.control.try_send(add).is_err() {
+            return Err("the destage core is busy or gone".into());
+        }
+        wake(&self.destage_waker.efd);
+        rx.recv_timeout(ADD_SAN_WAIT).map_err(|_| "the destage core did not open the SAN in time".to_string())??;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if !d.send(HostMsg::RescueCopy { volume: VolumeId(volume), reply: tx }) {
+            return Err(format!("flash {}: its reactor is not running", d.name));
+        }
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
+    }
+
+    /// Ends the rescue of a copy whose data is all on the SAN (the cluster no longer needs it):
+    /// its gate closes, and the copy takes its source's links again.
+    pub fn end_rescue(&self, volume: u32) -> Result<(), String> {
+        let d = self.replica_dev.and_then(|dev| self.devices.get(dev as usize)).ok_or("no flash device for copies")?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if !d.send(HostMsg::EndRescue { volume: VolumeId(volume), reply: tx }) {
+            return Err(format!("flash {}: its reactor is not running", d.name));
+        }
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))??;
+        if let Some(g) = self.rescue_gates.lock().ok().and_then(|g| g.get(&volume).cloned()) {
+            g.close();
+        }
+        Ok(())
+    }
+
+    /// In a cluster: lets this node write `volume`'s SAN (its own volume, or a copy it
+    /// rescues) until `until` (`None`: for good), or closes it (`Some` deadline in the past).
+    /// Outside a cluster volumes have no gate and this does nothing.
+    pub fn open_san_gate(&self, volume: u32, until: Option<Instant>) {
+        if let Some(g) = self.gates.get(&volume) {
+            g.open_until(until);
+        } else if let Some(g) = self.rescue_gates.lock().ok().and_then(|g| g.get(&volume).cloned()) {
+            g.open_until(until);
+        }
+    }
+
+    /// In a cluster: this node may not write `volume`'s SAN (see [`VolumeService::open_san_gate`]).
+    pub fn close_san_gate(&self, volume: u32) {
+        if let Some(g) = self.gates.get(&volume) {
+            g.close();
+        }
+    }
+
     /// Changes a volume's requested policy live; returns a line saying what happened.
     pub fn set_policy(&self, volume: u32, policy: WritePolicy, copies: Option<usize>) -> Result<String, String> {
         let Some(d) = self.devices.iter().find(|d| d.volumes.contains(&VolumeId(volume))) else {
@@ -588,13 +692,16 @@ pub(crate) struct SanOutage {
 
 pub(crate) type SanOutages = Arc<Mutex<HashMap<u32, SanOutage>>>;
 
+/// A volume's SAN as the destage core opens it: id, SAN, configured size, the cluster's gate.
+type CoreVolumePlan = (u32, SanConfig, Option<u64>, Option<Arc<SanGate>>);
+
 /// What the destage core needs of a device.
 struct CoreDevicePlan {
     dev: u16,
     name: String,
     bdev: Arc<dyn BlockDevice>,
     cache_percent: u32,
-    volumes: Vec<(u32, SanConfig, Option<u64>)>,
+    volumes: Vec<CoreVolumePlan>,
     to_host: Sender<HostMsg>,
     host_waker: Arc<Waker>,
 }
@@ -611,10 +718,25 @@ struct CoreDevice {
     events: Vec<DestageEvent>,
 }
 
+/// A request to the destage core from another thread.
+pub(crate) enum CoreControl {
+    /// Open `san` for `volume` (a copy on device `dev` this node now destages itself) behind
+    /// `gate`, and give it to that device's destager.
+    AddSan { dev: u16, volume: u32, san: SanConfig, gate: Arc<SanGate>, reply: Sender<Result<(), String>> },
+}
+
+/// What the destage core receives: the engines' messages, and control requests.
+struct CoreInbox {
+    data: Receiver<(u16, ToDestage)>,
+    control: Receiver<CoreControl>,
+}
+
 struct DestageCore {
     devices: Vec<CoreDevice>,
     ring: Rc<SharedRing>,
     inbox: Receiver<(u16, ToDestage)>,
+    control: Receiver<CoreControl>,
+    san_timeout: Duration,
     waker: Arc<Waker>,
     /// The eventfd read lands here; boxed so its address is stable while the read is armed.
     wake_buf: Box<[u8; 8]>,
@@ -628,7 +750,7 @@ struct DestageCore {
 impl DestageCore {
     fn build(
         plans: Vec<CoreDevicePlan>,
-        inbox: Receiver<(u16, ToDestage)>,
+        inbox: CoreInbox,
         waker: Arc<Waker>,
         stop: Arc<AtomicBool>,
         idle_poll: Duration,
@@ -644,8 +766,11 @@ impl DestageCore {
                 .ok_or_else(|| format!("flash {}: {size} bytes is too small for a log", p.name))?;
             let mut sans: Vec<(VolumeId, Box<dyn San>)> = Vec::new();
             let mut found = Vec::new();
-            for (id, san_cfg, size_bytes) in &p.volumes {
-                let san = open_san(*id, san_cfg, san_timeout, &ring)?;
+            for (id, san_cfg, size_bytes, gate) in &p.volumes {
+                let mut san = open_san(*id, san_cfg, san_timeout, &ring)?;
+                if let Some(gate) = gate {
+                    san = Box::new(GatedSan::new(san, gate.clone()));
+                }
                 let san_bytes = san.size_bytes();
                 let bytes = size_bytes.unwrap_or(san_bytes);
                 if bytes > san_bytes {
@@ -680,7 +805,9 @@ impl DestageCore {
         let mut core = DestageCore {
             devices,
             ring,
-            inbox,
+            inbox: inbox.data,
+            control: inbox.control,
+            san_timeout,
             waker,
             wake_buf: Box::new([0; 8]),
             foreign: Vec::new(),
@@ -711,8 +838,34 @@ impl DestageCore {
         }
     }
 
+    /// Carries out a control request (blocking: opening a SAN logs in to it).
+    fn on_control(&mut self, c: CoreControl) {
+        match c {
+            CoreControl::AddSan { dev, volume, san, gate, reply } => {
+                let Some(d) = self.devices.get_mut(dev as usize) else {
+                    let _ = reply.send(Err(format!("no flash device {dev}")));
+                    return;
+                };
+                if d.volumes.contains(&VolumeId(volume)) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                let result = open_san(volume, &san, self.san_timeout, &self.ring).map(|s| {
+                    info!(volume, "SAN {} opened to destage a copy kept here", san_label(&san));
+                    d.destager.add_volume(VolumeId(volume), Box::new(GatedSan::new(s, gate)));
+                    d.volumes.push(VolumeId(volume));
+                });
+                let _ = reply.send(result);
+            }
+        }
+    }
+
     fn poll(&mut self, now: u64) -> usize {
         let mut work = 0;
+        while let Ok(c) = self.control.try_recv() {
+            work += 1;
+            self.on_control(c);
+        }
         while let Ok((dev, msg)) = self.inbox.try_recv() {
             work += 1;
             match self.devices.get_mut(dev as usize) {
@@ -846,7 +999,7 @@ impl DestageCore {
             }
             // Sleep until a device, a SAN socket or a message completes into the ring.
             self.waker.sleeping.store(true, Ordering::SeqCst);
-            if self.inbox.is_empty() && !self.stop.load(Ordering::SeqCst) {
+            if self.inbox.is_empty() && self.control.is_empty() && !self.stop.load(Ordering::SeqCst) {
                 self.ring.wait(IDLE_SLEEP);
             }
             self.waker.sleeping.store(false, Ordering::SeqCst);

@@ -97,6 +97,13 @@ pub struct CopyStatus {
     /// reconnects; `stagerctl flash destage` would not be complete).
     #[serde(default)]
     pub damaged: bool,
+    /// Its owner was lost and this node destages the copy to the volume's SAN: `destaging`
+    /// (with `rescue_bytes` to go) or `done` (every entry it held is on the SAN); empty when
+    /// no rescue is under way.
+    #[serde(default)]
+    pub rescue: String,
+    #[serde(default)]
+    pub rescue_bytes: u64,
 }
 
 /// One of a replicated volume's links, as its source sees it.
@@ -272,6 +279,12 @@ impl DeviceStatus {
                     durable_seq: e.copy_received(id).map_or(0, |s| s.0),
                     watermark: e.volume_metrics(id).map_or(0, |m| m.persisted_watermark.0),
                     damaged: e.copy_damaged(id),
+                    rescue: match e.rescue_state(id) {
+                        None => String::new(),
+                        Some((true, _)) => "done".into(),
+                        Some((false, _)) => "destaging".into(),
+                    },
+                    rescue_bytes: e.rescue_state(id).map_or(0, |(_, b)| b),
                 }
             })
             .collect();
@@ -456,6 +469,19 @@ pub fn render(s: &NodeStatus) -> String {
                 c.watermark,
                 if c.damaged { ", DAMAGED (incomplete until its source resends it)" } else { "" },
             );
+            match c.rescue.as_str() {
+                "destaging" => {
+                    let _ = writeln!(
+                        out,
+                        "    RESCUE: its owner was lost; destaging this copy to the volume's SAN, {} to go",
+                        human_bytes(c.rescue_bytes)
+                    );
+                }
+                "done" => {
+                    let _ = writeln!(out, "    RESCUE done: every entry of this copy is on the volume's SAN");
+                }
+                _ => {}
+            }
         }
     }
     out
