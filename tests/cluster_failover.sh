@@ -33,11 +33,12 @@ work=$(mktemp -d /tmp/stager-failover.XXXXXX)
 tgtd_pid=""
 etcd_pid=""
 proxy_pid=""
+etcd_proxy_pid=""
 writer=""
 declare -A pid=()
 cleanup() {
     for n in "${!pid[@]}"; do kill -9 "${pid[$n]}" 2> /dev/null || true; done
-    for p in "$writer" "$proxy_pid" "$tgtd_pid" "$etcd_pid"; do [[ -n $p ]] && kill -9 "$p" 2> /dev/null || true; done
+    for p in "$writer" "$proxy_pid" "$etcd_proxy_pid" "$tgtd_pid" "$etcd_pid"; do [[ -n $p ]] && kill -9 "$p" 2> /dev/null || true; done
     wait 2> /dev/null || true
     if [[ ${KEEP:-0} == 1 ]]; then echo "cluster_failover: kept $work"; else rm -rf "$work"; fi
 }
@@ -77,6 +78,11 @@ for n in a b c; do nvme[$n]=$(free_port); fabric[$n]=$(free_port); done
 proxy_port=$(free_port)
 python3 tests/lib/tcp_proxy.py "$proxy_port" "${fabric[c]}" > "$work/proxy.log" 2>&1 &
 proxy_pid=$!
+# node-a reaches etcd through a proxy of its own, so it alone can be cut from etcd (f).
+etcd_proxy=$(free_port)
+python3 tests/lib/tcp_proxy.py "$etcd_proxy" "$etcd_port" > "$work/etcd-proxy.log" 2>&1 &
+etcd_proxy_pid=$!
+nvme[check]=$(free_port)
 secret="cluster failover test secret"
 cores=(0 1 1)
 i=0
@@ -99,7 +105,7 @@ node:
   fabric: { listen: "127.0.0.1:${fabric[$n]}", secret: "$secret", peer_timeout_ms: 1000, ring_size: 8MiB }
   peers:
 $peers
-cluster: { endpoints: ["127.0.0.1:$etcd_port"], prefix: $prefix, lease_ttl_ms: 3000, op_timeout_ms: 1000 }
+cluster: { endpoints: ["127.0.0.1:$([[ $n == a ]] && echo "$etcd_proxy" || echo "$etcd_port")"], prefix: $prefix, lease_ttl_ms: 3000, op_timeout_ms: 1000 }
 flash:
   - { name: flash0, path: $work/flash-$n.img, size: 96MiB, cache_percent: 10 }
 EOF
@@ -116,7 +122,7 @@ subsystems:
 EOF
 cat > "$work/node-check.yaml" <<EOF
 reactors: { cores: [0] }
-listeners: [{ name: tcp0, address: "127.0.0.1:${nvme[a]}" }]
+listeners: [{ name: tcp0, address: "127.0.0.1:${nvme[check]}" }]
 management: { socket: $work/check.sock }
 flash:
   - { name: flash0, path: $work/flash-check.img, size: 64MiB }
@@ -129,6 +135,8 @@ subsystems:
                    san: { kind: iscsi, url: "$san" } }
 EOF
 target="tcp://127.0.0.1:${nvme[a]}/nqn.2026-11.dev.stager:failover"
+# The check node: a write-through volume over the same LUN, to read the SAN alone.
+san_only="tcp://127.0.0.1:${nvme[check]}/nqn.2026-11.dev.stager:failover"
 
 vol() { # node-a's status of volume 1, one field
     ctl status --json --socket "$work/a.sock" 2> /dev/null | python3 -c "import json,sys; v=[v for d in json.load(sys.stdin)['devices'] for v in d['volumes'] if v['id']==1][0]; print(json.dumps(v['$1']) if '$1' != 'replicas' else ' '.join(r['node']+':'+r['state'] for r in v['replicas']))" 2> /dev/null || true
@@ -247,7 +255,7 @@ epoch_e=$(field epoch)
 echo "PASS: (e) owner killed with $dirty_at_kill dirty bytes: node-b chosen to destage its copy after ${chosen} s (epoch $epoch_e), all on the SAN after ${done_after} s"
 grep -q "destaging this node's copy" "$work/stagerd-b.log" || fail "(e) node-b does not say it destages its copy"
 start check
-"$BIN/stager-perf" verify --target "$target" --nsid 1 --verify-state "$work/state.json" > "$work/verify-rescue.log" 2>&1 \
+"$BIN/stager-perf" verify --target "$san_only" --nsid 1 --verify-state "$work/state.json" > "$work/verify-rescue.log" 2>&1 \
     || { cat "$work/verify-rescue.log"; fail "(e) after the rescue the SAN alone does not hold every acknowledged write"; }
 echo "PASS: (e) the SAN alone holds every write the killed owner acknowledged: $(tail -1 "$work/verify-rescue.log")"
 stop check TERM
@@ -264,6 +272,40 @@ grep -q "the rescue of this node's copy is over" "$work/stagerd-b.log" || fail "
     || { cat "$work/verify-a2.log"; fail "(e) a block acknowledged before the owner was killed does not read back through it"; }
 echo "PASS: every acknowledged block reads back through the returned owner: $(tail -1 "$work/verify-a2.log")"
 
+# f. fencing: node-a is cut from etcd alone (a partition: it keeps its hosts and its link to
+#    node-b). Its lease expires, the manager makes node-b the rescuer, node-b refuses node-a's
+#    link and destages its copy. node-a, stale, must by then neither write the SAN (its gate
+#    closed at its lease's local deadline) nor acknowledge a write (its replica is gone and it
+#    cannot record that): the SAN alone, read while node-a still runs cut off, holds every write
+#    it acknowledged. Then the partition heals and node-a is write-back+1 again.
+wait_for 30 "(f) write-back+1 with node-b in sync before the partition" protected node-b
+"$BIN/stager-perf" run --target "$target" --nsid 1 -q 8 -w randwrite -s 4k --range 0:32MiB -t 40 --timeout 5 \
+    --verify-state "$work/state.json" --quiet --name partition > "$work/perf-f.log" 2>&1 &
+writer=$!
+sleep 3
+t0=$(now)
+kill -USR1 "$etcd_proxy_pid"
+wait_for 30 "(f) the resource manager makes node-b the rescuer of the cut-off owner's volume" rescuer_is node-b
+chosen=$(since "$t0")
+wait_for 60 "(f) node-b's copy all on the SAN" rescued
+done_after=$(since "$t0")
+wait "$writer" && fail "(f) every write succeeded on the cut-off owner: it kept acknowledging"
+writer=""
+grep -q "verify state saved" "$work/perf-f.log" || { cat "$work/perf-f.log"; fail "(f) stager-perf did not save its state"; }
+kill -0 "${pid[a]}" || fail "(f) node-a should still run, cut off"
+grep -q "lease is lost" "$work/stagerd-a.log" || fail "(f) node-a does not say its lease is lost"
+start check
+"$BIN/stager-perf" verify --target "$san_only" --nsid 1 --verify-state "$work/state.json" > "$work/verify-fence.log" 2>&1 \
+    || { cat "$work/verify-fence.log"; fail "(f) the SAN alone misses a write the cut-off owner acknowledged"; }
+stop check TERM
+echo "PASS: (f) owner cut from etcd: node-b chosen after ${chosen} s, its copy on the SAN after ${done_after} s; the fenced owner's writes failed, and the SAN alone holds every write it acknowledged: $(tail -1 "$work/verify-fence.log")"
+kill -USR2 "$etcd_proxy_pid"
+wait_for 60 "(f) the rescue ends once the owner is back in etcd" rescue_over
+wait_for 60 "(f) write-back+1 again with node-b in sync after the partition" protected node-b
+"$BIN/stager-perf" verify --target "$target" --nsid 1 --verify-state "$work/state.json" > "$work/verify-a3.log" 2>&1 \
+    || { cat "$work/verify-a3.log"; fail "(f) an acknowledged block does not read back through node-a after the partition"; }
+echo "PASS: (f) the partition healed: node-a is write-back+1 again and every acknowledged block reads back through it"
+
 # Drain and check the SAN alone.
 ctl volume set-policy 1 write-through --socket "$work/a.sock" > /dev/null
 drained() { [[ $(vol dirty_bytes) == 0 ]]; }
@@ -271,7 +313,7 @@ wait_for 60 "node-a drains volume 1" drained
 stop a TERM
 rm -f "$work/flash-check.img"
 start check
-"$BIN/stager-perf" verify --target "$target" --nsid 1 --verify-state "$work/state.json" > "$work/verify-san.log" 2>&1 \
+"$BIN/stager-perf" verify --target "$san_only" --nsid 1 --verify-state "$work/state.json" > "$work/verify-san.log" 2>&1 \
     || { cat "$work/verify-san.log"; fail "the SAN alone does not hold every acknowledged write"; }
 echo "PASS: the SAN alone holds every acknowledged write: $(tail -1 "$work/verify-san.log")"
 stop check TERM

@@ -271,8 +271,14 @@ impl Cluster {
         let op3 = op.clone();
         let client = rt.call(limit, unreachable, async move {
             // No gRPC-level request timeout: it would cut the keep-alive and watch streams;
-            // every request is bounded by `within` instead.
-            let opts = ConnectOptions::new().with_connect_timeout(limit);
+            // every request is bounded by `within` instead. HTTP/2 pings (every `limit`, also
+            // while idle) close a connection that stopped answering — a partition that drops
+            // packets without a reset — so the channel connects anew once etcd is reachable
+            // again instead of failing every request on the dead one.
+            let opts = ConnectOptions::new()
+                .with_connect_timeout(limit)
+                .with_keep_alive(limit, limit)
+                .with_keep_alive_while_idle(true);
             let client = Client::connect(endpoints, Some(opts)).await.map_err(|e| op3.fail(e))?;
             within(&op3, limit, client.maintenance_client().status()).await?;
             Ok(client)

@@ -209,7 +209,10 @@ fn run(cfg: stager_cluster::ClusterConfig, mut agent: Agent, stop: &AtomicBool) 
         let alive = matches!(c.lease_state(), LeaseState::Alive { .. });
         if !alive && registered.take().is_some() {
             tracing::error!(
-                "cluster: node {}'s lease is lost (etcd unreachable or the lease expired); registering again",
+                "cluster: node {}'s lease is lost (etcd unreachable or the lease expired); registering again. \
+                 Until the cluster is heard again this node writes the SANs of volumes with copies no more \
+                 (another node may destage a copy), and their writes are acknowledged only while their \
+                 replicas take them",
                 cfg.node
             );
         }
