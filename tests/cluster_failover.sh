@@ -254,6 +254,8 @@ done_after=$(since "$t0")
 epoch_e=$(field epoch)
 echo "PASS: (e) owner killed with $dirty_at_kill dirty bytes: node-b chosen to destage its copy after ${chosen} s (epoch $epoch_e), all on the SAN after ${done_after} s"
 grep -q "destaging this node's copy" "$work/stagerd-b.log" || fail "(e) node-b does not say it destages its copy"
+shows_rescue() { ctl cluster --socket "$work/b.sock" 2> /dev/null | grep -q "RESCUE by node-b: its copy is on the SAN"; }
+wait_for 5 "(e) stagerctl cluster on node-b shows the rescue done" shows_rescue
 start check
 "$BIN/stager-perf" verify --target "$san_only" --nsid 1 --verify-state "$work/state.json" > "$work/verify-rescue.log" 2>&1 \
     || { cat "$work/verify-rescue.log"; fail "(e) after the rescue the SAN alone does not hold every acknowledged write"; }

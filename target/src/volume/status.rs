@@ -593,6 +593,13 @@ pub fn render_cluster(c: &ClusterView) -> String {
         if !v.unreachable.is_empty() {
             out.push_str(&format!("  unreachable from its owner: {}\n", v.unreachable.join(", ")));
         }
+        if !v.rescuer.is_empty() {
+            let state = match v.rescued_unix_ms {
+                0 => "destaging its copy to the SAN; the owner may not write the SAN nor acknowledge".to_string(),
+                t => format!("its copy is on the SAN since {}: the SAN holds every acknowledged write", clock_ms(t)),
+            };
+            out.push_str(&format!("  RESCUE by {}: {state}\n", v.rescuer));
+        }
         for t in &v.history {
             out.push_str(&format!("  {}  {}\n", clock_ms(t.at_unix_ms), t.what));
         }
