@@ -865,6 +865,9 @@ impl Engine {
             FromDestage::Destaged { volume, watermark } => {
                 let Some(vi) = self.volume_index(volume) else { return };
                 let v = &mut self.volumes[vi];
+                if v.rescuing {
+                    v.rescue_destaged = v.rescue_destaged.max(watermark);
+                }
                 if watermark <= v.watermark {
                     return;
                 }

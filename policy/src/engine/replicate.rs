@@ -304,7 +304,8 @@ impl Engine {
         let pressure = self.log.log_full
             || self.log.ring.used(self.reclaim_floor()) * 1000 >= self.log.ring.capacity() * COPY_RECLAIM_PERMILLE;
         let mut changed = false;
-        for v in self.volumes.iter_mut().filter(|v| v.is_copy()) {
+        // A copy being rescued moves only with what the destager confirms (`rescue_state`).
+        for v in self.volumes.iter_mut().filter(|v| v.is_copy() && !v.rescuing) {
             if v.published > v.watermark && (v.publish_urgent || pressure || now >= v.last_record_ns + COPY_IDLE_NS) {
                 v.watermark = v.published;
                 v.publish_urgent = false;
@@ -519,6 +520,9 @@ impl Engine {
         v.rescuing = true;
         v.watermark = v.watermark.max(v.published);
         let from = if self.cfg.bugs.rescue_ignores_watermark { LogSeq(0) } else { v.watermark };
+        v.rescue_from = from;
+        v.rescue_upto = from;
+        v.rescue_destaged = from;
         // Only entries this copy may have acknowledged to its source: those of frames at the
         // front of the log that went through `advance_acks` durable. Entries still queued or in
         // frames under way were acknowledged to nobody, and abandoned ones were never durable:
@@ -575,7 +579,11 @@ impl Engine {
         if !v.rescuing {
             return None;
         }
-        let done = v.persisted_watermark >= v.rescue_upto && self.dirty_out[vi].is_empty();
+        // Done once the destager itself confirmed the last entry handed to it (nothing else may
+        // count as destaged here) and the watermark saying so is durable.
+        let done = v.rescue_destaged >= v.rescue_upto
+            && v.persisted_watermark >= v.rescue_upto
+            && self.dirty_out[vi].is_empty();
         let left = v.dirty.iter().filter(|d| d.seq > v.watermark && d.seq <= v.rescue_upto).map(|d| d.bytes).sum();
         Some((done, left))
     }

@@ -359,8 +359,11 @@ pub(crate) struct Volume {
     /// was lost ([`crate::Engine::rescue_copy`]): its entries are indexed and handed to the
     /// destager like the node's own, and its source's links are refused.
     pub rescuing: bool,
-    /// The newest entry of a rescued copy handed to the destager.
+    /// A rescue hands the destager the entries above `rescue_from` up to `rescue_upto`; the
+    /// destager has confirmed them up to `rescue_destaged`.
+    pub rescue_from: LogSeq,
     pub rescue_upto: LogSeq,
+    pub rescue_destaged: LogSeq,
     /// Cluster mode (`EngineConfig::confirm_copies`): bumped whenever the volume's copies
     /// changed in a way the cluster's record must hear of (this start, a lost replica link);
     /// acknowledgements of writes wait in `held` while the cluster confirmed less.
@@ -415,7 +418,9 @@ impl Volume {
             lost: DirtyIndex::default(),
             copy_damaged: None,
             rescuing: false,
+            rescue_from: LogSeq(0),
             rescue_upto: LogSeq(0),
+            rescue_destaged: LogSeq(0),
             copies_changed: 0,
             copies_confirmed: 0,
             held: Vec::new(),
