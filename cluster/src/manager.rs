@@ -14,7 +14,8 @@
 //! When the owner is gone (its lease expired) the manager makes a replica whose copy is in sync
 //! the volume's **rescuer** (`VolumeRecord::rescuer`, an epoch bump): that node destages its copy
 //! to the SAN and says when it is done, so the SAN then holds every acknowledged write; the owner
-//! stays fenced from the SAN and from acknowledging until then, even if it comes back. Serving
+//! stays fenced from the SAN and from acknowledging until then, even if it comes back, and then
+//! ends the rescue itself ([`end_rescue`]) once it has skipped past what it destaged. Serving
 //! the volume from another node is not decided here ([`Review::OwnerLost`] says so).
 
 use crate::placement::choose_replicas;
@@ -126,12 +127,9 @@ fn rescue(rec: &VolumeRecord, owner_alive: bool, nodes: &[NodeInfo], now_unix_ms
         record.rescuer = r.clone();
         format!("the rescuer {} is gone too: {r} destages its copy (in sync) to the SAN", rec.rescuer)
     } else if owner_alive {
-        record.rescuer.clear();
-        record.rescued_unix_ms = 0;
-        format!(
-            "owner {} is back; the SAN holds every write it acknowledged (rescue by {} done)",
-            rec.owner, rec.rescuer
-        )
+        // The owner ends it itself, once it has skipped past what the rescue destaged
+        // (`end_rescue`): it must not write the SAN before, and must not miss the rescue.
+        return Some(Review::Keep);
     } else {
         return Some(Review::OwnerLost);
     };
@@ -139,6 +137,23 @@ fn rescue(rec: &VolumeRecord, owner_alive: bool, nodes: &[NodeInfo], now_unix_ms
     let why = format!("epoch {}: {why}", record.epoch);
     record.push_transition(now_unix_ms, why.clone());
     Some(Review::Change { record: Box::new(record), why })
+}
+
+/// The record the owner writes once back after a rescue it has absorbed (it skipped past
+/// `rescued_upto`): the rescue fields cleared, the epoch bumped, the transition recorded.
+pub fn end_rescue(rec: &VolumeRecord, failed_acks: usize, now_unix_ms: u64) -> VolumeRecord {
+    let mut record = rec.clone();
+    record.epoch += 1;
+    let what = format!(
+        "epoch {}: owner {} is back and skipped past the rescue by {} (up to seq {}); {failed_acks} write \
+         acknowledgement(s) it held were failed",
+        record.epoch, rec.owner, rec.rescuer, rec.rescued_upto
+    );
+    record.rescuer.clear();
+    record.rescued_unix_ms = 0;
+    record.rescued_upto = 0;
+    record.push_transition(now_unix_ms, what);
+    record
 }
 
 /// What the owner knows of its volume now.
@@ -231,6 +246,7 @@ mod tests {
             in_sync: replicas.iter().map(|s| s.to_string()).collect(),
             rescuer: String::new(),
             rescued_unix_ms: 0,
+            rescued_upto: 0,
         }
     }
 
@@ -320,10 +336,13 @@ mod tests {
         assert_eq!(moved.rescuer, "b");
         let mut done = moved.clone();
         done.rescued_unix_ms = 13;
+        done.rescued_upto = 700;
         assert_eq!(review(&done, &without(&["a", "c"]), 14), Review::OwnerLost, "done, the owner still gone");
-        let Review::Change { record: back, why } = review(&done, &without(&["c"]), 15) else { panic!() };
-        assert!(back.rescuer.is_empty() && back.rescued_unix_ms == 0, "{why}");
+        assert_eq!(review(&done, &without(&["c"]), 15), Review::Keep, "the owner is back: it ends the rescue itself");
+        let back = end_rescue(&done, 3, 16);
+        assert!(back.rescuer.is_empty() && back.rescued_unix_ms == 0 && back.rescued_upto == 0);
         assert_eq!(back.epoch, done.epoch + 1);
+        assert!(back.history.last().is_some_and(|t| t.what.contains("up to seq 700") && t.what.contains("3 write")));
     }
 
     #[test]

@@ -102,6 +102,11 @@ pub struct VolumeRecord {
     /// the rescuer; the SAN then holds every write the owner acknowledged.
     #[serde(default)]
     pub rescued_unix_ms: u64,
+    /// With `rescued_unix_ms`: the owner's newest entry the rescue destaged (its sequence
+    /// numbers). The SAN holds every entry of the owner up to there; the owner, back, skips to
+    /// it before it writes the SAN again, and then ends the rescue (clears these fields).
+    #[serde(default)]
+    pub rescued_upto: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,8 +217,8 @@ impl VolumeRecord {
         if !self.rescuer.is_empty() && !self.replicas.contains(&self.rescuer) {
             return Err(format!("rescuer: {:?} is not one of the replicas", self.rescuer));
         }
-        if self.rescuer.is_empty() && self.rescued_unix_ms != 0 {
-            return Err("rescued_unix_ms is set without a rescuer".to_string());
+        if self.rescuer.is_empty() && (self.rescued_unix_ms != 0 || self.rescued_upto != 0) {
+            return Err("rescued_unix_ms or rescued_upto is set without a rescuer".to_string());
         }
         if self.san.len() > SAN_BYTES_MAX {
             return Err(format!("san: {} bytes; at most {SAN_BYTES_MAX}", self.san.len()));
@@ -338,6 +343,7 @@ mod tests {
             in_sync: vec!["node-b".into()],
             rescuer: String::new(),
             rescued_unix_ms: 0,
+            rescued_upto: 0,
         }
     }
 

@@ -46,6 +46,7 @@ fn record(owner: &str, epoch: u64) -> VolumeRecord {
         in_sync: Vec::new(),
         rescuer: String::new(),
         rescued_unix_ms: 0,
+        rescued_upto: 0,
     }
 }
 

@@ -55,7 +55,7 @@ pub mod types;
 pub use destage::{DestageEvent, Destager};
 pub use engine::{
     Bugs, CopyState, Engine, EngineConfig, EngineEvent, EngineState, HostDone, HostOp, LinkStatus, ReplayReport,
-    Status, VolumeMetrics, VolumeSpec, WriteState, RING_BYTES_MIN,
+    RescueState, Status, VolumeMetrics, VolumeSpec, WriteState, RING_BYTES_MIN,
 };
 pub use io::{AlignedBuf, BufPool, Clock, Fabric, FabricError, FabricEvent, Flash, FlashInfo, IoDone, IoError, San};
 pub use link::{FromDestage, ToDestage};

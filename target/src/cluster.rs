@@ -30,7 +30,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use stager_cluster::constants::UNREACHABLE_AFTER;
-use stager_cluster::manager::{copies_of, may_discard_copy, owner_report, review, OwnerView, Review};
+use stager_cluster::manager::{copies_of, end_rescue, may_discard_copy, owner_report, review, OwnerView, Review};
 use stager_cluster::{unix_ms_now, Cluster, LeaseState, NodeInfo, Revision, VolumeRecord};
 use stager_policy::{Epoch, VolumeId};
 
@@ -411,20 +411,24 @@ impl Agent {
                 );
                 continue;
             }
-            if !rec.rescuer.is_empty() && rec.rescued_unix_ms == 0 {
-                // This node was taken for gone (its lease expired): another node's copy goes to
-                // the SAN now; until it is all there, writing the SAN from here could put this
-                // log's older data over it, and acknowledging a write would promise a copy the
-                // rescue does not have.
+            if !rec.rescuer.is_empty() {
+                // This node was taken for gone (its lease expired) and another node's copy goes
+                // to the SAN: until this node has skipped past it, writing the SAN from here
+                // could put this log's older data over it, and releasing a held acknowledgement
+                // could confirm a write the rescue overwrote.
                 volumes.close_san_gate(v.id);
-                self.say(
-                    &format!("owner-{}", v.id),
-                    format!(
-                        "cluster: volume {}: this node was taken for gone and {} destages its copy to the SAN: \
-                         this node writes nothing to the SAN and acknowledges no write until that is done",
-                        v.id, rec.rescuer
-                    ),
-                );
+                if rec.rescued_unix_ms == 0 {
+                    self.say(
+                        &format!("owner-{}", v.id),
+                        format!(
+                            "cluster: volume {}: this node was taken for gone and {} destages its copy to the SAN: \
+                             this node writes nothing to the SAN and releases no held acknowledgement until that is done",
+                            v.id, rec.rescuer
+                        ),
+                    );
+                } else {
+                    self.absorb(c, &volumes, rec, *rev);
+                }
                 continue;
             }
             self.said.remove(&format!("owner-{}", v.id));
@@ -498,6 +502,31 @@ impl Agent {
                     self.holding = true;
                 }
             }
+        }
+    }
+
+    /// Back after a rescue that is done: skip past what it destaged (held acknowledgements
+    /// failed), then end it in the record; the next tick opens the SAN gate. Both steps may
+    /// be repeated (a failed write of the record leaves the rescue for the next tick).
+    fn absorb(&mut self, c: &Cluster, volumes: &VolumeService, rec: &VolumeRecord, rev: Revision) {
+        let topic = format!("owner-{}", rec.id);
+        let failed = match volumes.absorb_rescue(rec.id, rec.rescued_upto) {
+            Ok(n) => n,
+            Err(e) => return self.say(&topic, format!("cluster: volume {}: cannot skip past the rescue: {e}", rec.id)),
+        };
+        match c.put_volume_if(&end_rescue(rec, failed, unix_ms_now()), Some(rev)) {
+            Ok(Ok(_)) => {
+                self.said.remove(&topic);
+                tracing::warn!(
+                    "cluster: volume {}: back after {}'s rescue of its copy (the SAN holds every entry up to seq {}): \
+                     skipped past it, {failed} held write acknowledgement(s) failed (hosts retry them); writing the SAN again",
+                    rec.id,
+                    rec.rescuer,
+                    rec.rescued_upto
+                )
+            }
+            Ok(Err(_)) => {} // changed meanwhile: the next tick looks again
+            Err(e) => self.say("etcd", format!("cluster: cannot update volume {}'s record: {e}", rec.id)),
         }
     }
 
@@ -615,8 +644,9 @@ impl Agent {
                 continue;
             }
             if !copy.rescue.is_empty() && rec.rescuer != self.me {
-                // The owner is back and the rescue is over, or it moved to another node.
-                match volumes.end_rescue(copy.volume) {
+                // The owner is back and the rescue is over, or it moved to another node (this
+                // node was taken for gone before it was done: what it still held back goes).
+                match volumes.end_rescue(copy.volume, copy.rescue != "done") {
                     Ok(()) => tracing::info!(
                         "cluster: volume {}: the rescue of this node's copy is over (record epoch {})",
                         copy.volume,
@@ -678,6 +708,7 @@ impl Agent {
         }
         let mut done = rec.clone();
         done.rescued_unix_ms = unix_ms_now().max(1);
+        done.rescued_upto = copy.rescue_upto;
         done.push_transition(
             done.rescued_unix_ms,
             format!("{}'s copy is on the SAN: it holds every write the owner acknowledged", self.me),

@@ -49,6 +49,7 @@ pub fn record(id: u32, owner: &str, epoch: u64) -> VolumeRecord {
         in_sync: Vec::new(),
         rescuer: String::new(),
         rescued_unix_ms: 0,
+        rescued_upto: 0,
     }
 }
 

@@ -180,6 +180,35 @@ impl Destager {
         true
     }
 
+    /// Another node destaged this volume's entries up to `upto` (a replica's rescue of its
+    /// copy while this node was taken for gone): nothing up to there may be written from here
+    /// any more, or it could put older data over the rescue's newer. Commands the SAN holds
+    /// back are failed; batches and dirty entries wholly at or below `upto` are dropped. A
+    /// batch that reaches beyond `upto` is kept: it writes each block's newest entry up to its
+    /// end, which is newer than anything the rescue wrote. Returns the bytes dropped.
+    pub fn skip_to(&mut self, id: VolumeId, upto: LogSeq) -> u64 {
+        let Some(vi) = self.volume_index(id) else { return 0 };
+        let v = &mut self.volumes[vi];
+        v.san.fail_held();
+        let mut dropped = 0;
+        if v.next.as_ref().is_some_and(|b| b.upto <= upto) {
+            dropped += v.next.take().map_or(0, |b| b.bytes);
+        }
+        if v.current.as_ref().is_some_and(|b| b.upto <= upto) {
+            dropped += v.current.take().map_or(0, |b| b.bytes);
+        }
+        while v.dirty.front().is_some_and(|r| r.seq <= upto) {
+            let Some(r) = v.dirty.pop_front() else { break };
+            let bytes = r.blocks * BLOCK_SIZE_U64 * u64::from(r.kind.has_data());
+            v.dirty_bytes -= bytes;
+            dropped += bytes;
+            self.pool.put_opt(r.memory);
+        }
+        v.watermark = v.watermark.max(upto);
+        v.requested_intent = v.requested_intent.max(upto);
+        dropped
+    }
+
     fn token(&mut self, op: Op) -> IoToken {
         let t = IoToken(self.next_id);
         self.next_id += 1;

@@ -44,7 +44,7 @@ use crate::types::{Epoch, Incarnation, IoToken, Lba, LinkId, LogPos, LogSeq, OpI
 use appender::{Appender, Frame, FrameEntry, FrameState};
 use replay::{Replay, ReplayRead};
 use replicate::Link;
-pub use replicate::{CopyState, LinkStatus, RING_BYTES_MIN};
+pub use replicate::{CopyState, LinkStatus, RescueState, RING_BYTES_MIN};
 use superblock::{SbSnapshot, SuperblockWriter};
 use volume::{DirtyMeta, PendingOp, Volume};
 pub use volume::{VolumeMetrics, VolumeSpec, WriteState, WRITE_STATES};
@@ -780,6 +780,50 @@ impl Engine {
         }
         let n = v.held.len();
         self.done.append(&mut v.held);
+        Ok(n)
+    }
+
+    /// While this node was taken for gone, a replica destaged its copy of `volume` up to
+    /// `upto` (the owner's own sequence numbers): the SAN now holds every write this node
+    /// acknowledged, and the rescue's writes may have gone over data this node wrote to the
+    /// SAN after its replica was lost. So: every acknowledgement still held is failed
+    /// (retryable, never Ok: its data may have been overwritten); the watermark and the
+    /// sequence numbers move past `upto` (the destager must have skipped to `upto` first,
+    /// `Destager::skip_to`); the volume's clean cache is dropped (it may hold data the rescue
+    /// overwrote). Entries above `upto` stay dirty and are destaged as usual: none of them was
+    /// acknowledged. Returns how many acknowledgements were failed.
+    pub fn absorb_rescue(&mut self, volume: VolumeId, upto: LogSeq) -> Result<usize, String> {
+        let vi = self.volume_index(volume).ok_or_else(|| format!("no {volume} here"))?;
+        if self.volumes[vi].is_copy() {
+            return Err(format!("{volume} is a copy kept for another node here"));
+        }
+        let v = &mut self.volumes[vi];
+        let mut failed = std::mem::take(&mut v.held);
+        for d in &mut failed {
+            d.status = Status::Busy;
+            d.seq = None;
+        }
+        let n = failed.len();
+        self.done.append(&mut failed);
+        let v = &mut self.volumes[vi];
+        let blocks = v.blocks;
+        if upto > v.watermark {
+            let from = v.dirty.partition_point(|r| r.seq <= v.watermark);
+            let to = v.dirty.partition_point(|r| r.seq <= upto);
+            v.metrics.state_entries[WriteState::Destaged.index()] += (to - from) as u64;
+            v.watermark = upto;
+        }
+        v.next_seq = v.next_seq.max(upto.next());
+        self.cache.invalidate_range(volume, Lba(0), blocks);
+        tracing::warn!(
+            volume = volume.0,
+            upto = upto.0,
+            failed = n,
+            "a replica destaged this volume while this node was taken for gone: entries up to the rescue are \
+             on the SAN; held acknowledgements failed, clean cache dropped"
+        );
+        self.reclaim();
+        self.sb.want();
         Ok(n)
     }
 

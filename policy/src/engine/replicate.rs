@@ -55,6 +55,18 @@ pub struct CopyState {
     pub epoch: Epoch,
 }
 
+/// Where a copy's rescue stands ([`Engine::rescue_copy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RescueState {
+    /// Every entry handed to the destager is on the SAN, and the watermark saying so is durable.
+    pub done: bool,
+    /// Log bytes of the entries still to destage.
+    pub bytes_left: u64,
+    /// The newest entry of the rescue: once done, the SAN holds every entry of the owner up to
+    /// here (what the owner skips to when it comes back, `Engine::absorb_rescue`).
+    pub upto: LogSeq,
+}
+
 /// One end of a replication link.
 pub(crate) enum Link {
     Out { vi: usize, out: Outbound },
@@ -570,10 +582,8 @@ impl Engine {
         Ok(true)
     }
 
-    /// Where the rescue of a copy stands: `None` if it is not being rescued, else whether
-    /// every entry it holds is on the SAN (destaged, flushed, and the watermark saying so
-    /// durable here) and the bytes still to go.
-    pub fn rescue_state(&self, volume: VolumeId) -> Option<(bool, u64)> {
+    /// Where the rescue of a copy stands (`None` if it is not being rescued).
+    pub fn rescue_state(&self, volume: VolumeId) -> Option<RescueState> {
         let vi = self.volume_index(volume)?;
         let v = &self.volumes[vi];
         if !v.rescuing {
@@ -584,28 +594,38 @@ impl Engine {
         let done = v.rescue_destaged >= v.rescue_upto
             && v.persisted_watermark >= v.rescue_upto
             && self.dirty_out[vi].is_empty();
-        let left = v.dirty.iter().filter(|d| d.seq > v.watermark && d.seq <= v.rescue_upto).map(|d| d.bytes).sum();
-        Some((done, left))
+        let bytes_left =
+            v.dirty.iter().filter(|d| d.seq > v.watermark && d.seq <= v.rescue_upto).map(|d| d.bytes).sum();
+        Some(RescueState { done, bytes_left, upto: v.rescue_upto })
     }
 
-    /// Ends the rescue of a destaged copy (the cluster no longer needs it): the copy takes
-    /// links from its source again, which finds it holding nothing older than the SAN.
-    pub fn end_rescue(&mut self, volume: VolumeId) -> Result<(), String> {
-        match self.rescue_state(volume) {
-            None => Ok(()),
-            Some((false, bytes)) => Err(format!("its rescue has {bytes} bytes left to destage")),
-            Some((true, _)) => {
-                let vi = self.volume_index(volume).ok_or("no copy")?;
-                let v = &mut self.volumes[vi];
-                // Entries that were never durable (abandoned) go with the rest.
-                let last = LogSeq(v.next_seq.0 - 1);
-                v.published = v.published.max(last);
-                v.publish_urgent = true;
-                v.rescuing = false;
-                tracing::info!(volume = volume.0, "copy rescue ended: the copy takes its source's links again");
-                Ok(())
-            }
+    /// Ends the rescue of a copy (the cluster no longer needs it): the copy takes links from
+    /// its source again. Once done, it holds nothing older than the SAN and lets its entries
+    /// go. With `abort` (the rescue moved to another node before this one was done; the
+    /// destager has dropped what it held of it, `Destager::skip_to`) the entries not destaged
+    /// stay in the copy.
+    pub fn end_rescue(&mut self, volume: VolumeId, abort: bool) -> Result<(), String> {
+        let Some(state) = self.rescue_state(volume) else { return Ok(()) };
+        if !state.done && !abort {
+            return Err(format!("its rescue has {} bytes left to destage", state.bytes_left));
         }
+        let vi = self.volume_index(volume).ok_or("no copy")?;
+        self.dirty_out[vi].clear();
+        let v = &mut self.volumes[vi];
+        v.rescuing = false;
+        v.index = crate::index::DirtyIndex::default();
+        if state.done {
+            // Entries that were never durable (abandoned) go with the rest.
+            let last = LogSeq(v.next_seq.0 - 1);
+            v.published = v.published.max(last);
+            v.publish_urgent = true;
+        }
+        tracing::info!(
+            volume = volume.0,
+            done = state.done,
+            "copy rescue ended: the copy takes its source's links again"
+        );
+        Ok(())
     }
 
     /// Sends each replicated volume's entries of a frame being written: `entries` are the

@@ -30,6 +30,10 @@ pub trait San {
     /// completes.
     fn submit_flush(&mut self, token: IoToken);
     fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize;
+    /// Fails every command this SAN holds back and has not sent (a fenced SAN, see the
+    /// target's `san_gate`): they complete as unreachable and never reach the LUN. A SAN that
+    /// holds nothing back does nothing.
+    fn fail_held(&mut self) {}
 }
 
 /// A SAN that accepts nothing and never completes: for reading a device's log without touching

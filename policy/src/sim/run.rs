@@ -1128,7 +1128,7 @@ impl Simulator {
             }
         }
         let done = |node: &Node| {
-            in_sync.iter().all(|&vol| matches!(node.engine.rescue_state(Simulator::volume_id(vol)), Some((true, _))))
+            in_sync.iter().all(|&vol| node.engine.rescue_state(Simulator::volume_id(vol)).is_some_and(|r| r.done))
         };
         let mut finished = false;
         for _ in 0..400_000 {

@@ -135,9 +135,17 @@ pub(crate) enum HostMsg {
         volume: VolumeId,
         reply: Sender<Result<bool, String>>,
     },
+    /// Owner side: a replica rescued `volume` up to `upto` while this node was taken for gone
+    /// (`Engine::absorb_rescue`; the destager skipped first).
+    AbsorbRescue {
+        volume: VolumeId,
+        upto: stager_policy::LogSeq,
+        reply: Sender<Result<usize, String>>,
+    },
     /// Replica side: the cluster no longer needs the copy's rescue (`Engine::end_rescue`).
     EndRescue {
         volume: VolumeId,
+        abort: bool,
         reply: Sender<Result<(), String>>,
     },
     /// Source side: a link to one of a volume's replicas, which holds `copy`.
@@ -627,8 +635,11 @@ impl EngineHost {
             HostMsg::RescueCopy { volume, reply } => {
                 let _ = reply.send(self.engine.rescue_copy(volume));
             }
-            HostMsg::EndRescue { volume, reply } => {
-                let _ = reply.send(self.engine.end_rescue(volume));
+            HostMsg::AbsorbRescue { volume, upto, reply } => {
+                let _ = reply.send(self.engine.absorb_rescue(volume, upto));
+            }
+            HostMsg::EndRescue { volume, abort, reply } => {
+                let _ = reply.send(self.engine.end_rescue(volume, abort));
             }
             HostMsg::SetPolicy { volume, policy, copies, reply } => {
                 let have = self.engine.volume_copies(volume);

@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use stager_policy::io::{AlignedBuf, IoDone};
-use stager_policy::{IoToken, San};
+use stager_policy::{IoError, IoToken, San};
 
 /// Nanoseconds on the process's monotonic clock.
 fn now_ns() -> u64 {
@@ -75,11 +75,13 @@ pub(crate) struct GatedSan {
     inner: Box<dyn San>,
     gate: Arc<SanGate>,
     held: VecDeque<Held>,
+    /// Held commands failed by `fail_held`, reported at the next poll.
+    failed: Vec<IoDone>,
 }
 
 impl GatedSan {
     pub fn new(inner: Box<dyn San>, gate: Arc<SanGate>) -> GatedSan {
-        GatedSan { inner, gate, held: VecDeque::new() }
+        GatedSan { inner, gate, held: VecDeque::new(), failed: Vec::new() }
     }
 
     fn submit(&mut self, h: Held) {
@@ -134,12 +136,24 @@ impl San for GatedSan {
     }
 
     fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize {
+        let failed = self.failed.len();
+        out.append(&mut self.failed);
         if !self.held.is_empty() && self.gate.is_open() {
             while let Some(h) = self.held.pop_front() {
                 self.send(h);
             }
         }
-        self.inner.poll_completions(out)
+        failed + self.inner.poll_completions(out)
+    }
+
+    fn fail_held(&mut self) {
+        for h in self.held.drain(..) {
+            let (token, buf) = match h {
+                Held::Write { token, buf, .. } => (token, Some(buf)),
+                Held::Zeroes { token, .. } | Held::Unmap { token, .. } | Held::Flush { token } => (token, None),
+            };
+            self.failed.push(IoDone { token, result: Err(IoError::Unreachable), buf, gather: Vec::new() });
+        }
     }
 }
 
@@ -197,6 +211,16 @@ mod tests {
         assert_eq!(seen(&s), vec![('r', 2), ('w', 1), ('z', 3), ('f', 4), ('u', 5)]);
         s.submit_write(IoToken(6), 0, AlignedBuf::new(4096), true);
         assert_eq!(seen(&s).last(), Some(&('w', 6)), "open: straight through");
+        gate.close();
+        s.submit_write(IoToken(7), 0, AlignedBuf::new(4096), false);
+        s.submit_flush(IoToken(8));
+        s.fail_held();
+        gate.open_until(None);
+        let mut out = Vec::new();
+        s.poll_completions(&mut out);
+        let failed: Vec<(u64, bool)> = out.iter().map(|d| (d.token.0, d.result.is_err())).collect();
+        assert_eq!(failed, vec![(7, true), (8, true)], "failed held commands complete as errors");
+        assert_eq!(seen(&s).last(), Some(&('w', 6)), "and never reach the SAN, even once it opens");
     }
 
     #[test]

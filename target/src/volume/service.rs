@@ -623,19 +623,55 @@ impl VolumeService {
         rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
     }
 
-    /// Ends the rescue of a copy whose data is all on the SAN (the cluster no longer needs it):
-    /// its gate closes, and the copy takes its source's links again.
-    pub fn end_rescue(&self, volume: u32) -> Result<(), String> {
-        let d = self.replica_dev.and_then(|dev| self.devices.get(dev as usize)).ok_or("no flash device for copies")?;
+    /// While this node was taken for gone, a replica destaged `volume` up to `upto` (the
+    /// record's `rescued_upto`): the destager skips past it (its held SAN commands failed, its
+    /// batches up to there dropped), then the engine absorbs it (`Engine::absorb_rescue`).
+    /// Call it with the volume's SAN gate closed. Returns the write acknowledgements failed.
+    pub fn absorb_rescue(&self, volume: u32, upto: u64) -> Result<usize, String> {
+        let Some(dev) = self.devices.iter().position(|d| d.volumes.contains(&VolumeId(volume))) else {
+            return Err(format!("no volume {volume} on this node"));
+        };
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if !d.send(HostMsg::EndRescue { volume: VolumeId(volume), reply: tx }) {
+        if self.control.try_send(CoreControl::Skip { dev: dev as u16, volume, upto, reply: tx }).is_err() {
+            return Err("the destage core is busy or gone".into());
+        }
+        wake(&self.destage_waker.efd);
+        let dropped = rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "the destage core did not answer")?;
+        let d = &self.devices[dev];
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let msg = HostMsg::AbsorbRescue { volume: VolumeId(volume), upto: stager_policy::LogSeq(upto), reply: tx };
+        if !d.send(msg) {
             return Err(format!("flash {}: its reactor is not running", d.name));
         }
-        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))??;
+        let failed = rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))??;
+        info!(volume, upto, "rescue absorbed: {} of batches dropped at the destager", human_bytes(dropped));
+        Ok(failed)
+    }
+
+    /// Ends the rescue of a copy (the cluster no longer needs it): its gate closes, and the
+    /// copy takes its source's links again. `abort`: the rescue moved to another node before
+    /// this one was done — whatever this node's destager still had of it is dropped and its
+    /// held SAN commands failed, so nothing of it reaches the SAN any more; the copy keeps
+    /// what was not destaged.
+    pub fn end_rescue(&self, volume: u32, abort: bool) -> Result<(), String> {
+        let dev = self.replica_dev.ok_or("no flash device for copies")?;
+        let d = self.devices.get(dev as usize).ok_or("no flash device for copies")?;
         if let Some(g) = self.rescue_gates.lock().ok().and_then(|g| g.get(&volume).cloned()) {
             g.close();
         }
-        Ok(())
+        if abort {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if self.control.try_send(CoreControl::Skip { dev, volume, upto: u64::MAX, reply: tx }).is_err() {
+                return Err("the destage core is busy or gone".into());
+            }
+            wake(&self.destage_waker.efd);
+            rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "the destage core did not answer")?;
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if !d.send(HostMsg::EndRescue { volume: VolumeId(volume), abort, reply: tx }) {
+            return Err(format!("flash {}: its reactor is not running", d.name));
+        }
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
     }
 
     /// In a cluster: lets this node write `volume`'s SAN (its own volume, or a copy it
@@ -723,6 +759,8 @@ pub(crate) enum CoreControl {
     /// Open `san` for `volume` (a copy on device `dev` this node now destages itself) behind
     /// `gate`, and give it to that device's destager.
     AddSan { dev: u16, volume: u32, san: SanConfig, gate: Arc<SanGate>, reply: Sender<Result<(), String>> },
+    /// Another node destaged `volume` (on device `dev`) up to `upto`: `Destager::skip_to`.
+    Skip { dev: u16, volume: u32, upto: u64, reply: Sender<u64> },
 }
 
 /// What the destage core receives: the engines' messages, and control requests.
@@ -856,6 +894,13 @@ impl DestageCore {
                     d.volumes.push(VolumeId(volume));
                 });
                 let _ = reply.send(result);
+            }
+            CoreControl::Skip { dev, volume, upto, reply } => {
+                let dropped = match self.devices.get_mut(dev as usize) {
+                    Some(d) => d.destager.skip_to(VolumeId(volume), stager_policy::LogSeq(upto)),
+                    None => 0,
+                };
+                let _ = reply.send(dropped);
             }
         }
     }

@@ -104,6 +104,10 @@ pub struct CopyStatus {
     pub rescue: String,
     #[serde(default)]
     pub rescue_bytes: u64,
+    /// The owner's newest entry the rescue destages: once `done`, the SAN holds every entry of
+    /// the owner up to this sequence number.
+    #[serde(default)]
+    pub rescue_upto: u64,
 }
 
 /// One of a replicated volume's links, as its source sees it.
@@ -281,10 +285,11 @@ impl DeviceStatus {
                     damaged: e.copy_damaged(id),
                     rescue: match e.rescue_state(id) {
                         None => String::new(),
-                        Some((true, _)) => "done".into(),
-                        Some((false, _)) => "destaging".into(),
+                        Some(r) if r.done => "done".into(),
+                        Some(_) => "destaging".into(),
                     },
-                    rescue_bytes: e.rescue_state(id).map_or(0, |(_, b)| b),
+                    rescue_bytes: e.rescue_state(id).map_or(0, |r| r.bytes_left),
+                    rescue_upto: e.rescue_state(id).map_or(0, |r| r.upto.0),
                 }
             })
             .collect();
