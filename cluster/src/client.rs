@@ -546,7 +546,7 @@ impl Cluster {
         rec: &VolumeRecord,
         expected: Option<Revision>,
     ) -> Result<Result<Revision, Option<Revision>>, ClusterError> {
-        self.put_volume(rec, expected, None)
+        self.put_volume(rec, expected, None, None)
     }
 
     /// The same, but also requires (in the same transaction) that this node still holds the
@@ -557,11 +557,25 @@ impl Cluster {
         rec: &VolumeRecord,
         expected: Option<Revision>,
     ) -> Result<Result<Revision, Option<Revision>>, ClusterError> {
+        self.put_volume_as_leader_while_gone(rec, expected, None)
+    }
+
+    /// [`Cluster::put_volume_as_leader`], and only while node `gone` has no registration in
+    /// etcd (its lease expired or it left): what the manager uses to make a rescuer, so a
+    /// decision taken on a list of nodes read before the owner registered again is not written
+    /// (`Ok(Err(_))`, as for a changed record: read again and decide again).
+    pub fn put_volume_as_leader_while_gone(
+        &self,
+        rec: &VolumeRecord,
+        expected: Option<Revision>,
+        gone: Option<&str>,
+    ) -> Result<Result<Revision, Option<Revision>>, ClusterError> {
         let shared = &self.inner.shared;
         let lease = shared.live_lease()?;
         let leadership = lock(&shared.leader).clone().filter(|l| l.lease == lease);
         let Some(l) = leadership else { return Err(ClusterError::NotLeader { node: self.inner.cfg.node.clone() }) };
-        let r = self.put_volume(rec, expected, Some((l.key.clone(), l.create_rev)));
+        let gone = gone.map(|n| self.inner.keys.node(n));
+        let r = self.put_volume(rec, expected, Some((l.key.clone(), l.create_rev)), gone);
         if let Err(ClusterError::NotLeader { .. }) = r {
             shared.clear_leader(&l.key, l.create_rev);
         }
@@ -569,13 +583,14 @@ impl Cluster {
     }
 
     /// The compare-and-put behind both writes; `guard` is the election key and create revision
-    /// a leader-only write also compares. Crate-visible so a test can present a stale guard to
-    /// etcd directly, bypassing the local checks.
+    /// a leader-only write also compares, `gone` a key that must not exist. Crate-visible so a
+    /// test can present a stale guard to etcd directly, bypassing the local checks.
     pub(crate) fn put_volume(
         &self,
         rec: &VolumeRecord,
         expected: Option<Revision>,
         guard: Option<(String, i64)>,
+        gone: Option<String>,
     ) -> Result<Result<Revision, Option<Revision>>, ClusterError> {
         let value = encode_volume(&self.inner.keys, rec)?;
         let key = self.inner.keys.volume(rec.id);
@@ -589,6 +604,9 @@ impl Cluster {
             }];
             if let Some((leader_key, create_rev)) = &guard {
                 when.push(Compare::create_revision(leader_key.clone(), CompareOp::Equal, *create_rev));
+            }
+            if let Some(gone) = &gone {
+                when.push(Compare::create_revision(gone.clone(), CompareOp::Equal, 0));
             }
             let txn = Txn::new().when(when).and_then([TxnOp::put(key.clone(), value, None)]);
             let resp = within(&op2, limit, kv.txn(txn)).await?;
@@ -654,7 +672,7 @@ impl Cluster {
         expected: Option<Revision>,
         guard: (String, i64),
     ) -> Result<Result<Revision, Option<Revision>>, ClusterError> {
-        self.put_volume(rec, expected, Some(guard))
+        self.put_volume(rec, expected, Some(guard), None)
     }
 
     /// The election key and create revision this node leads with.

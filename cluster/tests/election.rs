@@ -96,6 +96,15 @@ fn a_deposed_leader_cannot_write() {
     assert!(wait_for(TTL, || !a.is_leader()).is_some(), "node-a still thinks it leads");
     let (rec, now) = b.volume(1).unwrap().unwrap();
     assert_eq!((rec.owner.as_str(), rec.epoch, now), ("node-b", 2, rev_b));
+    // A write conditioned on a node being gone is not made while it is registered.
+    assert!(b.is_leader());
+    let (_, now) = b.volume(1).unwrap().unwrap();
+    assert_eq!(
+        b.put_volume_as_leader_while_gone(&record(1, "node-b", 3), Some(now), Some("node-a")).unwrap(),
+        Err(Some(now))
+    );
+    assert!(b.put_volume_as_leader_while_gone(&record(1, "node-b", 3), Some(now), Some("node-z")).unwrap().is_ok());
+    let (_, rev_b) = b.volume(1).unwrap().unwrap();
     // Plain compare-and-put does not need the leadership.
-    assert!(a.put_volume_if(&record(1, "node-a", 3), Some(rev_b)).unwrap().is_ok());
+    assert!(a.put_volume_if(&record(1, "node-a", 4), Some(rev_b)).unwrap().is_ok());
 }

@@ -601,7 +601,18 @@ impl Agent {
                         ),
                     )
                 }
-                Review::Change { record, why } => match c.put_volume_as_leader(record.as_ref(), Some(*rev)) {
+                // A rescue is started only while the owner is still gone in etcd, and moved only
+                // while the rescuer is: a decision taken on a node list read before that node
+                // registered again must not act against it.
+                Review::Change { record, why } => match c.put_volume_as_leader_while_gone(
+                    record.as_ref(),
+                    Some(*rev),
+                    match (rec.rescuer.as_str(), record.rescuer.as_str()) {
+                        ("", new) if !new.is_empty() => Some(rec.owner.as_str()),
+                        (old, new) if !old.is_empty() && !new.is_empty() && old != new => Some(old),
+                        _ => None,
+                    },
+                ) {
                     Ok(Ok(_)) => tracing::warn!("cluster: resource manager: volume {}: {why}", rec.id),
                     Ok(Err(_)) => {}
                     Err(e) => self.say("manage", format!("cluster: resource manager: volume {}: {e}", rec.id)),
