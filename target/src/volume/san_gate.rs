@@ -10,15 +10,17 @@
 //!
 //! [`GatedSan`] wraps the SAN the destage core uses. Reads always pass. Writes, zeroing, unmaps
 //! and flushes submitted while the gate is closed are held, in order, and go out once it opens
-//! again: they are the node's own log's entries and host writes it never acknowledged, and the
-//! gate opens again only when the node is the volume's sole writer (the rescue is done). Held
-//! commands look like a slow SAN to the engine: host commands that wait on them end with
-//! Namespace Not Ready after `destage.san_timeout_ms`, and the destager keeps its batch.
+//! again, unless they were held `destage.san_timeout_ms`: then they fail as unreachable (the
+//! destager retries its batch later; a host's write-through write ends with Namespace Not Ready
+//! at its own deadline, nothing of it written). While it holds commands behind a closed gate the
+//! SAN reports a `fenced: …` outage, which status and the logs show. When another node destaged
+//! the volume meanwhile, the owner fails whatever is still held (`San::fail_held`) before the
+//! gate opens again (`Destager::skip_to`): nothing older than that node's writes goes out.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use stager_policy::io::{AlignedBuf, IoDone};
 use stager_policy::{IoError, IoToken, San};
@@ -62,7 +64,12 @@ impl SanGate {
     }
 }
 
-/// A command held while the gate was closed.
+/// A command held while the gate was closed, with when it was.
+struct HeldOp {
+    since: Instant,
+    op: Held,
+}
+
 enum Held {
     Write { token: IoToken, offset: u64, buf: AlignedBuf, fua: bool },
     Zeroes { token: IoToken, offset: u64, len: u64 },
@@ -74,22 +81,33 @@ enum Held {
 pub(crate) struct GatedSan {
     inner: Box<dyn San>,
     gate: Arc<SanGate>,
-    held: VecDeque<Held>,
+    /// A command held longer than this fails (as unreachable): the destager retries its batch,
+    /// a host's write-through write ends with Namespace Not Ready at its own deadline.
+    max_hold: Duration,
+    held: VecDeque<HeldOp>,
     /// Held commands failed by `fail_held`, reported at the next poll.
     failed: Vec<IoDone>,
 }
 
 impl GatedSan {
-    pub fn new(inner: Box<dyn San>, gate: Arc<SanGate>) -> GatedSan {
-        GatedSan { inner, gate, held: VecDeque::new(), failed: Vec::new() }
+    pub fn new(inner: Box<dyn San>, gate: Arc<SanGate>, max_hold: Duration) -> GatedSan {
+        GatedSan { inner, gate, max_hold, held: VecDeque::new(), failed: Vec::new() }
     }
 
     fn submit(&mut self, h: Held) {
         if self.held.is_empty() && self.gate.is_open() {
             self.send(h);
         } else {
-            self.held.push_back(h);
+            self.held.push_back(HeldOp { since: Instant::now(), op: h });
         }
+    }
+
+    fn fail(&mut self, h: Held) {
+        let (token, buf) = match h {
+            Held::Write { token, buf, .. } => (token, Some(buf)),
+            Held::Zeroes { token, .. } | Held::Unmap { token, .. } | Held::Flush { token } => (token, None),
+        };
+        self.failed.push(IoDone { token, result: Err(IoError::Unreachable), buf, gather: Vec::new() });
     }
 
     fn send(&mut self, h: Held) {
@@ -112,7 +130,13 @@ impl San for GatedSan {
     }
 
     fn outage(&self) -> Option<String> {
-        self.inner.outage()
+        self.inner.outage().or_else(|| {
+            (!self.held.is_empty() && !self.gate.is_open()).then(|| {
+                "fenced: this node may not write the SAN now (its cluster lease is lost, or another node \
+                 destages this volume's data)"
+                    .to_string()
+            })
+        })
     }
 
     fn submit_read(&mut self, token: IoToken, offset: u64, buf: AlignedBuf) {
@@ -136,23 +160,26 @@ impl San for GatedSan {
     }
 
     fn poll_completions(&mut self, out: &mut Vec<IoDone>) -> usize {
-        let failed = self.failed.len();
-        out.append(&mut self.failed);
-        if !self.held.is_empty() && self.gate.is_open() {
-            while let Some(h) = self.held.pop_front() {
-                self.send(h);
+        if !self.held.is_empty() {
+            if self.gate.is_open() {
+                while let Some(h) = self.held.pop_front() {
+                    self.send(h.op);
+                }
+            } else {
+                while self.held.front().is_some_and(|h| h.since.elapsed() >= self.max_hold) {
+                    let Some(h) = self.held.pop_front() else { break };
+                    self.fail(h.op);
+                }
             }
         }
+        let failed = self.failed.len();
+        out.append(&mut self.failed);
         failed + self.inner.poll_completions(out)
     }
 
     fn fail_held(&mut self) {
-        for h in self.held.drain(..) {
-            let (token, buf) = match h {
-                Held::Write { token, buf, .. } => (token, Some(buf)),
-                Held::Zeroes { token, .. } | Held::Unmap { token, .. } | Held::Flush { token } => (token, None),
-            };
-            self.failed.push(IoDone { token, result: Err(IoError::Unreachable), buf, gather: Vec::new() });
+        while let Some(h) = self.held.pop_front() {
+            self.fail(h.op);
         }
     }
 }
@@ -162,7 +189,6 @@ mod tests {
     use super::*;
     use std::cell::RefCell;
     use std::rc::Rc;
-    use std::time::Duration;
 
     /// Records what reaches it, in a log the test keeps too.
     #[derive(Default)]
@@ -196,7 +222,7 @@ mod tests {
     fn writes_wait_while_closed_and_go_out_in_order_once_open_reads_never_wait() {
         let gate = SanGate::closed();
         let log = Rc::new(RefCell::new(Vec::new()));
-        let mut s = GatedSan::new(Box::new(Seen(log.clone())), gate.clone());
+        let mut s = GatedSan::new(Box::new(Seen(log.clone())), gate.clone(), Duration::from_secs(60));
         let seen = |_: &GatedSan| log.borrow().clone();
         s.submit_write(IoToken(1), 0, AlignedBuf::new(4096), false);
         s.submit_read(IoToken(2), 0, AlignedBuf::new(4096));
@@ -221,6 +247,24 @@ mod tests {
         let failed: Vec<(u64, bool)> = out.iter().map(|d| (d.token.0, d.result.is_err())).collect();
         assert_eq!(failed, vec![(7, true), (8, true)], "failed held commands complete as errors");
         assert_eq!(seen(&s).last(), Some(&('w', 6)), "and never reach the SAN, even once it opens");
+    }
+
+    #[test]
+    fn a_command_held_too_long_fails_and_a_fenced_san_says_so() {
+        let gate = SanGate::closed();
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let mut s = GatedSan::new(Box::new(Seen(log.clone())), gate.clone(), Duration::from_millis(20));
+        assert_eq!(s.outage(), None, "nothing held: nothing to say");
+        s.submit_write(IoToken(1), 0, AlignedBuf::new(4096), false);
+        assert!(s.outage().is_some_and(|o| o.starts_with("fenced")), "{:?}", s.outage());
+        let mut out = Vec::new();
+        s.poll_completions(&mut out);
+        assert!(out.is_empty(), "not held long enough yet");
+        std::thread::sleep(Duration::from_millis(30));
+        s.poll_completions(&mut out);
+        assert_eq!(out.iter().map(|d| (d.token.0, d.result.is_err())).collect::<Vec<_>>(), vec![(1, true)]);
+        assert!(log.borrow().is_empty(), "it never reached the SAN");
+        assert_eq!(s.outage(), None);
     }
 
     #[test]

@@ -807,7 +807,7 @@ impl DestageCore {
             for (id, san_cfg, size_bytes, gate) in &p.volumes {
                 let mut san = open_san(*id, san_cfg, san_timeout, &ring)?;
                 if let Some(gate) = gate {
-                    san = Box::new(GatedSan::new(san, gate.clone()));
+                    san = Box::new(GatedSan::new(san, gate.clone(), san_timeout));
                 }
                 let san_bytes = san.size_bytes();
                 let bytes = size_bytes.unwrap_or(san_bytes);
@@ -890,7 +890,7 @@ impl DestageCore {
                 }
                 let result = open_san(volume, &san, self.san_timeout, &self.ring).map(|s| {
                     info!(volume, "SAN {} opened to destage a copy kept here", san_label(&san));
-                    d.destager.add_volume(VolumeId(volume), Box::new(GatedSan::new(s, gate)));
+                    d.destager.add_volume(VolumeId(volume), Box::new(GatedSan::new(s, gate, self.san_timeout)));
                     d.volumes.push(VolumeId(volume));
                 });
                 let _ = reply.send(result);
