@@ -41,6 +41,10 @@ use crate::volume::replication::Replication;
 use crate::volume::status::{ClusterView, NodeStatus, VolumeStatus};
 use crate::volume::VolumeService;
 
+/// How long a rescuer waits before it asks its destage core again to rescue a copy whose
+/// rescue has not started (the SAN did not open, the engine refused: both logged).
+const RESCUE_ASK_AGAIN: Duration = Duration::from_secs(5);
+
 /// The cluster thread; `stop` deregisters the node (a graceful leave).
 pub struct Membership {
     stop: Arc<AtomicBool>,
@@ -74,6 +78,8 @@ struct Agent {
     replicated: bool,
     /// Each volume's copies generation as the last tick saw it.
     generations: HashMap<u32, u64>,
+    /// When this node last asked its destage core to rescue each copy (it does not wait).
+    rescue_asked: HashMap<u32, Instant>,
 }
 
 /// What one tick read from etcd and the node, and until when the node may act on it (its
@@ -129,6 +135,7 @@ impl Membership {
             holding: false,
             replicated: false,
             generations: HashMap::new(),
+            rescue_asked: HashMap::new(),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -657,6 +664,8 @@ impl Agent {
             if !copy.rescue.is_empty() && rec.rescuer != self.me {
                 // The owner is back and the rescue is over, or it moved to another node (this
                 // node was taken for gone before it was done: what it still held back goes).
+                self.said.remove(&format!("rescue-{}", copy.volume));
+                self.rescue_asked.remove(&copy.volume);
                 match volumes.end_rescue(copy.volume, copy.rescue != "done") {
                     Ok(()) => tracing::info!(
                         "cluster: volume {}: the rescue of this node's copy is over (record epoch {})",
@@ -699,18 +708,23 @@ impl Agent {
     ) {
         let topic = format!("rescue-{}", copy.volume);
         if copy.rescue.is_empty() {
-            match volumes.rescue_copy(copy.volume, &rec.san, until) {
-                Ok(_) => tracing::warn!(
+            // Asked again only after a while: opening the SAN may take a login's time, and a
+            // failure is logged by the destage core or the engine.
+            if self.rescue_asked.get(&copy.volume).is_some_and(|t| t.elapsed() < RESCUE_ASK_AGAIN) {
+                return;
+            }
+            self.rescue_asked.insert(copy.volume, Instant::now());
+            let msg = match volumes.rescue_copy(copy.volume, &rec.san, until) {
+                Ok(()) => format!(
                     "cluster: volume {}: its owner {} is gone; destaging this node's copy ({}) to its SAN {}",
                     copy.volume,
                     rec.owner,
                     crate::volume::status::human_bytes(copy.bytes),
                     rec.san
                 ),
-                Err(e) => {
-                    self.say(&topic, format!("cluster: volume {}: cannot destage this node's copy: {e}", copy.volume))
-                }
-            }
+                Err(e) => format!("cluster: volume {}: cannot destage this node's copy: {e}", copy.volume),
+            };
+            self.say(&topic, msg);
             return;
         }
         volumes.open_san_gate(copy.volume, Some(until));

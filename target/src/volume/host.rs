@@ -633,7 +633,11 @@ impl EngineHost {
                 let _ = reply.send(self.engine.discard_copy(volume));
             }
             HostMsg::RescueCopy { volume, reply } => {
-                let _ = reply.send(self.engine.rescue_copy(volume));
+                let r = self.engine.rescue_copy(volume);
+                if let Err(e) = &r {
+                    tracing::error!("{volume}: cannot destage the copy kept here: {e}");
+                }
+                let _ = reply.send(r);
             }
             HostMsg::AbsorbRescue { volume, upto, reply } => {
                 let _ = reply.send(self.engine.absorb_rescue(volume, upto));

@@ -58,9 +58,6 @@ const HOST_INBOX: usize = 8192;
 const DESTAGE_INBOX: usize = 16384;
 /// Requests the destage core's control inbox holds (rare: a rescue's SAN).
 const CONTROL_INBOX: usize = 16;
-/// How long a rescue waits for the destage core to open the copy's SAN (an iSCSI login is
-/// bounded by `destage.san_timeout_ms`, twice: login and READ CAPACITY).
-const ADD_SAN_WAIT: Duration = Duration::from_secs(30);
 
 /// How a thread that may sleep is woken: an eventfd, written only while it says it sleeps.
 pub(crate) struct Waker {
@@ -595,32 +592,25 @@ impl VolumeService {
         rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
     }
 
-    /// Destages the copy of `volume` this node keeps, to the SAN its record names (`san`, as
-    /// `file:PATH` or an iSCSI URL): the volume's owner was lost and the cluster chose this
-    /// copy. The SAN is opened on the destage core behind a gate open until `until` (this
-    /// node's lease deadline; [`VolumeService::open_san_gate`] keeps it open). Returns whether
-    /// the rescue started now (false: it was under way).
-    pub fn rescue_copy(&self, volume: u32, san: &str, until: Instant) -> Result<bool, String> {
+    /// Starts destaging the copy of `volume` this node keeps, to the SAN its record names
+    /// (`san`, as `file:PATH` or an iSCSI URL): the volume's owner was lost and the cluster
+    /// chose this copy. Does not wait: the destage core opens the SAN (a login) behind a gate
+    /// open until `until` (this node's lease deadline; [`VolumeService::open_san_gate`] keeps
+    /// it open), then tells the device's engine to rescue the copy (`Engine::rescue_copy`).
+    /// Status shows the copy's rescue once it runs; a SAN that does not open is logged there.
+    pub fn rescue_copy(&self, volume: u32, san: &str, until: Instant) -> Result<(), String> {
         let dev = self.replica_dev.ok_or("no flash device keeps copies here")?;
-        let d = self.devices.get(dev as usize).ok_or("no flash device keeps copies here")?;
         let cfg = san_config_of(san)?;
         let gate = {
             let mut gates = self.rescue_gates.lock().map_err(|_| "rescue gates poisoned")?;
             gates.entry(volume).or_insert_with(SanGate::closed).clone()
         };
         gate.open_until(Some(until));
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let add = CoreControl::AddSan { dev, volume, san: cfg, gate, reply: tx };
-        if self.control.try_send(add).is_err() {
+        if self.control.try_send(CoreControl::RescueCopy { dev, volume, san: cfg, gate }).is_err() {
             return Err("the destage core is busy or gone".into());
         }
         wake(&self.destage_waker.efd);
-        rx.recv_timeout(ADD_SAN_WAIT).map_err(|_| "the destage core did not open the SAN in time".to_string())??;
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        if !d.send(HostMsg::RescueCopy { volume: VolumeId(volume), reply: tx }) {
-            return Err(format!("flash {}: its reactor is not running", d.name));
-        }
-        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
+        Ok(())
     }
 
     /// While this node was taken for gone, a replica destaged `volume` up to `upto` (the
@@ -757,8 +747,9 @@ struct CoreDevice {
 /// A request to the destage core from another thread.
 pub(crate) enum CoreControl {
     /// Open `san` for `volume` (a copy on device `dev` this node now destages itself) behind
-    /// `gate`, and give it to that device's destager.
-    AddSan { dev: u16, volume: u32, san: SanConfig, gate: Arc<SanGate>, reply: Sender<Result<(), String>> },
+    /// `gate`, give it to that device's destager,
+    /// and then have the device's engine rescue the copy (`HostMsg::RescueCopy`).
+    RescueCopy { dev: u16, volume: u32, san: SanConfig, gate: Arc<SanGate> },
     /// Another node destaged `volume` (on device `dev`) up to `upto`: `Destager::skip_to`.
     Skip { dev: u16, volume: u32, upto: u64, reply: Sender<u64> },
 }
@@ -879,21 +870,29 @@ impl DestageCore {
     /// Carries out a control request (blocking: opening a SAN logs in to it).
     fn on_control(&mut self, c: CoreControl) {
         match c {
-            CoreControl::AddSan { dev, volume, san, gate, reply } => {
-                let Some(d) = self.devices.get_mut(dev as usize) else {
-                    let _ = reply.send(Err(format!("no flash device {dev}")));
-                    return;
-                };
-                if d.volumes.contains(&VolumeId(volume)) {
-                    let _ = reply.send(Ok(()));
-                    return;
+            CoreControl::RescueCopy { dev, volume, san, gate } => {
+                let Some(d) = self.devices.get_mut(dev as usize) else { return };
+                if !d.volumes.contains(&VolumeId(volume)) {
+                    match open_san(volume, &san, self.san_timeout, &self.ring) {
+                        Ok(s) => {
+                            info!(volume, "SAN {} opened to destage a copy kept here", san_label(&san));
+                            d.destager.add_volume(VolumeId(volume), Box::new(GatedSan::new(s, gate, self.san_timeout)));
+                            d.volumes.push(VolumeId(volume));
+                        }
+                        Err(e) => {
+                            return error!(
+                                "volume {volume}: cannot open its SAN to destage the copy kept here \
+                                 (the cluster thread asks again): {e}"
+                            )
+                        }
+                    }
                 }
-                let result = open_san(volume, &san, self.san_timeout, &self.ring).map(|s| {
-                    info!(volume, "SAN {} opened to destage a copy kept here", san_label(&san));
-                    d.destager.add_volume(VolumeId(volume), Box::new(GatedSan::new(s, gate, self.san_timeout)));
-                    d.volumes.push(VolumeId(volume));
-                });
-                let _ = reply.send(result);
+                // The engine answers nobody: status shows the copy's rescue once it runs.
+                let (reply, _) = crossbeam_channel::bounded(1);
+                match d.to_host.try_send(HostMsg::RescueCopy { volume: VolumeId(volume), reply }) {
+                    Ok(()) => d.host_waker.wake_if_sleeping(),
+                    Err(_) => warn!("volume {volume}: flash {}'s inbox is full; the cluster thread asks again", d.name),
+                }
             }
             CoreControl::Skip { dev, volume, upto, reply } => {
                 let dropped = match self.devices.get_mut(dev as usize) {
