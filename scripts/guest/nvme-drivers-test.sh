@@ -218,7 +218,11 @@ namespace_checks() {
     cmp -s "$W/pat" "$W/back" || fail "$1: data read back differs from data written"
     nvme compare "$D" -s 100 -c 15 -z 65536 -d "$W/pat" >/dev/null 2>&1 || fail "$1: nvme compare of equal data failed"
     cp "$W/pat" "$W/other"
-    printf 'X' | dd of="$W/other" bs=1 seek=40000 conv=notrunc 2>/dev/null
+    # One byte made different for sure: writing a fixed 'X' left the data equal whenever the
+    # random byte there already was one (1 run in 256 per namespace).
+    old=$(od -An -tu1 -j 40000 -N 1 "$W/pat" | tr -d ' ')
+    printf "\\$(printf %o $(((old + 1) % 256)))" | dd of="$W/other" bs=1 seek=40000 conv=notrunc 2>/dev/null
+    cmp -s "$W/pat" "$W/other" && fail "$1: the test could not make different data"
     nvme compare "$D" -s 100 -c 15 -z 65536 -d "$W/other" >"$W/cmp.log" 2>&1 && fail "$1: nvme compare of different data succeeded"
     grep -q "Compare Failure" "$W/cmp.log" || { cat "$W/cmp.log"; fail "$1: a failed compare did not report Compare Failure"; }
     say "$1: nvme compare of different data: $(head -n 1 "$W/cmp.log")"
