@@ -532,7 +532,6 @@ impl Engine {
         v.rescuing = true;
         v.watermark = v.watermark.max(v.published);
         let from = if self.cfg.bugs.rescue_ignores_watermark { LogSeq(0) } else { v.watermark };
-        v.rescue_from = from;
         v.rescue_upto = from;
         v.rescue_destaged = from;
         // Only entries this copy may have acknowledged to its source: those of frames at the

@@ -359,9 +359,8 @@ pub(crate) struct Volume {
     /// was lost ([`crate::Engine::rescue_copy`]): its entries are indexed and handed to the
     /// destager like the node's own, and its source's links are refused.
     pub rescuing: bool,
-    /// A rescue hands the destager the entries above `rescue_from` up to `rescue_upto`; the
-    /// destager has confirmed them up to `rescue_destaged`.
-    pub rescue_from: LogSeq,
+    /// A rescue hands the destager the copy's entries up to `rescue_upto`; the destager has
+    /// confirmed them up to `rescue_destaged`.
     pub rescue_upto: LogSeq,
     pub rescue_destaged: LogSeq,
     /// Cluster mode (`EngineConfig::confirm_copies`): bumped whenever the volume's copies
@@ -418,7 +417,6 @@ impl Volume {
             lost: DirtyIndex::default(),
             copy_damaged: None,
             rescuing: false,
-            rescue_from: LogSeq(0),
             rescue_upto: LogSeq(0),
             rescue_destaged: LogSeq(0),
             copies_changed: 0,
