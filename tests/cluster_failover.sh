@@ -50,22 +50,14 @@ fail() {
 }
 source tests/lib/san.sh
 source tests/lib/nodes.sh
+source tests/lib/etcd.sh
 ctl() { "$BIN/stagerctl" "$@"; }
 now() { date +%s.%N; }
 since() { python3 -c "print(f'{$(now) - $1:.1f}')"; }
 
 # etcd
-etcd_port=$(free_port)
-etcd_peer=$(free_port)
-etcd --name failover --data-dir "$work/etcd" \
-    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-    --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
-    --initial-cluster "failover=http://127.0.0.1:$etcd_peer" > "$work/etcd.log" 2>&1 &
-etcd_pid=$!
+start_etcd failover
 prefix=/stager/failover
-record() { etcdctl --endpoints "127.0.0.1:$etcd_port" get "$prefix/volumes/1" --print-value-only 2> /dev/null; }
-field() { record | python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps(r.get('$1')))" 2> /dev/null || true; }
-for _ in $(seq 100); do etcdctl --endpoints "127.0.0.1:$etcd_port" endpoint health > /dev/null 2>&1 && break; sleep 0.1; done
 
 # the SAN
 iqn=iqn.2026-11.dev.stager:failover

@@ -126,6 +126,12 @@ fn rescue(rec: &VolumeRecord, owner_alive: bool, nodes: &[NodeInfo], now_unix_ms
         };
         record.rescuer = r.clone();
         format!("the rescuer {} is gone too: {r} destages its copy (in sync) to the SAN", rec.rescuer)
+    } else if !rec.server.is_empty() && !nodes.iter().any(|n| n.id == rec.server) {
+        // Its SAN gate closed with its lease before etcd let the lease go: nothing more of it
+        // reaches the SAN. Nobody serves until the owner is back (or this node is).
+        record.server.clear();
+        record.handback = false;
+        format!("{} served the volume and is gone: nobody serves it now", rec.server)
     } else if owner_alive {
         // The owner ends it itself, once it has skipped past what the rescue destaged
         // (`end_rescue`): it must not write the SAN before, and must not miss the rescue.
@@ -152,7 +158,50 @@ pub fn end_rescue(rec: &VolumeRecord, failed_acks: usize, now_unix_ms: u64) -> V
     record.rescuer.clear();
     record.rescued_unix_ms = 0;
     record.rescued_upto = 0;
+    record.server.clear();
+    record.served = false;
+    record.handback = false;
     record.push_transition(now_unix_ms, what);
+    record
+}
+
+/// The record the rescuer `me` writes to serve the volume in its owner's place, or None when it
+/// may not: only once its rescue is done (the SAN holds every write the owner acknowledged),
+/// while nobody serves it and the owner is gone (not in `nodes`).
+pub fn start_serving(rec: &VolumeRecord, me: &str, nodes: &[NodeInfo], now_unix_ms: u64) -> Option<VolumeRecord> {
+    let done = rec.rescuer == me && rec.rescued_unix_ms != 0;
+    if !done || !rec.server.is_empty() || rec.handback || nodes.iter().any(|n| n.id == rec.owner) {
+        return None;
+    }
+    let mut record = rec.clone();
+    record.server = me.to_string();
+    record.served = true;
+    record.push_transition(
+        now_unix_ms,
+        format!("{me} serves the volume in place of its owner {} (write-through, from the SAN)", rec.owner),
+    );
+    Some(record)
+}
+
+/// The record the owner, back after a rescue whose rescuer serves the volume, writes to ask for
+/// it back (None when it already has).
+pub fn ask_handback(rec: &VolumeRecord, now_unix_ms: u64) -> Option<VolumeRecord> {
+    if rec.server.is_empty() || rec.handback {
+        return None;
+    }
+    let mut record = rec.clone();
+    record.handback = true;
+    record.push_transition(now_unix_ms, format!("owner {} is back and asks {} to stop serving", rec.owner, rec.server));
+    Some(record)
+}
+
+/// The record the server writes once it has stopped serving: no host command of the volume is
+/// left on it, and its path is inaccessible. `why` goes into the history.
+pub fn stop_serving(rec: &VolumeRecord, why: &str, now_unix_ms: u64) -> VolumeRecord {
+    let mut record = rec.clone();
+    record.push_transition(now_unix_ms, format!("{} stopped serving the volume: {why}", rec.server));
+    record.server.clear();
+    record.handback = false;
     record
 }
 
@@ -247,6 +296,9 @@ mod tests {
             rescuer: String::new(),
             rescued_unix_ms: 0,
             rescued_upto: 0,
+            server: String::new(),
+            served: false,
+            handback: false,
         }
     }
 
@@ -417,5 +469,44 @@ mod tests {
         assert!(!may_discard_copy(&unprotected, "b", &nodes), "the new replica may not have it all yet");
         let no_owner: Vec<NodeInfo> = nodes.into_iter().filter(|n| n.id != "a").collect();
         assert!(!may_discard_copy(&r, "b", &no_owner), "possibly the last copy");
+    }
+
+    #[test]
+    fn a_rescuer_serves_only_once_done_with_the_owner_gone_and_hands_back_to_it() {
+        let all = three();
+        let gone_a: Vec<NodeInfo> = all.iter().filter(|n| n.id != "a").cloned().collect();
+        let mut r = rec(&["b"]);
+        r.rescuer = "b".into();
+        assert_eq!(start_serving(&r, "b", &gone_a, 5), None, "the rescue is not done");
+        r.rescued_unix_ms = 4;
+        r.rescued_upto = 77;
+        assert_eq!(start_serving(&r, "c", &gone_a, 5), None, "only the rescuer");
+        assert_eq!(start_serving(&r, "b", &all, 5), None, "the owner is back: it serves again itself");
+        let s = start_serving(&r, "b", &gone_a, 5).expect("serves");
+        assert!(s.check().is_ok());
+        assert_eq!((s.server.as_str(), s.served, s.epoch), ("b", true, r.epoch));
+        assert_eq!(start_serving(&s, "b", &gone_a, 6), None, "already");
+        assert_eq!(review(&s, &gone_a, 7), Review::OwnerLost);
+        assert_eq!(review(&s, &all, 7), Review::Keep, "the owner is back: it asks for the volume itself");
+        // The owner asks; the server stops; the owner ends the rescue, knowing the volume was served.
+        let h = ask_handback(&s, 8).expect("asks");
+        assert!(h.handback && h.check().is_ok());
+        assert_eq!(ask_handback(&h, 9), None);
+        let stopped = stop_serving(&h, "handed back", 10);
+        assert!(stopped.server.is_empty() && !stopped.handback && stopped.served && stopped.check().is_ok());
+        let ended = end_rescue(&stopped, 0, 11);
+        assert!(!ended.served && ended.rescuer.is_empty() && ended.check().is_ok());
+        // A server that dies is cleared by the manager (its gate closed with its lease).
+        let only_c: Vec<NodeInfo> = all.iter().filter(|n| n.id == "c").cloned().collect();
+        let Review::Change { record, why } = review(&h, &only_c, 12) else { panic!("the server is gone") };
+        assert!(record.server.is_empty() && !record.handback && record.served, "{why}");
+        assert!(record.check().is_ok());
+        // The record's checks: a server is a rescuer whose rescue is done.
+        let mut bad = s.clone();
+        bad.rescued_unix_ms = 0;
+        assert!(bad.check().is_err());
+        let mut bad = r.clone();
+        bad.handback = true;
+        assert!(bad.check().is_err());
     }
 }

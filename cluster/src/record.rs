@@ -107,6 +107,21 @@ pub struct VolumeRecord {
     /// it before it writes the SAN again, and then ends the rescue (clears these fields).
     #[serde(default)]
     pub rescued_upto: u64,
+    /// The rescuer serving the volume to hosts in its owner's place (empty: none), through a
+    /// standby namespace of the same NQN and NSID (ANA multipath): write-through, from the SAN
+    /// the rescue completed. Set by the rescuer itself once its rescue is done and the owner is
+    /// still gone; cleared by it when it has stopped (`handback`), or by the resource manager
+    /// once its node is gone (its SAN gate closed with its lease).
+    #[serde(default)]
+    pub server: String,
+    /// A node other than the owner served the volume since the rescue: the SAN holds writes
+    /// newer than anything in the owner's log, so the owner, back, drops its whole log of the
+    /// volume rather than destage any of it. Cleared with the rescue.
+    #[serde(default)]
+    pub served: bool,
+    /// The owner is back and asks `server` to stop serving, so that it can serve again.
+    #[serde(default)]
+    pub handback: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,6 +234,15 @@ impl VolumeRecord {
         }
         if self.rescuer.is_empty() && (self.rescued_unix_ms != 0 || self.rescued_upto != 0) {
             return Err("rescued_unix_ms or rescued_upto is set without a rescuer".to_string());
+        }
+        if !self.server.is_empty() && (self.server != self.rescuer || self.rescued_unix_ms == 0) {
+            return Err(format!("server: {:?} is not a rescuer whose rescue is done", self.server));
+        }
+        if self.served && self.rescuer.is_empty() {
+            return Err("served is set without a rescuer".to_string());
+        }
+        if self.handback && self.server.is_empty() {
+            return Err("handback is set without a server".to_string());
         }
         if self.san.len() > SAN_BYTES_MAX {
             return Err(format!("san: {} bytes; at most {SAN_BYTES_MAX}", self.san.len()));
@@ -344,6 +368,9 @@ mod tests {
             rescuer: String::new(),
             rescued_unix_ms: 0,
             rescued_upto: 0,
+            server: String::new(),
+            served: false,
+            handback: false,
         }
     }
 

@@ -47,6 +47,9 @@ fn record(owner: &str, epoch: u64) -> VolumeRecord {
         rescuer: String::new(),
         rescued_unix_ms: 0,
         rescued_upto: 0,
+        server: String::new(),
+        served: false,
+        handback: false,
     }
 }
 

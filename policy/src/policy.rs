@@ -28,6 +28,9 @@ pub enum EffectiveReason {
     /// Every replica is connected, but one lacks entries that are not destaged yet:
     /// write-through until they are and the replica knows it.
     ReplicaSyncing,
+    /// A replica serves its rescued copy of the volume in place of its lost owner: it keeps no
+    /// log of it, every write goes to the SAN.
+    ServingRescuedCopy,
 }
 
 impl fmt::Display for EffectiveReason {
@@ -37,6 +40,7 @@ impl fmt::Display for EffectiveReason {
             EffectiveReason::FlashDegraded => "flash degraded",
             EffectiveReason::ReplicaUnavailable => "replica unavailable",
             EffectiveReason::ReplicaSyncing => "replica syncing",
+            EffectiveReason::ServingRescuedCopy => "serving a rescued copy",
         })
     }
 }

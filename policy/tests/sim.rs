@@ -30,11 +30,11 @@ fn simulator_seeds() {
     // Seeds are independent: run them on every core, each thread pulling the next seed.
     let next = AtomicU64::new(base);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let results: Vec<Result<[u64; 7], Failure>> = std::thread::scope(|scope| {
+    let results: Vec<Result<[u64; 8], Failure>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
-                    let mut totals = [0u64; 7];
+                    let mut totals = [0u64; 8];
                     loop {
                         let seed = next.fetch_add(1, Ordering::Relaxed);
                         let done_count = seed - base >= seeds;
@@ -50,21 +50,22 @@ fn simulator_seeds() {
                         totals[4] += stats.batches_checked;
                         totals[5] += stats.failovers;
                         totals[6] += stats.live_rescues;
+                        totals[7] += stats.served_rescues;
                     }
                 })
             })
             .collect();
         workers.into_iter().map(|w| w.join().expect("simulator thread panicked")).collect()
     });
-    let mut totals = [0u64; 7];
+    let mut totals = [0u64; 8];
     for r in results {
         match r {
-            Ok(t) => (0..7).for_each(|i| totals[i] += t[i]),
+            Ok(t) => (0..8).for_each(|i| totals[i] += t[i]),
             Err(f) => panic!("{f}"),
         }
     }
     eprintln!(
-        "simulator: {} seeds from {base} on {threads} threads in {:.1?}: {} writes acked, {} reads checked, {} crashes, {} destage batches checked, {} failovers ({} of them live rescues)",
+        "simulator: {} seeds from {base} on {threads} threads in {:.1?}: {} writes acked, {} reads checked, {} crashes, {} destage batches checked, {} failovers ({} of them live rescues, {} then served)",
         totals[0],
         start.elapsed(),
         totals[1],
@@ -72,7 +73,8 @@ fn simulator_seeds() {
         totals[3],
         totals[4],
         totals[5],
-        totals[6]
+        totals[6],
+        totals[7]
     );
 }
 

@@ -21,7 +21,15 @@
 //! chosen to rescue them (a volume with no copy anywhere, which nobody can take over, stays
 //! open). Its write acknowledgements stop too, as soon as the rescuer drops its link.
 //! A node that cannot reach etcd keeps serving under the replica set it has, and retries.
-//! Not built: serving a volume from another node when its owner is lost.
+//!
+//! **Serving in the owner's place.** A rescuer with a `kind: standby` namespace for the volume
+//! serves it once its rescue is done and the owner is still gone (`VolumeRecord::server`):
+//! write-through from its rescued copy to the SAN, its path made `optimized` for hosts with ANA
+//! multipath. When the owner is back it asks for the volume (`handback`); the server closes
+//! its path, lets its last commands finish and clears `server`; the owner then drops its whole
+//! log of the volume (the SAN holds newer writes) and serves again. Only groups the file writes
+//! out are steered (`config::steered_ana_groups`): each `optimized` while this node serves its
+//! volume, `inaccessible` otherwise (and every one while the lease is lost).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,10 +38,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use stager_cluster::constants::UNREACHABLE_AFTER;
-use stager_cluster::manager::{copies_of, end_rescue, may_discard_copy, owner_report, review, OwnerView, Review};
+use stager_cluster::manager::{
+    ask_handback, copies_of, end_rescue, may_discard_copy, owner_report, review, start_serving, stop_serving,
+    OwnerView, Review,
+};
 use stager_cluster::{unix_ms_now, Cluster, LeaseState, NodeInfo, Revision, VolumeRecord};
+use stager_nvme::log_page::AnaState;
 use stager_policy::{Epoch, VolumeId};
 
+use crate::ana::AnaScope;
 use crate::config::{BackendConfig, Config, SanConfig};
 use crate::constants::{CLUSTER_HOLD_POLL, CLUSTER_REFRESH, CLUSTER_SAN_PROBE, CLUSTER_TICK};
 use crate::subsystem::TargetShared;
@@ -80,6 +93,10 @@ struct Agent {
     generations: HashMap<u32, u64>,
     /// When this node last asked its destage core to rescue each copy (it does not wait).
     rescue_asked: HashMap<u32, Instant>,
+    /// Volumes of other nodes this node has a `kind: standby` namespace for.
+    standbys: Vec<u32>,
+    /// The ANA groups this thread steers: (subsystem NQN, group, volume) (`steered_ana_groups`).
+    steered: Vec<(String, u32, u32)>,
 }
 
 /// What one tick read from etcd and the node, and until when the node may act on it (its
@@ -107,9 +124,14 @@ impl Membership {
         let (cl, node) = (cfg.cluster.as_ref()?, cfg.node.as_ref()?);
         let client_cfg = cl.client_config(&node.id);
         let mut own_sans = HashMap::new();
+        let mut standbys = Vec::new();
         for n in cfg.subsystems.iter().flat_map(|s| &s.namespaces) {
-            if let BackendConfig::Volume { id, san, .. } = &n.backend {
-                own_sans.insert(*id, san_name(san));
+            match &n.backend {
+                BackendConfig::Volume { id, san, .. } => {
+                    own_sans.insert(*id, san_name(san));
+                }
+                BackendConfig::Standby { id, .. } => standbys.push(*id),
+                _ => {}
             }
         }
         let agent = Agent {
@@ -136,6 +158,8 @@ impl Membership {
             replicated: false,
             generations: HashMap::new(),
             rescue_asked: HashMap::new(),
+            standbys,
+            steered: crate::config::steered_ana_groups(cfg),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -214,6 +238,10 @@ fn run(cfg: stager_cluster::ClusterConfig, mut agent: Agent, stop: &AtomicBool) 
             },
         };
         let alive = matches!(c.lease_state(), LeaseState::Alive { .. });
+        if !alive {
+            // Another node may serve this node's volumes soon: hosts must stop using its paths.
+            agent.steer_ana(&[], None);
+        }
         if !alive && registered.take().is_some() {
             tracing::error!(
                 "cluster: node {}'s lease is lost (etcd unreachable or the lease expired); registering again. \
@@ -269,6 +297,8 @@ fn run(cfg: stager_cluster::ClusterConfig, mut agent: Agent, stop: &AtomicBool) 
             LeaseState::Lost => continue,
         };
         let tick = Tick { c, status: &status, records: &records, nodes: &nodes, until };
+        // Paths first: a path that must close closes before the engine stops serving.
+        agent.steer_ana(&records, Some(&status));
         agent.own_volumes(&tick);
         agent.manage(c, &records, &nodes);
         agent.copies(&tick);
@@ -433,6 +463,20 @@ impl Agent {
                             v.id, rec.rescuer
                         ),
                     );
+                } else if !rec.server.is_empty() {
+                    // Another node serves the volume: it must stop before this node may.
+                    self.say(
+                        &format!("owner-{}", v.id),
+                        format!(
+                            "cluster: volume {}: {} serves it in this node's place; asking for it back",
+                            v.id, rec.server
+                        ),
+                    );
+                    if let Some(ask) = ask_handback(rec, unix_ms_now()) {
+                        if let Err(e) = c.put_volume_if(&ask, Some(*rev)) {
+                            self.say("etcd", format!("cluster: cannot update volume {}'s record: {e}", v.id));
+                        }
+                    }
                 } else {
                     self.absorb(c, &volumes, rec, *rev);
                 }
@@ -517,7 +561,7 @@ impl Agent {
     /// be repeated (a failed write of the record leaves the rescue for the next tick).
     fn absorb(&mut self, c: &Cluster, volumes: &VolumeService, rec: &VolumeRecord, rev: Revision) {
         let topic = format!("owner-{}", rec.id);
-        let failed = match volumes.absorb_rescue(rec.id, rec.rescued_upto) {
+        let failed = match volumes.absorb_rescue(rec.id, rec.rescued_upto, rec.served) {
             Ok(n) => n,
             Err(e) => return self.say(&topic, format!("cluster: volume {}: cannot skip past the rescue: {e}", rec.id)),
         };
@@ -577,12 +621,20 @@ impl Agent {
                         rec.id, rec.owner, rec.rescuer
                     ),
                 ),
+                Review::OwnerLost if !rec.server.is_empty() => self.say(
+                    &format!("lost-{}", rec.id),
+                    format!(
+                        "cluster: volume {}: its owner {} is gone; {} destaged its copy and serves the volume",
+                        rec.id, rec.owner, rec.server
+                    ),
+                ),
                 Review::OwnerLost if !rec.rescuer.is_empty() => self.say(
                     &format!("lost-{}", rec.id),
                     format!(
                         "cluster: volume {}: its owner {} is gone; {}'s copy is destaged: the SAN holds every write \
-                         it acknowledged. Serving the volume from another node is not automatic yet (docs/operations.md)",
-                        rec.id, rec.owner, rec.rescuer
+                         it acknowledged. Nobody serves the volume: {} has no standby namespace for it, or has not \
+                         taken it yet (docs/operations.md)",
+                        rec.id, rec.owner, rec.rescuer, rec.rescuer
                     ),
                 ),
                 Review::OwnerLost => {
@@ -617,6 +669,8 @@ impl Agent {
                     match (rec.rescuer.as_str(), record.rescuer.as_str()) {
                         ("", new) if !new.is_empty() => Some(rec.owner.as_str()),
                         (old, new) if !old.is_empty() && !new.is_empty() && old != new => Some(old),
+                        // A server is cleared only while it is still gone.
+                        _ if !rec.server.is_empty() && record.server.is_empty() => Some(rec.server.as_str()),
                         _ => None,
                     },
                 ) {
@@ -659,6 +713,18 @@ impl Agent {
             let Some((rec, rev)) = records.iter().find(|(r, _)| r.id == copy.volume) else { continue };
             if rec.rescuer == self.me && rec.rescued_unix_ms == 0 {
                 self.rescue(c, &volumes, copy, rec, *rev, until);
+                continue;
+            }
+            if rec.rescuer == self.me && self.standbys.contains(&copy.volume) {
+                self.serve(c, &volumes, copy, rec, *rev, nodes, until);
+                continue;
+            }
+            if copy.serving {
+                // The record no longer makes this node the server (the manager took it for
+                // gone): its path is inaccessible already; the engine stops too.
+                if let Err(e) = volumes.serve_copy(copy.volume, false) {
+                    self.say(&format!("serve-{}", copy.volume), format!("cluster: volume {}: {e}", copy.volume));
+                }
                 continue;
             }
             if !copy.rescue.is_empty() && rec.rescuer != self.me {
@@ -746,6 +812,126 @@ impl Agent {
             ),
             Ok(Err(_)) => {} // changed meanwhile: the next tick looks again
             Err(e) => self.say("etcd", format!("cluster: cannot update volume {}'s record: {e}", copy.volume)),
+        }
+    }
+
+    /// This node rescued `copy` and has a standby namespace for it: serve the volume while the
+    /// owner is gone (record first, then the engine; the path opens at the next tick, once
+    /// status shows the copy served), and stop when the owner asks for it back (the path
+    /// closed first, `steer_ana`; the record says so once no host command is left).
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        &mut self,
+        c: &Cluster,
+        volumes: &VolumeService,
+        copy: &crate::volume::status::CopyStatus,
+        rec: &VolumeRecord,
+        rev: Revision,
+        nodes: &[NodeInfo],
+        until: Instant,
+    ) {
+        let topic = format!("serve-{}", copy.volume);
+        let put = |this: &mut Agent, new: &VolumeRecord| match c.put_volume_if(new, Some(rev)) {
+            Ok(Ok(_)) => true,
+            Ok(Err(_)) => false, // changed meanwhile: the next tick looks again
+            Err(e) => {
+                this.say("etcd", format!("cluster: cannot update volume {}'s record: {e}", copy.volume));
+                false
+            }
+        };
+        if rec.server != self.me {
+            if copy.rescue != "done" {
+                return;
+            }
+            if let Some(new) = start_serving(rec, &self.me, nodes, unix_ms_now()) {
+                if put(self, &new) {
+                    tracing::warn!(
+                        "cluster: volume {}: serving it in place of its owner {} (write-through to its SAN {}); \
+                         its path here becomes optimized",
+                        copy.volume,
+                        rec.owner,
+                        rec.san
+                    );
+                }
+            }
+            return;
+        }
+        if copy.rescue != "done" {
+            // This node restarted since: its rescue (and the SAN it had open) is gone.
+            let new = stop_serving(rec, "it restarted and no longer has the rescued copy open", unix_ms_now());
+            if put(self, &new) {
+                tracing::warn!("cluster: volume {}: no longer served from here (restarted)", copy.volume);
+            }
+            return;
+        }
+        if !rec.handback {
+            volumes.open_san_gate(copy.volume, Some(until));
+            if !copy.serving {
+                if let Err(e) = volumes.serve_copy(copy.volume, true) {
+                    self.say(&topic, format!("cluster: volume {}: cannot serve it: {e}", copy.volume));
+                }
+            }
+            return;
+        }
+        // Handing back: the path is inaccessible (steer_ana ran first); the engine takes no
+        // more commands; once none is left, nothing more reaches the SAN from here.
+        match volumes.serve_copy(copy.volume, false) {
+            Ok(0) => {
+                let new = stop_serving(rec, &format!("handed back to its owner {}", rec.owner), unix_ms_now());
+                if put(self, &new) {
+                    self.said.remove(&topic);
+                    tracing::warn!(
+                        "cluster: volume {}: handed back to its owner {}: no longer served from here",
+                        copy.volume,
+                        rec.owner
+                    );
+                }
+            }
+            Ok(n) => {
+                // Commands taken before the path closed still finish (on the SAN, while the
+                // lease holds).
+                volumes.open_san_gate(copy.volume, Some(until));
+                self.say(
+                    &topic,
+                    format!("cluster: volume {}: handing back, {n} host command(s) to finish", copy.volume),
+                );
+            }
+            Err(e) => self.say(&topic, format!("cluster: volume {}: cannot stop serving it: {e}", copy.volume)),
+        }
+    }
+
+    /// Sets each steered ANA group (`steered_ana_groups`) `optimized` while this node serves
+    /// its volume and `inaccessible` otherwise. The owner serves while the record names it and
+    /// no rescue; a standby while the record makes it the server, not handing back, and its
+    /// engine serves the copy. Without `status` (the lease is lost) every group closes.
+    fn steer_ana(&mut self, records: &[(VolumeRecord, Revision)], status: Option<&NodeStatus>) {
+        let Some(shared) = self.shared.clone() else { return };
+        for (nqn, group, volume) in self.steered.clone() {
+            let rec = records.iter().map(|(r, _)| r).find(|r| r.id == volume);
+            let serves = match (rec, status) {
+                (Some(rec), Some(status)) if self.own_sans.contains_key(&volume) => {
+                    rec.owner == self.me
+                        && rec.rescuer.is_empty()
+                        && status.devices.iter().flat_map(|d| &d.volumes).any(|v| v.id == volume)
+                }
+                (Some(rec), Some(status)) => {
+                    rec.server == self.me
+                        && !rec.handback
+                        && status.devices.iter().flat_map(|d| &d.copies).any(|c| c.volume == volume && c.serving)
+                }
+                _ => false,
+            };
+            let state = if serves { AnaState::Optimized } else { AnaState::Inaccessible };
+            let scope = AnaScope { subsystem: Some(nqn.clone()), listener: None };
+            match shared.set_ana_state(group, state, &scope) {
+                Ok(ch) if !ch.changed.is_empty() => tracing::warn!(
+                    "cluster: volume {volume}: ANA group {group} of {nqn} is now {} on this node ({} controller(s) notified)",
+                    state.name(),
+                    ch.controllers_notified
+                ),
+                Ok(_) => {}
+                Err(e) => self.say(&format!("ana-{nqn}-{group}"), format!("cluster: cannot steer ANA group {group}: {e}")),
+            }
         }
     }
 }

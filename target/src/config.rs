@@ -37,7 +37,7 @@ use stager_policy::WritePolicy;
 mod ana;
 mod cluster;
 pub use ana::{AnaConfig, AnaGroupConfig};
-pub use cluster::{ClusterYaml, CLUSTER_BUILT};
+pub use cluster::{steered_ana_groups, ClusterYaml, CLUSTER_BUILT};
 
 /// Largest configuration file we read. A real one is a few KiB; the cap keeps a mistaken
 /// `--config /dev/zero` (or a huge log file) from eating memory before parsing fails.
@@ -584,6 +584,12 @@ pub enum BackendConfig {
         /// write-back+N: the peer nodes that keep a copy of every dirty entry (N of them).
         replicas: Vec<String>,
     },
+    /// In a cluster: another node's volume `id`, served from here only while the cluster makes
+    /// this node serve it — its owner was lost and this node's copy of it was destaged to the
+    /// SAN (the rescue). Until then the namespace's path is `inaccessible`; while served it is
+    /// write-through to the volume's SAN. Same subsystem NQN, NSID and size as on the owner, so
+    /// hosts see one namespace through two paths (ANA multipath).
+    Standby { id: u32, size_bytes: u64 },
 }
 
 /// Where a volume's data finally lives.
@@ -668,7 +674,7 @@ impl BackendConfig {
             | BackendConfig::File { block_size, .. }
             | BackendConfig::NvmePassthru { block_size, .. }
             | BackendConfig::Vfio { block_size, .. } => *block_size,
-            BackendConfig::Volume { .. } => VOLUME_BLOCK_SIZE,
+            BackendConfig::Volume { .. } | BackendConfig::Standby { .. } => VOLUME_BLOCK_SIZE,
         }
     }
 
@@ -680,6 +686,7 @@ impl BackendConfig {
             BackendConfig::NvmePassthru { .. } => "nvme-passthru",
             BackendConfig::Vfio { .. } => "vfio",
             BackendConfig::Volume { .. } => "volume",
+            BackendConfig::Standby { .. } => "standby",
         }
     }
 
@@ -698,7 +705,7 @@ impl BackendConfig {
             BackendConfig::Vfio { pci, block_size } => {
                 DeviceSpec::Vfio { pci: pci_address(pci).unwrap_or_else(|_| pci.clone()), block_size: *block_size }
             }
-            BackendConfig::Memory { .. } | BackendConfig::Volume { .. } => return None,
+            BackendConfig::Memory { .. } | BackendConfig::Volume { .. } | BackendConfig::Standby { .. } => return None,
         })
     }
 }
@@ -744,6 +751,7 @@ enum BackendKind {
     NvmePassthru,
     Vfio,
     Volume,
+    Standby,
 }
 
 /// Volumes have 4 KiB blocks: the write-back log's unit (see stager_policy::constants).
@@ -777,7 +785,7 @@ impl TryFrom<BackendSpec> for BackendConfig {
         let block_size = s.block_size.as_ref().map_or(DEFAULT_BLOCK_SIZE, |b| b.0);
         if !matches!(s.kind, BackendKind::Volume) {
             let volume_keys = [
-                ("id", s.id.is_some()),
+                ("id", s.id.is_some() && !matches!(s.kind, BackendKind::Standby)),
                 ("flash", s.flash.is_some()),
                 ("policy", s.policy.is_some()),
                 ("replicas", s.replicas.is_some()),
@@ -827,6 +835,15 @@ impl TryFrom<BackendSpec> for BackendConfig {
                     san: s.san.ok_or("`kind: volume` needs `san` (e.g. `san: { kind: file, path: san.img }`)")?,
                     size_bytes: s.size.map(|b| b.0),
                     replicas,
+                })
+            }
+            BackendKind::Standby => {
+                if s.path.is_some() || s.direct.is_some() || s.block_size.is_some() {
+                    return Err("a standby namespace serves another node's volume: only `id` and `size` apply".into());
+                }
+                Ok(BackendConfig::Standby {
+                    id: s.id.ok_or("`kind: standby` needs `id`, the volume it stands by for")?,
+                    size_bytes: s.size.ok_or("`kind: standby` needs `size`, the volume's size on its owner")?.0,
                 })
             }
             BackendKind::Memory => {
@@ -1608,6 +1625,11 @@ fn check_subsystems(
             }
             let at_b = format!("{at_ns}.backend");
             check_backend(&ns.backend, &at_b, files)?;
+            if let BackendConfig::Standby { id, .. } = &ns.backend {
+                if let Some(first) = volume_ids.insert(*id, at_b.clone()) {
+                    return Err(problem(format!("{at_b}.id"), format!("volume {id} is also {first}")));
+                }
+            }
             if let BackendConfig::Volume { id, flash: dev, .. } = &ns.backend {
                 if let Some(first) = volume_ids.insert(*id, at_b.clone()) {
                     return Err(problem(format!("{at_b}.id"), format!("volume {id} is also {first}")));
@@ -1687,6 +1709,12 @@ fn check_backend(b: &BackendConfig, at: &str, files: &mut HashMap<PathBuf, Strin
         }
         BackendConfig::NvmePassthru { path, .. } => check_passthru(path, at, files),
         BackendConfig::Vfio { pci, .. } => check_vfio(Some(pci), at, files),
+        BackendConfig::Standby { id, size_bytes } => {
+            if *id == 0 {
+                return Err(problem(format!("{at}.id"), "0 is reserved; volume ids start at 1"));
+            }
+            check_size(*size_bytes)
+        }
         BackendConfig::Volume { id, size_bytes, san, .. } => {
             if *id == 0 {
                 return Err(problem(format!("{at}.id"), "0 is reserved; volume ids start at 1"));

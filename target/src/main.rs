@@ -243,6 +243,10 @@ fn backend_text(b: &BackendConfig) -> String {
             };
             format!("volume {id}, {policy} on flash {flash}, SAN {san}")
         }
+        BackendConfig::Standby { id, size_bytes } => format!(
+            "standby of volume {id} ({} MiB): served from this node's copy only when the cluster says so",
+            size_bytes >> 20
+        ),
     }
 }
 

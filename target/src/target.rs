@@ -18,7 +18,7 @@ use crate::ana::{AnaChange, AnaError, AnaPathStatus, AnaScope, SubsystemAna};
 use crate::config::{BackendConfig, Config};
 use crate::reactor::{self, ReactorHandle};
 use crate::subsystem::{Limits, Namespace, Subsystem, SubsystemKind, TargetShared};
-use crate::volume::{VolumeDevice, VolumeService};
+use crate::volume::{VolumeDevice, VolumeInfo, VolumeService};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -133,6 +133,24 @@ impl Target {
                         let Some((service, info)) = found else {
                             stop_volumes(&volumes);
                             return Err(StartError::Volumes(format!("volume {id} was not started")));
+                        };
+                        Arc::new(VolumeDevice::new(service, info))
+                    }
+                    (None, BackendConfig::Standby { id, size_bytes }) => {
+                        // The copy of volume `id` lives on the device that keeps copies; its
+                        // engine takes the namespace's commands only while it serves the copy.
+                        let found = volumes.as_ref().and_then(|v| v.replica_dev.map(|dev| (v.clone(), dev)));
+                        let Some((service, dev)) = found else {
+                            stop_volumes(&volumes);
+                            return Err(StartError::Volumes(format!(
+                                "standby of volume {id}: no flash device keeps copies on this node"
+                            )));
+                        };
+                        let info = VolumeInfo {
+                            id: stager_policy::VolumeId(*id),
+                            dev,
+                            blocks: size_bytes / u64::from(crate::config::VOLUME_BLOCK_SIZE),
+                            export: "standby".into(),
                         };
                         Arc::new(VolumeDevice::new(service, info))
                     }

@@ -50,6 +50,9 @@ pub fn record(id: u32, owner: &str, epoch: u64) -> VolumeRecord {
         rescuer: String::new(),
         rescued_unix_ms: 0,
         rescued_upto: 0,
+        server: String::new(),
+        served: false,
+        handback: false,
     }
 }
 

@@ -605,6 +605,10 @@ impl Engine {
 
     /// Whether writes are acknowledged from the log right now.
     pub(crate) fn effective(&self, vi: usize) -> (WritePolicy, EffectiveReason) {
+        if self.volumes[vi].serving {
+            // A rescued copy served in its owner's place keeps no log of its own.
+            return (WritePolicy::WriteThrough, EffectiveReason::ServingRescuedCopy);
+        }
         let (p, why) = WritePolicy::effective(self.volumes[vi].requested, self.degraded.is_some());
         if p == WritePolicy::WriteBack {
             if let Some(why) = self.replication_effective(vi) {
@@ -791,11 +795,30 @@ impl Engine {
     /// sequence numbers move past `upto` (the destager must have skipped to `upto` first,
     /// `Destager::skip_to`); the volume's clean cache is dropped (it may hold data the rescue
     /// overwrote). Entries above `upto` stay dirty and are destaged as usual: none of them was
-    /// acknowledged. Returns how many acknowledgements were failed.
-    pub fn absorb_rescue(&mut self, volume: VolumeId, upto: LogSeq) -> Result<usize, String> {
+    /// acknowledged. With `served` (another node served the volume meanwhile, so the SAN holds
+    /// writes newer than any entry here) there must be none: `upto` must cover every entry
+    /// ([`Engine::last_seq`]; the destager skipped that far), since destaging one would put old
+    /// data over a newer write; and no host command may be in flight (one logged but not
+    /// acknowledged yet could be acknowledged after its entry was dropped).
+    /// Returns how many acknowledgements were failed.
+    pub fn absorb_rescue(&mut self, volume: VolumeId, upto: LogSeq, served: bool) -> Result<usize, String> {
         let vi = self.volume_index(volume).ok_or_else(|| format!("no {volume} here"))?;
         if self.volumes[vi].is_copy() {
             return Err(format!("{volume} is a copy kept for another node here"));
+        }
+        if served {
+            let v = &self.volumes[vi];
+            // Held acknowledgements are not in `ops`: they are failed below.
+            if !v.ops.is_empty() {
+                return Err(format!(
+                    "{} host command(s) in flight: they must finish before entries newer than the rescue are dropped",
+                    v.ops.len()
+                ));
+            }
+            let last = LogSeq(v.next_seq.0.saturating_sub(1));
+            if last > upto {
+                return Err(format!("entries up to seq {} are newer than seq {}: skip past them too", last.0, upto.0));
+            }
         }
         let v = &mut self.volumes[vi];
         let mut failed = std::mem::take(&mut v.held);
@@ -811,6 +834,12 @@ impl Engine {
             let from = v.dirty.partition_point(|r| r.seq <= v.watermark);
             let to = v.dirty.partition_point(|r| r.seq <= upto);
             v.metrics.state_entries[WriteState::Destaged.index()] += (to - from) as u64;
+            // Reads of those blocks go to the SAN from now on, not when the watermark is
+            // persisted: after a node served the volume the log's data is older than the SAN's.
+            for i in from..to {
+                let r = v.dirty[i];
+                v.index.remove_clean(r.lba, r.blocks, upto);
+            }
             v.watermark = upto;
         }
         v.next_seq = v.next_seq.max(upto.next());
@@ -825,6 +854,11 @@ impl Engine {
         self.reclaim();
         self.sb.want();
         Ok(n)
+    }
+
+    /// The newest sequence number `volume` handed out (its newest entry, acknowledged or not).
+    pub fn last_seq(&self, volume: VolumeId) -> Option<LogSeq> {
+        self.volume_index(volume).map(|vi| LogSeq(self.volumes[vi].next_seq.0.saturating_sub(1)))
     }
 
     /// The volume's copies generation and the generation the cluster confirmed last.
@@ -844,7 +878,8 @@ impl Engine {
 
     /// Submits a host command; its completion comes out of `drain_completions`.
     pub fn submit(&mut self, id: VolumeId, token: u64, op: HostOp, now: u64) {
-        let Some(vi) = self.volume_index(id).filter(|&vi| !self.volumes[vi].is_copy()) else {
+        let Some(vi) = self.volume_index(id).filter(|&vi| !self.volumes[vi].is_copy() || self.volumes[vi].serving)
+        else {
             return self.reject(id, token, Status::UnknownVolume, op.into_buf());
         };
         if self.state != EngineState::Ready || self.read_only {

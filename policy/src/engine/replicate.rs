@@ -598,6 +598,46 @@ impl Engine {
         Some(RescueState { done, bytes_left, upto: v.rescue_upto })
     }
 
+    /// Serves (`on`) or stops serving a rescued copy to hosts in place of its lost owner. Only
+    /// once the rescue is done: the SAN then holds every write the owner acknowledged, so the
+    /// copy is served write-through, reads from the SAN (its entries are all destaged: none is
+    /// left in its index). Stopping refuses new commands at once; those already taken finish
+    /// ([`Engine::served_ops`] says how many are left).
+    pub fn serve_copy(&mut self, volume: VolumeId, on: bool) -> Result<(), String> {
+        let vi = self.volume_index(volume).ok_or_else(|| format!("no copy of {volume} here"))?;
+        if !self.volumes[vi].is_copy() {
+            return Err(format!("{volume} is one of this node's own volumes"));
+        }
+        if on && !self.rescue_state(volume).is_some_and(|r| r.done) {
+            return Err(format!("the rescue of {volume}'s copy is not done: the SAN may lack acknowledged writes"));
+        }
+        let v = &mut self.volumes[vi];
+        if v.serving != on {
+            v.serving = on;
+            tracing::warn!(
+                volume = volume.0,
+                serving = on,
+                "{}",
+                if on {
+                    "serving this rescued copy to hosts in place of its lost owner (write-through)"
+                } else {
+                    "no longer serving this rescued copy to hosts"
+                }
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether the copy of `volume` is served to hosts ([`Engine::serve_copy`]).
+    pub fn serving(&self, volume: VolumeId) -> bool {
+        self.volume_index(volume).is_some_and(|vi| self.volumes[vi].serving)
+    }
+
+    /// Host commands of `volume` the engine holds (taken and not completed yet).
+    pub fn served_ops(&self, volume: VolumeId) -> usize {
+        self.volume_index(volume).map_or(0, |vi| self.volumes[vi].ops.len())
+    }
+
     /// Ends the rescue of a copy (the cluster no longer needs it): the copy takes links from
     /// its source again. Once done, it holds nothing older than the SAN and lets its entries
     /// go. With `abort` (the rescue moved to another node before this one was done; the
@@ -605,6 +645,12 @@ impl Engine {
     /// stay in the copy.
     pub fn end_rescue(&mut self, volume: VolumeId, abort: bool) -> Result<(), String> {
         let Some(state) = self.rescue_state(volume) else { return Ok(()) };
+        if let Some(vi) = self.volume_index(volume) {
+            let v = &self.volumes[vi];
+            if v.serving || !v.ops.is_empty() {
+                return Err(format!("it serves hosts ({} command(s) in flight): stop serving it first", v.ops.len()));
+            }
+        }
         if !state.done && !abort {
             return Err(format!("its rescue has {} bytes left to destage", state.bytes_left));
         }

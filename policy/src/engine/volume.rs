@@ -363,6 +363,10 @@ pub(crate) struct Volume {
     /// confirmed them up to `rescue_destaged`.
     pub rescue_upto: LogSeq,
     pub rescue_destaged: LogSeq,
+    /// A rescued copy this node serves to hosts in its owner's place
+    /// ([`crate::Engine::serve_copy`]): host commands are taken, write-through, reads from the
+    /// SAN (the rescue put every acknowledged write there).
+    pub serving: bool,
     /// Cluster mode (`EngineConfig::confirm_copies`): bumped whenever the volume's copies
     /// changed in a way the cluster's record must hear of (this start, a lost replica link);
     /// acknowledgements of writes wait in `held` while the cluster confirmed less.
@@ -417,6 +421,7 @@ impl Volume {
             lost: DirtyIndex::default(),
             copy_damaged: None,
             rescuing: false,
+            serving: false,
             rescue_upto: LogSeq(0),
             rescue_destaged: LogSeq(0),
             copies_changed: 0,

@@ -132,6 +132,8 @@ pub struct SimStats {
     pub failovers: u64,
     /// Failovers where a running replica destaged its copies itself (`Engine::rescue_copy`).
     pub live_rescues: u64,
+    /// Live rescues after which the rescuer served the volume (writes and reads checked).
+    pub served_rescues: u64,
     pub failover_blocks_checked: u64,
 }
 
@@ -1155,7 +1157,65 @@ impl Simulator {
                 format!("destaging the copies did not finish: {}", states.join("; ")),
             ));
         }
-        self.check_sans_after_failover(in_sync, "replica failover, live rescue (invariant 1 with replicas)")
+        self.check_sans_after_failover(in_sync, "replica failover, live rescue (invariant 1 with replicas)")?;
+        match in_sync.first() {
+            Some(&vol) => self.serve_rescued(&mut node, vol),
+            None => Ok(()),
+        }
+    }
+
+    /// The rescuer then serves the volume in its owner's place (`Engine::serve_copy`): writes
+    /// go to the SAN before they are acknowledged, reads return them, and the rescue ends only
+    /// once the copy is no longer served.
+    fn serve_rescued(&mut self, node: &mut Node, vol: usize) -> Result<(), Failure> {
+        const WHAT: &str = "serving a rescued copy";
+        self.stats.served_rescues += 1;
+        let id = Simulator::volume_id(vol);
+        if let Err(why) = node.engine.serve_copy(id, true) {
+            return Err(self.fail(WHAT, format!("{id}: {why}")));
+        }
+        if node.engine.end_rescue(id, false).is_ok() {
+            return Err(self.fail(WHAT, "the rescue ended while the copy was served".into()));
+        }
+        let run = |this: &mut Simulator, node: &mut Node, token: u64, op: HostOp| -> Result<HostDone, Failure> {
+            node.engine.submit(id, token, op, this.now.get());
+            let mut out = Vec::new();
+            for _ in 0..100_000 {
+                this.advance(100_000);
+                node.poll(this.now.get());
+                node.engine.drain_completions(&mut out);
+                if let Some(i) = out.iter().position(|d| d.token == token) {
+                    return Ok(out.swap_remove(i));
+                }
+            }
+            Err(this.fail(WHAT, format!("command {token} never completed")))
+        };
+        for k in 0..4u64 {
+            let lba = self.rng.gen_range(0..self.cfg.blocks);
+            let wid = 1_000_000_000 + k;
+            let mut buf = AlignedBuf::new(BLOCK_SIZE);
+            encode_block(&mut buf, wid, vol as u32, lba);
+            let done = run(self, node, 2 * k + 1, HostOp::Write { lba: Lba(lba), buf, fua: false })?;
+            if done.status != Status::Ok {
+                return Err(self.fail(WHAT, format!("a write to lba {lba} ended {:?}", done.status)));
+            }
+            if self.san_block(vol, lba) != wid {
+                return Err(self.fail(WHAT, format!("an acknowledged write to lba {lba} is not on the SAN")));
+            }
+            let buf = AlignedBuf::new(BLOCK_SIZE);
+            let done = run(self, node, 2 * k + 2, HostOp::Read { lba: Lba(lba), blocks: 1, buf })?;
+            let got = done.buf.as_ref().map(|b| decode_block(b, vol as u32, lba));
+            if done.status != Status::Ok || got != Some(wid) {
+                return Err(self.fail(WHAT, format!("lba {lba} read back {:?} {got:?}, not write {wid}", done.status)));
+            }
+        }
+        if let Err(why) = node.engine.serve_copy(id, false) {
+            return Err(self.fail(WHAT, why));
+        }
+        if node.engine.served_ops(id) != 0 {
+            return Err(self.fail(WHAT, "commands left after the last completed".into()));
+        }
+        node.engine.end_rescue(id, false).map_err(|why| self.fail(WHAT, format!("cannot end the rescue: {why}")))
     }
 }
 

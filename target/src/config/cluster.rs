@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{problem, Config, Problem};
+use super::{problem, BackendConfig, Config, Problem};
 
 /// Where the cluster's state lives in etcd (`cluster:`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -53,8 +53,94 @@ impl ClusterYaml {
     }
 }
 
+/// The volume whose serving the cluster decides for each ANA group it steers on this node:
+/// (subsystem NQN, group id) → volume id. In a cluster, a group the file writes out
+/// (`ana_groups`) that holds a `kind: volume` or `kind: standby` namespace is steered: the
+/// cluster thread makes it `optimized` while this node serves that volume (its owner, or the
+/// node serving a rescued copy of it) and `inaccessible` otherwise, so hosts with ANA multipath
+/// use one node at a time. Groups left to their default (no `ana_groups`) are not steered.
+pub fn steered_ana_groups(c: &Config) -> Vec<(String, u32, u32)> {
+    if c.cluster.is_none() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for s in c.subsystems.iter().filter(|s| !s.ana_groups.is_empty()) {
+        for n in &s.namespaces {
+            let id = match &n.backend {
+                BackendConfig::Volume { id, .. } | BackendConfig::Standby { id, .. } => *id,
+                _ => continue,
+            };
+            let g = s.ana_group_of(n.nsid);
+            if !out.iter().any(|(q, h, _)| q == &s.nqn && *h == g) {
+                out.push((s.nqn.clone(), g, id));
+            }
+        }
+    }
+    out
+}
+
+/// Standby namespaces and steered groups: a standby needs the cluster (which alone decides when
+/// it serves) and a flash device (its copy lives there); a steered group starts `inaccessible`
+/// (the cluster makes it optimized once it knows this node serves), holds the namespace of one
+/// volume only, and has one state on every listener.
+fn check_steered(c: &Config) -> Result<(), Problem> {
+    for (si, s) in c.subsystems.iter().enumerate() {
+        for (ni, n) in s.namespaces.iter().enumerate() {
+            let BackendConfig::Standby { .. } = n.backend else { continue };
+            let at = format!("subsystems[{si}].namespaces[{ni}].backend");
+            if c.cluster.is_none() {
+                return Err(problem(
+                    at,
+                    "`kind: standby` needs a `cluster:` section: the cluster decides when it serves",
+                ));
+            }
+            if c.flash.is_empty() {
+                return Err(problem(at, "`kind: standby` needs a `flash` device: the copy it serves is kept there"));
+            }
+            if s.ana_groups.is_empty() {
+                return Err(problem(
+                    format!("subsystems[{si}]"),
+                    "a standby namespace needs `ana_groups` (its group starts `inaccessible`; hosts must see the \
+                     other node's path as the one to use)",
+                ));
+            }
+        }
+    }
+    for (nqn, group, id) in steered_ana_groups(c) {
+        let Some((si, s)) = c.subsystems.iter().enumerate().find(|(_, s)| s.nqn == nqn) else { continue };
+        let Some((gi, g)) = s.ana_groups.iter().enumerate().find(|(_, g)| g.id == group) else {
+            // The namespace falls into the first group by default: it is the one named.
+            continue;
+        };
+        let at = format!("subsystems[{si}].ana_groups[{gi}]");
+        if g.state != "inaccessible" || !g.listener_states.is_empty() {
+            return Err(problem(
+                at,
+                format!(
+                    "holds volume {id} in a cluster: the cluster steers its state, so it must start `state: \
+                     inaccessible` with no `listener_states`"
+                ),
+            ));
+        }
+        for n in s.namespaces.iter().filter(|n| s.ana_group_of(n.nsid) == group) {
+            let other = match &n.backend {
+                BackendConfig::Volume { id: o, .. } | BackendConfig::Standby { id: o, .. } => *o != id,
+                _ => true,
+            };
+            if other {
+                return Err(problem(
+                    at,
+                    format!("holds volume {id} and namespace {}: a steered group holds one volume only", n.nsid),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn check_cluster(c: &Config) -> Result<(), Problem> {
     use stager_cluster::constants::{LEASE_TTL_MAX, LEASE_TTL_MIN, OP_TIMEOUT_MAX, OP_TIMEOUT_MIN};
+    check_steered(c)?;
     let Some(cl) = &c.cluster else { return Ok(()) };
     if c.node.is_none() {
         return Err(problem("cluster", "needs a `node:` section (the id this node registers under)"));
@@ -118,6 +204,55 @@ mod tests {
             ),
             (with("{ endpoints: [\"e:1\"], prefix: /s, op_timeout_ms: 0 }"), &["cluster.op_timeout_ms"]),
             (with("{ endpoints: [\"e:1\"], prefix: /s, ttl: 5 }"), &["ttl"]),
+        ];
+        for (text, needles) in cases {
+            let msg = err(&text);
+            for n in needles {
+                assert!(msg.contains(n), "{text}: message {msg:?} lacks {n:?}");
+            }
+        }
+    }
+    #[test]
+    fn standby_namespaces_and_steered_groups() {
+        let base = "listeners: [{ name: a, address: 127.0.0.1:0 }]\n\
+                    node: { id: node-b, fabric: { listen: \"127.0.0.1:4520\" } }\n";
+        let cluster = "cluster: { endpoints: [\"127.0.0.1:2379\"], prefix: /s }\n";
+        let flash = "flash: [{ name: f0, path: /tmp/stager-standby-test-flash.img, size: 64MiB }]\n";
+        let sub = |groups: &str, backend: &str| {
+            format!(
+                "subsystems:\n  - nqn: nqn.2026-11.dev.stager:x\n    allow_any_host: true\n{groups}    namespaces:\n      \
+                 - {{ nsid: 1, backend: {backend} }}\n"
+            )
+        };
+        let groups = "    ana_groups: [{ id: 1, state: inaccessible }]\n";
+        let standby = "{ kind: standby, id: 1, size: 64MiB }";
+        let good = format!("{base}{cluster}{flash}{}", sub(groups, standby));
+        if CLUSTER_BUILT {
+            let c = parse_test(&good).unwrap_or_else(|e| panic!("{e}"));
+            let ns = &c.subsystems[0].namespaces[0];
+            assert_eq!(ns.backend, BackendConfig::Standby { id: 1, size_bytes: 64 << 20 });
+            assert_eq!(steered_ana_groups(&c), vec![("nqn.2026-11.dev.stager:x".to_string(), 1, 1)]);
+        }
+        let cases: Vec<(String, &[&str])> = vec![
+            (format!("{base}{flash}{}", sub(groups, standby)), &["backend", "needs a `cluster:` section"]),
+            (format!("{base}{cluster}{}", sub(groups, standby)), &["backend", "needs a `flash` device"]),
+            (format!("{base}{cluster}{flash}{}", sub("", standby)), &["subsystems[0]", "needs `ana_groups`"]),
+            (
+                format!("{base}{cluster}{flash}{}", sub("    ana_groups: [{ id: 1 }]\n", standby)),
+                &["ana_groups[0]", "must start `state: inaccessible`"],
+            ),
+            (
+                format!("{base}{cluster}{flash}{}", sub(groups, "{ kind: standby, size: 64MiB }")),
+                &["backend", "needs `id`"],
+            ),
+            (
+                format!("{base}{cluster}{flash}{}", sub(groups, "{ kind: standby, id: 1 }")),
+                &["backend", "needs `size`"],
+            ),
+            (
+                format!("{base}{cluster}{flash}{}", sub(groups, "{ kind: standby, id: 1, size: 64MiB, path: /x }")),
+                &["backend", "only `id` and `size`"],
+            ),
         ];
         for (text, needles) in cases {
             let msg = err(&text);

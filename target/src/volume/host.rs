@@ -140,6 +140,19 @@ pub(crate) enum HostMsg {
     AbsorbRescue {
         volume: VolumeId,
         upto: stager_policy::LogSeq,
+        served: bool,
+        reply: Sender<Result<usize, String>>,
+    },
+    /// The newest sequence number of `volume` (`Engine::last_seq`).
+    LastSeq {
+        volume: VolumeId,
+        reply: Sender<Option<stager_policy::LogSeq>>,
+    },
+    /// Replica side: serve (or stop serving) the rescued copy of `volume` to hosts
+    /// (`Engine::serve_copy`); the reply also says how many host commands it still holds.
+    ServeCopy {
+        volume: VolumeId,
+        on: bool,
         reply: Sender<Result<usize, String>>,
     },
     /// Replica side: the cluster no longer needs the copy's rescue (`Engine::end_rescue`).
@@ -639,8 +652,15 @@ impl EngineHost {
                 }
                 let _ = reply.send(r);
             }
-            HostMsg::AbsorbRescue { volume, upto, reply } => {
-                let _ = reply.send(self.engine.absorb_rescue(volume, upto));
+            HostMsg::AbsorbRescue { volume, upto, served, reply } => {
+                let _ = reply.send(self.engine.absorb_rescue(volume, upto, served));
+            }
+            HostMsg::LastSeq { volume, reply } => {
+                let _ = reply.send(self.engine.last_seq(volume));
+            }
+            HostMsg::ServeCopy { volume, on, reply } => {
+                let r = self.engine.serve_copy(volume, on).map(|()| self.engine.served_ops(volume));
+                let _ = reply.send(r);
             }
             HostMsg::EndRescue { volume, abort, reply } => {
                 let _ = reply.send(self.engine.end_rescue(volume, abort));

@@ -617,9 +617,22 @@ impl VolumeService {
     /// record's `rescued_upto`): the destager skips past it (its held SAN commands failed, its
     /// batches up to there dropped), then the engine absorbs it (`Engine::absorb_rescue`).
     /// Call it with the volume's SAN gate closed. Returns the write acknowledgements failed.
-    pub fn absorb_rescue(&self, volume: u32, upto: u64) -> Result<usize, String> {
+    /// `served`: another node served the volume meanwhile, so every entry of this node's log
+    /// is skipped, not only those up to `upto` (`Engine::absorb_rescue`).
+    pub fn absorb_rescue(&self, volume: u32, upto: u64, served: bool) -> Result<usize, String> {
         let Some(dev) = self.devices.iter().position(|d| d.volumes.contains(&VolumeId(volume))) else {
             return Err(format!("no volume {volume} on this node"));
+        };
+        let upto = if served {
+            let d = &self.devices[dev];
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if !d.send(HostMsg::LastSeq { volume: VolumeId(volume), reply: tx }) {
+                return Err(format!("flash {}: its reactor is not running", d.name));
+            }
+            let last = rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?;
+            upto.max(last.map_or(0, |s| s.0))
+        } else {
+            upto
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
         if self.control.try_send(CoreControl::Skip { dev: dev as u16, volume, upto, reply: tx }).is_err() {
@@ -629,7 +642,8 @@ impl VolumeService {
         let dropped = rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "the destage core did not answer")?;
         let d = &self.devices[dev];
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let msg = HostMsg::AbsorbRescue { volume: VolumeId(volume), upto: stager_policy::LogSeq(upto), reply: tx };
+        let msg =
+            HostMsg::AbsorbRescue { volume: VolumeId(volume), upto: stager_policy::LogSeq(upto), served, reply: tx };
         if !d.send(msg) {
             return Err(format!("flash {}: its reactor is not running", d.name));
         }
@@ -659,6 +673,19 @@ impl VolumeService {
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
         if !d.send(HostMsg::EndRescue { volume: VolumeId(volume), abort, reply: tx }) {
+            return Err(format!("flash {}: its reactor is not running", d.name));
+        }
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
+    }
+
+    /// Serves (`on`) or stops serving the rescued copy of `volume` kept here to hosts, through
+    /// a `kind: standby` namespace (`Engine::serve_copy`). Returns the host commands the copy
+    /// still holds (once stopped, 0 means none will reach the SAN from here any more).
+    pub fn serve_copy(&self, volume: u32, on: bool) -> Result<usize, String> {
+        let dev = self.replica_dev.ok_or("no flash device keeps copies here")?;
+        let d = self.devices.get(dev as usize).ok_or("no flash device for copies")?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if !d.send(HostMsg::ServeCopy { volume: VolumeId(volume), on, reply: tx }) {
             return Err(format!("flash {}: its reactor is not running", d.name));
         }
         rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?

@@ -108,6 +108,12 @@ pub struct CopyStatus {
     /// the owner up to this sequence number.
     #[serde(default)]
     pub rescue_upto: u64,
+    /// The rescued copy is served to hosts in its owner's place (a `kind: standby` namespace).
+    #[serde(default)]
+    pub serving: bool,
+    /// Host commands of the served copy not completed yet.
+    #[serde(default)]
+    pub host_commands: u64,
 }
 
 /// One of a replicated volume's links, as its source sees it.
@@ -198,6 +204,7 @@ impl VolumeStatus {
                 stager_policy::EffectiveReason::FlashDegraded => "flash-degraded".into(),
                 stager_policy::EffectiveReason::ReplicaUnavailable => "replica-unavailable".into(),
                 stager_policy::EffectiveReason::ReplicaSyncing => "replica-syncing".into(),
+                stager_policy::EffectiveReason::ServingRescuedCopy => "serving-rescued-copy".into(),
             },
             dirty_bytes: m.dirty_bytes,
             clean_cached_bytes,
@@ -290,6 +297,8 @@ impl DeviceStatus {
                     },
                     rescue_bytes: e.rescue_state(id).map_or(0, |r| r.bytes_left),
                     rescue_upto: e.rescue_state(id).map_or(0, |r| r.upto.0),
+                    serving: e.serving(id),
+                    host_commands: e.served_ops(id) as u64,
                 }
             })
             .collect();
