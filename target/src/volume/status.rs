@@ -496,6 +496,13 @@ pub fn render(s: &NodeStatus) -> String {
                 }
                 _ => {}
             }
+            if c.serving {
+                let _ = writeln!(
+                    out,
+                    "    SERVING to hosts in its owner's place (write-through to the SAN), {} command(s) in flight",
+                    c.host_commands
+                );
+            }
         }
     }
     out
@@ -613,6 +620,10 @@ pub fn render_cluster(c: &ClusterView) -> String {
                 t => format!("its copy is on the SAN since {}: the SAN holds every acknowledged write", clock_ms(t)),
             };
             out.push_str(&format!("  RESCUE by {}: {state}\n", v.rescuer));
+        }
+        if !v.server.is_empty() {
+            let handback = if v.handback { "; the owner is back and asked for it" } else { "" };
+            out.push_str(&format!("  SERVED by {} in its owner's place{handback}\n", v.server));
         }
         for t in &v.history {
             out.push_str(&format!("  {}  {}\n", clock_ms(t.at_unix_ms), t.what));
