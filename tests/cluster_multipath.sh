@@ -13,7 +13,8 @@
 #
 # The guest (scripts/guest/multipath-test.sh, as in tests/multipath.sh) connects both paths,
 # checks one optimized and one inaccessible path, writes and verifies, then writes chunk after
-# chunk; on its MULTIPATH-KILL-NOW this script kills node-a (kill -9) and only watches: node-a's
+# chunk (tgtd stopped meanwhile, so node-a's log holds them dirty); on its MULTIPATH-KILL-NOW
+# this script kills node-a (kill -9), lets tgtd go on and only watches: node-a's
 # lease expires, node-b (also elected resource manager) makes itself the rescuer, destages its
 # copy to the SAN, serves the volume write-through and makes its path optimized; the guest's I/O,
 # waiting meanwhile, continues through node-b and verifies. Then:
@@ -197,13 +198,28 @@ if [[ ${GUEST_VERBOSE:-0} == 1 ]]; then
     tail_pid=$!
 fi
 
-killed=0 t_rescuer="" t_rescued="" t_served=""
+dirty_a() {
+    ctl status --json --socket "$work/a.sock" 2> /dev/null | python3 -c "
+import json,sys
+print([v for d in json.load(sys.stdin)['devices'] for v in d['volumes'] if v['id']==1][0]['dirty_bytes'])" 2> /dev/null || echo 0
+}
+# While the guest writes its chunks the SAN is held (tgtd stopped), so that node-a's log still
+# holds them dirty when it is killed: node-a, back, must not serve them over what node-b wrote.
+held=0 killed=0 t_rescuer="" t_rescued="" t_served=""
 while kill -0 "$qemu_pid" 2> /dev/null; do
+    if [[ $held == 0 ]] && grep -qa '^mp: step 3' "$CONSOLE"; then
+        held=1
+        kill -STOP "$tgtd_pid"
+    fi
     if [[ $killed == 0 ]] && grep -qa '^MULTIPATH-KILL-NOW' "$CONSOLE"; then
         killed=1
+        dirty=$(dirty_a)
         t0=$(now)
-        log "the guest asked for the failover: kill -9 node-a mid-write; nothing more by hand"
+        log "the guest asked for the failover: kill -9 node-a mid-write ($dirty bytes dirty in its log); nothing more by hand"
         stop a KILL
+        sleep 0.5
+        kill -CONT "$tgtd_pid"
+        ((dirty > 0)) || fail "node-a's log held nothing dirty at the kill: the test would not see it serve stale data"
     fi
     if [[ $killed == 1 ]]; then
         [[ -z $t_rescuer && $(field rescuer) == '"node-b"' ]] && t_rescuer=$(since "$t0")

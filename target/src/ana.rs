@@ -20,9 +20,16 @@
 //! controller answer one held Asynchronous Event Request (notice, ANA change, log page 0Ch) if
 //! the host enabled the notice; the host then reads the ANA log page, which re-arms the
 //! notice (Get Log Page with RAE clear), as the base specification prescribes.
+//!
+//! **Usable until.** A group the cluster makes optimized carries a deadline (the node's lease's
+//! local deadline, `set_ana_state_until`): once it passes, the group reads as inaccessible on
+//! the I/O path and in the log page, without a writer — however stuck the cluster thread is, a
+//! node that may have been replaced stops taking I/O for the volume, as its SAN gate stops
+//! writing.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use stager_nvme::log_page::{AnaGroupDescriptor, AnaLog, AnaState};
@@ -38,6 +45,15 @@ pub struct AnaGroup {
     states: Box<[AtomicU8]>,
     /// Bumped whenever the group's state through any listener changes.
     change_count: AtomicU64,
+    /// Until when an optimized or non-optimized state holds (`deadline_ns`); 0: for good.
+    usable_until_ns: AtomicU64,
+}
+
+/// Nanoseconds since the first call (never 0): how ANA deadlines are kept in an atomic.
+fn deadline_ns(at: Instant) -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    (at.saturating_duration_since(origin).as_nanos() as u64).max(1)
 }
 
 /// The ANA groups of one subsystem on this node.
@@ -63,6 +79,7 @@ impl SubsystemAna {
                     nsids,
                     states: states.into_iter().map(|s| AtomicU8::new(s as u8)).collect(),
                     change_count: AtomicU64::new(0),
+                    usable_until_ns: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -79,14 +96,23 @@ impl SubsystemAna {
     }
 
     /// The state of group `index` through `listener`: one atomic load (the I/O path calls it
-    /// for every command). Out-of-range indices read as optimized.
+    /// for every command), and a clock read for a usable state with a deadline, which reads as
+    /// inaccessible once the deadline passed. Out-of-range indices read as optimized.
     #[inline]
     pub fn state(&self, index: usize, listener: usize) -> AnaState {
-        self.groups
-            .get(index)
-            .and_then(|g| g.states.get(listener))
+        let Some(g) = self.groups.get(index) else { return AnaState::Optimized };
+        let state = g
+            .states
+            .get(listener)
             .and_then(|s| AnaState::from_u8(s.load(Ordering::Relaxed)))
-            .unwrap_or(AnaState::Optimized)
+            .unwrap_or(AnaState::Optimized);
+        if matches!(state, AnaState::Optimized | AnaState::NonOptimized) {
+            let until = g.usable_until_ns.load(Ordering::Relaxed);
+            if until != 0 && deadline_ns(Instant::now()) >= until {
+                return AnaState::Inaccessible;
+            }
+        }
+        state
     }
 
     /// The ANA log page as a controller on `listener` reports it: every group that holds a
@@ -107,15 +133,24 @@ impl SubsystemAna {
         AnaLog { change_count: self.change_count.load(Ordering::Acquire), groups }
     }
 
-    /// Sets group `index` to `state` through each of `listeners`; returns the listeners whose
-    /// state changed.
-    fn set_state(&self, index: usize, listeners: &[usize], state: AnaState) -> Vec<usize> {
+    /// Sets group `index` to `state` through each of `listeners`, usable until `until` (for
+    /// good: `None`); returns the listeners whose state changed (a state whose deadline had
+    /// passed counts as changed when it is set again).
+    fn set_state(&self, index: usize, listeners: &[usize], state: AnaState, until: Option<Instant>) -> Vec<usize> {
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let Some(g) = self.groups.get(index) else { return Vec::new() };
+        let before: Vec<AnaState> = listeners.iter().map(|&l| self.state(index, l)).collect();
+        g.usable_until_ns.store(until.map_or(0, deadline_ns), Ordering::Release);
+        for &l in listeners {
+            if let Some(s) = g.states.get(l) {
+                s.store(state as u8, Ordering::Release);
+            }
+        }
         let changed: Vec<usize> = listeners
             .iter()
-            .copied()
-            .filter(|&l| g.states.get(l).is_some_and(|s| s.swap(state as u8, Ordering::AcqRel) != state as u8))
+            .zip(before)
+            .filter(|(&l, was)| g.states.get(l).is_some() && *was != state)
+            .map(|(&l, _)| l)
             .collect();
         if !changed.is_empty() {
             g.change_count.fetch_add(1, Ordering::AcqRel);
@@ -173,6 +208,18 @@ impl TargetShared {
     /// every controller whose path changed. Thread-safe; never blocks a reactor. Setting a
     /// state a path already has changes nothing and notifies no one.
     pub fn set_ana_state(&self, group: u32, state: AnaState, scope: &AnaScope) -> Result<AnaChange, AnaError> {
+        self.set_ana_state_until(group, state, scope, None)
+    }
+
+    /// [`TargetShared::set_ana_state`], the state usable only until `until` (see "Usable
+    /// until" above); `None`: for good.
+    pub fn set_ana_state_until(
+        &self,
+        group: u32,
+        state: AnaState,
+        scope: &AnaScope,
+        until: Option<Instant>,
+    ) -> Result<AnaChange, AnaError> {
         let listeners: Vec<usize> = match &scope.listener {
             None => (0..self.listeners.len()).collect(),
             Some(name) => match self.listeners.iter().position(|(n, _)| n == name) {
@@ -199,7 +246,7 @@ impl TargetShared {
                 .copied()
                 .filter(|&l| sub.listeners.is_empty() || sub.listeners.contains(&self.listeners[l].1))
                 .collect();
-            let changed = sub.ana.set_state(index, &reachable, state);
+            let changed = sub.ana.set_state(index, &reachable, state, until);
             for &l in &changed {
                 let ctrls: Vec<_> = sub.controllers().into_iter().filter(|c| c.listener == l).collect();
                 for c in &ctrls {
@@ -272,9 +319,29 @@ mod tests {
         assert_eq!((log.groups[0].nsids.clone(), log.groups[0].state), (vec![1, 3], AnaState::Inaccessible));
         assert_eq!(log.change_count, 0);
         // Setting the state a path has changes nothing.
-        assert!(ana.set_state(0, &[0], AnaState::Optimized).is_empty());
-        assert_eq!(ana.set_state(0, &[0, 1], AnaState::NonOptimized), vec![0, 1]);
+        assert!(ana.set_state(0, &[0], AnaState::Optimized, None).is_empty());
+        assert_eq!(ana.set_state(0, &[0, 1], AnaState::NonOptimized, None), vec![0, 1]);
         let log = ana.log_page(0);
         assert_eq!((log.change_count, log.groups[0].change_count, log.groups[0].state), (1, 1, AnaState::NonOptimized));
+    }
+
+    #[test]
+    fn a_usable_state_with_a_deadline_reads_inaccessible_once_it_passed() {
+        let ana = SubsystemAna::new(vec![(1, vec![1], vec![AnaState::Inaccessible])], 10);
+        let soon = Instant::now() + std::time::Duration::from_millis(60);
+        assert_eq!(ana.set_state(0, &[0], AnaState::Optimized, Some(soon)), vec![0]);
+        assert_eq!(ana.state(0, 0), AnaState::Optimized);
+        std::thread::sleep(std::time::Duration::from_millis(80));
+        assert_eq!(ana.state(0, 0), AnaState::Inaccessible, "past its deadline");
+        assert_eq!(ana.log_page(0).groups[0].state, AnaState::Inaccessible, "the log page says so too");
+        // Opened again (a new deadline): a change hosts are told of.
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        assert_eq!(ana.set_state(0, &[0], AnaState::Optimized, Some(later)), vec![0]);
+        assert_eq!(ana.state(0, 0), AnaState::Optimized);
+        // Extending a deadline that has not passed changes nothing for hosts.
+        assert!(ana.set_state(0, &[0], AnaState::Optimized, None).is_empty());
+        // Inaccessible has no deadline to pass.
+        assert_eq!(ana.set_state(0, &[0], AnaState::Inaccessible, Some(soon)), vec![0]);
+        assert_eq!(ana.state(0, 0), AnaState::Inaccessible);
     }
 }

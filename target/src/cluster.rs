@@ -93,10 +93,15 @@ struct Agent {
     generations: HashMap<u32, u64>,
     /// When this node last asked its destage core to rescue each copy (it does not wait).
     rescue_asked: HashMap<u32, Instant>,
-    /// Volumes of other nodes this node has a `kind: standby` namespace for.
-    standbys: Vec<u32>,
+    /// Volumes of other nodes this node has a `kind: standby` namespace for, with its size in
+    /// blocks.
+    standbys: HashMap<u32, u64>,
     /// The ANA groups this thread steers: (subsystem NQN, group, volume) (`steered_ana_groups`).
     steered: Vec<(String, u32, u32)>,
+    /// The groups of this node's volumes it does not steer (`unsteered_ana_groups`), and those
+    /// of them it closed because another node serves their volume.
+    unsteered: Vec<(String, u32, u32)>,
+    closed_unsteered: Vec<(String, u32)>,
 }
 
 /// What one tick read from etcd and the node, and until when the node may act on it (its
@@ -124,13 +129,15 @@ impl Membership {
         let (cl, node) = (cfg.cluster.as_ref()?, cfg.node.as_ref()?);
         let client_cfg = cl.client_config(&node.id);
         let mut own_sans = HashMap::new();
-        let mut standbys = Vec::new();
+        let mut standbys = HashMap::new();
         for n in cfg.subsystems.iter().flat_map(|s| &s.namespaces) {
             match &n.backend {
                 BackendConfig::Volume { id, san, .. } => {
                     own_sans.insert(*id, san_name(san));
                 }
-                BackendConfig::Standby { id, .. } => standbys.push(*id),
+                BackendConfig::Standby { id, size_bytes } => {
+                    standbys.insert(*id, size_bytes / u64::from(crate::config::VOLUME_BLOCK_SIZE));
+                }
                 _ => {}
             }
         }
@@ -160,6 +167,8 @@ impl Membership {
             rescue_asked: HashMap::new(),
             standbys,
             steered: crate::config::steered_ana_groups(cfg),
+            unsteered: crate::config::unsteered_ana_groups(cfg),
+            closed_unsteered: Vec::new(),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -238,10 +247,7 @@ fn run(cfg: stager_cluster::ClusterConfig, mut agent: Agent, stop: &AtomicBool) 
             },
         };
         let alive = matches!(c.lease_state(), LeaseState::Alive { .. });
-        if !alive {
-            // Another node may serve this node's volumes soon: hosts must stop using its paths.
-            agent.steer_ana(&[], None);
-        }
+        // (A steered path this node serves closes by itself at the lease's local deadline.)
         if !alive && registered.take().is_some() {
             tracing::error!(
                 "cluster: node {}'s lease is lost (etcd unreachable or the lease expired); registering again. \
@@ -298,7 +304,7 @@ fn run(cfg: stager_cluster::ClusterConfig, mut agent: Agent, stop: &AtomicBool) 
         };
         let tick = Tick { c, status: &status, records: &records, nodes: &nodes, until };
         // Paths first: a path that must close closes before the engine stops serving.
-        agent.steer_ana(&records, Some(&status));
+        agent.steer_ana(&records, &status, until);
         agent.own_volumes(&tick);
         agent.manage(c, &records, &nodes);
         agent.copies(&tick);
@@ -709,20 +715,21 @@ impl Agent {
     fn copies(&mut self, tick: &Tick) {
         let Tick { c, status, records, nodes, until } = *tick;
         let Some(volumes) = self.volumes.clone() else { return };
+        self.unserve_lost(c, status, records);
         for copy in status.devices.iter().flat_map(|d| d.copies.iter()) {
             let Some((rec, rev)) = records.iter().find(|(r, _)| r.id == copy.volume) else { continue };
             if rec.rescuer == self.me && rec.rescued_unix_ms == 0 {
                 self.rescue(c, &volumes, copy, rec, *rev, until);
                 continue;
             }
-            if rec.rescuer == self.me && self.standbys.contains(&copy.volume) {
+            if rec.rescuer == self.me && self.standbys.contains_key(&copy.volume) {
                 self.serve(c, &volumes, copy, rec, *rev, nodes, until);
                 continue;
             }
             if copy.serving {
                 // The record no longer makes this node the server (the manager took it for
                 // gone): its path is inaccessible already; the engine stops too.
-                if let Err(e) = volumes.serve_copy(copy.volume, false) {
+                if let Err(e) = volumes.serve_copy(copy.volume, false, None) {
                     self.say(&format!("serve-{}", copy.volume), format!("cluster: volume {}: {e}", copy.volume));
                 }
                 continue;
@@ -815,6 +822,25 @@ impl Agent {
         }
     }
 
+    /// Records that name this node the server of a volume it cannot serve (it restarted
+    /// without the copy, or without a standby namespace for it): cleared, so that the owner is
+    /// not kept waiting for a handback that never comes.
+    fn unserve_lost(&mut self, c: &Cluster, status: &NodeStatus, records: &[(VolumeRecord, Revision)]) {
+        let me = self.me.clone();
+        for (rec, rev) in records.iter().filter(|(r, _)| r.server == me) {
+            let copy = status.devices.iter().flat_map(|d| &d.copies).any(|c| c.volume == rec.id);
+            if copy && self.standbys.contains_key(&rec.id) {
+                continue;
+            }
+            let why = if copy { "it has no standby namespace for it any more" } else { "it no longer has the copy" };
+            match c.put_volume_if(&stop_serving(rec, why, unix_ms_now()), Some(*rev)) {
+                Ok(Ok(_)) => tracing::warn!("cluster: volume {}: no longer served from here: {why}", rec.id),
+                Ok(Err(_)) => {}
+                Err(e) => self.say("etcd", format!("cluster: cannot update volume {}'s record: {e}", rec.id)),
+            }
+        }
+    }
+
     /// This node rescued `copy` and has a standby namespace for it: serve the volume while the
     /// owner is gone (record first, then the engine; the path opens at the next tick, once
     /// status shows the copy served), and stop when the owner asks for it back (the path
@@ -840,6 +866,13 @@ impl Agent {
             }
         };
         if rec.server != self.me {
+            if copy.serving {
+                // The record no longer names this node (the manager took it for gone).
+                if let Err(e) = volumes.serve_copy(copy.volume, false, None) {
+                    self.say(&topic, format!("cluster: volume {}: {e}", copy.volume));
+                }
+                return;
+            }
             if copy.rescue != "done" {
                 return;
             }
@@ -867,7 +900,7 @@ impl Agent {
         if !rec.handback {
             volumes.open_san_gate(copy.volume, Some(until));
             if !copy.serving {
-                if let Err(e) = volumes.serve_copy(copy.volume, true) {
+                if let Err(e) = volumes.serve_copy(copy.volume, true, self.standbys.get(&copy.volume).copied()) {
                     self.say(&topic, format!("cluster: volume {}: cannot serve it: {e}", copy.volume));
                 }
             }
@@ -875,7 +908,7 @@ impl Agent {
         }
         // Handing back: the path is inaccessible (steer_ana ran first); the engine takes no
         // more commands; once none is left, nothing more reaches the SAN from here.
-        match volumes.serve_copy(copy.volume, false) {
+        match volumes.serve_copy(copy.volume, false, None) {
             Ok(0) => {
                 let new = stop_serving(rec, &format!("handed back to its owner {}", rec.owner), unix_ms_now());
                 if put(self, &new) {
@@ -903,34 +936,61 @@ impl Agent {
     /// Sets each steered ANA group (`steered_ana_groups`) `optimized` while this node serves
     /// its volume and `inaccessible` otherwise. The owner serves while the record names it and
     /// no rescue; a standby while the record makes it the server, not handing back, and its
-    /// engine serves the copy. Without `status` (the lease is lost) every group closes.
-    fn steer_ana(&mut self, records: &[(VolumeRecord, Revision)], status: Option<&NodeStatus>) {
+    /// engine serves the copy. An optimized path holds until the lease's local deadline
+    /// (`until`), so it closes by itself if this thread stops hearing the cluster — except for
+    /// a volume without copies, which no other node could take over.
+    /// A group of this node's volume that the file does not steer is closed only while another
+    /// node serves that volume (and said loudly: that node's standby shares the NQN).
+    fn steer_ana(&mut self, records: &[(VolumeRecord, Revision)], status: &NodeStatus, until: Instant) {
         let Some(shared) = self.shared.clone() else { return };
-        for (nqn, group, volume) in self.steered.clone() {
-            let rec = records.iter().map(|(r, _)| r).find(|r| r.id == volume);
-            let serves = match (rec, status) {
-                (Some(rec), Some(status)) if self.own_sans.contains_key(&volume) => {
-                    rec.owner == self.me
-                        && rec.rescuer.is_empty()
-                        && status.devices.iter().flat_map(|d| &d.volumes).any(|v| v.id == volume)
-                }
-                (Some(rec), Some(status)) => {
-                    rec.server == self.me
-                        && !rec.handback
-                        && status.devices.iter().flat_map(|d| &d.copies).any(|c| c.volume == volume && c.serving)
-                }
-                _ => false,
-            };
-            let state = if serves { AnaState::Optimized } else { AnaState::Inaccessible };
-            let scope = AnaScope { subsystem: Some(nqn.clone()), listener: None };
-            match shared.set_ana_state(group, state, &scope) {
+        let set = |this: &mut Agent, nqn: &str, group: u32, volume: u32, state: AnaState, until: Option<Instant>| {
+            let scope = AnaScope { subsystem: Some(nqn.to_string()), listener: None };
+            match shared.set_ana_state_until(group, state, &scope, until) {
                 Ok(ch) if !ch.changed.is_empty() => tracing::warn!(
                     "cluster: volume {volume}: ANA group {group} of {nqn} is now {} on this node ({} controller(s) notified)",
                     state.name(),
                     ch.controllers_notified
                 ),
                 Ok(_) => {}
-                Err(e) => self.say(&format!("ana-{nqn}-{group}"), format!("cluster: cannot steer ANA group {group}: {e}")),
+                Err(e) => this.say(&format!("ana-{nqn}-{group}"), format!("cluster: cannot steer ANA group {group}: {e}")),
+            }
+        };
+        let record = |volume: u32| records.iter().map(|(r, _)| r).find(|r| r.id == volume);
+        for (nqn, group, volume) in self.steered.clone() {
+            let (serves, deadline) = match record(volume) {
+                Some(rec) if self.own_sans.contains_key(&volume) => {
+                    let v = status.devices.iter().flat_map(|d| &d.volumes).find(|v| v.id == volume);
+                    let copyless =
+                        rec.replicas.is_empty() && rec.in_sync.is_empty() && v.is_some_and(|v| v.replicas.is_empty());
+                    (rec.owner == self.me && rec.rescuer.is_empty() && v.is_some(), (!copyless).then_some(until))
+                }
+                Some(rec) => {
+                    let serving =
+                        status.devices.iter().flat_map(|d| &d.copies).any(|c| c.volume == volume && c.serving);
+                    (rec.server == self.me && !rec.handback && serving, Some(until))
+                }
+                None => (false, None),
+            };
+            let state = if serves { AnaState::Optimized } else { AnaState::Inaccessible };
+            set(self, &nqn, group, volume, state, deadline.filter(|_| serves));
+        }
+        for (nqn, group, volume) in self.unsteered.clone() {
+            let Some(rec) = record(volume) else { continue };
+            let key = (nqn.clone(), group);
+            let elsewhere = !rec.server.is_empty() && rec.server != self.me;
+            let closed = self.closed_unsteered.contains(&key);
+            if elsewhere && !closed {
+                tracing::error!(
+                    "cluster: volume {volume}: {} serves it in this node's place, but subsystem {nqn} has no `ana_groups` here \
+                     (its path would stay optimized): closing ANA group {group} until the volume is back; give the \
+                     subsystem `ana_groups: [{{ id: {group}, state: inaccessible }}]` (docs/configuration.md)",
+                    rec.server
+                );
+                set(self, &nqn, group, volume, AnaState::Inaccessible, None);
+                self.closed_unsteered.push(key);
+            } else if !elsewhere && closed && rec.owner == self.me && rec.rescuer.is_empty() {
+                set(self, &nqn, group, volume, AnaState::Optimized, None);
+                self.closed_unsteered.retain(|k| *k != key);
             }
         }
     }

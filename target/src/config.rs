@@ -37,7 +37,7 @@ use stager_policy::WritePolicy;
 mod ana;
 mod cluster;
 pub use ana::{AnaConfig, AnaGroupConfig};
-pub use cluster::{steered_ana_groups, ClusterYaml, CLUSTER_BUILT};
+pub use cluster::{steered_ana_groups, unsteered_ana_groups, ClusterYaml, CLUSTER_BUILT};
 
 /// Largest configuration file we read. A real one is a few KiB; the cap keeps a mistaken
 /// `--config /dev/zero` (or a huge log file) from eating memory before parsing fails.

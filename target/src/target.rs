@@ -151,6 +151,7 @@ impl Target {
                             dev,
                             blocks: size_bytes / u64::from(crate::config::VOLUME_BLOCK_SIZE),
                             export: "standby".into(),
+                            standby: true,
                         };
                         Arc::new(VolumeDevice::new(service, info))
                     }

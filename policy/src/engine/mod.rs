@@ -843,6 +843,14 @@ impl Engine {
             v.watermark = upto;
         }
         v.next_seq = v.next_seq.max(upto.next());
+        if served {
+            // Every entry is at or below `upto` (checked above), and the SAN may hold newer data
+            // than any of them: none may be read from here, even before the watermark is
+            // persisted. The other node's write-through writes may sit in the SAN's cache: the
+            // next host flush goes to the SAN.
+            v.index = crate::index::DirtyIndex::default();
+            v.wt_acks += 1;
+        }
         self.cache.invalidate_range(volume, Lba(0), blocks);
         tracing::warn!(
             volume = volume.0,

@@ -603,13 +603,21 @@ impl Engine {
     /// copy is served write-through, reads from the SAN (its entries are all destaged: none is
     /// left in its index). Stopping refuses new commands at once; those already taken finish
     /// ([`Engine::served_ops`] says how many are left).
-    pub fn serve_copy(&mut self, volume: VolumeId, on: bool) -> Result<(), String> {
+    /// `blocks`: the size hosts see through this node, which must be the volume's.
+    pub fn serve_copy(&mut self, volume: VolumeId, on: bool, blocks: Option<u64>) -> Result<(), String> {
         let vi = self.volume_index(volume).ok_or_else(|| format!("no copy of {volume} here"))?;
         if !self.volumes[vi].is_copy() {
             return Err(format!("{volume} is one of this node's own volumes"));
         }
         if on && !self.rescue_state(volume).is_some_and(|r| r.done) {
             return Err(format!("the rescue of {volume}'s copy is not done: the SAN may lack acknowledged writes"));
+        }
+        let have = self.volumes[vi].blocks;
+        if on && blocks.is_some_and(|b| b != have) {
+            return Err(format!(
+                "the standby namespace has {} blocks but {volume} has {have} on its owner: hosts would see two sizes",
+                blocks.unwrap_or(0)
+            ));
         }
         let v = &mut self.volumes[vi];
         if v.serving != on {

@@ -1171,7 +1171,7 @@ impl Simulator {
         const WHAT: &str = "serving a rescued copy";
         self.stats.served_rescues += 1;
         let id = Simulator::volume_id(vol);
-        if let Err(why) = node.engine.serve_copy(id, true) {
+        if let Err(why) = node.engine.serve_copy(id, true, None) {
             return Err(self.fail(WHAT, format!("{id}: {why}")));
         }
         if node.engine.end_rescue(id, false).is_ok() {
@@ -1209,7 +1209,7 @@ impl Simulator {
                 return Err(self.fail(WHAT, format!("lba {lba} read back {:?} {got:?}, not write {wid}", done.status)));
             }
         }
-        if let Err(why) = node.engine.serve_copy(id, false) {
+        if let Err(why) = node.engine.serve_copy(id, false, None) {
             return Err(self.fail(WHAT, why));
         }
         if node.engine.served_ops(id) != 0 {

@@ -60,11 +60,22 @@ impl ClusterYaml {
 /// node serving a rescued copy of it) and `inaccessible` otherwise, so hosts with ANA multipath
 /// use one node at a time. Groups left to their default (no `ana_groups`) are not steered.
 pub fn steered_ana_groups(c: &Config) -> Vec<(String, u32, u32)> {
+    volume_ana_groups(c, true)
+}
+
+/// In a cluster, the groups of `kind: volume` namespaces in subsystems that leave `ana_groups`
+/// out: (subsystem NQN, group, volume). Not steered; closed only should another node serve
+/// the volume (a standby elsewhere while this file gives its own path no `ana_groups`).
+pub fn unsteered_ana_groups(c: &Config) -> Vec<(String, u32, u32)> {
+    volume_ana_groups(c, false)
+}
+
+fn volume_ana_groups(c: &Config, steered: bool) -> Vec<(String, u32, u32)> {
     if c.cluster.is_none() {
         return Vec::new();
     }
     let mut out = Vec::new();
-    for s in c.subsystems.iter().filter(|s| !s.ana_groups.is_empty()) {
+    for s in c.subsystems.iter().filter(|s| s.ana_groups.is_empty() != steered) {
         for n in &s.namespaces {
             let id = match &n.backend {
                 BackendConfig::Volume { id, .. } | BackendConfig::Standby { id, .. } => *id,

@@ -133,10 +133,14 @@ pub struct VolumeChannel {
     replies: Vec<Completion>,
 }
 
-/// How a command ends, given the first engine status that was not `Ok`.
-fn result_of(failed: Option<Status>, io: &BdevIo, size: u64) -> Result<(), BdevError> {
+/// How a command ends, given the first engine status that was not `Ok`. `standby`: the
+/// namespace serves another node's volume only while the cluster says so; a command that
+/// reached it while it does not (a path closing as the command came in) gets the status of an
+/// inaccessible ANA path, so that the host retries it through another path.
+fn result_of(failed: Option<Status>, io: &BdevIo, size: u64, standby: bool) -> Result<(), BdevError> {
     match failed {
         None | Some(Status::Ok) => Ok(()),
+        Some(Status::UnknownVolume) if standby => Err(BdevError::Nvme(stager_nvme::status::Status::ANA_INACCESSIBLE)),
         // Retryable: the host's driver tries again (the write was not acknowledged).
         Some(Status::Busy | Status::NotReady) => Err(BdevError::Busy),
         Some(Status::InvalidRange) => Err(BdevError::OutOfRange { offset: io.offset, len: io.len, size }),
@@ -307,7 +311,7 @@ impl BdevChannel for VolumeChannel {
                 if let Some(p) = self.slots[slot].take() {
                     self.in_flight -= 1;
                     self.free.push(slot as u32);
-                    let result = result_of(p.failed, &p.io, size);
+                    let result = result_of(p.failed, &p.io, size, self.vol.standby);
                     self.finish(p.io, result);
                 }
             }

@@ -153,6 +153,7 @@ pub(crate) enum HostMsg {
     ServeCopy {
         volume: VolumeId,
         on: bool,
+        blocks: Option<u64>,
         reply: Sender<Result<usize, String>>,
     },
     /// Replica side: the cluster no longer needs the copy's rescue (`Engine::end_rescue`).
@@ -658,8 +659,8 @@ impl EngineHost {
             HostMsg::LastSeq { volume, reply } => {
                 let _ = reply.send(self.engine.last_seq(volume));
             }
-            HostMsg::ServeCopy { volume, on, reply } => {
-                let r = self.engine.serve_copy(volume, on).map(|()| self.engine.served_ops(volume));
+            HostMsg::ServeCopy { volume, on, blocks, reply } => {
+                let r = self.engine.serve_copy(volume, on, blocks).map(|()| self.engine.served_ops(volume));
                 let _ = reply.send(r);
             }
             HostMsg::EndRescue { volume, abort, reply } => {

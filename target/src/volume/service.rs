@@ -89,6 +89,9 @@ pub struct VolumeInfo {
     pub dev: u16,
     pub blocks: u64,
     pub export: String,
+    /// A `kind: standby` namespace: another node's volume, served from its copy here only
+    /// while the cluster says so.
+    pub standby: bool,
 }
 
 /// What other threads keep of a device: its host's inbox.
@@ -418,6 +421,7 @@ impl VolumeService {
                     dev: i as u16,
                     blocks: f.blocks,
                     export: v.export.clone(),
+                    standby: false,
                 });
                 specs.push(VolumeSpec {
                     id: VolumeId(v.id),
@@ -681,11 +685,12 @@ impl VolumeService {
     /// Serves (`on`) or stops serving the rescued copy of `volume` kept here to hosts, through
     /// a `kind: standby` namespace (`Engine::serve_copy`). Returns the host commands the copy
     /// still holds (once stopped, 0 means none will reach the SAN from here any more).
-    pub fn serve_copy(&self, volume: u32, on: bool) -> Result<usize, String> {
+    /// `blocks`: the standby namespace's size, which must be the volume's.
+    pub fn serve_copy(&self, volume: u32, on: bool, blocks: Option<u64>) -> Result<usize, String> {
         let dev = self.replica_dev.ok_or("no flash device keeps copies here")?;
         let d = self.devices.get(dev as usize).ok_or("no flash device for copies")?;
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if !d.send(HostMsg::ServeCopy { volume: VolumeId(volume), on, reply: tx }) {
+        if !d.send(HostMsg::ServeCopy { volume: VolumeId(volume), on, blocks, reply: tx }) {
             return Err(format!("flash {}: its reactor is not running", d.name));
         }
         rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
