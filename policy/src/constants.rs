@@ -71,6 +71,14 @@ pub const SAN_BACKOFF_MAX_NS: u64 = 1_000_000_000;
 
 /// Superblock write retry back-off after a flash error.
 pub const SUPERBLOCK_RETRY_NS: u64 = 10_000_000;
+/// A flash read of dirty data that failed is tried again this long after (the host's read, or
+/// the destager's, until it succeeds or its deadline passes): a dead device is asked at this
+/// pace, not in a loop.
+pub const FLASH_READ_RETRY_NS: u64 = 20_000_000;
+/// The destager's log reads back off up to this between tries while they keep failing.
+pub const LOG_READ_RETRY_MAX_NS: u64 = 1_000_000_000;
+/// A lasting flash read failure is logged again at most this often.
+pub const FLASH_READ_FAIL_LOG_NS: u64 = 5_000_000_000;
 
 /// After a flash write error the device serves write-through only; it goes back to write-back
 /// once its log is empty and this long has passed without another error.

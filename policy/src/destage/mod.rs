@@ -24,7 +24,8 @@ pub mod depth;
 use std::collections::{HashMap, VecDeque};
 
 use crate::constants::{
-    BLOCK_SIZE_U64, DESTAGE_BATCH_BYTES_MAX, DESTAGE_BATCH_ENTRIES_MAX, SAN_BACKOFF_MAX_NS, SAN_BACKOFF_MIN_NS,
+    BLOCK_SIZE_U64, DESTAGE_BATCH_BYTES_MAX, DESTAGE_BATCH_ENTRIES_MAX, FLASH_READ_FAIL_LOG_NS, FLASH_READ_RETRY_NS,
+    LOG_READ_RETRY_MAX_NS, SAN_BACKOFF_MAX_NS, SAN_BACKOFF_MIN_NS,
 };
 use crate::io::{AlignedBuf, BufPool, Flash, IoDone, IoError, San};
 use crate::link::{DirtyRecord, FromDestage, Pressure, SanReport, SanRequest, ToDestage};
@@ -148,6 +149,14 @@ pub struct Destager {
     events: Vec<DestageEvent>,
     pressure: Pressure,
     scratch: Vec<IoDone>,
+    /// Log reads that failed, read again when due; the pause doubles while they keep failing
+    /// (up to `LOG_READ_RETRY_MAX_NS`) and resets on a read that succeeds.
+    read_retries: Vec<(usize, u64, usize, AlignedBuf, u64)>,
+    read_backoff_ns: u64,
+    /// When a failed log read was last reported (`FLASH_READ_FAIL_LOG_NS` apart), and how many
+    /// failed since.
+    read_fail_reported_ns: Option<u64>,
+    read_fails: u64,
 }
 
 impl Destager {
@@ -166,6 +175,10 @@ impl Destager {
             events: Vec::new(),
             pressure: Pressure { log_used_permille: 0, frontend_idle: true, frontend_slowdown: 1.0 },
             scratch: Vec::new(),
+            read_retries: Vec::new(),
+            read_backoff_ns: FLASH_READ_RETRY_NS,
+            read_fail_reported_ns: None,
+            read_fails: 0,
         }
     }
 
@@ -324,6 +337,7 @@ impl Destager {
             self.on_done(done, now);
         }
         self.scratch = scratch;
+        work += self.poll_read_retries(now);
         for vi in 0..self.volumes.len() {
             // The SAN's client may know it is unreachable before a command of ours fails (a
             // lost session, a missed deadline of a host's command, a failed heartbeat).
@@ -334,6 +348,29 @@ impl Destager {
             self.maybe_report(vi, now);
         }
         work
+    }
+
+    /// Log reads whose retry is due, read again (those of a batch dropped meanwhile are not).
+    fn poll_read_retries(&mut self, now: u64) -> usize {
+        if self.read_retries.iter().all(|r| r.4 > now) {
+            return 0;
+        }
+        let (due, wait): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.read_retries).into_iter().partition(|r| r.4 <= now);
+        self.read_retries = wait;
+        let n = due.len();
+        for (vi, batch, read, data, _) in due {
+            let v = &mut self.volumes[vi];
+            let found = [v.current.as_mut(), v.next.as_mut()].into_iter().flatten().find(|b| b.id == batch);
+            let Some(b) = found else {
+                self.pool.put(data);
+                continue;
+            };
+            let pos = b.reads[read].pos;
+            let token = self.token(Op::LogRead { vi, batch, read });
+            self.flash.submit_read(token, self.layout.log_offset(pos), data);
+        }
+        n
     }
 
     /// Why a volume's SAN is unreachable, as its client says (None if it does not know).
@@ -513,16 +550,26 @@ impl Destager {
                 b.reads_in_flight -= 1;
                 let checked = done.result.map_err(|e| e.to_string()).and_then(|()| b.read_done(read, &data));
                 if let Err(error) = checked {
-                    // Dirty data that cannot be read back: read it again; it is never skipped.
-                    tracing::error!(volume = v.id.0, "destage read failed ({error}); retrying");
-                    self.events.push(DestageEvent::LogReadFailed { volume: v.id, error });
-                    let (pos, len) = (b.reads[read].pos, b.reads[read].len);
+                    // Dirty data that cannot be read back: read it again (after a pause that
+                    // grows while reads keep failing); it is never skipped.
                     b.reads_in_flight += 1;
-                    let _ = len;
-                    let token = self.token(Op::LogRead { vi, batch, read });
-                    self.flash.submit_read(token, self.layout.log_offset(pos), data);
+                    self.read_fails += 1;
+                    if self.read_fail_reported_ns.is_none_or(|t| now >= t + FLASH_READ_FAIL_LOG_NS) {
+                        tracing::error!(
+                            volume = v.id.0,
+                            failed = self.read_fails,
+                            "destage read failed ({error}); retrying every {} ms at most",
+                            self.read_backoff_ns / 1_000_000
+                        );
+                        self.events.push(DestageEvent::LogReadFailed { volume: v.id, error });
+                        self.read_fail_reported_ns = Some(now);
+                        self.read_fails = 0;
+                    }
+                    self.read_retries.push((vi, batch, read, data, now + self.read_backoff_ns));
+                    self.read_backoff_ns = (self.read_backoff_ns * 2).min(LOG_READ_RETRY_MAX_NS);
                     return;
                 }
+                self.read_backoff_ns = FLASH_READ_RETRY_NS;
                 self.pool.put(data);
             }
             Op::Run { vi, run, sent_ns } => {

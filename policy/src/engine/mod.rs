@@ -328,6 +328,12 @@ pub struct Engine {
     pub(crate) fabric: Option<Box<dyn crate::io::Fabric>>,
     pub(crate) links: BTreeMap<LinkId, Link>,
     pub(crate) fabric_events: Vec<crate::io::FabricEvent>,
+    /// Host reads of dirty data whose flash read failed, tried again when due
+    /// (`FLASH_READ_RETRY_NS`).
+    pub(crate) read_retries: Vec<read::ReadRetry>,
+    /// When a failed flash read of dirty data, and a failed superblock write, were last logged.
+    pub(crate) read_fail_logged_ns: Option<u64>,
+    sb_fail_logged_ns: Option<u64>,
 }
 
 impl Engine {
@@ -388,6 +394,9 @@ impl Engine {
             fabric: None,
             links: BTreeMap::new(),
             fabric_events: Vec::new(),
+            read_retries: Vec::new(),
+            read_fail_logged_ns: None,
+            sb_fail_logged_ns: None,
         })
     }
 
@@ -1017,6 +1026,7 @@ impl Engine {
         }
         work += self.poll_superblock(now);
         work += self.poll_degraded(now);
+        work += self.poll_flash_read_retries(now);
         self.report_pressure(now);
         self.flush_dirty_out();
         work
@@ -1497,7 +1507,10 @@ impl Engine {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "superblock write failed; retrying");
+                        if self.sb_fail_logged_ns.is_none_or(|t| now >= t + FLASH_READ_FAIL_LOG_NS) {
+                            self.sb_fail_logged_ns = Some(now);
+                            tracing::warn!(error = %e, "superblock write failed; retrying");
+                        }
                         self.sb.done(false, now);
                         if !self.read_only {
                             self.enter_degraded(now);

@@ -6,7 +6,7 @@
 
 use super::volume::{PendingOp, ReadOp, SanOp};
 use super::{Engine, FlashOp, Pin, Status};
-use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64, FLASH_READ_FAIL_LOG_NS, FLASH_READ_RETRY_NS};
 use crate::index::DirtyLoc;
 use crate::io::{AlignedBuf, IoDone, IoError};
 use crate::link::SanRequest;
@@ -197,9 +197,24 @@ impl Engine {
                 self.submit_san_read(vi, op, off, n, whole, data);
             }
             Err(e) if now < self.read_op(vi, op).deadline_ns => {
-                // Dirty data exists only here: retry until the read's deadline.
-                tracing::warn!(volume = self.volumes[vi].id.0, error = %e, "flash read of dirty data failed; retrying");
-                self.submit_flash_read(vi, op, off, n, pin, whole, data);
+                // Dirty data exists only here: retry (at a pace) until the read's deadline, or
+                // until the blocks are no longer dirty here (their data is on the SAN then:
+                // another node destaged it, `absorb_rescue`).
+                if self.read_fail_logged_ns.is_none_or(|t| now >= t + FLASH_READ_FAIL_LOG_NS) {
+                    self.read_fail_logged_ns = Some(now);
+                    tracing::warn!(volume = self.volumes[vi].id.0, error = %e, "flash read of dirty data failed; retrying");
+                }
+                self.pin(pin);
+                self.read_retries.push(ReadRetry {
+                    vi,
+                    op,
+                    off,
+                    n,
+                    pin,
+                    whole,
+                    buf: data,
+                    due_ns: now + FLASH_READ_RETRY_NS,
+                });
             }
             Err(e) => {
                 tracing::error!(volume = self.volumes[vi].id.0, error = %e, "flash read of dirty data failed");
@@ -214,6 +229,28 @@ impl Engine {
                 self.maybe_finish_read(vi, op, now);
             }
         }
+    }
+
+    /// Host reads of dirty data whose flash read failed and whose retry is due: from flash
+    /// again, or from the SAN if their blocks are no longer dirty here.
+    pub(super) fn poll_flash_read_retries(&mut self, now: u64) -> usize {
+        if self.read_retries.iter().all(|r| r.due_ns > now) {
+            return 0;
+        }
+        let (due, wait): (Vec<ReadRetry>, Vec<ReadRetry>) =
+            std::mem::take(&mut self.read_retries).into_iter().partition(|r| r.due_ns <= now);
+        self.read_retries = wait;
+        let n = due.len();
+        for r in due {
+            self.unpin(r.pin);
+            let lba = self.read_op(r.vi, r.op).lba;
+            if self.volumes[r.vi].index.overlaps(Lba(lba.0 + r.off as u64), r.n as u64) {
+                self.submit_flash_read(r.vi, r.op, r.off, r.n, r.pin, r.whole, r.buf);
+            } else {
+                self.submit_san_read(r.vi, r.op, r.off, r.n, r.whole, r.buf);
+            }
+        }
+        n
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -304,4 +341,16 @@ impl Engine {
             }
         }
     }
+}
+
+/// A host read's part whose flash read of dirty data failed, to try again at `due_ns`.
+pub(crate) struct ReadRetry {
+    vi: usize,
+    op: OpId,
+    off: u32,
+    n: u32,
+    pin: Pin,
+    whole: bool,
+    buf: AlignedBuf,
+    due_ns: u64,
 }

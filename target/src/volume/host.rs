@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use io_uring::{opcode, types};
@@ -316,7 +316,13 @@ pub(crate) struct EngineHost {
     link_down: Option<Sender<(LinkId, String)>>,
     /// Copies being opened, answered once durable.
     opening: Vec<OpeningCopy>,
+    /// Failed device commands since the last line that said so, and when that was.
+    io_failures: u64,
+    io_fail_logged: Option<Instant>,
 }
+
+/// A failing flash device's errors are logged at most this often.
+const FLASH_FAIL_LOG_EVERY: Duration = Duration::from_secs(5);
 
 impl EngineHost {
     /// Builds the engine of `plan` on this reactor; `channel_id` routes its device completions.
@@ -374,6 +380,8 @@ impl EngineHost {
             to_cancel: Vec::new(),
             link_down: plan.link_down,
             opening: Vec::new(),
+            io_failures: 0,
+            io_fail_logged: None,
         })
     }
 
@@ -448,7 +456,13 @@ impl EngineHost {
             let mut q = self.flash.borrow_mut();
             for d in self.bdev_done.drain(..) {
                 let result = d.result.map_err(|e| {
-                    warn!(device = %self.name, "flash I/O failed: {e}");
+                    // A dead device fails everything: said once every few seconds, with a count.
+                    self.io_failures += 1;
+                    if self.io_fail_logged.is_none_or(|t| t.elapsed() >= FLASH_FAIL_LOG_EVERY) {
+                        warn!(device = %self.name, failed = self.io_failures, "flash I/O failed: {e}");
+                        self.io_fail_logged = Some(Instant::now());
+                        self.io_failures = 0;
+                    }
                     IoError::Failed
                 });
                 q.done.push(IoDone { token: IoToken(d.token), result, buf: d.buf, gather: d.gather });
