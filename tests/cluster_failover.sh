@@ -50,10 +50,7 @@ fail() {
 }
 source tests/lib/san.sh
 source tests/lib/nodes.sh
-source tests/lib/etcd.sh
-ctl() { "$BIN/stagerctl" "$@"; }
-now() { date +%s.%N; }
-since() { python3 -c "print(f'{$(now) - $1:.1f}')"; }
+source tests/lib/cluster.sh
 
 # etcd
 start_etcd failover
@@ -112,39 +109,12 @@ subsystems:
         backend: { kind: volume, id: 1, flash: flash0, policy: write-back+1, replicas: [node-b],
                    san: { kind: iscsi, url: "$san" } }
 EOF
-cat > "$work/node-check.yaml" <<EOF
-reactors: { cores: [0] }
-listeners: [{ name: tcp0, address: "127.0.0.1:${nvme[check]}" }]
-management: { socket: $work/check.sock }
-flash:
-  - { name: flash0, path: $work/flash-check.img, size: 64MiB }
-subsystems:
-  - nqn: nqn.2026-11.dev.stager:failover
-    allow_any_host: true
-    namespaces:
-      - nsid: 1
-        backend: { kind: volume, id: 1, flash: flash0, policy: write-through, read_cache: false,
-                   san: { kind: iscsi, url: "$san" } }
-EOF
+check_node_yaml "${nvme[check]}" nqn.2026-11.dev.stager:failover "$san" > "$work/node-check.yaml"
 target="tcp://127.0.0.1:${nvme[a]}/nqn.2026-11.dev.stager:failover"
 # The check node: a write-through volume over the same LUN, to read the SAN alone.
 san_only="tcp://127.0.0.1:${nvme[check]}/nqn.2026-11.dev.stager:failover"
 
-vol() { # node-a's status of volume 1, one field
-    ctl status --json --socket "$work/a.sock" 2> /dev/null | python3 -c "import json,sys; v=[v for d in json.load(sys.stdin)['devices'] for v in d['volumes'] if v['id']==1][0]; print(json.dumps(v['$1']) if '$1' != 'replicas' else ' '.join(r['node']+':'+r['state'] for r in v['replicas']))" 2> /dev/null || true
-}
-wait_for() { # $1 seconds, $2 what, then a command that succeeds when it holds
-    local limit=$1 what=$2
-    shift 2
-    local end=$(($(date +%s) + limit))
-    until "$@"; do
-        (($(date +%s) < end)) || fail "$what: not within $limit s (record: $(record); replicas: $(vol replicas))"
-        sleep 0.1
-    done
-}
-protected() { [[ $(vol effective_policy) == '"write-back"' && $(vol replicas) == "$1:in-sync" ]]; }
 unprotected() { [[ $(vol effective_policy) == '"write-through"' ]]; }
-replicas_are() { [[ $(field replicas) == "[\"$1\"]" ]]; }
 in_sync_is() { [[ $(field in_sync) == "$1" ]]; }
 
 # node-b starts first and becomes the resource manager: killing it in (a) also tests the
@@ -302,7 +272,6 @@ echo "PASS: (f) the partition healed: node-a is write-back+1 again and every ack
 
 # Drain and check the SAN alone.
 ctl volume set-policy 1 write-through --socket "$work/a.sock" > /dev/null
-drained() { [[ $(vol dirty_bytes) == 0 ]]; }
 wait_for 60 "node-a drains volume 1" drained
 stop a TERM
 rm -f "$work/flash-check.img"

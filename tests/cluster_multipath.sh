@@ -74,10 +74,7 @@ fail() {
 }
 source tests/lib/san.sh
 source tests/lib/nodes.sh
-source tests/lib/etcd.sh
-ctl() { "$BIN/stagerctl" "$@"; }
-now() { date +%s.%N; }
-since() { python3 -c "print(f'{$(now) - $1:.1f}')"; }
+source tests/lib/cluster.sh
 
 log "guest: building kernel + initramfs (scripts/guest/build.sh)..."
 bash scripts/guest/build.sh
@@ -135,38 +132,10 @@ cat >> "$work/node-b.yaml" << EOF
         backend: { kind: standby, id: 1, size: 64MiB }
 EOF
 # The check node: a write-through volume over the same LUN, to read the SAN alone.
-cat > "$work/node-check.yaml" << EOF
-reactors: { cores: [0] }
-listeners: [{ name: tcp0, address: "127.0.0.1:${nvme[check]}" }]
-management: { socket: $work/check.sock }
-flash:
-  - { name: flash0, path: $work/flash-check.img, size: 64MiB }
-subsystems:
-  - nqn: $SUBNQN
-    allow_any_host: true
-    namespaces:
-      - nsid: 1
-        backend: { kind: volume, id: 1, flash: flash0, policy: write-through, read_cache: false,
-                   san: { kind: iscsi, url: "$san" } }
-EOF
+check_node_yaml "${nvme[check]}" "$SUBNQN" "$san" > "$work/node-check.yaml"
 
-wait_for() { # $1 seconds, $2 what, then a command that succeeds when it holds
-    local limit=$1 what=$2
-    shift 2
-    local end=$(($(date +%s) + limit))
-    until "$@"; do
-        (($(date +%s) < end)) || fail "$what: not within $limit s (record: $(record))"
-        sleep 0.1
-    done
-}
 ana_is() { # node state: node's ANA group 1 as `stagerctl ana show` prints it
     ctl ana show --socket "$work/$1.sock" 2> /dev/null | grep -q "^$SUBNQN .* $2 "
-}
-protected() {
-    ctl status --json --socket "$work/a.sock" 2> /dev/null | python3 -c "
-import json,sys
-v=[v for d in json.load(sys.stdin)['devices'] for v in d['volumes'] if v['id']==1][0]
-sys.exit(0 if v['effective_policy']=='write-back' and [r['state'] for r in v['replicas']]==['in-sync'] else 1)" 2> /dev/null
 }
 field_is() { [[ $(field "$1") == "$2" ]]; }
 manager_is() { grep -q "cluster: node $1 is the resource manager" "$work/stagerd-${1#node-}.log"; }
@@ -175,7 +144,7 @@ manager_is() { grep -q "cluster: node $1 is the resource manager" "$work/stagerd
 start b
 wait_for 20 "node-b elected resource manager" manager_is node-b
 start a
-wait_for 30 "volume 1 write-back+1 with node-b in sync" protected
+wait_for 30 "volume 1 write-back+1 with node-b in sync" protected node-b
 wait_for 10 "the record names node-b's copy in sync" field_is in_sync '["node-b"]'
 wait_for 10 "node-a's path optimized" ana_is a optimized
 wait_for 10 "node-b's path inaccessible" ana_is b inaccessible
@@ -198,11 +167,6 @@ if [[ ${GUEST_VERBOSE:-0} == 1 ]]; then
     tail_pid=$!
 fi
 
-dirty_a() {
-    ctl status --json --socket "$work/a.sock" 2> /dev/null | python3 -c "
-import json,sys
-print([v for d in json.load(sys.stdin)['devices'] for v in d['volumes'] if v['id']==1][0]['dirty_bytes'])" 2> /dev/null || echo 0
-}
 # While the guest writes its chunks the SAN is held (tgtd stopped), so that node-a's log still
 # holds them dirty when it is killed: node-a, back, must not serve them over what node-b wrote.
 held=0 killed=0 t_rescuer="" t_rescued="" t_served=""
@@ -213,13 +177,13 @@ while kill -0 "$qemu_pid" 2> /dev/null; do
     fi
     if [[ $killed == 0 ]] && grep -qa '^MULTIPATH-KILL-NOW' "$CONSOLE"; then
         killed=1
-        dirty=$(dirty_a)
+        dirty=$(vol dirty_bytes)
         t0=$(now)
         log "the guest asked for the failover: kill -9 node-a mid-write ($dirty bytes dirty in its log); nothing more by hand"
         stop a KILL
         sleep 0.5
         kill -CONT "$tgtd_pid"
-        ((dirty > 0)) || fail "node-a's log held nothing dirty at the kill: the test would not see it serve stale data"
+        ((${dirty:-0} > 0)) || fail "node-a's log held nothing dirty at the kill: the test would not see it serve stale data"
     fi
     if [[ $killed == 1 ]]; then
         [[ -z $t_rescuer && $(field rescuer) == '"node-b"' ]] && t_rescuer=$(since "$t0")
@@ -268,7 +232,7 @@ wait_for 10 "node-a's path optimized again" ana_is a optimized
 t_back=$(since "$t1")
 ana_is b inaccessible || fail "node-b's path is not inaccessible after the handback"
 grep -q "handed back to its owner node-a" "$work/stagerd-b.log" || fail "node-b's log does not say it handed the volume back"
-wait_for 30 "volume 1 write-back+1 again with node-b in sync" protected
+wait_for 30 "volume 1 write-back+1 again with node-b in sync" protected node-b
 log "PASS: node-a back: node-b handed back after ${t_handed}s, node-a serving (optimized) after ${t_back}s, write-back+1 again"
 
 # node-a serves what node-b wrote, not its own older log: every stamped block verifies through
@@ -277,12 +241,6 @@ log "PASS: node-a back: node-b handed back after ${t_handed}s, node-a serving (o
     --verify-state "$work/state.json" > "$work/verify-a.log" 2>&1 ||
     fail "blocks written through node-b do not read back through node-a: $(tail -5 "$work/verify-a.log")"
 log "PASS: every block written through node-b reads back through node-a ($(grep -o '[0-9]* blocks' "$work/verify-a.log" | head -1))"
-drained() {
-    ctl status --json --socket "$work/a.sock" 2> /dev/null | python3 -c "
-import json,sys
-v=[v for d in json.load(sys.stdin)['devices'] for v in d['volumes'] if v['id']==1][0]
-sys.exit(0 if v['dirty_bytes']==0 else 1)" 2> /dev/null
-}
 wait_for 60 "node-a drains volume 1" drained
 start check
 "$BIN/stager-perf" verify --target "tcp://127.0.0.1:${nvme[check]}/$SUBNQN" \

@@ -165,6 +165,28 @@ pub fn end_rescue(rec: &VolumeRecord, failed_acks: usize, now_unix_ms: u64) -> V
     record
 }
 
+/// The record the owner writes when its own flash failed while it runs: a replica whose copy
+/// the record names in sync, alive and reaching the SAN, destages its copy (a rescue, epoch
+/// bump), since the owner cannot read its log back; the owner stays fenced from the SAN until
+/// it is done, then skips past it and serves write-through. None when no such replica exists or
+/// a rescue is under way already.
+pub fn rescue_for_failed_flash(rec: &VolumeRecord, nodes: &[NodeInfo], now_unix_ms: u64) -> Option<VolumeRecord> {
+    if !rec.rescuer.is_empty() {
+        return None;
+    }
+    let able = |id: &String| nodes.iter().any(|n| &n.id == id && n.sans_reachable.contains(&rec.id));
+    let r = rec.in_sync.iter().find(|r| able(r))?;
+    let mut record = rec.clone();
+    record.rescuer = r.clone();
+    record.epoch += 1;
+    let what = format!(
+        "epoch {}: owner {}'s flash failed: {r} destages its copy (in sync) to the SAN",
+        record.epoch, rec.owner
+    );
+    record.push_transition(now_unix_ms, what);
+    Some(record)
+}
+
 /// The record the rescuer `me` writes to serve the volume in its owner's place, or None when it
 /// may not: only once its rescue is done (the SAN holds every write the owner acknowledged),
 /// while nobody serves it and the owner is gone (not in `nodes`).
@@ -501,6 +523,14 @@ mod tests {
         let Review::Change { record, why } = review(&h, &only_c, 12) else { panic!("the server is gone") };
         assert!(record.server.is_empty() && !record.handback && record.served, "{why}");
         assert!(record.check().is_ok());
+        // The owner's flash failed: its in-sync replica rescues, the owner stays and is not served for.
+        let mut f = rec(&["b"]);
+        assert_eq!(rescue_for_failed_flash(&f, &all, 5).map(|r| r.rescuer), Some("b".into()));
+        f.in_sync.clear();
+        assert_eq!(rescue_for_failed_flash(&f, &all, 5), None, "no copy in sync: nothing to destage from");
+        let mut f = rec(&["b"]);
+        f.rescuer = "b".into();
+        assert_eq!(rescue_for_failed_flash(&f, &all, 5), None, "under way already");
         // The record's checks: a server is a rescuer whose rescue is done.
         let mut bad = s.clone();
         bad.rescued_unix_ms = 0;

@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use stager_cluster::constants::UNREACHABLE_AFTER;
 use stager_cluster::manager::{
-    ask_handback, copies_of, end_rescue, may_discard_copy, owner_report, review, start_serving, stop_serving,
-    OwnerView, Review,
+    ask_handback, copies_of, end_rescue, may_discard_copy, owner_report, rescue_for_failed_flash, review,
+    start_serving, stop_serving, OwnerView, Review,
 };
 use stager_cluster::{unix_ms_now, Cluster, LeaseState, NodeInfo, Revision, VolumeRecord};
 use stager_nvme::log_page::AnaState;
@@ -48,7 +48,7 @@ use stager_policy::{Epoch, VolumeId};
 
 use crate::ana::AnaScope;
 use crate::config::{BackendConfig, Config, SanConfig};
-use crate::constants::{CLUSTER_HOLD_POLL, CLUSTER_REFRESH, CLUSTER_SAN_PROBE, CLUSTER_TICK};
+use crate::constants::{CLUSTER_HOLD_POLL, CLUSTER_REFRESH, CLUSTER_SAN_PROBE, CLUSTER_TICK, FLASH_HANDOVER_AFTER};
 use crate::subsystem::TargetShared;
 use crate::volume::replication::Replication;
 use crate::volume::status::{ClusterView, NodeStatus, VolumeStatus};
@@ -96,6 +96,12 @@ struct Agent {
     /// Volumes of other nodes this node has a `kind: standby` namespace for, with its size in
     /// blocks.
     standbys: HashMap<u32, u64>,
+    /// The IQN it probes other nodes' volumes' SANs with (`node.san_initiator`).
+    san_initiator: String,
+    /// Since when each of its flash devices has been degraded, and the volumes whose dirty data
+    /// it handed to a replica during that stretch (once per stretch: its log cannot be read).
+    degraded_since: HashMap<String, Instant>,
+    handed_over: Vec<u32>,
     /// The ANA groups this thread steers: (subsystem NQN, group, volume) (`steered_ana_groups`).
     steered: Vec<(String, u32, u32)>,
     /// The groups of this node's volumes it does not steer (`unsteered_ana_groups`), and those
@@ -166,6 +172,9 @@ impl Membership {
             generations: HashMap::new(),
             rescue_asked: HashMap::new(),
             standbys,
+            san_initiator: node.san_initiator().to_string(),
+            degraded_since: HashMap::new(),
+            handed_over: Vec::new(),
             steered: crate::config::steered_ana_groups(cfg),
             unsteered: crate::config::unsteered_ana_groups(cfg),
             closed_unsteered: Vec::new(),
@@ -203,18 +212,13 @@ fn san_name(san: &SanConfig) -> String {
 
 /// Whether this node reaches the SAN a record names (a file it can open, an iSCSI LUN it can
 /// log in to as the default initiator).
-fn probe_san(name: &str) -> bool {
+fn probe_san(name: &str, initiator: &str) -> bool {
     if let Some(path) = name.strip_prefix("file:") {
         return std::fs::OpenOptions::new().read(true).write(true).open(path).is_ok();
     }
     #[cfg(feature = "iscsi")]
     if name.starts_with("iscsi://") {
-        return crate::san::iscsi::IscsiLun::connect(
-            name,
-            crate::config::DEFAULT_INITIATOR_IQN,
-            Duration::from_secs(2),
-        )
-        .is_ok();
+        return crate::san::iscsi::IscsiLun::connect(name, initiator, Duration::from_secs(2)).is_ok();
     }
     false
 }
@@ -345,7 +349,7 @@ impl Agent {
             }
             let due = self.probes.get(&rec.id).is_none_or(|(at, _)| at.elapsed() >= CLUSTER_SAN_PROBE);
             if due {
-                let ok = probe_san(&rec.san);
+                let ok = probe_san(&rec.san, &self.san_initiator);
                 if ok && self.probes.get(&rec.id).is_some_and(|(_, was)| !*was) {
                     tracing::info!("cluster: volume {}'s SAN {} answers from this node again", rec.id, rec.san);
                     self.said.remove(&format!("probe-{}", rec.id));
@@ -381,6 +385,19 @@ impl Agent {
         let now = Instant::now();
         let vols: Vec<&VolumeStatus> = status.devices.iter().flat_map(|d| d.volumes.iter()).collect();
         self.replicated = vols.iter().any(|v| !v.replicas.is_empty());
+        // Volumes on a flash device that has stayed degraded long enough to count as failed.
+        let mut failed_flash: Vec<u32> = Vec::new();
+        for d in &status.devices {
+            if !d.degraded {
+                self.degraded_since.remove(&d.name);
+                self.handed_over.retain(|id| !d.volumes.iter().any(|v| v.id == *id));
+                continue;
+            }
+            let since = *self.degraded_since.entry(d.name.clone()).or_insert(now);
+            if now.duration_since(since) >= FLASH_HANDOVER_AFTER {
+                failed_flash.extend(d.volumes.iter().filter(|v| v.dirty_bytes > 0).map(|v| v.id));
+            }
+        }
         for v in vols {
             self.generations.insert(v.id, v.copies_generation);
             let requested = v.requested_policy.clone();
@@ -485,6 +502,38 @@ impl Agent {
                     }
                 } else {
                     self.absorb(c, &volumes, rec, *rev);
+                }
+                continue;
+            }
+            if failed_flash.contains(&v.id) && !self.handed_over.contains(&v.id) {
+                // Its log cannot be read back: the replica whose copy is in sync destages it.
+                // Fenced from the SAN first (the record's rescuer keeps it so until it is done).
+                volumes.close_san_gate(v.id);
+                match rescue_for_failed_flash(rec, nodes, unix_ms_now()) {
+                    Some(new) => match c.put_volume_if(&new, Some(*rev)) {
+                        Ok(Ok(_)) => {
+                            self.handed_over.push(v.id);
+                            tracing::error!(
+                                "cluster: volume {}: its flash has failed with {} dirty: {} destages its copy to the SAN; \
+                                 this node serves the volume write-through and writes nothing to its SAN until that is done",
+                                v.id,
+                                crate::volume::status::human_bytes(v.dirty_bytes),
+                                new.rescuer
+                            );
+                        }
+                        Ok(Err(_)) => {} // changed meanwhile: the next tick looks again
+                        Err(e) => self.say("etcd", format!("cluster: cannot update volume {}'s record: {e}", v.id)),
+                    },
+                    None => self.say(
+                        &format!("flash-{}", v.id),
+                        format!(
+                            "cluster: volume {}: its flash has failed with {} dirty, and no replica in sync can destage \
+                             it (in sync: {:?}): it stays on the failing flash",
+                            v.id,
+                            crate::volume::status::human_bytes(v.dirty_bytes),
+                            rec.in_sync
+                        ),
+                    ),
                 }
                 continue;
             }

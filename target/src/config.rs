@@ -145,6 +145,26 @@ pub struct NodeConfig {
     /// The flash device that keeps copies for peers (the first `flash` device when left out).
     #[serde(default)]
     pub replica_flash: Option<String>,
+    /// The iSCSI initiator IQN this node logs in to other nodes' volumes' SANs with: to probe
+    /// whether it could destage a copy, and to destage one (a rescue). `DEFAULT_INITIATOR_IQN`
+    /// when left out.
+    #[serde(default)]
+    pub san_initiator: Option<String>,
+}
+
+impl NodeConfig {
+    /// The IQN this node logs in to other nodes' volumes' SANs with.
+    pub fn san_initiator(&self) -> &str {
+        self.san_initiator.as_deref().unwrap_or(DEFAULT_INITIATOR_IQN)
+    }
+}
+
+/// An iSCSI initiator IQN as stagerd accepts one.
+fn check_iqn(key: String, iqn: &str) -> Result<(), Problem> {
+    if !iqn.starts_with("iqn.") || iqn.len() > 223 {
+        return Err(problem(key, format!("`{iqn}` is not an iSCSI IQN")));
+    }
+    Ok(())
 }
 
 /// The replication fabric (`node.fabric`).
@@ -1173,6 +1193,9 @@ fn check_node(c: &Config) -> Result<(), Problem> {
         return Ok(());
     };
     check_node_id("node.id", &node.id)?;
+    if let Some(iqn) = &node.san_initiator {
+        check_iqn("node.san_initiator".into(), iqn)?;
+    }
     let mut seen = HashSet::new();
     for (i, p) in node.peers.iter().enumerate() {
         let key = format!("node.peers[{i}].id");
@@ -1755,13 +1778,7 @@ fn check_backend(b: &BackendConfig, at: &str, files: &mut HashMap<PathBuf, Strin
                             format!("`{url}`: {why} (expected iscsi://HOST[:PORT]/TARGET-IQN/LUN)"),
                         )
                     })?;
-                    if !initiator.starts_with("iqn.") || initiator.len() > 223 {
-                        return Err(problem(
-                            format!("{at}.san.initiator"),
-                            format!("`{initiator}` is not an iSCSI IQN"),
-                        ));
-                    }
-                    Ok(())
+                    check_iqn(format!("{at}.san.initiator"), initiator)
                 }
             }
         }

@@ -118,3 +118,8 @@ pub const CLUSTER_HOLD_POLL: Duration = Duration::from_millis(20);
 /// How often a node probes the SAN of another node's volume (a file opened, an iSCSI login) to
 /// say whether it could keep a copy of it.
 pub const CLUSTER_SAN_PROBE: Duration = Duration::from_secs(10);
+/// How long a flash device must stay degraded (write errors; its log cannot drain) before the
+/// owner of a volume on it with an in-sync replica hands the volume's dirty data to that
+/// replica (a rescue while the owner stays up, serving write-through): a transient error
+/// clears sooner and costs no rescue.
+pub const FLASH_HANDOVER_AFTER: Duration = Duration::from_secs(2);

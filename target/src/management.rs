@@ -10,6 +10,8 @@
 //! <- {"ok":false,"error":"no volume 7 on this node"}
 //! -> {"op":"accept-loss","volume":1}
 //! <- {"ok":true,"message":"volume 1: loss of 3 block(s) accepted; reads of them return what the SAN holds"}
+//! -> {"op":"flash-fail","flash":"flash0"}                      (fault injection)
+//! <- {"ok":true,"message":"flash flash0: every command to it fails from now on (until stagerd restarts)"}
 //! -> {"op":"cluster"}
 //! <- {"ok":true,"cluster":{"node":"node-a","manager":"node-c","nodes":[...],"volumes":[...],...}}
 //! -> {"op":"ana-show"}
@@ -62,6 +64,10 @@ pub enum Request {
     },
     AcceptLoss {
         volume: u32,
+    },
+    /// Fault injection: a flash device fails every command from now on (failure drills, tests).
+    FlashFail {
+        flash: String,
     },
     /// Every ANA path of the node and its state.
     AnaShow,
@@ -232,6 +238,13 @@ fn answer(req: Request, volumes: Option<&VolumeService>, target: Option<&TargetS
                     info!("management: {m}");
                     Response { message: Some(m), ..Response::ok() }
                 }
+                Err(e) => Response::error(e),
+            }
+        }
+        Request::FlashFail { flash } => {
+            let Some(v) = volumes else { return Response::error("this node has no flash devices") };
+            match v.fail_flash(&flash) {
+                Ok(m) => Response { message: Some(m), ..Response::ok() },
                 Err(e) => Response::error(e),
             }
         }

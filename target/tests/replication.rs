@@ -78,6 +78,7 @@ fn node(id: &str, peers: &[(&str, std::net::SocketAddr)]) -> NodeConfig {
         },
         peers: peers.iter().map(|(p, a)| PeerConfig { id: p.to_string(), address: *a, fault_domain: None }).collect(),
         replica_flash: None,
+        san_initiator: None,
     }
 }
 

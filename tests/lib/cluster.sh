@@ -1,5 +1,8 @@
-# Shared by the cluster end-to-end shell tests: an etcd of the test's own on 127.0.0.1 and
-# volume 1's record in it. Source it after setting `work` (and `prefix` before calling record).
+# Shared by the cluster end-to-end shell tests: an etcd of the test's own on 127.0.0.1, volume
+# 1's record in it, node-a's view of volume 1, and the check node that reads a SAN alone.
+# Source it after tests/lib/san.sh and tests/lib/nodes.sh, with `work`, `BIN` and `fail` set
+# (and `prefix` before calling record); or, for a test that needs nothing else, call
+# `cluster_test NAME` first (after `work` and `BIN`), which defines those for it.
 
 # start_etcd NAME: starts etcd with its data in "$work/etcd", logging to "$work/etcd.log", and
 # waits until it answers; sets etcd_port and etcd_pid.
@@ -18,3 +21,82 @@ start_etcd() {
 # record: volume 1's record (JSON) under $prefix; field KEY: one of its fields, as JSON.
 record() { etcdctl --endpoints "127.0.0.1:$etcd_port" get "$prefix/volumes/1" --print-value-only 2> /dev/null; }
 field() { record | python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps(r.get('$1')))" 2> /dev/null || true; }
+
+# vol FIELD: node-a's status of volume 1, one field as JSON (replicas: "node:state ...").
+vol() {
+    ctl status --json --socket "$work/a.sock" 2> /dev/null | python3 -c "import json,sys; v=[v for d in json.load(sys.stdin)['devices'] for v in d['volumes'] if v['id']==1][0]; print(json.dumps(v['$1']) if '$1' != 'replicas' else ' '.join(r['node']+':'+r['state'] for r in v['replicas']))" 2> /dev/null || true
+}
+
+# wait_for SECONDS WHAT COMMAND...: until COMMAND succeeds, or fail naming WHAT.
+wait_for() {
+    local limit=$1 what=$2
+    shift 2
+    local end=$(($(date +%s) + limit))
+    until "$@"; do
+        (($(date +%s) < end)) || fail "$what: not within $limit s (record: $(record); replicas: $(vol replicas))"
+        sleep 0.1
+    done
+}
+
+# protected NODE: volume 1 runs write-back with NODE's copy in sync; replicas_are NODE: the
+# record names NODE alone.
+protected() { [[ $(vol effective_policy) == '"write-back"' && $(vol replicas) == "$1:in-sync" ]]; }
+replicas_are() { [[ $(field replicas) == "[\"$1\"]" ]]; }
+
+# check_node_yaml PORT NQN SAN-URL: the check node's configuration, a write-through volume 1
+# over the SAN without read cache, to read the SAN alone (start it as node `check`).
+check_node_yaml() {
+    cat << EOF
+reactors: { cores: [0] }
+listeners: [{ name: tcp0, address: "127.0.0.1:$1" }]
+management: { socket: $work/check.sock }
+flash:
+  - { name: flash0, path: $work/flash-check.img, size: 64MiB }
+subsystems:
+  - nqn: $2
+    allow_any_host: true
+    namespaces:
+      - nsid: 1
+        backend: { kind: volume, id: 1, flash: flash0, policy: write-through, read_cache: false,
+                   san: { kind: iscsi, url: "$3" } }
+EOF
+}
+
+ctl() { "$BIN/stagerctl" "$@"; }
+now() { date +%s.%N; }
+# since T: seconds from T (a `now`) to now, one decimal.
+since() { python3 -c "print(f'{$(now) - $1:.1f}')"; }
+# drained: node-a holds nothing dirty of volume 1.
+drained() { [[ $(vol dirty_bytes) == 0 ]]; }
+
+# cluster_test NAME: the common frame of a cluster test — its binaries and commands checked,
+# `pid`, `writer`, `tgtd_pid` and
+# `etcd_pid` to stop at exit (tgtd resumed first if a test stopped it), the work dir removed
+# unless KEEP=1, `fail` printing each log's tail — and the shared libraries sourced.
+cluster_test() {
+    test_name=$1
+    local b c
+    for b in stagerd stagerctl stager-perf; do
+        [[ -x $BIN/$b ]] || { echo "$test_name: $BIN/$b missing"; exit 1; }
+    done
+    for c in tgtd tgtadm etcd etcdctl python3; do
+        command -v $c > /dev/null || { echo "$test_name: $c missing"; exit 1; }
+    done
+    tgtd_pid="" etcd_pid="" writer=""
+    declare -gA pid=()
+    trap cluster_test_cleanup EXIT
+    fail() {
+        echo "FAIL: $*"
+        for f in "$work"/*.log; do echo "--- $f"; tail -30 "$f"; done
+        exit 1
+    }
+    source tests/lib/san.sh
+    source tests/lib/nodes.sh
+}
+cluster_test_cleanup() {
+    [[ -n $tgtd_pid ]] && kill -CONT "$tgtd_pid" 2> /dev/null || true
+    for n in "${!pid[@]}"; do kill -9 "${pid[$n]}" 2> /dev/null || true; done
+    for p in "$writer" "$tgtd_pid" "$etcd_pid"; do [[ -n $p ]] && kill -9 "$p" 2> /dev/null || true; done
+    wait 2> /dev/null || true
+    if [[ ${KEEP:-0} == 1 ]]; then echo "$test_name: kept $work"; else rm -rf "$work"; fi
+}

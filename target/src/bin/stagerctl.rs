@@ -19,6 +19,8 @@
 //! passthrough), or `vfio:ADDRESS` for an NVMe controller bound to vfio-pci (the same names
 //! `stagerctl status` shows).
 //!
+//! - `stagerctl flash fail NAME` — fault injection on a running stagerd (failure drills, tests):
+//!   its flash device NAME fails every command from now on, until stagerd restarts.
 //! - `stagerctl flash wipe DEVICE` — make a device blank (its superblock and log start zeroed) so
 //!   that stagerd formats it; refuses while it holds data not on a SAN unless `--force`.
 //!
@@ -139,6 +141,14 @@ enum FlashCmd {
         device: DeviceSpec,
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Fault injection on a running stagerd, for failure drills and tests: its flash device NAME
+    /// (the `name` in its configuration) fails every command from now on, as if it died. Only a
+    /// restart of stagerd undoes it.
+    Fail {
+        name: String,
+        #[arg(long, default_value = DEFAULT_MANAGEMENT_SOCKET)]
+        socket: PathBuf,
     },
     /// Make a flash device blank so that stagerd formats it (its superblock and the start of its
     /// log are zeroed). Refuses a device that holds dirty data or copies, or whose contents
@@ -381,6 +391,9 @@ fn run(cmd: Cmd) -> Result<u8, String> {
             let m = result?;
             println!("{}: {m}", device.label());
             Ok(0)
+        }
+        Cmd::Flash { cmd: FlashCmd::Fail { name, socket } } => {
+            said(call(&socket, &Request::FlashFail { flash: name })?)
         }
         Cmd::Flash { cmd: FlashCmd::Wipe { device, force } } => {
             let m = offline::wipe(&device, force)?;

@@ -12,7 +12,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use stager_nvme::bdev::{
-    open_device, read_blocking, AlignedBuf, BdevChannel, BdevDone, BdevIo, BdevOp, BlockDevice, DeviceSpec,
+    open_device, read_blocking, AlignedBuf, BdevChannel, BdevDone, BdevError, BdevInfo, BdevIo, BdevOp, BlockDevice,
+    DeviceSpec,
 };
 use stager_nvme::uring::{split, Ring};
 use stager_policy::constants::BLOCK_SIZE_U64;
@@ -586,4 +587,70 @@ pub fn prepare_flash_file(path: &Path, size: Option<u64>) -> std::io::Result<()>
         at += n as u64;
     }
     f.sync_all()
+}
+
+/// Fault injection for failure drills and tests (`stagerctl flash fail`): a flash device that,
+/// once failed, fails every command submitted to it — reads, writes, flushes, from the engine
+/// and from the destage core alike — with an I/O error, as a dead device would. Commands
+/// already in flight finish as the device answers them. Only a restart of stagerd undoes it.
+pub struct FailableDevice {
+    inner: Arc<dyn BlockDevice>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FailableDevice {
+    pub fn new(inner: Arc<dyn BlockDevice>, failed: Arc<std::sync::atomic::AtomicBool>) -> FailableDevice {
+        FailableDevice { inner, failed }
+    }
+}
+
+impl BlockDevice for FailableDevice {
+    fn info(&self) -> &BdevInfo {
+        self.inner.info()
+    }
+    fn channel(&self, id: u32) -> std::io::Result<Box<dyn BdevChannel>> {
+        Ok(Box::new(FailableChannel { inner: self.inner.channel(id)?, failed: self.failed.clone(), done: Vec::new() }))
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.sync()
+    }
+}
+
+struct FailableChannel {
+    inner: Box<dyn BdevChannel>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    /// Commands failed at submission, for the next poll.
+    done: Vec<BdevDone>,
+}
+
+impl BdevChannel for FailableChannel {
+    fn submit(&mut self, io: BdevIo, ring: &mut Ring) {
+        if !self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.inner.submit(io, ring);
+        }
+        self.done.push(BdevDone {
+            token: io.token,
+            result: Err(BdevError::Os(libc::EIO)),
+            buf: io.buf,
+            gather: io.gather,
+            lent: None,
+        });
+    }
+    fn on_cqe(&mut self, slot: u32, res: i32, ring: &mut Ring) {
+        self.inner.on_cqe(slot, res, ring);
+    }
+    fn poll(&mut self, done: &mut Vec<BdevDone>) -> usize {
+        let n = self.done.len();
+        done.append(&mut self.done);
+        n + self.inner.poll(done)
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight() + self.done.len()
+    }
+    fn waits_on_kernel(&self) -> bool {
+        self.inner.waits_on_kernel()
+    }
 }

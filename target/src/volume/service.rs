@@ -35,7 +35,7 @@ use tracing::{error, info, warn};
 
 use super::devices::{
     check_fits_superblock, open_flash_device, prepare_flash_file, probe_superblock, scan_for_frames, BdevPort,
-    OwnerLock, Probe, SharedRing,
+    FailableDevice, OwnerLock, Probe, SharedRing,
 };
 use super::host::{host_waker, Completion, HostMsg, HostPlan, Ready};
 use super::san_gate::{GatedSan, SanGate};
@@ -102,6 +102,8 @@ pub(crate) struct DeviceHandle {
     pub waker: Arc<Waker>,
     pub ready: Arc<Ready>,
     pub volumes: Vec<VolumeId>,
+    /// Fault injection (`VolumeService::fail_flash`).
+    pub failed: Arc<AtomicBool>,
 }
 
 impl DeviceHandle {
@@ -140,6 +142,9 @@ pub struct VolumeService {
     gates: HashMap<u32, Arc<SanGate>>,
     /// The SAN gates of copies this node destages because their owner was lost.
     rescue_gates: Mutex<HashMap<u32, Arc<SanGate>>>,
+    /// The initiator IQN a rescue logs in to another node's volume's SAN with
+    /// (`node.san_initiator`).
+    san_initiator: String,
 }
 
 /// A flash device as the configuration describes it, with what was found on it.
@@ -147,6 +152,8 @@ struct FlashPlan {
     name: String,
     path: PathBuf,
     bdev: Arc<dyn BlockDevice>,
+    /// Set by `VolumeService::fail_flash`: every later command to the device fails.
+    failed: Arc<AtomicBool>,
     lock: OwnerLock,
     cache_percent: u32,
     probe: Probe,
@@ -225,15 +232,12 @@ pub(crate) fn open_san(
 
 /// The SAN a cluster record names (`file:PATH`, or an `iscsi://` URL logged in to as the
 /// default initiator), as a configuration would.
-fn san_config_of(name: &str) -> Result<SanConfig, String> {
+fn san_config_of(name: &str, initiator: &str) -> Result<SanConfig, String> {
     if let Some(path) = name.strip_prefix("file:") {
         return Ok(SanConfig::File { path: PathBuf::from(path), size_bytes: None, direct: true });
     }
     if name.starts_with("iscsi://") {
-        return Ok(SanConfig::Iscsi {
-            url: name.to_string(),
-            initiator: crate::config::DEFAULT_INITIATOR_IQN.to_string(),
-        });
+        return Ok(SanConfig::Iscsi { url: name.to_string(), initiator: initiator.to_string() });
     }
     Err(format!("the record names SAN {name:?}, neither file:PATH nor an iscsi:// URL"))
 }
@@ -310,10 +314,13 @@ impl VolumeService {
                      `stagerctl flash inspect` shows what is there"
                 ));
             }
+            let failed = Arc::new(AtomicBool::new(false));
+            let bdev: Arc<dyn BlockDevice> = Arc::new(FailableDevice::new(bdev, failed.clone()));
             plans.push(FlashPlan {
                 name: f.name.clone(),
                 path: PathBuf::from(device.label()),
                 bdev,
+                failed,
                 lock,
                 cache_percent: f.cache_percent,
                 probe,
@@ -456,6 +463,7 @@ impl VolumeService {
                 waker: waker.clone(),
                 ready: ready.clone(),
                 volumes: specs.iter().map(|s| s.id).collect(),
+                failed: p.failed.clone(),
             });
             host_plans.push(Some(HostPlan {
                 dev: i as u16,
@@ -492,6 +500,11 @@ impl VolumeService {
             control,
             gates,
             rescue_gates: Mutex::new(HashMap::new()),
+            san_initiator: config
+                .node
+                .as_ref()
+                .map_or(crate::config::DEFAULT_INITIATOR_IQN, |n| n.san_initiator())
+                .to_string(),
         })))
     }
 
@@ -604,7 +617,7 @@ impl VolumeService {
     /// Status shows the copy's rescue once it runs; a SAN that does not open is logged there.
     pub fn rescue_copy(&self, volume: u32, san: &str, until: Instant) -> Result<(), String> {
         let dev = self.replica_dev.ok_or("no flash device keeps copies here")?;
-        let cfg = san_config_of(san)?;
+        let cfg = san_config_of(san, &self.san_initiator)?;
         let gate = {
             let mut gates = self.rescue_gates.lock().map_err(|_| "rescue gates poisoned")?;
             gates.entry(volume).or_insert_with(SanGate::closed).clone()
@@ -680,6 +693,21 @@ impl VolumeService {
             return Err(format!("flash {}: its reactor is not running", d.name));
         }
         rx.recv_timeout(Duration::from_secs(5)).map_err(|_| format!("flash {}: no answer", d.name))?
+    }
+
+    /// Fault injection for failure drills and tests: flash device `name` fails every command
+    /// from now on, as if it died (`FailableDevice`); only a restart undoes it.
+    pub fn fail_flash(&self, name: &str) -> Result<String, String> {
+        let d = self.devices.iter().find(|d| d.name == name).ok_or_else(|| format!("no flash device {name} here"))?;
+        if d.failed.swap(true, Ordering::Relaxed) {
+            return Ok(format!("flash {name} has failed already"));
+        }
+        tracing::error!(
+            "flash {name} ({}): failed by request (fault injection): every command to it fails from now on, until \
+             stagerd restarts",
+            d.path.display()
+        );
+        Ok(format!("flash {name}: every command to it fails from now on (until stagerd restarts)"))
     }
 
     /// Serves (`on`) or stops serving the rescued copy of `volume` kept here to hosts, through
