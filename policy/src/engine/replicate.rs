@@ -409,13 +409,16 @@ impl Engine {
             // replica discards them when that watermark is published.
             v.void_upto = v.void_upto.max(copy.durable);
             SyncState::Syncing { until: copy.durable }
-        } else if copy.durable == own_last && copy.watermark >= known {
+        } else if copy.durable == own_last && copy.watermark == known {
             SyncState::InSync
         } else if copy.durable == own_last {
             // It holds every entry, but entries destaged while it was away may since have been
             // overwritten by write-through writes, and entries voided by the watermark's jump
-            // over unlogged numbers may be in its copy: it must learn the watermark first.
-            SyncState::Syncing { until: known }
+            // over unlogged numbers may be in its copy: it must learn the watermark first. Or it
+            // let entries go that this node has not destaged yet (its watermark is ahead: a copy
+            // discarded while the record named other replicas, `discard_copy`): it does not hold
+            // them any more, so it counts only once this node's watermark has passed them.
+            SyncState::Syncing { until: known.max(copy.watermark) }
         } else {
             SyncState::Syncing { until: own_last }
         };
@@ -442,6 +445,11 @@ impl Engine {
         let vi = self.volume_index(volume).ok_or_else(|| format!("no {volume} here"))?;
         if self.volumes[vi].is_copy() {
             return Err(format!("{volume} is a copy kept for another node here"));
+        }
+        if self.state != super::EngineState::Ready {
+            // A new epoch is persisted in the superblock: not before replay has rebuilt what
+            // the superblock must say.
+            return Err("the device is not ready (it is still recovering its log): try again".into());
         }
         if replicas.len() > copies {
             return Err(format!("{} replicas named for {copies} copies", replicas.len()));

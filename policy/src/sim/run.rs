@@ -134,6 +134,9 @@ pub struct SimStats {
     pub live_rescues: u64,
     /// Live rescues after which the rescuer served the volume (writes and reads checked).
     pub served_rescues: u64,
+    /// A volume's replica replaced by the spare node, with an epoch bump (the resource
+    /// manager's move).
+    pub replacements: u64,
     pub failover_blocks_checked: u64,
 }
 
@@ -249,14 +252,19 @@ pub struct Simulator {
     /// The cluster's record of each volume (`confirm_copies` runs): which replicas it names in
     /// sync. Kept across source crashes, like etcd.
     recorded: Vec<Vec<bool>>,
+    /// The replica nodes each volume's record names (none for write-through volumes): the
+    /// first `cfg.replicas` nodes at first; a replacement swaps one for the spare node. With
+    /// its epoch: kept across source crashes, like etcd.
+    assigned: Vec<Vec<usize>>,
+    epochs: Vec<u64>,
     /// The owner's next record write: the copies generation and in-sync replicas it read from
     /// the engine, written (and confirmed) when due, as the cluster thread does a little later.
     record_pending: Option<(u64, Vec<RecordedCopies>)>,
 }
 
 /// One volume as the owner read it for the record: (volume index, copies generation, which
-/// replicas are in sync).
-type RecordedCopies = (usize, u64, Vec<bool>);
+/// replicas are in sync, the record's epoch then).
+type RecordedCopies = (usize, u64, Vec<bool>, u64);
 
 const VOLUME_ID_BASE: u32 = 10;
 /// Blocks per volume checked for invariant 1 after each step of a large volume.
@@ -297,13 +305,19 @@ impl Simulator {
         let unmap: Vec<bool> = (0..cfg.volumes).map(|_| rng.gen_bool(0.5)).collect();
         let link_delay_max_ns = if rng.gen_bool(0.3) { 2_000_000 } else { 20_000 };
         let ecfg = Simulator::engine_config(&cfg, &mut rng);
-        let specs = Simulator::specs(&cfg, &policies, &unmap);
+        let assigned: Vec<Vec<usize>> =
+            (0..cfg.volumes).map(|i| if i % 3 != 2 { (0..cfg.replicas).collect() } else { Vec::new() }).collect();
+        let specs = Simulator::specs(&cfg, &policies, &unmap, &assigned);
         let net =
             Net::new(StdRng::seed_from_u64(rng.gen()), now.clone(), if rng.gen_bool(0.3) { 500_000 } else { 20_000 });
         let mut engine = Engine::format(ecfg, Box::new(flash.port(0)), specs).expect("sim: format");
         engine.set_fabric(Box::new(FabricPort { net: net.clone(), node: 0 }));
         let destager = Simulator::destager(&engine, &flash, &sans);
-        let replica_nodes: Vec<ReplicaNode> = (0..cfg.replicas)
+        // The replicas, and one spare node (what a replacement moves a copy to), made from a
+        // stream of their own so the run's other draws stay as they were.
+        let mut spare_rng = StdRng::seed_from_u64(seed ^ 0x5ba7_e5ba);
+        let nodes = if cfg.replicas > 0 { cfg.replicas + 1 } else { 0 };
+        let mut replica_nodes: Vec<ReplicaNode> = (0..cfg.replicas)
             .map(|r| {
                 let f = SimDisk::create(
                     flash_bytes,
@@ -319,10 +333,25 @@ impl Simulator {
                 ReplicaNode { flash: f, engine: e, device_id }
             })
             .collect();
-        let links = vec![vec![LinkSlot::None; cfg.replicas]; cfg.volumes];
+        for r in cfg.replicas..nodes {
+            let f = SimDisk::create(
+                flash_bytes,
+                spare_rng.gen_bool(0.5),
+                false,
+                StdRng::seed_from_u64(spare_rng.gen()),
+                now.clone(),
+            );
+            let device_id = 100 + r as u64;
+            let rcfg = EngineConfig { device_id, ..Simulator::engine_config(&cfg, &mut spare_rng) };
+            let mut e = Engine::format(rcfg, Box::new(f.port(0)), Vec::new()).expect("sim: format spare");
+            e.set_fabric(Box::new(FabricPort { net: net.clone(), node: r + 1 }));
+            replica_nodes.push(ReplicaNode { flash: f, engine: e, device_id });
+        }
+        let links = vec![vec![LinkSlot::None; nodes]; cfg.volumes];
         let busy = vec![vec![false; cfg.blocks as usize]; cfg.volumes];
         let model = Model::new(cfg.volumes, cfg.blocks);
-        let recorded = vec![vec![false; cfg.replicas]; cfg.volumes];
+        let recorded = vec![vec![false; nodes]; cfg.volumes];
+        let epochs = vec![1; cfg.volumes];
         let mut sim = Simulator {
             seed,
             cfg,
@@ -354,6 +383,8 @@ impl Simulator {
             links,
             engine_events: Vec::new(),
             recorded,
+            assigned,
+            epochs,
             record_pending: None,
         };
         if sim.cfg.trace_block.is_some() {
@@ -379,7 +410,7 @@ impl Simulator {
         }
     }
 
-    fn specs(cfg: &SimConfig, policies: &[WritePolicy], unmap: &[bool]) -> Vec<VolumeSpec> {
+    fn specs(cfg: &SimConfig, policies: &[WritePolicy], unmap: &[bool], assigned: &[Vec<usize>]) -> Vec<VolumeSpec> {
         (0..cfg.volumes)
             .map(|i| VolumeSpec {
                 id: VolumeId(VOLUME_ID_BASE + i as u32),
@@ -388,11 +419,7 @@ impl Simulator {
                 policy: policies[i],
                 read_cache: true,
                 unmap: unmap[i],
-                replicas: if i % 3 != 2 {
-                    (0..cfg.replicas).map(Simulator::replica_name).collect()
-                } else {
-                    Vec::new()
-                },
+                replicas: assigned[i].iter().map(|&r| Simulator::replica_name(r)).collect(),
                 source: None,
             })
             .collect()
@@ -504,7 +531,7 @@ impl Simulator {
     }
 
     fn wants_replica(&self, vol: usize, r: usize) -> bool {
-        vol % 3 != 2 && r < self.cfg.replicas
+        self.assigned[vol].contains(&r)
     }
 
     fn link_delay(&mut self) -> u64 {
@@ -578,7 +605,12 @@ impl Simulator {
         let now = self.now.get();
         match self.record_pending.take() {
             Some((due, snap)) if now >= due => {
-                for (vol, generation, in_sync) in snap {
+                for (vol, generation, in_sync, epoch) in snap {
+                    if epoch != self.epochs[vol] {
+                        // The manager changed the record since the owner read it: the owner's
+                        // compare-and-put fails, and it reads the record again.
+                        continue;
+                    }
                     self.recorded[vol] = in_sync;
                     let id = Simulator::volume_id(vol);
                     if let Err(e) = self.engine.confirm_copies(id, generation) {
@@ -592,13 +624,13 @@ impl Simulator {
                 let snap = (0..self.cfg.volumes)
                     .filter_map(|vol| {
                         let (generation, _) = self.engine.copies_generation(Simulator::volume_id(vol))?;
-                        let in_sync = (0..self.cfg.replicas)
+                        let in_sync = (0..self.replica_nodes.len())
                             .map(|r| match self.links[vol][r] {
                                 LinkSlot::Up(l) => status.iter().any(|s| s.link == l && s.state == "in-sync"),
                                 _ => false,
                             })
                             .collect();
-                        Some((vol, generation, in_sync))
+                        Some((vol, generation, in_sync, self.epochs[vol]))
                     })
                     .collect();
                 let due = now + self.rng.gen_range(0..3_000_000);
@@ -874,8 +906,56 @@ impl Simulator {
             let rep = self.rng.gen_range(0..self.replica_nodes.len());
             self.replica_nodes[rep].flash.0.borrow_mut().fail_writes_until =
                 now + self.rng.gen_range(100_000..5_000_000);
+        } else if r < 71 && !self.replica_nodes.is_empty() && *self.engine.state() == EngineState::Ready {
+            self.replace_replica();
         }
         Ok(())
+    }
+
+    /// What a restarted owner's cluster thread does first: take each volume's replica set and
+    /// epoch from the record (`ready`: the device is, and the engine must take them).
+    fn follow_record(&mut self, ready: bool) {
+        for vol in 0..self.cfg.volumes {
+            if self.assigned[vol].is_empty() {
+                continue;
+            }
+            let names = self.assigned[vol].iter().map(|&r| Simulator::replica_name(r)).collect();
+            let id = Simulator::volume_id(vol);
+            match self.engine.set_replicas(id, names, self.cfg.replicas, Epoch(self.epochs[vol])) {
+                Err(e) if ready => panic!("sim: set_replicas({id}) from the record: {e}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// The resource manager's move: one replica of a volume is replaced by the node that keeps
+    /// no copy of it, with an epoch bump. The record changes first (the old replica leaves
+    /// `in_sync` with it); the owner follows (`Engine::set_replicas` drops its link, and the new
+    /// node's copy is opened at the new epoch by `connect_links`); the old node lets its copy
+    /// go (`Engine::discard_copy`), as it does once the record no longer names it.
+    fn replace_replica(&mut self) {
+        let vols: Vec<usize> = (0..self.cfg.volumes).filter(|&v| !self.assigned[v].is_empty()).collect();
+        if vols.is_empty() {
+            return;
+        }
+        let vol = vols[self.rng.gen_range(0..vols.len())];
+        let Some(spare) = (0..self.replica_nodes.len()).find(|r| !self.assigned[vol].contains(r)) else { return };
+        let slot = self.rng.gen_range(0..self.assigned[vol].len());
+        let old = self.assigned[vol][slot];
+        self.stats.replacements += 1;
+        self.assigned[vol][slot] = spare;
+        self.epochs[vol] += 1;
+        self.recorded[vol][old] = false;
+        let id = Simulator::volume_id(vol);
+        let names = self.assigned[vol].iter().map(|&r| Simulator::replica_name(r)).collect();
+        if let Err(e) = self.engine.set_replicas(id, names, self.cfg.replicas, Epoch(self.epochs[vol])) {
+            panic!("sim: set_replicas({id}): {e}");
+        }
+        if let LinkSlot::Up(l) | LinkSlot::Opening { link: l, .. } = self.links[vol][old] {
+            self.net.borrow_mut().fail(l, "no longer one of the volume's replicas");
+        }
+        self.links[vol][old] = LinkSlot::None;
+        let _ = self.replica_nodes[old].engine.discard_copy(id);
     }
 
     /// A replica node crashes (its flash loses what was in flight and unflushed) and restarts.
@@ -940,11 +1020,17 @@ impl Simulator {
         }
         let mut ecfg = Simulator::engine_config(&self.cfg, &mut self.rng);
         ecfg.device_id = self.device_id;
-        let specs = Simulator::specs(&self.cfg, &self.policies, &self.unmap);
+        let specs = Simulator::specs(&self.cfg, &self.policies, &self.unmap, &self.assigned);
         self.engine = Engine::open(ecfg, Box::new(self.flash.port(0)), specs).expect("sim: open");
         self.engine.set_fabric(Box::new(FabricPort { net: self.net.clone(), node: 0 }));
         self.destager = Simulator::destager(&self.engine, &self.flash, &self.sans);
+        // The cluster thread may try before replay is done: refused then (a new epoch must not
+        // be persisted mid-replay), and taken once the device is ready.
+        self.follow_record(false);
         self.settle_until_ready();
+        if *self.engine.state() == EngineState::Ready {
+            self.follow_record(true);
+        }
         if self.cfg.trace_block.is_some() {
             eprintln!("[{} t={}] recovered: {:?}", self.step, self.now.get(), self.engine.replay_report());
         }
@@ -1036,7 +1122,10 @@ impl Simulator {
     /// that replica was in sync must then read, from its SAN alone, as the host was promised.
     pub fn failover(&mut self) -> Result<(), Failure> {
         self.stats.failovers += 1;
-        let r = self.rng.gen_range(0..self.replica_nodes.len());
+        // A node that is some volume's replica now (the spare may hold only stale copies).
+        let replicas: Vec<usize> =
+            (0..self.replica_nodes.len()).filter(|r| self.assigned.iter().any(|a| a.contains(r))).collect();
+        let r = replicas[self.rng.gen_range(0..replicas.len())];
         let status = self.engine.link_status();
         // With a cluster, the record says which copies may be destaged (it may still name a copy
         // whose link was just lost: acknowledgements wait until it no longer does); without,
@@ -1073,8 +1162,11 @@ impl Simulator {
             ..Simulator::engine_config(&self.cfg, &mut self.rng)
         };
         let engine = Engine::open(cfg, Box::new(rn.flash.port(0)), Vec::new()).expect("sim: open copy");
+        // Every replicated volume's SAN, as the source's configuration names them: the device
+        // may also hold a copy of a volume whose replica it no longer is (replaced; its discard
+        // not persisted before the crash). Only the copies in sync are checked afterwards.
         let sans: Vec<(VolumeId, Box<dyn San>)> = (0..self.cfg.volumes)
-            .filter(|&vol| self.wants_replica(vol, r))
+            .filter(|&vol| vol % 3 != 2)
             .map(|vol| (Simulator::volume_id(vol), Box::new(self.sans[vol].clone()) as Box<dyn San>))
             .collect();
         let destager = Destager::new(engine.layout(), Box::new(rn.flash.port(1)), sans);
@@ -1324,10 +1416,11 @@ impl Simulator {
         let mut ecfg = Simulator::engine_config(&self.cfg, &mut self.rng);
         ecfg.device_id = device_id;
         self.device_id = device_id;
-        let specs = Simulator::specs(&self.cfg, &self.policies, &self.unmap);
+        let specs = Simulator::specs(&self.cfg, &self.policies, &self.unmap, &self.assigned);
         self.engine = Engine::format(ecfg, Box::new(self.flash.port(0)), specs).expect("sim: format");
         self.destager = Simulator::destager(&self.engine, &self.flash, &self.sans);
         self.settle_until_ready();
+        self.follow_record(true);
         self.pump()
     }
 }
