@@ -112,19 +112,5 @@ etcdctl --endpoints "127.0.0.1:$etcd_port" get "$prefix/nodes/node-b" --print-va
 # has it when the owner's tick saw it).
 echo "PASS: (c) replica cut from the SAN: detected after ${detect} s (its SAN probe), node-c placed after ${placed} s, write-back+1 with node-c in sync after ${back} s"
 
-wait "$writer" || { cat "$work/perf.log"; fail "writes failed on node-a while its replica was replaced"; }
-writer=""
-grep -q "verify state saved" "$work/perf.log" || { cat "$work/perf.log"; fail "stager-perf did not save its state"; }
-"$BIN/stager-perf" verify --target "$target" --nsid 1 --verify-state "$work/state.json" > "$work/verify-a.log" 2>&1 ||
-    { cat "$work/verify-a.log"; fail "an acknowledged block does not read back through node-a"; }
-echo "PASS: every write succeeded and every acknowledged block reads back through node-a: $(tail -1 "$work/verify-a.log")"
-
-ctl volume set-policy 1 write-through --socket "$work/a.sock" > /dev/null
-wait_for 60 "node-a drains volume 1" drained
-stop a TERM
-start check
-"$BIN/stager-perf" verify --target "$san_only" --nsid 1 --verify-state "$work/state.json" > "$work/verify-san.log" 2>&1 ||
-    { cat "$work/verify-san.log"; fail "the SAN alone does not hold every acknowledged write"; }
-echo "PASS: the SAN alone holds every acknowledged write (0 lost): $(tail -1 "$work/verify-san.log")"
-stop check TERM
+writer_done_and_verified "$target" "$san_only"
 echo "cluster_san_loss: PASS"

@@ -54,7 +54,7 @@ pub fn review(rec: &VolumeRecord, nodes: &[NodeInfo], now_unix_ms: u64) -> Revie
     for r in &rec.replicas {
         let why = match nodes.iter().find(|n| &n.id == r) {
             None => Some("its node is gone (lease expired)"),
-            Some(n) if !n.sans_reachable.contains(&rec.id) => Some("it cannot reach the volume's SAN"),
+            Some(n) if n.sans_unreachable.contains(&rec.id) => Some("it cannot reach the volume's SAN"),
             Some(_) if rec.unreachable.contains(r) => Some("its owner cannot reach it over the fabric"),
             Some(_) => None,
         };
@@ -296,6 +296,7 @@ mod tests {
             nvme_addrs: vec![],
             flash_free_bytes: free,
             sans_reachable: sans.to_vec(),
+            sans_unreachable: vec![],
             started_unix_ms: 0,
         }
     }
@@ -366,6 +367,9 @@ mod tests {
     fn scenario_c_a_replica_without_the_san_is_replaced() {
         let mut nodes = three();
         nodes[1].sans_reachable.clear();
+        // Not probed yet (a record new to node b): nothing to replace.
+        assert_eq!(review(&rec(&["b"]), &nodes, 10), Review::Keep);
+        nodes[1].sans_unreachable = vec![1];
         let Review::Change { record, why } = review(&rec(&["b"]), &nodes, 10) else { panic!() };
         assert_eq!(record.replicas, vec!["c".to_string()]);
         assert!(why.contains("SAN"), "{why}");

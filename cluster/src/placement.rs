@@ -78,6 +78,7 @@ mod tests {
             nvme_addrs: Vec::new(),
             flash_free_bytes: free,
             sans_reachable: sans.to_vec(),
+            sans_unreachable: vec![],
             started_unix_ms: 0,
         }
     }

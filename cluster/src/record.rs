@@ -45,6 +45,11 @@ pub struct NodeInfo {
     /// must be able to destage its copy.
     #[serde(default)]
     pub sans_reachable: Vec<u32>,
+    /// Volume ids whose SAN this node tried and could not reach (its last probe failed): a
+    /// replica listed here for its volume is replaced. A volume in neither list has not been
+    /// probed yet (its record is new to this node): no reason to replace anything.
+    #[serde(default)]
+    pub sans_unreachable: Vec<u32>,
     pub started_unix_ms: u64,
 }
 
@@ -392,6 +397,7 @@ mod tests {
             nvme_addrs: vec!["127.0.0.1:4420".into()],
             flash_free_bytes: 1 << 30,
             sans_reachable: vec![1, 2],
+            sans_unreachable: vec![],
             started_unix_ms: 5,
         };
         let bytes = encode_node(&keys, &info).unwrap();

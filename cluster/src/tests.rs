@@ -23,6 +23,7 @@ fn connect(etcd: &EtcdServer, node: &str) -> Cluster {
         nvme_addrs: Vec::new(),
         flash_free_bytes: 1,
         sans_reachable: vec![1],
+        sans_unreachable: vec![],
         started_unix_ms: 0,
     })
     .unwrap();

@@ -156,6 +156,7 @@ impl Membership {
                 nvme_addrs,
                 flash_free_bytes: 0,
                 sans_reachable: Vec::new(),
+                sans_unreachable: Vec::new(),
                 started_unix_ms: unix_ms_now(),
             },
             replica_flash: node.replica_flash.clone().or_else(|| cfg.flash.first().map(|f| f.name.clone())),
@@ -293,6 +294,11 @@ fn run(cfg: stager_cluster::ClusterConfig, mut agent: Agent, stop: &AtomicBool) 
         if registered.is_none() {
             continue;
         }
+        // A node without flash (no volumes, no copies) still registers and may manage.
+        let status = match (&agent.volumes, status) {
+            (None, _) => Some(NodeStatus { pid: std::process::id(), uptime_s: 0.0, devices: Vec::new() }),
+            (Some(_), s) => s,
+        };
         let (Ok(records), Some(status)) = (records, status) else { continue };
         let nodes = match c.nodes() {
             Ok(n) => n,
@@ -340,6 +346,7 @@ impl Agent {
                     info.flash_free_bytes = d.log_capacity_bytes.saturating_sub(d.log_used_bytes);
                 }
                 info.sans_reachable.extend(d.volumes.iter().filter(|v| v.san_reachable).map(|v| v.id));
+                info.sans_unreachable.extend(d.volumes.iter().filter(|v| !v.san_reachable).map(|v| v.id));
             }
         }
         // Other nodes' volumes: this node could keep a copy only if it could destage it.
@@ -362,12 +369,16 @@ impl Agent {
                 }
                 self.probes.insert(rec.id, (Instant::now(), ok));
             }
-            if self.probes.get(&rec.id).is_some_and(|(_, ok)| *ok) {
-                info.sans_reachable.push(rec.id);
+            match self.probes.get(&rec.id) {
+                Some((_, true)) => info.sans_reachable.push(rec.id),
+                Some((_, false)) => info.sans_unreachable.push(rec.id),
+                None => {}
             }
         }
         info.sans_reachable.sort_unstable();
         info.sans_reachable.dedup();
+        info.sans_unreachable.sort_unstable();
+        info.sans_unreachable.dedup();
         info
     }
 

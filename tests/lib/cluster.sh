@@ -100,3 +100,23 @@ cluster_test_cleanup() {
     wait 2> /dev/null || true
     if [[ ${KEEP:-0} == 1 ]]; then echo "$test_name: kept $work"; else rm -rf "$work"; fi
 }
+
+# writer_done_and_verified TARGET SAN-ONLY: the background writer ($writer) succeeded; every
+# block it recorded in $work/state.json reads back through TARGET (node-a) and, once node-a has
+# drained volume 1 and stopped, through SAN-ONLY (the check node) alone.
+writer_done_and_verified() {
+    wait "$writer" || { cat "$work/perf.log"; fail "writes failed on node-a"; }
+    writer=""
+    grep -q "verify state saved" "$work/perf.log" || { cat "$work/perf.log"; fail "stager-perf did not save its state"; }
+    "$BIN/stager-perf" verify --target "$1" --nsid 1 --verify-state "$work/state.json" > "$work/verify-a.log" 2>&1 ||
+        { cat "$work/verify-a.log"; fail "an acknowledged block does not read back through node-a"; }
+    echo "PASS: every write succeeded and every acknowledged block reads back through node-a: $(tail -1 "$work/verify-a.log")"
+    ctl volume set-policy 1 write-through --socket "$work/a.sock" > /dev/null
+    wait_for 60 "node-a drains volume 1" drained
+    stop a TERM
+    start check
+    "$BIN/stager-perf" verify --target "$2" --nsid 1 --verify-state "$work/state.json" > "$work/verify-san.log" 2>&1 ||
+        { cat "$work/verify-san.log"; fail "the SAN alone does not hold every acknowledged write"; }
+    echo "PASS: the SAN alone holds every acknowledged write (0 lost): $(tail -1 "$work/verify-san.log")"
+    stop check TERM
+}

@@ -28,6 +28,7 @@ pub fn info(node: &str) -> NodeInfo {
         nvme_addrs: vec!["127.0.0.1:4420".into()],
         flash_free_bytes: 1 << 30,
         sans_reachable: vec![1, 2, 3],
+        sans_unreachable: vec![],
         started_unix_ms: stager_cluster::unix_ms_now(),
     }
 }
