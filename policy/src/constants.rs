@@ -75,6 +75,9 @@ pub const SUPERBLOCK_RETRY_NS: u64 = 10_000_000;
 /// the destager's, until it succeeds or its deadline passes): a dead device is asked at this
 /// pace, not in a loop.
 pub const FLASH_READ_RETRY_NS: u64 = 20_000_000;
+/// A degraded flash device whose last error is younger than this is failing still
+/// (`Engine::flash_failing`).
+pub const FLASH_FAILING_WINDOW_NS: u64 = 1_000_000_000;
 /// The destager's log reads back off up to this between tries while they keep failing.
 pub const LOG_READ_RETRY_MAX_NS: u64 = 1_000_000_000;
 /// A lasting flash read failure is logged again at most this often.

@@ -404,6 +404,11 @@ impl Agent {
                 self.handed_over.retain(|id| !d.volumes.iter().any(|v| v.id == *id));
                 continue;
             }
+            if !d.failing {
+                // Degraded by an error that did not recur (its log drains): not failed.
+                self.degraded_since.remove(&d.name);
+                continue;
+            }
             let since = *self.degraded_since.entry(d.name.clone()).or_insert(now);
             if now.duration_since(since) >= FLASH_HANDOVER_AFTER {
                 failed_flash.extend(d.volumes.iter().filter(|v| v.dirty_bytes > 0).map(|v| v.id));
@@ -516,25 +521,32 @@ impl Agent {
                 }
                 continue;
             }
-            if failed_flash.contains(&v.id) && !self.handed_over.contains(&v.id) {
+            let handover = (failed_flash.contains(&v.id) && !self.handed_over.contains(&v.id))
+                .then(|| rescue_for_failed_flash(rec, nodes, unix_ms_now()));
+            if let Some(handover) = handover {
                 // Its log cannot be read back: the replica whose copy is in sync destages it.
-                // Fenced from the SAN first (the record's rescuer keeps it so until it is done).
-                volumes.close_san_gate(v.id);
-                match rescue_for_failed_flash(rec, nodes, unix_ms_now()) {
-                    Some(new) => match c.put_volume_if(&new, Some(*rev)) {
-                        Ok(Ok(_)) => {
-                            self.handed_over.push(v.id);
-                            tracing::error!(
-                                "cluster: volume {}: its flash has failed with {} dirty: {} destages its copy to the SAN; \
-                                 this node serves the volume write-through and writes nothing to its SAN until that is done",
-                                v.id,
-                                crate::volume::status::human_bytes(v.dirty_bytes),
-                                new.rescuer
-                            );
+                // Fenced from the SAN first (the record's rescuer keeps it so until it is done);
+                // without such a replica it stays on its failing flash and goes on as usual.
+                match handover {
+                    Some(new) => {
+                        volumes.close_san_gate(v.id);
+                        match c.put_volume_if(&new, Some(*rev)) {
+                            Ok(Ok(_)) => {
+                                self.handed_over.push(v.id);
+                                tracing::error!(
+                                    "cluster: volume {}: its flash has failed with {} dirty: {} destages its copy to the SAN; \
+                                     this node serves the volume write-through and writes nothing to its SAN until that is done",
+                                    v.id,
+                                    crate::volume::status::human_bytes(v.dirty_bytes),
+                                    new.rescuer
+                                );
+                            }
+                            // Not written (changed meanwhile, or etcd): the gate opens again below
+                            // and the next tick looks again.
+                            Ok(Err(_)) => {}
+                            Err(e) => self.say("etcd", format!("cluster: cannot update volume {}'s record: {e}", v.id)),
                         }
-                        Ok(Err(_)) => {} // changed meanwhile: the next tick looks again
-                        Err(e) => self.say("etcd", format!("cluster: cannot update volume {}'s record: {e}", v.id)),
-                    },
+                    }
                     None => self.say(
                         &format!("flash-{}", v.id),
                         format!(
@@ -546,7 +558,9 @@ impl Agent {
                         ),
                     ),
                 }
-                continue;
+                if self.handed_over.contains(&v.id) {
+                    continue;
+                }
             }
             self.said.remove(&format!("owner-{}", v.id));
             // Nobody else can take a volume without copies over: its SAN stays open even while

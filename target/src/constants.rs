@@ -118,8 +118,9 @@ pub const CLUSTER_HOLD_POLL: Duration = Duration::from_millis(20);
 /// How often a node probes the SAN of another node's volume (a file opened, an iSCSI login) to
 /// say whether it could keep a copy of it.
 pub const CLUSTER_SAN_PROBE: Duration = Duration::from_secs(10);
-/// How long a flash device must stay degraded (write errors; its log cannot drain) before the
-/// owner of a volume on it with an in-sync replica hands the volume's dirty data to that
-/// replica (a rescue while the owner stays up, serving write-through): a transient error
-/// clears sooner and costs no rescue.
+/// How long a flash device must keep failing (degraded, with errors coming all along:
+/// `DeviceStatus::failing`) before the owner of a volume on it with an in-sync replica hands the
+/// volume's dirty data to that replica (a rescue while the owner stays up, serving
+/// write-through). One error that does not recur costs no rescue, however long the log takes to
+/// drain.
 pub const FLASH_HANDOVER_AFTER: Duration = Duration::from_secs(2);

@@ -324,6 +324,8 @@ pub struct Engine {
     latency: LatencyTracker,
     commands_since_report: u64,
     pressure_at_ns: u64,
+    /// `now` of the last poll.
+    polled_ns: u64,
     pressure_sent: Pressure,
     pub(crate) fabric: Option<Box<dyn crate::io::Fabric>>,
     pub(crate) links: BTreeMap<LinkId, Link>,
@@ -390,6 +392,7 @@ impl Engine {
             latency: LatencyTracker { ewma_ns: 0.0, best_ns: f64::MAX },
             commands_since_report: 0,
             pressure_at_ns: 0,
+            polled_ns: 0,
             pressure_sent: Pressure::default(),
             fabric: None,
             links: BTreeMap::new(),
@@ -654,6 +657,13 @@ impl Engine {
         self.degraded.is_some()
     }
 
+    /// Whether the flash keeps failing: degraded, with an error within the last second (as of
+    /// the last poll). One error and a log slow to drain keep the device degraded for a while
+    /// but do not count; a dead device fails every write and read it is given.
+    pub fn flash_failing(&self) -> bool {
+        self.degraded.is_some_and(|t| self.polled_ns < t + FLASH_FAILING_WINDOW_NS)
+    }
+
     /// True when nothing is dirty, nothing is in flight and the superblock is current.
     pub fn is_quiescent(&self) -> bool {
         self.state == EngineState::Ready
@@ -814,6 +824,28 @@ impl Engine {
         let vi = self.volume_index(volume).ok_or_else(|| format!("no {volume} here"))?;
         if self.volumes[vi].is_copy() {
             return Err(format!("{volume} is a copy kept for another node here"));
+        }
+        // Writes whose log write failed wait for the SAN and a persisted watermark (and, on a
+        // replicated volume, writes waiting for their replicas): on a flash that fails (the usual
+        // reason for a rescue while this node runs) the persisted watermark never comes. They
+        // are failed, retryably, like the held acknowledgements: the host writes them again.
+        let persisting = std::mem::take(&mut self.volumes[vi].acks_on_persist);
+        let waiting = std::mem::take(&mut self.volumes[vi].waiting);
+        let unpersisted = persisting.len() + waiting.len();
+        let ops = persisting.into_iter().map(|(_, op)| (op, None)).chain(waiting.into_iter().map(|w| (w.op, w.buf)));
+        for (op, buf) in ops.collect::<Vec<_>>() {
+            if let Some(PendingOp::Write(w)) = self.volumes[vi].ops.remove(&op) {
+                self.complete(vi, w.token, Status::Busy, buf.or(w.buf), None);
+            } else {
+                self.pool.put_opt(buf);
+            }
+        }
+        if unpersisted > 0 {
+            tracing::warn!(
+                volume = volume.0,
+                failed = unpersisted,
+                "writes waiting for a persisted watermark or their replicas are failed (retryable)"
+            );
         }
         if served {
             let v = &self.volumes[vi];
@@ -988,6 +1020,7 @@ impl Engine {
     /// Makes progress on everything: device completions, acknowledgements, frames, superblock,
     /// waiting writes, retries. Returns how much work was done (0 = idle).
     pub fn poll(&mut self, now: u64) -> usize {
+        self.polled_ns = now;
         let mut work = 0;
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();

@@ -1162,19 +1162,30 @@ impl Simulator {
             ..Simulator::engine_config(&self.cfg, &mut self.rng)
         };
         let engine = Engine::open(cfg, Box::new(rn.flash.port(0)), Vec::new()).expect("sim: open copy");
-        // Every replicated volume's SAN, as the source's configuration names them: the device
-        // may also hold a copy of a volume whose replica it no longer is (replaced; its discard
-        // not persisted before the crash). Only the copies in sync are checked afterwards.
+        // The SANs of the volumes this node is a replica of. It may also hold a stale copy of a
+        // volume whose replica it no longer is (replaced, its discard not persisted before the
+        // crash): that one is let go, never destaged (it could put old data over newer).
         let sans: Vec<(VolumeId, Box<dyn San>)> = (0..self.cfg.volumes)
-            .filter(|&vol| vol % 3 != 2)
+            .filter(|&vol| self.wants_replica(vol, r))
             .map(|vol| (Simulator::volume_id(vol), Box::new(self.sans[vol].clone()) as Box<dyn San>))
+            .collect();
+        let stale: Vec<VolumeId> = (0..self.cfg.volumes)
+            .filter(|&vol| vol % 3 != 2 && !self.wants_replica(vol, r))
+            .map(Simulator::volume_id)
             .collect();
         let destager = Destager::new(engine.layout(), Box::new(rn.flash.port(1)), sans);
         let mut node = Node::new(engine, destager);
         let mut quiet = false;
+        let mut let_go = false;
         for _ in 0..400_000 {
             self.advance(100_000);
             node.poll(self.now.get());
+            if !let_go && *node.engine.state() == EngineState::Ready {
+                let_go = true;
+                for &id in &stale {
+                    let _ = node.engine.discard_copy(id);
+                }
+            }
             if *node.engine.state() == EngineState::Ready && node.is_quiescent() {
                 quiet = true;
                 break;

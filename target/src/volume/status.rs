@@ -21,6 +21,9 @@ pub struct DeviceStatus {
     pub state: String,
     /// A flash write failed: every volume on it runs write-through until its log drains.
     pub degraded: bool,
+    /// Degraded, and its errors go on (one within the last second): the device is failing.
+    #[serde(default)]
+    pub failing: bool,
     pub log_capacity_bytes: u64,
     pub log_used_bytes: u64,
     pub cache_capacity_bytes: u64,
@@ -308,6 +311,7 @@ impl DeviceStatus {
             device_id: e.device_id(),
             state,
             degraded: e.flash_degraded(),
+            failing: e.flash_failing(),
             log_capacity_bytes: e.log_capacity_bytes(),
             log_used_bytes: e.log_used_bytes(),
             cache_capacity_bytes: e.cache_capacity_bytes(),
