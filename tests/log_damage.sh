@@ -169,7 +169,13 @@ grep -q "nothing to destage" "$work/inspect-flip.log" && fail "inspect calls a d
 echo "PASS: stagerctl flash inspect reports the damaged frame and exits 3"
 start_stagerd stagerd-flip
 grep -q "ERROR.*damaged log" "$work/stagerd-flip.log" || fail "no ERROR line for the damaged log"
-lost=$(status_sum "v['lost_blocks']")
+# The status socket answers while the log is still being replayed: the lost blocks are counted
+# once replay is done (a loaded machine can take a while).
+for _ in $(seq 100); do
+    lost=$(status_sum "v['lost_blocks']")
+    ((lost > 0)) && break
+    sleep 0.1
+done
 ((lost > 0)) || fail "status shows no lost blocks"
 ctl status --socket "$sock" | grep -q "LOST: $lost block" || fail "stagerctl status does not show the lost blocks"
 verify_no_stale flip

@@ -15,8 +15,11 @@
 //! the volume's **rescuer** (`VolumeRecord::rescuer`, an epoch bump): that node destages its copy
 //! to the SAN and says when it is done, so the SAN then holds every acknowledged write; the owner
 //! stays fenced from the SAN and from acknowledging until then, even if it comes back, and then
-//! ends the rescue itself ([`end_rescue`]) once it has skipped past what it destaged. Serving
-//! the volume from another node is not decided here ([`Review::OwnerLost`] says so).
+//! ends the rescue itself ([`end_rescue`]) once it has skipped past what it destaged. A rescuer
+//! with a standby namespace then serves the volume ([`start_serving`], decided by the rescuer
+//! itself) until the owner asks for it back ([`ask_handback`], [`stop_serving`]); the manager
+//! only clears a `server` whose node is gone. An owner whose own flash failed starts a rescue
+//! itself ([`rescue_for_failed_flash`]).
 
 use crate::placement::choose_replicas;
 use crate::record::{NodeInfo, VolumeRecord};
