@@ -24,8 +24,9 @@ pub mod depth;
 use std::collections::{HashMap, VecDeque};
 
 use crate::constants::{
-    BLOCK_SIZE_U64, DESTAGE_BATCH_BYTES_MAX, DESTAGE_BATCH_ENTRIES_MAX, FLASH_READ_FAIL_LOG_NS, FLASH_READ_RETRY_NS,
-    LOG_READ_RETRY_MAX_NS, SAN_BACKOFF_MAX_NS, SAN_BACKOFF_MIN_NS,
+    BLOCK_SIZE_U64, DESTAGE_BATCH_BYTES_MAX, DESTAGE_BATCH_ENTRIES_MAX, DESTAGE_GATHER_BYTES, DESTAGE_GATHER_NS,
+    DESTAGE_GATHER_UNTIL_PERMILLE, FLASH_READ_FAIL_LOG_NS, FLASH_READ_RETRY_NS, LOG_READ_RETRY_MAX_NS,
+    SAN_BACKOFF_MAX_NS, SAN_BACKOFF_MIN_NS,
 };
 use crate::io::{AlignedBuf, BufPool, Flash, IoDone, IoError, San};
 use crate::link::{DirtyRecord, FromDestage, Pressure, SanReport, SanRequest, ToDestage};
@@ -101,6 +102,8 @@ struct VolumeDestager {
     /// Dirty entries not in a batch yet, in sequence order.
     dirty: VecDeque<DirtyRecord>,
     dirty_bytes: u64,
+    /// When the oldest of `dirty` arrived (about: the rest of a planned batch restarts it).
+    dirty_since_ns: Option<u64>,
     /// The batch being written (or read, if nothing is being written).
     current: Option<Batch>,
     /// The following batch, planned early so its reads overlap the current one's writes.
@@ -125,6 +128,7 @@ impl VolumeDestager {
             requested_intent: LogSeq(0),
             dirty: VecDeque::new(),
             dirty_bytes: 0,
+            dirty_since_ns: None,
             current: None,
             next: None,
             health: Health { reachable: true, backoff_ns: SAN_BACKOFF_MIN_NS, retry_at: 0, errors: 0 },
@@ -157,6 +161,9 @@ pub struct Destager {
     /// failed since.
     read_fail_reported_ns: Option<u64>,
     read_fails: u64,
+    /// How long a small amount of dirty data is gathered before a batch starts
+    /// (`DESTAGE_GATHER_NS`; the simulator varies it).
+    gather_ns: u64,
 }
 
 impl Destager {
@@ -179,12 +186,18 @@ impl Destager {
             read_backoff_ns: FLASH_READ_RETRY_NS,
             read_fail_reported_ns: None,
             read_fails: 0,
+            gather_ns: DESTAGE_GATHER_NS,
         }
     }
 
     /// Adds a volume whose SAN this destager did not have (a replica copy this node now
     /// destages itself, `Engine::rescue_copy`). Its `ToDestage::Start` must come after this.
     /// A volume it already has keeps its SAN: returns false.
+    /// Sets how long a small amount of dirty data is gathered before a batch starts.
+    pub fn set_gather_ns(&mut self, ns: u64) {
+        self.gather_ns = ns;
+    }
+
     pub fn add_volume(&mut self, id: VolumeId, san: Box<dyn San>) -> bool {
         if self.volume_index(id).is_some() {
             return false;
@@ -286,6 +299,9 @@ impl Destager {
             ToDestage::Dirty { volume, records } => {
                 let Some(vi) = self.volume_index(volume) else { return };
                 let v = &mut self.volumes[vi];
+                if !records.is_empty() {
+                    v.dirty_since_ns.get_or_insert(now);
+                }
                 for r in records {
                     assert!(
                         r.seq > v.watermark && v.dirty.back().is_none_or(|d| d.seq < r.seq),
@@ -394,11 +410,27 @@ impl Destager {
         upto
     }
 
+    /// Whether a batch may start now (see `DESTAGE_GATHER_BYTES`): enough gathered, waited
+    /// long enough, the front end idle, the log filling, or a persisted intent to honour.
+    fn gathered(v: &VolumeDestager, pressure: &Pressure, gather_ns: u64, now: u64) -> bool {
+        let Some(first) = v.dirty.front() else { return false };
+        v.dirty_bytes >= DESTAGE_GATHER_BYTES
+            || v.dirty.len() >= DESTAGE_BATCH_ENTRIES_MAX
+            || v.dirty_since_ns.is_none_or(|t| now.saturating_sub(t) >= gather_ns)
+            || pressure.frontend_idle
+            || pressure.log_used_permille >= DESTAGE_GATHER_UNTIL_PERMILLE
+            || first.seq <= v.persisted_intent
+    }
+
     fn plan(&mut self, vi: usize, now: u64) -> Option<Batch> {
+        if !Self::gathered(&self.volumes[vi], &self.pressure, self.gather_ns, now) {
+            return None;
+        }
         let v = &mut self.volumes[vi];
         let upto = Self::next_upto(v)?;
         let n = v.dirty.partition_point(|r| r.seq <= upto);
         let records: Vec<DirtyRecord> = v.dirty.drain(..n).collect();
+        v.dirty_since_ns = (!v.dirty.is_empty()).then_some(now);
         v.dirty_bytes -= records.iter().map(|r| r.blocks * BLOCK_SIZE_U64 * u64::from(r.kind.has_data())).sum::<u64>();
         let id = self.next_id;
         self.next_id += 1;

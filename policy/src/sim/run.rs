@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use super::devices::{DiskHandle, SimDisk};
 use super::fabric::{FabricPort, Net, NetHandle};
 use super::model::{decode_block, encode_block, Model, Violation};
-use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64, LOG_BYTES_MIN, LOG_START};
+use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64, DESTAGE_GATHER_NS, LOG_BYTES_MIN, LOG_START};
 use crate::destage::{DestageEvent, Destager};
 use crate::engine::{Bugs, Engine, EngineConfig, EngineEvent, EngineState, HostDone, HostOp, Located, Status};
 use crate::io::{AlignedBuf, San};
@@ -54,6 +54,9 @@ pub struct SimConfig {
     /// records which copies are in sync (`EngineConfig::confirm_copies`; random per seed when
     /// None). A failover then destages a copy the *record* names in sync, as the cluster would.
     pub confirm_copies: Option<bool>,
+    /// How long destagers gather a trickle of dirty data before a batch (random per seed
+    /// when None: none, a tenth of `DESTAGE_GATHER_NS`, or all of it).
+    pub destage_gather_ns: Option<u64>,
 }
 
 impl Default for SimConfig {
@@ -73,6 +76,7 @@ impl Default for SimConfig {
             replicas: 0,
             failover: None,
             confirm_copies: None,
+            destage_gather_ns: None,
             trace_block: std::env::var("STAGER_SIM_TRACE")
                 .ok()
                 .and_then(|v| v.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))),
@@ -279,6 +283,9 @@ impl Simulator {
         // stream so the rest of the run's draws do not move.
         let coin = StdRng::seed_from_u64(seed ^ 0xc0f1_c0f1).gen_bool(0.5);
         cfg.confirm_copies = Some(cfg.replicas > 0 && cfg.confirm_copies.unwrap_or(coin));
+        let gather =
+            [0, DESTAGE_GATHER_NS / 10, DESTAGE_GATHER_NS][StdRng::seed_from_u64(seed ^ 0x6a7e_6a7e).gen_range(0..3)];
+        cfg.destage_gather_ns = Some(cfg.destage_gather_ns.unwrap_or(gather));
         let now = Rc::new(Cell::new(1_000_000));
         // 5% of the device for the clean cache, the rest (at least `log_bytes`) for the log.
         let log_blocks = cfg.log_bytes / BLOCK_SIZE_U64;
@@ -312,7 +319,7 @@ impl Simulator {
             Net::new(StdRng::seed_from_u64(rng.gen()), now.clone(), if rng.gen_bool(0.3) { 500_000 } else { 20_000 });
         let mut engine = Engine::format(ecfg, Box::new(flash.port(0)), specs).expect("sim: format");
         engine.set_fabric(Box::new(FabricPort { net: net.clone(), node: 0 }));
-        let destager = Simulator::destager(&engine, &flash, &sans);
+        let destager = Simulator::destager(&engine, &flash, &sans, &cfg);
         // The replicas, and one spare node (what a replacement moves a copy to), made from a
         // stream of their own so the run's other draws stay as they were.
         let mut spare_rng = StdRng::seed_from_u64(seed ^ 0x5ba7_e5ba);
@@ -425,13 +432,15 @@ impl Simulator {
             .collect()
     }
 
-    fn destager(engine: &Engine, flash: &DiskHandle, sans: &[DiskHandle]) -> Destager {
+    fn destager(engine: &Engine, flash: &DiskHandle, sans: &[DiskHandle], cfg: &SimConfig) -> Destager {
         let sans: Vec<(VolumeId, Box<dyn San>)> = sans
             .iter()
             .enumerate()
             .map(|(i, s)| (VolumeId(VOLUME_ID_BASE + i as u32), Box::new(s.clone()) as Box<dyn San>))
             .collect();
-        Destager::new(engine.layout(), Box::new(flash.port(1)), sans)
+        let mut d = Destager::new(engine.layout(), Box::new(flash.port(1)), sans);
+        d.set_gather_ns(cfg.destage_gather_ns.unwrap_or(DESTAGE_GATHER_NS));
+        d
     }
 
     fn fail(&self, invariant: &'static str, detail: String) -> Failure {
@@ -1023,7 +1032,7 @@ impl Simulator {
         let specs = Simulator::specs(&self.cfg, &self.policies, &self.unmap, &self.assigned);
         self.engine = Engine::open(ecfg, Box::new(self.flash.port(0)), specs).expect("sim: open");
         self.engine.set_fabric(Box::new(FabricPort { net: self.net.clone(), node: 0 }));
-        self.destager = Simulator::destager(&self.engine, &self.flash, &self.sans);
+        self.destager = Simulator::destager(&self.engine, &self.flash, &self.sans, &self.cfg);
         // The cluster thread may try before replay is done: refused then (a new epoch must not
         // be persisted mid-replay), and taken once the device is ready.
         self.follow_record(false);
@@ -1173,7 +1182,8 @@ impl Simulator {
             .filter(|&vol| vol % 3 != 2 && !self.wants_replica(vol, r))
             .map(Simulator::volume_id)
             .collect();
-        let destager = Destager::new(engine.layout(), Box::new(rn.flash.port(1)), sans);
+        let mut destager = Destager::new(engine.layout(), Box::new(rn.flash.port(1)), sans);
+        destager.set_gather_ns(self.cfg.destage_gather_ns.unwrap_or(DESTAGE_GATHER_NS));
         let mut node = Node::new(engine, destager);
         let mut quiet = false;
         let mut let_go = false;
@@ -1223,6 +1233,7 @@ impl Simulator {
         self.settle_replica(r);
         let rn = self.replica_nodes.swap_remove(r);
         let mut destager = Destager::new(rn.engine.layout(), Box::new(rn.flash.port(1)), Vec::new());
+        destager.set_gather_ns(self.cfg.destage_gather_ns.unwrap_or(DESTAGE_GATHER_NS));
         for &vol in in_sync {
             destager.add_volume(Simulator::volume_id(vol), Box::new(self.sans[vol].clone()));
         }
@@ -1429,7 +1440,7 @@ impl Simulator {
         self.device_id = device_id;
         let specs = Simulator::specs(&self.cfg, &self.policies, &self.unmap, &self.assigned);
         self.engine = Engine::format(ecfg, Box::new(self.flash.port(0)), specs).expect("sim: format");
-        self.destager = Simulator::destager(&self.engine, &self.flash, &self.sans);
+        self.destager = Simulator::destager(&self.engine, &self.flash, &self.sans, &self.cfg);
         self.settle_until_ready();
         self.follow_record(true);
         self.pump()

@@ -11,7 +11,8 @@
 //! The destage core talks to each engine host only in messages ([`stager_policy::link`]) over
 //! bounded crossbeam channels, with an eventfd that wakes a sleeping thread; a full channel
 //! keeps messages on the sender's side until there is room. Like the reactors it spins while
-//! there was work within `destage.idle_poll_us`, then sleeps in `io_uring_enter` on its one
+//! there was work within `destage.idle_poll_us` — but only while its own I/O is in flight —
+//! then sleeps in `io_uring_enter` on its one
 //! ring ([`SharedRing`]), which every flash read, SAN file I/O, iSCSI socket poll and its
 //! message eventfd complete into; senders write the eventfd only while it says it sleeps.
 
@@ -1098,7 +1099,11 @@ impl DestageCore {
                 last_outage_refresh = now;
                 self.refresh_outages();
             }
-            if now.duration_since(last_work) < self.idle_poll {
+            // Spin only while its own I/O is out (a batch draining, host SAN commands): between
+            // batches there is nothing to wait for, and spinning there takes a shared core
+            // from the hosts' reactors (or local hosts) for nothing.
+            let waiting = self.devices.iter().any(|d| d.destager.io_in_flight());
+            if waiting && now.duration_since(last_work) < self.idle_poll {
                 continue;
             }
             // Sleep until a device, a SAN socket or a message completes into the ring.
