@@ -190,14 +190,14 @@ impl Destager {
         }
     }
 
-    /// Adds a volume whose SAN this destager did not have (a replica copy this node now
-    /// destages itself, `Engine::rescue_copy`). Its `ToDestage::Start` must come after this.
-    /// A volume it already has keeps its SAN: returns false.
     /// Sets how long a small amount of dirty data is gathered before a batch starts.
     pub fn set_gather_ns(&mut self, ns: u64) {
         self.gather_ns = ns;
     }
 
+    /// Adds a volume whose SAN this destager did not have (a replica copy this node now
+    /// destages itself, `Engine::rescue_copy`). Its `ToDestage::Start` must come after this.
+    /// A volume it already has keeps its SAN: returns false.
     pub fn add_volume(&mut self, id: VolumeId, san: Box<dyn San>) -> bool {
         if self.volume_index(id).is_some() {
             return false;
@@ -229,6 +229,9 @@ impl Destager {
             v.dirty_bytes -= bytes;
             dropped += bytes;
             self.pool.put_opt(r.memory);
+        }
+        if v.dirty.is_empty() {
+            v.dirty_since_ns = None;
         }
         v.watermark = v.watermark.max(upto);
         v.requested_intent = v.requested_intent.max(upto);
@@ -455,8 +458,12 @@ impl Destager {
             }
         }
         if self.volumes[vi].next.is_none() && self.volumes[vi].current.is_some() && !self.volumes[vi].dirty.is_empty() {
-            self.volumes[vi].next = self.plan(vi, now);
-            work += 1;
+            // Work only if a batch was planned: gathering is waiting, and the destage core
+            // spins while its pollers report work.
+            if let Some(b) = self.plan(vi, now) {
+                self.volumes[vi].next = Some(b);
+                work += 1;
+            }
         }
         // Intent: the batch that writes next, and the one after it, ahead of time.
         let want = self.volumes[vi].next.as_ref().or(self.volumes[vi].current.as_ref()).map(|b| b.upto);

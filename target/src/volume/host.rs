@@ -330,10 +330,11 @@ const FLASH_FAIL_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Dirty records wake a sleeping destage core only once this many blocks wait for it or once
 /// the oldest has waited [`DIRTY_WAKE_AFTER_NS`] (it also wakes by itself every 5 ms); any
-/// other message wakes it at once. Not when this reactor goes to sleep: at QD1 it sleeps
-/// through every log frame's `fdatasync`. A wake-up per acknowledged write cost that write ~15 µs at QD1 (an
-/// `eventfd` write and a cross-CPU wake-up, before its response went out) and made the
-/// destager run one batch — superblock writes, a SAN write and a SAN flush — per host write.
+/// other message wakes it at once. Not when this reactor goes to sleep: at QD1 it may sleep
+/// during every log frame's `fdatasync`. A wake-up per acknowledged write cost that write
+/// ~15 µs at QD1 (an `eventfd` write and a cross-CPU wake-up, before its response went out)
+/// and made the destager run one batch — superblock writes, a SAN write and a SAN flush — per
+/// host write.
 const DIRTY_WAKE_BLOCKS: u64 = 256;
 const DIRTY_WAKE_AFTER_NS: u64 = 1_000_000;
 
