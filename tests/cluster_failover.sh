@@ -72,34 +72,11 @@ etcd_proxy=$(free_port)
 python3 tests/lib/tcp_proxy.py "$etcd_proxy" "$etcd_port" > "$work/etcd-proxy.log" 2>&1 &
 etcd_proxy_pid=$!
 nvme[check]=$(free_port)
-secret="cluster failover test secret"
-cores=(0 1 1)
-i=0
-for n in a b c; do
-    peers=""
-    for p in a b c; do
-        [[ $p == "$n" ]] && continue
-        addr=${fabric[$p]}
-        [[ $n == a && $p == c ]] && addr=$proxy_port
-        peers+="    - { id: node-$p, address: 127.0.0.1:$addr, fault_domain: rack-$p }"$'\n'
-    done
-    cat > "$work/node-$n.yaml" <<EOF
-reactors: { cores: [${cores[$i]}], idle_poll_us: 200 }
-destage: { idle_poll_us: 50 }
-listeners: [{ name: tcp0, address: "127.0.0.1:${nvme[$n]}" }]
-management: { socket: $work/$n.sock }
-node:
-  id: node-$n
-  fault_domain: rack-$n
-  fabric: { listen: "127.0.0.1:${fabric[$n]}", secret: "$secret", peer_timeout_ms: 1000, ring_size: 8MiB }
-  peers:
-$peers
-cluster: { endpoints: ["127.0.0.1:$([[ $n == a ]] && echo "$etcd_proxy" || echo "$etcd_port")"], prefix: $prefix, lease_ttl_ms: 3000, op_timeout_ms: 1000 }
-flash:
-  - { name: flash0, path: $work/flash-$n.img, size: 96MiB, cache_percent: 10 }
-EOF
-    i=$((i + 1))
-done
+declare -A core=([a]=0 [b]=1 [c]=1)
+# node-a reaches etcd, and node-c's fabric, through proxies the test can cut.
+ETCD=127.0.0.1:$etcd_proxy cluster_node_yaml a "${core[a]}" b c="$proxy_port"
+cluster_node_yaml b "${core[b]}" a c
+cluster_node_yaml c "${core[c]}" a b
 cat >> "$work/node-a.yaml" <<EOF
 subsystems:
   - nqn: nqn.2026-11.dev.stager:failover

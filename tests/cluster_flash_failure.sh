@@ -38,24 +38,8 @@ nqn=nqn.2026-11.dev.stager:flashfail
 declare -A nvme fabric
 for n in a b check; do nvme[$n]=$(free_port); fabric[$n]=$(free_port); done
 declare -A core=([a]=0 [b]=1)
-for n in a b; do
-    p=$([[ $n == a ]] && echo b || echo a)
-    cat > "$work/node-$n.yaml" << YAML
-reactors: { cores: [${core[$n]}], idle_poll_us: 200 }
-destage: { idle_poll_us: 50 }
-listeners: [{ name: tcp0, address: "127.0.0.1:${nvme[$n]}" }]
-management: { socket: $work/$n.sock }
-node:
-  id: node-$n
-  fault_domain: rack-$n
-  fabric: { listen: "127.0.0.1:${fabric[$n]}", secret: "cluster flash failure test", peer_timeout_ms: 1000, ring_size: 8MiB }
-  peers:
-    - { id: node-$p, address: "127.0.0.1:${fabric[$p]}", fault_domain: rack-$p }
-cluster: { endpoints: ["127.0.0.1:$etcd_port"], prefix: $prefix, lease_ttl_ms: 3000, op_timeout_ms: 1000 }
-flash:
-  - { name: flash0, path: $work/flash-$n.img, size: 96MiB, cache_percent: 10 }
-YAML
-done
+cluster_node_yaml a "${core[a]}" b
+cluster_node_yaml b "${core[b]}" a
 cat >> "$work/node-a.yaml" << YAML
 subsystems:
   - nqn: $nqn

@@ -33,26 +33,12 @@ nqn=nqn.2026-11.dev.stager:mgrfail
 declare -A nvme fabric
 for n in m a b c check; do nvme[$n]=$(free_port); fabric[$n]=$(free_port); done
 declare -A core=([m]=0 [a]=0 [b]=1 [c]=1)
-for n in m a b c; do
-    # node-m keeps no copies and has no volume: no flash, so no peers either.
-    peers=""
-    for p in a b c; do
-        [[ $p == "$n" || $n == m ]] || peers+="    - { id: node-$p, address: 127.0.0.1:${fabric[$p]}, fault_domain: rack-$p }"$'\n'
-    done
-    [[ -n $peers ]] && peers="  peers:"$'\n'"$peers" 
-    cat > "$work/node-$n.yaml" << YAML
-reactors: { cores: [${core[$n]}], idle_poll_us: 200 }
-destage: { idle_poll_us: 50 }
-listeners: [{ name: tcp0, address: "127.0.0.1:${nvme[$n]}" }]
-management: { socket: $work/$n.sock }
-node:
-  id: node-$n
-  fault_domain: rack-$n
-  fabric: { listen: "127.0.0.1:${fabric[$n]}", secret: "cluster manager failover test", peer_timeout_ms: 1000, ring_size: 8MiB }
-$peers
-cluster: { endpoints: ["127.0.0.1:$etcd_port"], prefix: $prefix, lease_ttl_ms: 3000, op_timeout_ms: 1000 }
-YAML
-    [[ $n == m ]] || echo "flash: [{ name: flash0, path: $work/flash-$n.img, size: 96MiB, cache_percent: 10 }]" >> "$work/node-$n.yaml"
+# node-m keeps no copies and has no volume: no flash, so no peers either.
+FLASH=0 cluster_node_yaml m "${core[m]}"
+for n in a b c; do
+    peers=()
+    for p in a b c; do [[ $p == "$n" ]] || peers+=("$p"); done
+    cluster_node_yaml "$n" "${core[$n]}" "${peers[@]}"
 done
 cat >> "$work/node-a.yaml" << YAML
 subsystems:

@@ -98,22 +98,9 @@ cntl[a]="cntlid_min: 1, cntlid_max: 999"
 cntl[b]="cntlid_min: 1000, cntlid_max: 1999"
 declare -A core=([a]=0 [b]=1)
 for n in a b; do
-    p=$([[ $n == a ]] && echo b || echo a)
-    cat > "$work/node-$n.yaml" << EOF
-reactors: { cores: [${core[$n]}], idle_poll_us: 200 }
-destage: { idle_poll_us: 50 }
-listeners: [{ name: tcp0, address: "127.0.0.1:${nvme[$n]}" }]
-management: { socket: $work/$n.sock }
+    cluster_node_yaml "$n" "${core[$n]}" "$([[ $n == a ]] && echo b || echo a)"
+    cat >> "$work/node-$n.yaml" << EOF
 ana: { ${cntl[$n]} }
-node:
-  id: node-$n
-  fault_domain: rack-$n
-  fabric: { listen: "127.0.0.1:${fabric[$n]}", secret: "cluster multipath test", peer_timeout_ms: 1000, ring_size: 8MiB }
-  peers:
-    - { id: node-$p, address: "127.0.0.1:${fabric[$p]}", fault_domain: rack-$p }
-cluster: { endpoints: ["127.0.0.1:$etcd_port"], prefix: $prefix, lease_ttl_ms: 3000, op_timeout_ms: 1000 }
-flash:
-  - { name: flash0, path: $work/flash-$n.img, size: 96MiB, cache_percent: 10 }
 subsystems:
   - nqn: $SUBNQN
     allow_any_host: false

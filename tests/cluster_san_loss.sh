@@ -39,30 +39,11 @@ san="iscsi://127.0.0.1:$iscsi_port/$iqn/1"
 
 declare -A nvme fabric
 for n in a b c check; do nvme[$n]=$(free_port); fabric[$n]=$(free_port); done
-cores=(0 1 1)
-i=0
+declare -A core=([a]=0 [b]=1 [c]=1)
 for n in a b c; do
-    peers=""
-    for p in a b c; do
-        [[ $p == "$n" ]] || peers+="    - { id: node-$p, address: 127.0.0.1:${fabric[$p]}, fault_domain: rack-$p }"$'\n'
-    done
-    cat > "$work/node-$n.yaml" << EOF
-reactors: { cores: [${cores[$i]}], idle_poll_us: 200 }
-destage: { idle_poll_us: 50 }
-listeners: [{ name: tcp0, address: "127.0.0.1:${nvme[$n]}" }]
-management: { socket: $work/$n.sock }
-node:
-  id: node-$n
-  fault_domain: rack-$n
-  san_initiator: $iqn-node-$n
-  fabric: { listen: "127.0.0.1:${fabric[$n]}", secret: "cluster san loss test", peer_timeout_ms: 1000, ring_size: 8MiB }
-  peers:
-$peers
-cluster: { endpoints: ["127.0.0.1:$etcd_port"], prefix: $prefix, lease_ttl_ms: 3000, op_timeout_ms: 1000 }
-flash:
-  - { name: flash0, path: $work/flash-$n.img, size: 96MiB, cache_percent: 10 }
-EOF
-    i=$((i + 1))
+    peers=()
+    for p in a b c; do [[ $p == "$n" ]] || peers+=("$p"); done
+    NODE_LINES="  san_initiator: $iqn-node-$n"$'\n' cluster_node_yaml "$n" "${core[$n]}" "${peers[@]}"
 done
 cat >> "$work/node-a.yaml" << EOF
 subsystems:

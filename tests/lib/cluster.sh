@@ -62,6 +62,37 @@ subsystems:
 EOF
 }
 
+# cluster_node_yaml NODE CORE [PEER...]: writes $work/node-NODE.yaml, what every cluster node
+# of these tests has (the test appends its own `ana:` and subsystems): its reactor on CPU CORE,
+# its listener on ${nvme[NODE]}, its management socket, its fabric on ${fabric[NODE]} with each
+# PEER (a node letter, at ${fabric[PEER]}, or LETTER=PORT), etcd at $etcd_port under $prefix,
+# and a 96 MiB flash. For one call: NODE_LINES adds lines under `node:`, ETCD replaces the etcd
+# address, FLASH=0 leaves the flash out (a node that only stands for manager).
+cluster_node_yaml() {
+    local n=$1 core=$2 p id addr peers=""
+    shift 2
+    for p in "$@"; do
+        id=${p%%=*} addr=${fabric[${p%%=*}]}
+        [[ $p == *=* ]] && addr=${p#*=}
+        peers+="    - { id: node-$id, address: \"127.0.0.1:$addr\", fault_domain: rack-$id }"$'\n'
+    done
+    {
+        cat << YAML
+reactors: { cores: [$core], idle_poll_us: 200 }
+destage: { idle_poll_us: 50 }
+listeners: [{ name: tcp0, address: "127.0.0.1:${nvme[$n]}" }]
+management: { socket: $work/$n.sock }
+node:
+  id: node-$n
+  fault_domain: rack-$n
+${NODE_LINES:-}  fabric: { listen: "127.0.0.1:${fabric[$n]}", secret: "${test_name:-stager} test fabric secret", peer_timeout_ms: 1000, ring_size: 8MiB }
+YAML
+        [[ -z $peers ]] || printf '  peers:\n%s' "$peers"
+        echo "cluster: { endpoints: [\"${ETCD:-127.0.0.1:$etcd_port}\"], prefix: $prefix, lease_ttl_ms: 3000, op_timeout_ms: 1000 }"
+        [[ ${FLASH:-1} == 0 ]] || echo "flash: [{ name: flash0, path: $work/flash-$n.img, size: 96MiB, cache_percent: 10 }]"
+    } > "$work/node-$n.yaml"
+}
+
 ctl() { "$BIN/stagerctl" "$@"; }
 now() { date +%s.%N; }
 # since T: seconds from T (a `now`) to now, one decimal.
