@@ -85,6 +85,11 @@ impl Default for SimConfig {
 }
 
 impl SimConfig {
+    /// The destagers' gather time (`destage_gather_ns`, drawn in `Simulator::new`).
+    fn gather_ns(&self) -> u64 {
+        self.destage_gather_ns.unwrap_or(DESTAGE_GATHER_NS)
+    }
+
     /// The configuration for one seed of the main run: the seed also varies the shape (one to
     /// three volumes, the third write-through; small or large writes; volume size), so the
     /// same run covers log wrap-around, a full log and mixed policies.
@@ -324,35 +329,10 @@ impl Simulator {
         // stream of their own so the run's other draws stay as they were.
         let mut spare_rng = StdRng::seed_from_u64(seed ^ 0x5ba7_e5ba);
         let nodes = if cfg.replicas > 0 { cfg.replicas + 1 } else { 0 };
-        let mut replica_nodes: Vec<ReplicaNode> = (0..cfg.replicas)
-            .map(|r| {
-                let f = SimDisk::create(
-                    flash_bytes,
-                    rng.gen_bool(0.5),
-                    false,
-                    StdRng::seed_from_u64(rng.gen()),
-                    now.clone(),
-                );
-                let device_id = 100 + r as u64;
-                let rcfg = EngineConfig { device_id, ..Simulator::engine_config(&cfg, &mut rng) };
-                let mut e = Engine::format(rcfg, Box::new(f.port(0)), Vec::new()).expect("sim: format replica");
-                e.set_fabric(Box::new(FabricPort { net: net.clone(), node: r + 1 }));
-                ReplicaNode { flash: f, engine: e, device_id }
-            })
-            .collect();
+        let mut replica_nodes: Vec<ReplicaNode> =
+            (0..cfg.replicas).map(|r| Simulator::replica_node(r, flash_bytes, &cfg, &mut rng, &now, &net)).collect();
         for r in cfg.replicas..nodes {
-            let f = SimDisk::create(
-                flash_bytes,
-                spare_rng.gen_bool(0.5),
-                false,
-                StdRng::seed_from_u64(spare_rng.gen()),
-                now.clone(),
-            );
-            let device_id = 100 + r as u64;
-            let rcfg = EngineConfig { device_id, ..Simulator::engine_config(&cfg, &mut spare_rng) };
-            let mut e = Engine::format(rcfg, Box::new(f.port(0)), Vec::new()).expect("sim: format spare");
-            e.set_fabric(Box::new(FabricPort { net: net.clone(), node: r + 1 }));
-            replica_nodes.push(ReplicaNode { flash: f, engine: e, device_id });
+            replica_nodes.push(Simulator::replica_node(r, flash_bytes, &cfg, &mut spare_rng, &now, &net));
         }
         let links = vec![vec![LinkSlot::None; nodes]; cfg.volumes];
         let busy = vec![vec![false; cfg.blocks as usize]; cfg.volumes];
@@ -404,6 +384,24 @@ impl Simulator {
         sim
     }
 
+    /// Replica node `r` (fabric node `r + 1`): a freshly formatted flash of its own, drawn
+    /// from `rng`.
+    fn replica_node(
+        r: usize,
+        flash_bytes: u64,
+        cfg: &SimConfig,
+        rng: &mut StdRng,
+        now: &Rc<Cell<u64>>,
+        net: &NetHandle,
+    ) -> ReplicaNode {
+        let f = SimDisk::create(flash_bytes, rng.gen_bool(0.5), false, StdRng::seed_from_u64(rng.gen()), now.clone());
+        let device_id = 100 + r as u64;
+        let rcfg = EngineConfig { device_id, ..Simulator::engine_config(cfg, rng) };
+        let mut e = Engine::format(rcfg, Box::new(f.port(0)), Vec::new()).expect("sim: format replica");
+        e.set_fabric(Box::new(FabricPort { net: net.clone(), node: r + 1 }));
+        ReplicaNode { flash: f, engine: e, device_id }
+    }
+
     fn engine_config(cfg: &SimConfig, rng: &mut StdRng) -> EngineConfig {
         EngineConfig {
             device_id: 7, // crash_and_restart and reformat put the current one in
@@ -439,7 +437,7 @@ impl Simulator {
             .map(|(i, s)| (VolumeId(VOLUME_ID_BASE + i as u32), Box::new(s.clone()) as Box<dyn San>))
             .collect();
         let mut d = Destager::new(engine.layout(), Box::new(flash.port(1)), sans);
-        d.set_gather_ns(cfg.destage_gather_ns.unwrap_or(DESTAGE_GATHER_NS));
+        d.set_gather_ns(cfg.gather_ns());
         d
     }
 
@@ -1183,7 +1181,7 @@ impl Simulator {
             .map(Simulator::volume_id)
             .collect();
         let mut destager = Destager::new(engine.layout(), Box::new(rn.flash.port(1)), sans);
-        destager.set_gather_ns(self.cfg.destage_gather_ns.unwrap_or(DESTAGE_GATHER_NS));
+        destager.set_gather_ns(self.cfg.gather_ns());
         let mut node = Node::new(engine, destager);
         let mut quiet = false;
         let mut let_go = false;
@@ -1233,7 +1231,7 @@ impl Simulator {
         self.settle_replica(r);
         let rn = self.replica_nodes.swap_remove(r);
         let mut destager = Destager::new(rn.engine.layout(), Box::new(rn.flash.port(1)), Vec::new());
-        destager.set_gather_ns(self.cfg.destage_gather_ns.unwrap_or(DESTAGE_GATHER_NS));
+        destager.set_gather_ns(self.cfg.gather_ns());
         for &vol in in_sync {
             destager.add_volume(Simulator::volume_id(vol), Box::new(self.sans[vol].clone()));
         }
