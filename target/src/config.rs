@@ -414,6 +414,20 @@ pub struct TransportConfig {
     /// that do not come over loopback (where the kernel copies anyway), `on` everywhere,
     /// `off` never.
     pub zero_copy_send: ZeroCopySend,
+    /// When a successful read ends with a C2HData carrying SUCCESS instead of a response
+    /// capsule: `when_sq_flow_off` only on queues whose host disabled SQ flow control, as the
+    /// NVMe/TCP specification has it (the Linux target does the same); `always` on every queue,
+    /// as SPDK's target does by default (its `c2h_success`). Such a read reports no SQHD.
+    pub c2h_success: C2hSuccess,
+}
+
+/// When a read is answered by its data alone; see `TransportConfig::c2h_success`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum C2hSuccess {
+    #[default]
+    WhenSqFlowOff,
+    Always,
 }
 
 /// When read data is sent without a copy; see `TransportConfig::zero_copy_send`.
@@ -438,6 +452,7 @@ impl Default for TransportConfig {
             handshake_timeout_ms: 10_000,
             pdu_timeout_ms: 30_000,
             zero_copy_send: ZeroCopySend::Auto,
+            c2h_success: C2hSuccess::WhenSqFlowOff,
         }
     }
 }
@@ -2388,6 +2403,7 @@ subsystems:
             "handshake_timeout_ms:",
             "pdu_timeout_ms:",
             "zero_copy_send:",
+            "c2h_success:",
             "name:",
             "transport:",
             "address:",
@@ -2423,6 +2439,7 @@ subsystems:
         assert_eq!(c.transport.handshake_timeout_ms, 10_000);
         assert_eq!(c.transport.pdu_timeout_ms, 30_000);
         assert_eq!(c.transport.zero_copy_send, ZeroCopySend::Auto);
+        assert_eq!(c.transport.c2h_success, C2hSuccess::WhenSqFlowOff);
         assert_eq!(c.listeners[0].transport, TransportKind::Tcp);
         let s = &c.subsystems[0];
         assert_eq!(s.model, "Stager");

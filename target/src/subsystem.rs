@@ -195,6 +195,7 @@ pub struct Limits {
     /// Close connections stalled in the middle of a PDU or an R2T transfer for this long.
     pub pdu_timeout: std::time::Duration,
     pub zero_copy_send: crate::config::ZeroCopySend,
+    pub c2h_success: crate::config::C2hSuccess,
 }
 
 impl Limits {

@@ -217,6 +217,7 @@ impl Target {
             handshake_timeout: std::time::Duration::from_millis(t.handshake_timeout_ms as u64),
             pdu_timeout: std::time::Duration::from_millis(t.pdu_timeout_ms as u64),
             zero_copy_send: t.zero_copy_send,
+            c2h_success: t.c2h_success,
         };
         let shared = Arc::new(TargetShared {
             subsystems,

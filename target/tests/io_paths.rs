@@ -106,3 +106,42 @@ fn reads_end_with_a_success_c2hdata_when_sq_flow_control_is_off() {
     assert_eq!(r.completion.sqhd, 0xFFFF);
     c.shutdown().unwrap();
 }
+
+#[test]
+fn c2h_success_always_answers_reads_with_their_data_on_queues_with_sq_flow_control() {
+    // `transport.c2h_success: always` (SPDK's target's default): a successful read ends with a
+    // SUCCESS C2HData even though the host kept SQ flow control; errors still get a response
+    // capsule, which carries the queue's real SQHD. The default keeps to the specification.
+    for (always, what) in [(true, "always"), (false, "when_sq_flow_off")] {
+        let mut cfg = config();
+        if always {
+            cfg.transport.c2h_success = stager_target::config::C2hSuccess::Always;
+        }
+        let t = TestTarget::start(cfg);
+        let mut c = t.connect(&opts());
+        let q = c.io_queue(0);
+        for (i, len) in [4096usize, 1 << 20].into_iter().enumerate() {
+            let data = pattern(700 + i as u64, len);
+            assert_eq!(write(q, 1, 256 * i as u64, 4096, &data), Status::SUCCESS);
+            let r = q.execute(
+                io_cmd::read(1, 256 * i as u64, (len / 4096) as u32),
+                vec![0; len],
+                DataDirection::ControllerToHost,
+            );
+            let r = r.unwrap();
+            assert_eq!(r.status(), Status::SUCCESS);
+            assert!(r.data == data, "{what}: {len} B read back different bytes");
+            // A completion the host made from a SUCCESS C2HData has SQHD 0; a response capsule
+            // on this queue reports how far the target has read it, past 0 by now.
+            if always {
+                assert_eq!(r.completion.sqhd, 0, "{what}: a response capsule arrived instead");
+            } else {
+                assert_ne!(r.completion.sqhd, 0, "{what}: no response capsule arrived");
+            }
+        }
+        let r = q.execute(io_cmd::read(1, 1 << 40, 1), vec![0; 4096], DataDirection::ControllerToHost).unwrap();
+        assert!(r.status().same_code(Status::LBA_OUT_OF_RANGE));
+        assert_ne!(r.completion.sqhd, 0, "{what}: an error came without its response capsule");
+        c.shutdown().unwrap();
+    }
+}

@@ -67,7 +67,7 @@ use tracing::{debug, info, warn};
 use super::rx::{RecvPlan, RxBuffer, Step};
 use super::tx::{TxQueue, TxSeg};
 use super::ReactorCtx;
-use crate::config::ZeroCopySend;
+use crate::config::{C2hSuccess, ZeroCopySend};
 use crate::constants::{
     ADMIN_IN_CAPSULE_BYTES, BACKPRESSURE_WARN_AFTER, INITIAL_SLOTS, R2T_PER_CMD_MAX, RX_BUFFER_BYTES,
     RX_DIRECT_MIN_BYTES, TTAG_SLOT_BITS,
@@ -269,6 +269,9 @@ pub struct Connection {
     backpressure: Option<Instant>,
     backpressure_warned: bool,
     tx: TxQueue,
+    /// Successful reads end with a SUCCESS C2HData even on queues with SQ flow control
+    /// (`transport.c2h_success: always`).
+    c2h_success_always: bool,
     /// I/O buffers of answered requests, returned to the reactor's pool in `arm`.
     recycle: Vec<AlignedBuf>,
     queue: Option<Queue>,
@@ -316,6 +319,7 @@ impl Connection {
             backpressure: None,
             backpressure_warned: false,
             tx: TxQueue::new(zero_copy),
+            c2h_success_always: l.c2h_success == C2hSuccess::Always,
             recycle: Vec::new(),
             queue: None,
             reqs: (0..INITIAL_SLOTS).map(|_| Request::free()).collect(),
@@ -1126,9 +1130,9 @@ impl Connection {
                     (None, None) => None,
                 };
                 let Some(seg) = seg else { return self.complete(slot, Status::INTERNAL_ERROR, 0, 0) };
-                let sqflow_disabled = self.queue.as_ref().is_some_and(|q| q.sqflow_disabled);
-                self.send_c2h(slot, seg, len as usize, sqflow_disabled);
-                if sqflow_disabled {
+                let success = self.c2h_success_always || self.queue.as_ref().is_some_and(|q| q.sqflow_disabled);
+                self.send_c2h(slot, seg, len as usize, success);
+                if success {
                     // The C2HData's SUCCESS flag answered it: no response capsule.
                     self.answered(slot);
                 } else {
