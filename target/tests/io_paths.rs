@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use stager_nvme::command::DataDirection;
-use stager_nvme::host::{io_cmd, QueuePair};
+use stager_nvme::host::{io_cmd, QueuePair, Response};
 use stager_nvme::status::Status;
 use stager_nvme::tcp::Digests;
 
@@ -15,10 +15,9 @@ fn write(q: &mut QueuePair, nsid: u32, slba: u64, bs: usize, data: &[u8]) -> Sta
     q.execute(io_cmd::write(nsid, slba, nlb), data.to_vec(), DataDirection::HostToController).unwrap().status()
 }
 
-fn read(q: &mut QueuePair, nsid: u32, slba: u64, bs: usize, len: usize) -> (Status, Vec<u8>) {
+fn read(q: &mut QueuePair, nsid: u32, slba: u64, bs: usize, len: usize) -> Response {
     let nlb = (len / bs) as u32;
-    let r = q.execute(io_cmd::read(nsid, slba, nlb), vec![0; len], DataDirection::ControllerToHost).unwrap();
-    (r.status(), r.data)
+    q.execute(io_cmd::read(nsid, slba, nlb), vec![0; len], DataDirection::ControllerToHost).unwrap()
 }
 
 #[test]
@@ -59,9 +58,9 @@ fn write_read_compare_sizes_offsets_digests() {
                 let slba = ((i as u64 * 7919 + mi as u64 * 131) * 3) % (blocks - (len / bs) as u64);
                 let data = pattern((nsid as u64) << 32 | (mi * 100 + i) as u64, len);
                 assert_eq!(write(q, nsid, slba, bs, &data), Status::SUCCESS, "write {len} B at {slba}");
-                let (s, back) = read(q, nsid, slba, bs, len);
-                assert_eq!(s, Status::SUCCESS);
-                assert!(back == data, "nsid {nsid} {len} B at LBA {slba} read back different bytes ({dg:?})");
+                let r = read(q, nsid, slba, bs, len);
+                assert_eq!(r.status(), Status::SUCCESS);
+                assert!(r.data == data, "nsid {nsid} {len} B at LBA {slba} read back different bytes ({dg:?})");
                 let cmp = q.execute(
                     io_cmd::compare(nsid, slba, (len / bs) as u32),
                     data.clone(),
@@ -89,12 +88,7 @@ fn reads_end_with_a_success_c2hdata_when_sq_flow_control_is_off() {
     for (i, len) in [4096usize, 65536, 1 << 20].into_iter().enumerate() {
         let data = pattern(500 + i as u64, len);
         assert_eq!(write(q, 1, 64 * i as u64, 4096, &data), Status::SUCCESS);
-        let r = q.execute(
-            io_cmd::read(1, 64 * i as u64, (len / 4096) as u32),
-            vec![0; len],
-            DataDirection::ControllerToHost,
-        );
-        let r = r.unwrap();
+        let r = read(q, 1, 64 * i as u64, 4096, len);
         assert_eq!(r.status(), Status::SUCCESS);
         // Completed from the C2HData: the host synthesizes the completion with SQHD 0.
         assert_eq!(r.completion.sqhd, 0, "a response capsule (SQHD FFFFh) arrived instead");
@@ -123,12 +117,7 @@ fn c2h_success_always_answers_reads_with_their_data_on_queues_with_sq_flow_contr
         for (i, len) in [4096usize, 1 << 20].into_iter().enumerate() {
             let data = pattern(700 + i as u64, len);
             assert_eq!(write(q, 1, 256 * i as u64, 4096, &data), Status::SUCCESS);
-            let r = q.execute(
-                io_cmd::read(1, 256 * i as u64, (len / 4096) as u32),
-                vec![0; len],
-                DataDirection::ControllerToHost,
-            );
-            let r = r.unwrap();
+            let r = read(q, 1, 256 * i as u64, 4096, len);
             assert_eq!(r.status(), Status::SUCCESS);
             assert!(r.data == data, "{what}: {len} B read back different bytes");
             // A completion the host made from a SUCCESS C2HData has SQHD 0; a response capsule

@@ -17,8 +17,9 @@ use super::model::{decode_block, encode_block, Model, Violation};
 use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64, DESTAGE_GATHER_NS, LOG_BYTES_MIN, LOG_START};
 use crate::destage::{DestageEvent, Destager};
 use crate::engine::{Bugs, Engine, EngineConfig, EngineEvent, EngineState, HostDone, HostOp, Located, Status};
-use crate::io::{AlignedBuf, San};
+use crate::io::{AlignedBuf, Flash, San};
 use crate::link::{FromDestage, ToDestage};
+use crate::log::Layout;
 use crate::node::Node;
 use crate::policy::WritePolicy;
 use crate::types::{Epoch, Lba, LinkId, VolumeId};
@@ -85,9 +86,12 @@ impl Default for SimConfig {
 }
 
 impl SimConfig {
-    /// The destagers' gather time (`destage_gather_ns`, drawn in `Simulator::new`).
-    fn gather_ns(&self) -> u64 {
-        self.destage_gather_ns.unwrap_or(DESTAGE_GATHER_NS)
+    /// A destager (the owner's, or a replica's for its rescues) with this run's gather time
+    /// (`destage_gather_ns`, drawn in `Simulator::new`).
+    fn destager(&self, layout: Layout, flash: Box<dyn Flash>, sans: Vec<(VolumeId, Box<dyn San>)>) -> Destager {
+        let mut d = Destager::new(layout, flash, sans);
+        d.set_gather_ns(self.destage_gather_ns.unwrap_or(DESTAGE_GATHER_NS));
+        d
     }
 
     /// The configuration for one seed of the main run: the seed also varies the shape (one to
@@ -436,9 +440,7 @@ impl Simulator {
             .enumerate()
             .map(|(i, s)| (VolumeId(VOLUME_ID_BASE + i as u32), Box::new(s.clone()) as Box<dyn San>))
             .collect();
-        let mut d = Destager::new(engine.layout(), Box::new(flash.port(1)), sans);
-        d.set_gather_ns(cfg.gather_ns());
-        d
+        cfg.destager(engine.layout(), Box::new(flash.port(1)), sans)
     }
 
     fn fail(&self, invariant: &'static str, detail: String) -> Failure {
@@ -1180,8 +1182,7 @@ impl Simulator {
             .filter(|&vol| vol % 3 != 2 && !self.wants_replica(vol, r))
             .map(Simulator::volume_id)
             .collect();
-        let mut destager = Destager::new(engine.layout(), Box::new(rn.flash.port(1)), sans);
-        destager.set_gather_ns(self.cfg.gather_ns());
+        let destager = self.cfg.destager(engine.layout(), Box::new(rn.flash.port(1)), sans);
         let mut node = Node::new(engine, destager);
         let mut quiet = false;
         let mut let_go = false;
@@ -1230,8 +1231,7 @@ impl Simulator {
         self.stats.live_rescues += 1;
         self.settle_replica(r);
         let rn = self.replica_nodes.swap_remove(r);
-        let mut destager = Destager::new(rn.engine.layout(), Box::new(rn.flash.port(1)), Vec::new());
-        destager.set_gather_ns(self.cfg.gather_ns());
+        let mut destager = self.cfg.destager(rn.engine.layout(), Box::new(rn.flash.port(1)), Vec::new());
         for &vol in in_sync {
             destager.add_volume(Simulator::volume_id(vol), Box::new(self.sans[vol].clone()));
         }
