@@ -140,25 +140,37 @@ blocks=$(python3 -c 'import struct,sys; print(struct.unpack_from("<Q", open(sys.
 echo "log_damage: $blocks blocks acknowledged from flash alone in $run run(s); log $used bytes"
 ((used > 4 << 20)) || fail "too little in the log to damage ($used bytes)"
 
-# 1. One flipped byte in a data block of a frame in the middle of the log.
+# 1. One flipped byte in a data block of a frame in the middle of the log, in an entry whose
+#    blocks no later entry writes again (a later write would make the damaged one moot).
 cp "$work/pristine.img" "$flash"
 python3 - "$flash" "$used" << 'EOF'
 import struct, sys
 path, used = sys.argv[1], int(sys.argv[2])
 LOG_START, BS = 8192, 4096
+img = open(path, 'rb').read()
+frames = []  # (offset, [(kind, lba, blocks)]) of each frame of the log, in log order
+at = LOG_START
+while at < LOG_START + used and img[at:at + 4] == b'STLF':
+    n, data_blocks = struct.unpack_from('<H', img, at + 8)[0], struct.unpack_from('<I', img, at + 12)[0]
+    entries = [(img[e + 5], struct.unpack_from('<Q', img, e + 32)[0], struct.unpack_from('<I', img, e + 12)[0])
+               for e in (at + 64 + 64 * i for i in range(n))]
+    frames.append((at, entries))
+    at += (1 + data_blocks) * BS
+def overwritten_later(fi, lba, blocks):
+    later = frames[fi][1][1:] + [e for _, es in frames[fi + 1:] for e in es]
+    return any(l < lba + blocks and lba < l + b for _, l, b in later)
+for fi in range(len(frames) // 2, len(frames) - 1):  # a later frame proves it was acknowledged
+    at, entries = frames[fi]
+    if entries and entries[0][0] == 1 and not overwritten_later(fi, entries[0][1], entries[0][2]):
+        break
+else:
+    sys.exit(f"log_damage: no frame after the middle of {len(frames)} whose first write stays the latest")
 with open(path, 'r+b') as f:
-    at = LOG_START + (used // 2) // BS * BS
-    while True:
-        f.seek(at)
-        b = f.read(BS)
-        if b[:4] == b'STLF' and struct.unpack_from('<I', b, 12)[0] > 0:
-            break
-        at += BS
-    f.seek(at + BS + 100)       # the frame's first data block
+    f.seek(at + BS + 100)       # the frame's first data block: its first entry's
     x = f.read(1)
     f.seek(at + BS + 100)
     f.write(bytes([x[0] ^ 0xff]))
-    print(f"log_damage: flipped one byte of the data block at {at + BS}")
+print(f"log_damage: flipped one byte of the data block at {at + BS} (frame {fi} of {len(frames)})")
 EOF
 rc=0
 ctl flash inspect "$flash" > "$work/inspect-flip.log" 2>&1 || rc=$?

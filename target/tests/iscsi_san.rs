@@ -47,19 +47,29 @@ impl Tgtd {
             assert!(Instant::now() < deadline, "tgtd did not listen on {port}");
             std::thread::sleep(Duration::from_millis(50));
         }
+        // tgtd listens on its portal before it opens its management socket: wait for that too.
+        while !t.tgtadm(&["--op", "show", "--mode", "sys"], true).success() {
+            assert!(Instant::now() < deadline, "tgtd's management socket {control} did not answer");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let lun = lun_file.to_str().unwrap();
         t.adm(&["--op", "new", "--mode", "target", "--tid", "1", "-T", IQN]);
         t.adm(&["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", lun]);
         t.adm(&["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]);
         t
     }
-    fn adm(&self, args: &[&str]) {
-        let st = Command::new("tgtadm")
+    fn tgtadm(&self, args: &[&str], quiet: bool) -> std::process::ExitStatus {
+        let err = if quiet { Stdio::null() } else { Stdio::inherit() };
+        Command::new("tgtadm")
             .args(["-C", &self.control.to_string(), "--lld", "iscsi"])
             .args(args)
+            .stdout(Stdio::null())
+            .stderr(err)
             .status()
-            .unwrap();
-        assert!(st.success(), "tgtadm {args:?}");
+            .expect("tgtadm runs (apt-get install tgt)")
+    }
+    fn adm(&self, args: &[&str]) {
+        assert!(self.tgtadm(args, false).success(), "tgtadm {args:?}");
     }
     fn url(&self) -> String {
         format!("iscsi://127.0.0.1:{}/{IQN}/1", self.port)

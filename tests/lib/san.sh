@@ -16,6 +16,8 @@ start_tgtd() {
     tgtd -f --iscsi "portal=127.0.0.1:$iscsi_port" --control-port "$tgtd_control" >> "$work/tgtd.log" 2>&1 &
     tgtd_pid=$!
     for _ in $(seq 100); do (exec 3<> "/dev/tcp/127.0.0.1/$iscsi_port") 2> /dev/null && break; sleep 0.1; done
+    # tgtd listens on its portal before it opens its management socket: wait for that too.
+    for _ in $(seq 100); do tgtadm -C "$tgtd_control" --op show --mode sys > /dev/null 2>&1 && break; sleep 0.1; done
     adm --op new --mode target --tid 1 -T "$iqn"
     for f in "$@"; do
         lun=$((lun + 1))
