@@ -21,6 +21,7 @@ use crate::progress::Progress;
 use crate::report::{self, Measurement, Report, ReportKind, Settings};
 use crate::run::{size_label, PollMode};
 use crate::stats::{Direction, Interval, IntervalCounter, Stats};
+use crate::units::ByteRange;
 use crate::{PerfError, Result};
 
 #[derive(Clone, Debug)]
@@ -31,8 +32,9 @@ pub struct DiskConfig {
     pub workload: String,
     pub io_bytes: usize,
     pub queue_depth: usize,
-    /// Bytes of the file the I/O falls in (from offset 0).
-    pub range_bytes: Option<u64>,
+    /// The part of the file the I/O falls in (default: all of it). A benchmark can measure the
+    /// device beside a running stagerd in a part of the flash file stagerd was told not to use.
+    pub range: Option<ByteRange>,
     /// Writes durable on completion (RWF_DSYNC), as a log frame is.
     pub sync: bool,
     pub time: Duration,
@@ -84,10 +86,26 @@ pub fn disk(cfg: &DiskConfig) -> Result<Report> {
     let dev = FileDevice::open(&cfg.path, None, 4096, true)
         .map_err(|e| PerfError::Usage(format!("{}: cannot open for O_DIRECT I/O: {e}", cfg.path.display())))?;
     let size = dev.info().size_bytes();
-    let range = cfg.range_bytes.unwrap_or(size).min(size);
+    let (offset, range) = match cfg.range {
+        None => (0, size),
+        Some(r) => {
+            if r.offset_bytes % 4096 != 0 || r.offset_bytes >= size {
+                return Err(PerfError::Usage(format!(
+                    "{}: range offset {} is not a multiple of 4 KiB inside the file's {size} bytes",
+                    cfg.path.display(),
+                    r.offset_bytes
+                )));
+            }
+            (r.offset_bytes, r.len_bytes.unwrap_or(u64::MAX).min(size - r.offset_bytes))
+        }
+    };
     let slots = range / cfg.io_bytes as u64;
     if slots == 0 {
-        return Err(PerfError::Usage(format!("{}: smaller than one {}-byte I/O", cfg.path.display(), cfg.io_bytes)));
+        return Err(PerfError::Usage(format!(
+            "{}: the range holds less than one {}-byte I/O",
+            cfg.path.display(),
+            cfg.io_bytes
+        )));
     }
     let name = cfg.name.clone().unwrap_or_else(|| cfg.default_name());
     let started_unix_ms = report::unix_ms_now();
@@ -102,7 +120,7 @@ pub fn disk(cfg: &DiskConfig) -> Result<Report> {
                     eprintln!("stager-perf: warning: cannot pin to CPU {c}: {e}");
                 }
             }
-            drive(cfg, &dev, slots, ramp_end, end, tx)
+            drive(cfg, &dev, offset, slots, ramp_end, end, tx)
         });
         let watched = crate::progress::watch(rx, &mut progress);
         (worker.join().unwrap_or_else(|_| Err("the disk thread panicked".into())), watched)
@@ -127,7 +145,7 @@ pub fn disk(cfg: &DiskConfig) -> Result<Report> {
         subnqn: None,
         nsid: None,
         block_bytes: Some(4096),
-        range_offset_bytes: Some(0),
+        range_offset_bytes: Some(offset),
         range_bytes: Some(range),
         floor_small_bytes: None,
     };
@@ -141,6 +159,7 @@ pub fn disk(cfg: &DiskConfig) -> Result<Report> {
 fn drive(
     cfg: &DiskConfig,
     dev: &FileDevice,
+    base: u64,
     slots: u64,
     ramp_end: Instant,
     end: Instant,
@@ -162,7 +181,7 @@ fn drive(
             next_seq = (next_seq + 1) % slots;
             next_seq
         };
-        slot * cfg.io_bytes as u64
+        base + slot * cfg.io_bytes as u64
     };
     for (i, s) in sent.iter_mut().enumerate() {
         let mut buf = AlignedBuf::new(cfg.io_bytes);
@@ -234,7 +253,7 @@ mod tests {
                 workload: workload.into(),
                 io_bytes: 4096,
                 queue_depth: qd,
-                range_bytes: None,
+                range: None,
                 sync,
                 time: Duration::from_millis(300),
                 ramp: Duration::ZERO,
@@ -252,7 +271,7 @@ mod tests {
             workload: "trim".into(),
             io_bytes: 4096,
             queue_depth: 1,
-            range_bytes: None,
+            range: None,
             sync: false,
             time: Duration::from_millis(100),
             ramp: Duration::ZERO,
@@ -261,6 +280,22 @@ mod tests {
             progress: false,
         };
         assert_eq!(disk(&bad).unwrap_err().exit_code(), crate::EXIT_USAGE);
+
+        // OFFSET:LEN keeps every write inside that part of the file.
+        std::fs::write(&path, vec![0u8; 8 << 20]).unwrap();
+        let tail = DiskConfig {
+            workload: "randwrite".into(),
+            range: Some(ByteRange { offset_bytes: 6 << 20, len_bytes: Some(1 << 20) }),
+            ..bad.clone()
+        };
+        let r = disk(&tail).unwrap();
+        assert!(r.errors.is_empty() && r.results.ios > 0, "{:?}", r.errors);
+        assert_eq!((r.settings.range_offset_bytes, r.settings.range_bytes), (Some(6 << 20), Some(1 << 20)));
+        let img = std::fs::read(&path).unwrap();
+        let written = |a: usize, b: usize| img[a..b].iter().any(|&x| x != 0);
+        assert!(!written(0, 6 << 20) && written(6 << 20, 7 << 20) && !written(7 << 20, 8 << 20));
+        let outside = DiskConfig { range: Some(ByteRange { offset_bytes: 8 << 20, len_bytes: None }), ..tail };
+        assert_eq!(disk(&outside).unwrap_err().exit_code(), crate::EXIT_USAGE);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

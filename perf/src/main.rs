@@ -21,7 +21,7 @@ use stager_perf::run::{PollMode, RunConfig};
 use stager_perf::scan::{verify_state, VerifyConfig};
 use stager_perf::scenario::{print_plan, run_scenario, Scenario, ScenarioOptions};
 use stager_perf::session::{self, SessionOptions};
-use stager_perf::units::{parse_duration, parse_io_size, parse_range, ByteRange};
+use stager_perf::units::{parse_disk_range, parse_duration, parse_io_size, parse_range, ByteRange};
 use stager_perf::workload::Workload;
 use stager_perf::{PerfError, TargetUrl, EXIT_OK};
 
@@ -215,9 +215,10 @@ struct DiskArgs {
     qd: u32,
     #[arg(short = 's', long, default_value = "4k", value_parser = parse_io_size)]
     size: usize,
-    /// Use only the first SIZE bytes of the device.
-    #[arg(long, value_parser = parse_io_size)]
-    range: Option<usize>,
+    /// The part of the device to use: SIZE (its first SIZE bytes) or OFFSET:LEN (OFFSET: for
+    /// the rest).
+    #[arg(long, value_parser = parse_disk_range)]
+    range: Option<ByteRange>,
     /// Writes durable on completion (RWF_DSYNC: FUA or a flush), as a log frame is.
     #[arg(long)]
     sync: bool,
@@ -452,7 +453,7 @@ fn cmd_disk(a: DiskArgs) -> Result<i32, PerfError> {
         workload: a.workload,
         io_bytes: a.size,
         queue_depth: a.qd as usize,
-        range_bytes: a.range.map(|r| r as u64),
+        range: a.range,
         sync: a.sync,
         time: a.time,
         ramp: a.ramp,

@@ -101,6 +101,15 @@ pub fn parse_range(s: &str) -> Result<ByteRange, String> {
     Ok(ByteRange { offset_bytes, len_bytes })
 }
 
+/// A part of a device: `SIZE` (its first SIZE bytes) or `OFFSET:LEN` as in [`parse_range`].
+pub fn parse_disk_range(s: &str) -> Result<ByteRange, String> {
+    if s.contains(':') {
+        parse_range(s)
+    } else {
+        Ok(ByteRange { offset_bytes: 0, len_bytes: Some(parse_io_size(s)? as u64) })
+    }
+}
+
 /// `4096` → `4 KiB`, `1536` → `1536 B`: exact binary units when they divide evenly.
 pub fn format_size(n: u64) -> String {
     const UNITS: [(u32, &str); 4] = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")];
@@ -184,6 +193,11 @@ mod tests {
         assert_eq!(parse_range("1m:"), Ok(ByteRange { offset_bytes: 1 << 20, len_bytes: None }));
         for bad in ["", "1g", ":", "x:1", "0:0", "0:y"] {
             assert!(parse_range(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_disk_range("256m"), Ok(ByteRange { offset_bytes: 0, len_bytes: Some(256 << 20) }));
+        assert_eq!(parse_disk_range("1g:256m"), Ok(ByteRange { offset_bytes: 1 << 30, len_bytes: Some(256 << 20) }));
+        for bad in ["", "0", "x", "0:0"] {
+            assert!(parse_disk_range(bad).is_err(), "{bad:?}");
         }
     }
 
