@@ -63,8 +63,10 @@ pub const DESTAGE_RUN_BLOCKS_MAX: u64 = 256;
 pub const DESTAGE_READ_BYTES_MAX: u64 = 2 << 20;
 /// Log reads of one volume's destager in flight (each holds up to `DESTAGE_READ_BYTES_MAX`).
 pub const DESTAGE_READS_IN_FLIGHT_MAX: usize = 8;
-/// Upper bound of the destager's adaptive in-flight depth (SAN writes per volume).
-pub const DESTAGE_DEPTH_MAX: u32 = 32;
+/// Upper bound of the destager's adaptive in-flight depth (SAN writes per volume). The run
+/// buffers are a batch's whatever the depth. tgtd on a file drained a log of random writes
+/// 1.5–1.7x faster with 128 in flight than with 32 (see `depth.rs`).
+pub const DESTAGE_DEPTH_MAX: u32 = 128;
 
 /// Replay reads the log in windows of up to this size (sequentially, several in flight). The
 /// first window is `REPLAY_WINDOW_BYTES_FIRST` and each next one twice the last, so a log
