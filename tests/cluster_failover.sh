@@ -146,7 +146,7 @@ t0=$(now)
 kill -USR1 "$proxy_pid"
 failover b node-b
 echo "PASS: (b) link cut: write-through after ${detect} s, node-b placed after ${placed} s, write-back+1 again after ${back} s"
-etcdctl --endpoints "127.0.0.1:$etcd_port" get "$prefix/nodes/node-c" --print-value-only | grep -q node-c \
+grep -q node-c <<< "$(etcdctl --endpoints "127.0.0.1:$etcd_port" get "$prefix/nodes/node-c" --print-value-only)" \
     || fail "(b) node-c should still be alive in etcd"
 
 # node-a served throughout: every write must have succeeded, not only the acknowledged ones read back.
@@ -193,7 +193,7 @@ done_after=$(since "$t0")
 epoch_e=$(field epoch)
 echo "PASS: (e) owner killed with $dirty_at_kill dirty bytes: node-b chosen to destage its copy after ${chosen} s (epoch $epoch_e), all on the SAN after ${done_after} s"
 grep -q "destaging this node's copy" "$work/stagerd-b.log" || fail "(e) node-b does not say it destages its copy"
-shows_rescue() { ctl cluster --socket "$work/b.sock" 2> /dev/null | grep -q "RESCUE by node-b: its copy is on the SAN"; }
+shows_rescue() { grep -q "RESCUE by node-b: its copy is on the SAN" <<< "$(ctl cluster --socket "$work/b.sock" 2> /dev/null)"; }
 wait_for 5 "(e) stagerctl cluster on node-b shows the rescue done" shows_rescue
 start check
 "$BIN/stager-perf" verify --target "$san_only" --nsid 1 --verify-state "$work/state.json" > "$work/verify-rescue.log" 2>&1 \

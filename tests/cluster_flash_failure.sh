@@ -74,7 +74,7 @@ sleep 1
 kill -CONT "$tgtd_pid"
 ((dirty > 0)) || fail "node-a's log held nothing dirty when its flash failed: the race would not be tested"
 # The steps are in the record's history with their times (they may all pass within a tick).
-ended() { record | grep -q "is back and skipped past the rescue by node-b"; }
+ended() { grep -q "is back and skipped past the rescue by node-b" <<< "$(record)"; }
 wait_for 30 "(d) node-b rescues node-a's copy and node-a skips past it" ended
 at() { # the time of the history entry containing $1, in seconds after t0
     record | python3 -c "import json,sys; h=[t for t in json.load(sys.stdin)['history'] if '$1' in t['what']]; print(f\"{h[-1]['at_unix_ms']/1000 - $t0:.1f}\")"

@@ -83,7 +83,7 @@ placed=$(since "$t0")
 wait_for 30 "write-back+1 again with node-c in sync" protected node-c
 back=$(since "$t0")
 who=$(grep -l 'is the resource manager' "$work"/stagerd-[ac].log | sed 's/.*stagerd-/node-/; s/.log//')
-record | grep -q "node-b: its node is gone" || fail "the record's history does not say why node-b was replaced: $(record)"
+grep -q "node-b: its node is gone" <<< "$(record)" || fail "the record's history does not say why node-b was replaced: $(record)"
 grep -q "resource manager: volume 1: epoch 2: replicas \[node-b\] → \[node-c\]" "$work/stagerd-${who#node-}.log" ||
     fail "$who's log does not show it made the replacement"
 echo "PASS: manager killed with a replacement pending: write-through after ${wt} s, $who elected after ${elected} s, node-c placed after ${placed} s, write-back+1 again after ${back} s"

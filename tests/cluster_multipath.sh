@@ -122,7 +122,7 @@ EOF
 check_node_yaml "${nvme[check]}" "$SUBNQN" "$san" > "$work/node-check.yaml"
 
 ana_is() { # node state: node's ANA group 1 as `stagerctl ana show` prints it
-    ctl ana show --socket "$work/$1.sock" 2> /dev/null | grep -q "^$SUBNQN .* $2 "
+    grep -q "^$SUBNQN .* $2 " <<< "$(ctl ana show --socket "$work/$1.sock" 2> /dev/null)"
 }
 field_is() { [[ $(field "$1") == "$2" ]]; }
 manager_is() { grep -q "cluster: node $1 is the resource manager" "$work/stagerd-${1#node-}.log"; }

@@ -86,8 +86,8 @@ wait_for 20 "(c) the resource manager places the copy on node-c" replicas_are no
 placed=$(since "$t0")
 wait_for 30 "(c) write-back+1 again with node-c in sync" protected node-c
 back=$(since "$t0")
-record | grep -q "node-b: it cannot reach the volume's SAN" || fail "(c) the record's history does not say why node-b was replaced: $(record)"
-etcdctl --endpoints "127.0.0.1:$etcd_port" get "$prefix/nodes/node-b" --print-value-only | grep -q node-b ||
+grep -q "node-b: it cannot reach the volume's SAN" <<< "$(record)" || fail "(c) the record's history does not say why node-b was replaced: $(record)"
+grep -q node-b <<< "$(etcdctl --endpoints "127.0.0.1:$etcd_port" get "$prefix/nodes/node-b" --print-value-only)" ||
     fail "(c) node-b should still be alive in etcd"
 # The copy moves with a short stretch of write-through while node-c syncs (the record's history
 # has it when the owner's tick saw it).

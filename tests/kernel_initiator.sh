@@ -91,7 +91,7 @@ stop_stagerd() {
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM HUP
 
-port_busy() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+port_busy() { grep -q . <<< "$(ss -Hltn "sport = :$1" 2>/dev/null)"; }
 
 # ---------------------------------------------------------------- build --
 T_START=$(date +%s.%N)

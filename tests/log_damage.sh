@@ -189,7 +189,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 ((lost > 0)) || fail "status shows no lost blocks"
-ctl status --socket "$sock" | grep -q "LOST: $lost block" || fail "stagerctl status does not show the lost blocks"
+grep -q "LOST: $lost block" <<< "$(ctl status --socket "$sock")" || fail "stagerctl status does not show the lost blocks"
 verify_no_stale flip
 ((errors > 0)) || fail "no read answered Unrecovered Read Error although $lost blocks are lost"
 echo "PASS: flipped byte: $lost block(s) lost and answered with Unrecovered Read Error, $errors read(s); every other acknowledged block verifies"

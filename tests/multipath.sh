@@ -98,7 +98,7 @@ die() {
     exit 1
 }
 
-port_busy() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+port_busy() { grep -q . <<< "$(ss -Hltn "sport = :$1" 2>/dev/null)"; }
 free_port() {
     # $1 = first candidate
     local p=$1

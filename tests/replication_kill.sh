@@ -105,7 +105,7 @@ volume_json() { # $1 volume id: node-a's status of it
 }
 wait_write_back() { # $1 volume id
     for _ in $(seq 200); do
-        volume_json "$1" | grep -q '"effective_policy": "write-back"' && return 0
+        grep -q '"effective_policy": "write-back"' <<< "$(volume_json "$1")" && return 0
         sleep 0.1
     done
     volume_json "$1"
@@ -163,7 +163,7 @@ wait_write_back 2
 write_and_kill_a 2 plus2
 stop b KILL
 stop c TERM
-ctl flash inspect "$work/flash-c.img" | grep -qE "copy of volume 2 for node node-a" || fail "node-c's flash does not list its copy of volume 2"
+grep -qE "copy of volume 2 for node node-a" <<< "$(ctl flash inspect "$work/flash-c.img")" || fail "node-c's flash does not list its copy of volume 2"
 ctl flash destage "$work/flash-c.img" --config "$work/node-a.yaml" > "$work/destage-c.log" 2>&1 || {
     cat "$work/destage-c.log"
     fail "destaging node-c's copy failed"

@@ -41,7 +41,7 @@ dpkg -s libiscsi-dev > /dev/null 2>&1 && features+=,stager-target/iscsi
 log "building stagerd, stagerctl and stager-perf with the verbs fabric (cargo build --release --workspace --bins --features $features)"
 cargo build --release --workspace --bins --features "$features" --quiet
 BIN=build/release
-ldd "$BIN/stagerd" | grep -q libibverbs || { log "FAIL: $BIN/stagerd was built without the verbs fabric"; exit 1; }
+grep -q libibverbs <<< "$(ldd "$BIN/stagerd")" || { log "FAIL: $BIN/stagerd was built without the verbs fabric"; exit 1; }
 
 # shellcheck source=scripts/guest/rdma-pair.sh
 . scripts/guest/rdma-pair.sh

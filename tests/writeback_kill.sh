@@ -129,7 +129,7 @@ kill -9 "$stagerd_pid"
 wait "$stagerd_pid" 2> /dev/null || true
 stagerd_pid=""
 ctl flash destage "$work/flash.img" --config "$work/wb.yaml" || fail "offline destage failed"
-ctl flash inspect "$work/flash.img" | grep -q "nothing to destage" || fail "dirty data left after the offline destage"
+grep -q "nothing to destage" <<< "$(ctl flash inspect "$work/flash.img")" || fail "dirty data left after the offline destage"
 echo "PASS: stagerctl flash destage drained the device to the SAN"
 
 # 4. The SAN alone: a fresh flash device, write-through without read cache.
@@ -166,7 +166,7 @@ ctl volume set-policy 7 write-through --socket "$work/stagerd.sock"
 for _ in $(seq 300); do [[ $(dirty_bytes) == 0 ]] && break; sleep 0.1; done
 after=$(dirty_bytes)
 [[ $after == 0 ]] || fail "write-through switch left $after dirty bytes"
-ctl status --socket "$work/stagerd.sock" | grep -q "policy write-through" || fail "status does not show write-through"
+grep -q "policy write-through" <<< "$(ctl status --socket "$work/stagerd.sock")" || fail "status does not show write-through"
 for st in state state-third; do
     "$BIN/stager-perf" verify --target "$target" --verify-state "$work/$st.json" > "$work/verify5.log" 2>&1 || {
         cat "$work/verify5.log"

@@ -119,7 +119,7 @@ rdma_pair_boot() {
 # Waits until the first guest's QEMU listens on $1 (the second one connects to it).
 rdma_pair_wait_listen() {
     local n=0
-    until ss -Hltn "sport = :$1" 2> /dev/null | grep -q .; do
+    until grep -q . <<< "$(ss -Hltn "sport = :$1" 2> /dev/null)"; do
         ((n++ < 100)) || { log "FAIL: the first guest's QEMU never listened on $1"; return 1; }
         sleep 0.1
     done
