@@ -454,3 +454,33 @@ fn a_trickle_of_writes_is_gathered_into_few_destage_batches() {
     ok(sim.drain());
     assert_eq!(sim.san_value(0, 39 % 8), last, "the gathered writes reach the SAN");
 }
+
+/// Issue 8: when destaging is urgent (here the front end is idle), a batch whose writes have
+/// completed while the next one is ready is chained to it instead of flushed: one SAN flush
+/// ends both, the watermark jumps over both at once, and the SAN ends with every write.
+#[test]
+fn urgent_batches_written_back_to_back_share_one_san_flush() {
+    let cfg = SimConfig { destage_gather_ns: Some(0), ..quiet(1) };
+    let mut sim = Simulator::new(21, cfg);
+    {
+        let mut san = sim.sans[0].0.borrow_mut();
+        san.slow_factor = 20;
+        san.slow_until = u64::MAX;
+    }
+    let first: Vec<u64> = (0..4).map(|i| sim.write(0, i * 4, 4)).collect();
+    ok(sim.settle(10 * MS));
+    ok(sim.run_for(2 * MS)); // the first batch is planned, read and on its way to the SAN
+    let m = sim.engine.volume_metrics(VolumeId(10)).unwrap();
+    assert_eq!(m.watermark, LogSeq(0), "the first batch must still be in flight: {m:?}");
+    let second: Vec<u64> = (0..4).map(|i| sim.write(0, 16 + i * 4, 4)).collect();
+    ok(sim.settle(10 * MS));
+    ok(sim.drain());
+    let m = sim.engine.volume_metrics(VolumeId(10)).unwrap();
+    assert_eq!(m.watermark, LogSeq(8), "{m:?}");
+    let flushes = sim.sans[0].0.borrow().flushes;
+    assert_eq!(flushes, 1, "two batches written back to back took {flushes} SAN flushes");
+    for (i, (a, b)) in first.iter().zip(&second).enumerate() {
+        assert_eq!(sim.san_value(0, i as u64 * 4), *a);
+        assert_eq!(sim.san_value(0, 16 + i as u64 * 4), *b);
+    }
+}

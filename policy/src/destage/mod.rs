@@ -17,6 +17,12 @@
 //! 4. when every run is written, SYNCHRONIZE CACHE; only then is the batch done and the
 //!    watermark moves. The next batch's writes start only now, so at every completed batch the
 //!    SAN holds the volume as of a log prefix (invariant 4).
+//! 5. when destaging is urgent and the next batch is read and its intent persisted, a batch
+//!    whose writes have all completed is *chained* instead of flushed: the next batch's writes
+//!    start at once and one flush ends both (up to `DESTAGE_CHAIN_BYTES_MAX`). The chain
+//!    completes as one batch: the watermark jumps to its end, so invariant 4 holds at every
+//!    completed batch; the intent already covers the chained batch, so a crash in between
+//!    redoes the whole chain as one batch (step 1).
 
 mod batch;
 pub mod depth;
@@ -24,9 +30,9 @@ pub mod depth;
 use std::collections::{HashMap, VecDeque};
 
 use crate::constants::{
-    BLOCK_SIZE_U64, DESTAGE_BATCH_BYTES_MAX, DESTAGE_BATCH_ENTRIES_MAX, DESTAGE_GATHER_BYTES, DESTAGE_GATHER_NS,
-    DESTAGE_GATHER_UNTIL_PERMILLE, FLASH_READ_FAIL_LOG_NS, FLASH_READ_RETRY_NS, LOG_READ_RETRY_MAX_NS,
-    SAN_BACKOFF_MAX_NS, SAN_BACKOFF_MIN_NS,
+    BLOCK_SIZE_U64, DESTAGE_BATCH_BYTES_MAX, DESTAGE_BATCH_ENTRIES_MAX, DESTAGE_CHAIN_BYTES_MAX, DESTAGE_GATHER_BYTES,
+    DESTAGE_GATHER_NS, DESTAGE_GATHER_UNTIL_PERMILLE, FLASH_READ_FAIL_LOG_NS, FLASH_READ_RETRY_NS,
+    LOG_READ_RETRY_MAX_NS, SAN_BACKOFF_MAX_NS, SAN_BACKOFF_MIN_NS,
 };
 use crate::io::{AlignedBuf, BufPool, Flash, IoDone, IoError, San};
 use crate::link::{DirtyRecord, FromDestage, Pressure, SanReport, SanRequest, ToDestage};
@@ -108,6 +114,8 @@ struct VolumeDestager {
     current: Option<Batch>,
     /// The following batch, planned early so its reads overlap the current one's writes.
     next: Option<Batch>,
+    /// Batches before `current` whose writes completed and whose flush is `current`'s (step 5).
+    chain: Option<Chain>,
     health: Health,
     depth: DepthController,
     rate_bytes_per_s: f64,
@@ -131,6 +139,7 @@ impl VolumeDestager {
             dirty_since_ns: None,
             current: None,
             next: None,
+            chain: None,
             health: Health { reachable: true, backoff_ns: SAN_BACKOFF_MIN_NS, retry_at: 0, errors: 0 },
             depth: DepthController::default(),
             rate_bytes_per_s: 0.0,
@@ -140,6 +149,17 @@ impl VolumeDestager {
             host_ops: 0,
         }
     }
+}
+
+/// Written batches waiting for the flush of the batch that followed them (step 5).
+struct Chain {
+    /// The last chained batch's end.
+    upto: LogSeq,
+    bytes: u64,
+    batches: u32,
+    runs: usize,
+    /// When the first chained batch started.
+    started_ns: u64,
 }
 
 pub struct Destager {
@@ -223,6 +243,9 @@ impl Destager {
         if v.current.as_ref().is_some_and(|b| b.upto <= upto) {
             dropped += v.current.take().map_or(0, |b| b.bytes);
         }
+        if v.chain.as_ref().is_some_and(|c| c.upto <= upto) {
+            dropped += v.chain.take().map_or(0, |c| c.bytes);
+        }
         while v.dirty.front().is_some_and(|r| r.seq <= upto) {
             let Some(r) = v.dirty.pop_front() else { break };
             let bytes = r.blocks * BLOCK_SIZE_U64 * u64::from(r.kind.has_data());
@@ -260,7 +283,10 @@ impl Destager {
     /// Nothing dirty, no batch, nothing in flight.
     pub fn is_idle(&self) -> bool {
         self.ops.is_empty()
-            && self.volumes.iter().all(|v| v.dirty.is_empty() && v.current.is_none() && v.next.is_none())
+            && self
+                .volumes
+                .iter()
+                .all(|v| v.dirty.is_empty() && v.current.is_none() && v.next.is_none() && v.chain.is_none())
     }
 
     pub fn io_in_flight(&self) -> bool {
@@ -270,7 +296,8 @@ impl Destager {
     /// Bytes of dirty data the destager knows of and has not destaged (status).
     pub fn pending_bytes(&self, id: VolumeId) -> Option<u64> {
         let v = &self.volumes[self.volume_index(id)?];
-        Some(v.dirty_bytes + v.current.as_ref().map_or(0, |b| b.bytes) + v.next.as_ref().map_or(0, |b| b.bytes))
+        let batches = [v.current.as_ref(), v.next.as_ref()].into_iter().flatten().map(|b| b.bytes).sum::<u64>();
+        Some(v.dirty_bytes + batches + v.chain.as_ref().map_or(0, |c| c.bytes))
     }
 
     pub fn report(&self, id: VolumeId) -> Option<SanReport> {
@@ -506,8 +533,37 @@ impl Destager {
         work
     }
 
+    /// Step 5: chains the current batch, written but not flushed, to the next one, which
+    /// becomes current and starts writing at once.
+    fn chain_batch(&mut self, vi: usize, now: u64) -> usize {
+        if !depth::urgent(&self.pressure) {
+            return 0;
+        }
+        let v = &mut self.volumes[vi];
+        let (Some(b), Some(n)) = (v.current.as_ref(), v.next.as_ref()) else { return 0 };
+        let chained = v.chain.as_ref().map_or(0, |c| c.bytes);
+        let chains = b.all_written()
+            && b.in_flight == 0
+            && !b.flush_in_flight
+            && v.health.reachable
+            && n.upto <= v.persisted_intent
+            && chained + b.bytes + n.bytes <= DESTAGE_CHAIN_BYTES_MAX;
+        if !chains {
+            return 0;
+        }
+        let (Some(b), Some(mut n)) = (v.current.take(), v.next.take()) else { unreachable!() };
+        let c = v.chain.get_or_insert(Chain { upto: b.upto, bytes: 0, batches: 0, runs: 0, started_ns: b.started_ns });
+        c.upto = b.upto;
+        c.bytes += b.bytes;
+        c.batches += 1;
+        c.runs += b.runs.len();
+        n.started_ns = now;
+        v.current = Some(n);
+        1
+    }
+
     fn issue_writes(&mut self, vi: usize, now: u64) -> usize {
-        let mut work = 0;
+        let mut work = self.chain_batch(vi, now);
         let limit = depth::write_limit(&self.volumes[vi].depth, &self.pressure);
         let v = &mut self.volumes[vi];
         let Some(b) = v.current.as_mut() else { return 0 };
@@ -637,23 +693,29 @@ impl Destager {
                 if ok {
                     let Some(b) = v.current.take() else { return };
                     assert!(b.upto > v.watermark, "destager: watermark would move back");
+                    // The batches chained before this one are durable with it.
+                    let (bytes, batches, runs, started_ns) = match v.chain.take() {
+                        Some(c) => (c.bytes + b.bytes, c.batches + 1, c.runs + b.runs.len(), c.started_ns),
+                        None => (b.bytes, 1, b.runs.len(), b.started_ns),
+                    };
                     v.watermark = b.upto;
-                    v.destaged_bytes_total += b.bytes;
-                    let elapsed = now.saturating_sub(b.started_ns).max(1) as f64 / 1e9;
-                    let rate = b.bytes as f64 / elapsed;
+                    v.destaged_bytes_total += bytes;
+                    let elapsed = now.saturating_sub(started_ns).max(1) as f64 / 1e9;
+                    let rate = bytes as f64 / elapsed;
                     v.rate_bytes_per_s =
                         if v.rate_bytes_per_s == 0.0 { rate } else { v.rate_bytes_per_s * 0.7 + rate * 0.3 };
                     tracing::debug!(
                         volume = v.id.0,
                         watermark = b.upto.0,
-                        bytes = b.bytes,
-                        runs = b.runs.len(),
+                        bytes,
+                        batches,
+                        runs,
                         ms = elapsed * 1e3,
                         writes_ms = b.writes_started_ns.saturating_sub(b.started_ns) as f64 / 1e6,
                         flush_ms = now.saturating_sub(b.flush_sent_ns) as f64 / 1e6,
                         "destage batch durable"
                     );
-                    self.events.push(DestageEvent::BatchDestaged { volume: v.id, watermark: b.upto, bytes: b.bytes });
+                    self.events.push(DestageEvent::BatchDestaged { volume: v.id, watermark: b.upto, bytes });
                     self.outbox.push(FromDestage::Destaged { volume: v.id, watermark: b.upto });
                     for r in b.runs {
                         self.pool.put_opt(r.buf);
@@ -686,9 +748,13 @@ impl Destager {
         // slows down or stalls shows in the rate at once, not after the batch ends.
         let v = &mut self.volumes[vi];
         if let Some(b) = &v.current {
-            let elapsed_ns = now.saturating_sub(b.started_ns);
+            let (bytes, started_ns) = match &v.chain {
+                Some(c) => (c.bytes + b.bytes, c.started_ns),
+                None => (b.bytes, b.started_ns),
+            };
+            let elapsed_ns = now.saturating_sub(started_ns);
             if elapsed_ns > STALL_RATE_AFTER_NS {
-                v.rate_bytes_per_s = v.rate_bytes_per_s.min(b.bytes as f64 / (elapsed_ns as f64 / 1e9));
+                v.rate_bytes_per_s = v.rate_bytes_per_s.min(bytes as f64 / (elapsed_ns as f64 / 1e9));
             }
         } else if v.next.is_none() && v.dirty.is_empty() {
             v.rate_bytes_per_s = 0.0; // nothing to destage: nothing moves
