@@ -17,12 +17,12 @@
 //! 4. when every run is written, SYNCHRONIZE CACHE; only then is the batch done and the
 //!    watermark moves. The next batch's writes start only now, so at every completed batch the
 //!    SAN holds the volume as of a log prefix (invariant 4).
-//! 5. when destaging is urgent and the next batch is read and its intent persisted, a batch
+//! 5. when destaging is urgent and the next batch is planned and its intent persisted, a batch
 //!    whose writes have all completed is *chained* instead of flushed: the next batch's writes
 //!    start at once and one flush ends both (up to `DESTAGE_CHAIN_BYTES_MAX`). The chain
 //!    completes as one batch: the watermark jumps to its end, so invariant 4 holds at every
-//!    completed batch; the intent already covers the chained batch, so a crash in between
-//!    redoes the whole chain as one batch (step 1).
+//!    completed batch; the persisted intent covers the batch being written, so after a crash
+//!    the first batch redoes the whole chain (step 1).
 
 mod batch;
 pub mod depth;
