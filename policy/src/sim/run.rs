@@ -1281,6 +1281,7 @@ impl Simulator {
     /// once the copy is no longer served.
     fn serve_rescued(&mut self, node: &mut Node, vol: usize) -> Result<(), Failure> {
         const WHAT: &str = "serving a rescued copy";
+        const SERVE_WRITE_ATTEMPTS: u32 = 10;
         self.stats.served_rescues += 1;
         let id = Simulator::volume_id(vol);
         if let Err(why) = node.engine.serve_copy(id, true, None) {
@@ -1305,11 +1306,22 @@ impl Simulator {
         for k in 0..4u64 {
             let lba = self.rng.gen_range(0..self.cfg.blocks);
             let wid = 1_000_000_000 + k;
-            let mut buf = AlignedBuf::new(BLOCK_SIZE);
-            encode_block(&mut buf, wid, vol as u32, lba);
-            let done = run(self, node, 2 * k + 1, HostOp::Write { lba: Lba(lba), buf, fua: false })?;
+            // The SAN may be down or failing meanwhile (faults): a write then ends Busy, and a
+            // host writes it again.
+            let mut attempts = 0;
+            let done = loop {
+                let mut buf = AlignedBuf::new(BLOCK_SIZE);
+                encode_block(&mut buf, wid, vol as u32, lba);
+                let done = run(self, node, 2 * k + 1, HostOp::Write { lba: Lba(lba), buf, fua: false })?;
+                attempts += 1;
+                if done.status != Status::Busy || attempts == SERVE_WRITE_ATTEMPTS {
+                    break done;
+                }
+            };
             if done.status != Status::Ok {
-                return Err(self.fail(WHAT, format!("a write to lba {lba} ended {:?}", done.status)));
+                return Err(
+                    self.fail(WHAT, format!("a write to lba {lba} ended {:?} ({attempts} attempts)", done.status))
+                );
             }
             if self.san_block(vol, lba) != wid {
                 return Err(self.fail(WHAT, format!("an acknowledged write to lba {lba} is not on the SAN")));
