@@ -13,7 +13,8 @@
 //! a GiB of 64 KiB runs. With the cap at 32 and that growth a 1 GiB log of random 64 KiB writes
 //! was clean 6.1–6.8 s after tgtd was resumed, with the cap at 128 and slow start 4.1–4.5 s
 //! after, about 1 s of which passes before destage resumes; random 4 KiB writes: 22.1 s against
-//! 12.8 s. That is `bench-writeback` part 3's pile and drain, by hand, in alternating runs.)
+//! 12.8 s. That is `bench-writeback` part 3's pile and drain, by hand, in alternating runs, as
+//! docs/benchmarks.md describes.)
 //! (A latency baseline cannot tell a saturated SAN from writes of another size: runs go from
 //! 4 KiB to 1 MiB, and with the best latency seen on a small one every large run looked slow,
 //! which pinned the window at 1: in
