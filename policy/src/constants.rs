@@ -53,6 +53,10 @@ pub const DESTAGE_BATCH_ENTRIES_MAX: usize = 64 * 1024;
 /// file the flush took ~30 ms after a 32 MiB batch and ~70 ms after 128 MiB (`flush_ms` in the
 /// destager's "destage batch durable" debug line).
 pub const DESTAGE_CHAIN_BYTES_MAX: u64 = 128 << 20;
+/// When destaging is urgent, the destager sends the SAN a flush that moves nothing after this
+/// much completed writing, so the SAN writes back while more writes go out (see
+/// `Destager::early_flush`).
+pub const DESTAGE_EARLY_FLUSH_BYTES: u64 = 16 << 20;
 /// A batch starts once this much data is dirty, once the oldest dirty entry waited
 /// `DESTAGE_GATHER_NS`, or at once when the front end is idle or the log a quarter full: every
 /// batch costs two superblock writes on the flash and a SAN flush, which a batch per

@@ -1,15 +1,25 @@
 //! Targeted scenarios, one test each, driven through the simulator's devices, delay line and
 //! checkers (so every invariant is checked after every step of each scenario too).
 
-use stager_policy::constants::{BLOCK_SIZE, BLOCK_SIZE_U64, DESTAGE_GATHER_NS, LOG_BYTES_MIN};
+use stager_policy::constants::{
+    BLOCK_SIZE, BLOCK_SIZE_U64, DESTAGE_EARLY_FLUSH_BYTES, DESTAGE_GATHER_NS, LOG_BYTES_MIN,
+};
 use stager_policy::log::{EntryHeader, EntryKind, FrameHeader, FrameKind, FrameStamp};
 use stager_policy::sim::{encode_block, SimConfig, Simulator};
 use stager_policy::{AlignedBuf, Epoch, Lba, LogSeq, VolumeId, WritePolicy};
 
 const MS: u64 = 1_000_000;
 
+/// No faults, no crashes, and the default early flush (which these small volumes never reach:
+/// SAN flush counts stay those of the batches).
 fn quiet(volumes: usize) -> SimConfig {
-    SimConfig { volumes, faults: false, crashes: false, ..SimConfig::default() }
+    SimConfig {
+        volumes,
+        faults: false,
+        crashes: false,
+        destage_early_flush_bytes: Some(DESTAGE_EARLY_FLUSH_BYTES),
+        ..SimConfig::default()
+    }
 }
 
 fn ok<T>(r: Result<T, stager_policy::sim::Failure>) -> T {
@@ -482,5 +492,30 @@ fn urgent_batches_written_back_to_back_share_one_san_flush() {
     for (i, (a, b)) in first.iter().zip(&second).enumerate() {
         assert_eq!(sim.san_value(0, i as u64 * 4), *a);
         assert_eq!(sim.san_value(0, 16 + i as u64 * 4), *b);
+    }
+}
+
+/// Issue 8: when destaging is urgent, the destager flushes the SAN every so much completed
+/// writing, so the SAN writes back while the batch's other writes go out. Such a flush moves
+/// nothing: the watermark moves once, at the batch's own flush after its last write.
+#[test]
+fn urgent_destaging_flushes_early_without_moving_the_watermark() {
+    let cfg = SimConfig { destage_gather_ns: Some(0), destage_early_flush_bytes: Some(4 * BLOCK_SIZE_U64), ..quiet(1) };
+    let mut sim = Simulator::new(22, cfg);
+    {
+        let mut san = sim.sans[0].0.borrow_mut();
+        san.slow_factor = 20;
+        san.slow_until = u64::MAX;
+    }
+    let writes: Vec<u64> = (0..8).map(|i| sim.write(0, i * 4, 4)).collect();
+    ok(sim.settle(10 * MS));
+    ok(sim.drain());
+    let m = sim.engine.volume_metrics(VolumeId(10)).unwrap();
+    assert_eq!(m.watermark, LogSeq(8), "{m:?}");
+    assert_eq!(sim.stats.batches_checked, 1, "one batch, one watermark move");
+    let flushes = sim.sans[0].0.borrow().flushes;
+    assert!(flushes >= 2, "128 KiB destaged urgently took {flushes} SAN flush(es): none early");
+    for (i, w) in writes.iter().enumerate() {
+        assert_eq!(sim.san_value(0, i as u64 * 4), *w);
     }
 }

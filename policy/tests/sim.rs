@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use stager_policy::constants::DESTAGE_EARLY_FLUSH_BYTES;
 use stager_policy::sim::{run_seed, Failure, SimConfig};
 use stager_policy::Bugs;
 
@@ -156,7 +157,13 @@ fn checker_catches_write_through_over_blocks_a_replica_still_holds() {
 
 #[test]
 fn checker_catches_acks_not_held_for_the_clusters_record() {
-    let cfg = SimConfig { confirm_copies: Some(true), ..replicated(Bugs { skip_ack_hold: true, ..Bugs::default() }) };
+    // A rare trajectory (about one seed in 2 000): the early flush stays at its default, which
+    // these volumes never reach, so the seeds run as they did before early flushes existed.
+    let cfg = SimConfig {
+        confirm_copies: Some(true),
+        destage_early_flush_bytes: Some(DESTAGE_EARLY_FLUSH_BYTES),
+        ..replicated(Bugs { skip_ack_hold: true, ..Bugs::default() })
+    };
     let f = first_failure(cfg, 3000);
     // A copy the record still names in sync lacks a write acknowledged after its link was lost.
     assert!(f.invariant.starts_with("replica failover") || f.invariant == "invariant 2", "{f}");

@@ -23,6 +23,9 @@
 //!    completes as one batch: the watermark jumps to its end, so invariant 4 holds at every
 //!    completed batch; the persisted intent covers the batch being written, so after a crash
 //!    the first batch redoes the whole chain (step 1).
+//! 6. when destaging is urgent, a flush also goes out after every so much completed writing
+//!    (`DESTAGE_EARLY_FLUSH_BYTES`), alongside the writes: it moves no watermark, it gets the
+//!    SAN writing back early so that the flush of step 4 or 5 finds less to do.
 
 mod batch;
 pub mod depth;
@@ -30,9 +33,9 @@ pub mod depth;
 use std::collections::{HashMap, VecDeque};
 
 use crate::constants::{
-    BLOCK_SIZE_U64, DESTAGE_BATCH_BYTES_MAX, DESTAGE_BATCH_ENTRIES_MAX, DESTAGE_CHAIN_BYTES_MAX, DESTAGE_GATHER_BYTES,
-    DESTAGE_GATHER_NS, DESTAGE_GATHER_UNTIL_PERMILLE, FLASH_READ_FAIL_LOG_NS, FLASH_READ_RETRY_NS,
-    LOG_READ_RETRY_MAX_NS, SAN_BACKOFF_MAX_NS, SAN_BACKOFF_MIN_NS,
+    BLOCK_SIZE_U64, DESTAGE_BATCH_BYTES_MAX, DESTAGE_BATCH_ENTRIES_MAX, DESTAGE_CHAIN_BYTES_MAX,
+    DESTAGE_EARLY_FLUSH_BYTES, DESTAGE_GATHER_BYTES, DESTAGE_GATHER_NS, DESTAGE_GATHER_UNTIL_PERMILLE,
+    FLASH_READ_FAIL_LOG_NS, FLASH_READ_RETRY_NS, LOG_READ_RETRY_MAX_NS, SAN_BACKOFF_MAX_NS, SAN_BACKOFF_MIN_NS,
 };
 use crate::io::{AlignedBuf, BufPool, Flash, IoDone, IoError, San};
 use crate::link::{DirtyRecord, FromDestage, Pressure, SanReport, SanRequest, ToDestage};
@@ -69,10 +72,30 @@ pub enum DestageEvent {
 }
 
 enum Op {
-    LogRead { vi: usize, batch: u64, read: usize },
-    Run { vi: usize, run: usize, sent_ns: u64 },
-    Flush { vi: usize },
-    Host { vi: usize, token: IoToken, sent_ns: u64, read: bool },
+    LogRead {
+        vi: usize,
+        batch: u64,
+        read: usize,
+    },
+    Run {
+        vi: usize,
+        run: usize,
+        sent_ns: u64,
+    },
+    Flush {
+        vi: usize,
+    },
+    /// A flush sent when a batch is chained: it moves nothing, it only starts the SAN's
+    /// write-back of the chain early, so that the flush ending the chain finds less to do.
+    EarlyFlush {
+        vi: usize,
+    },
+    Host {
+        vi: usize,
+        token: IoToken,
+        sent_ns: u64,
+        read: bool,
+    },
 }
 
 /// SAN reachability as the destager sees it, with retry back-off.
@@ -116,6 +139,10 @@ struct VolumeDestager {
     next: Option<Batch>,
     /// Batches before `current` whose writes completed and whose flush is `current`'s (step 5).
     chain: Option<Chain>,
+    /// An `Op::EarlyFlush` is in flight.
+    early_flush: bool,
+    /// Bytes of SAN writes completed since a flush was last sent.
+    unflushed_bytes: u64,
     health: Health,
     depth: DepthController,
     rate_bytes_per_s: f64,
@@ -140,6 +167,8 @@ impl VolumeDestager {
             current: None,
             next: None,
             chain: None,
+            early_flush: false,
+            unflushed_bytes: 0,
             health: Health { reachable: true, backoff_ns: SAN_BACKOFF_MIN_NS, retry_at: 0, errors: 0 },
             depth: DepthController::default(),
             rate_bytes_per_s: 0.0,
@@ -184,6 +213,9 @@ pub struct Destager {
     /// How long a small amount of dirty data is gathered before a batch starts
     /// (`DESTAGE_GATHER_NS`; the simulator varies it).
     gather_ns: u64,
+    /// Completed SAN writes between early flushes (`DESTAGE_EARLY_FLUSH_BYTES`; the simulator
+    /// varies it).
+    early_flush_bytes: u64,
 }
 
 impl Destager {
@@ -207,12 +239,18 @@ impl Destager {
             read_fail_reported_ns: None,
             read_fails: 0,
             gather_ns: DESTAGE_GATHER_NS,
+            early_flush_bytes: DESTAGE_EARLY_FLUSH_BYTES,
         }
     }
 
     /// Sets how long a small amount of dirty data is gathered before a batch starts.
     pub fn set_gather_ns(&mut self, ns: u64) {
         self.gather_ns = ns;
+    }
+
+    /// Sets how much completed SAN writing an urgent destager lets pass between early flushes.
+    pub fn set_early_flush_bytes(&mut self, bytes: u64) {
+        self.early_flush_bytes = bytes;
     }
 
     /// Adds a volume whose SAN this destager did not have (a replica copy this node now
@@ -562,8 +600,27 @@ impl Destager {
         1
     }
 
+    /// When destaging is urgent, a flush every `early_flush_bytes` of completed SAN
+    /// writes makes the SAN start writing them back while the batch's other writes go out, so
+    /// that the flush which ends the batch (or chain) finds less to do. It moves no watermark:
+    /// the SAN may hold a torn mix of batches until that batch's own flush.
+    fn early_flush(&mut self, vi: usize) -> usize {
+        let v = &mut self.volumes[vi];
+        if v.early_flush || v.unflushed_bytes < self.early_flush_bytes || !depth::urgent(&self.pressure) {
+            return 0;
+        }
+        if !v.health.reachable || v.current.as_ref().is_none_or(|b| b.flush_in_flight) {
+            return 0;
+        }
+        v.early_flush = true;
+        v.unflushed_bytes = 0;
+        let token = self.token(Op::EarlyFlush { vi });
+        self.volumes[vi].san.submit_flush(token);
+        1
+    }
+
     fn issue_writes(&mut self, vi: usize, now: u64) -> usize {
-        let mut work = self.chain_batch(vi, now);
+        let mut work = self.chain_batch(vi, now) + self.early_flush(vi);
         let limit = depth::write_limit(&self.volumes[vi].depth, &self.pressure);
         let v = &mut self.volumes[vi];
         let Some(b) = v.current.as_mut() else { return 0 };
@@ -604,6 +661,7 @@ impl Destager {
             work += 1;
         }
         if flush {
+            self.volumes[vi].unflushed_bytes = 0;
             if let Some(b) = self.volumes[vi].current.as_mut() {
                 b.flush_sent_ns = now;
             }
@@ -677,6 +735,7 @@ impl Destager {
                 if ok {
                     v.depth.on_success(now.saturating_sub(sent_ns), now, urgent);
                     b.runs_done += 1;
+                    v.unflushed_bytes += b.runs[run].blocks * BLOCK_SIZE_U64;
                     self.pool.put_opt(done.buf);
                 } else {
                     v.depth.on_error(now);
@@ -721,6 +780,10 @@ impl Destager {
                         self.pool.put_opt(r.buf);
                     }
                 }
+            }
+            Op::EarlyFlush { vi } => {
+                self.san_result(vi, done.result.is_ok(), now);
+                self.volumes[vi].early_flush = false;
             }
             Op::Host { vi, token, sent_ns, read } => {
                 let ok = done.result.is_ok();

@@ -14,7 +14,9 @@ use rand::{Rng, SeedableRng};
 use super::devices::{DiskHandle, SimDisk};
 use super::fabric::{FabricPort, Net, NetHandle};
 use super::model::{decode_block, encode_block, Model, Violation};
-use crate::constants::{BLOCK_SIZE, BLOCK_SIZE_U64, DESTAGE_GATHER_NS, LOG_BYTES_MIN, LOG_START};
+use crate::constants::{
+    BLOCK_SIZE, BLOCK_SIZE_U64, DESTAGE_EARLY_FLUSH_BYTES, DESTAGE_GATHER_NS, LOG_BYTES_MIN, LOG_START,
+};
 use crate::destage::{DestageEvent, Destager};
 use crate::engine::{Bugs, Engine, EngineConfig, EngineEvent, EngineState, HostDone, HostOp, Located, Status};
 use crate::io::{AlignedBuf, Flash, San};
@@ -58,6 +60,10 @@ pub struct SimConfig {
     /// How long destagers gather a trickle of dirty data before a batch (random per seed
     /// when None: none, a tenth of `DESTAGE_GATHER_NS`, or all of it).
     pub destage_gather_ns: Option<u64>,
+    /// How much completed SAN writing an urgent destager lets pass between early flushes
+    /// (random per seed when None: `DESTAGE_EARLY_FLUSH_BYTES`, which these small volumes
+    /// never reach, one block, or four).
+    pub destage_early_flush_bytes: Option<u64>,
 }
 
 impl Default for SimConfig {
@@ -78,6 +84,7 @@ impl Default for SimConfig {
             failover: None,
             confirm_copies: None,
             destage_gather_ns: None,
+            destage_early_flush_bytes: None,
             trace_block: std::env::var("STAGER_SIM_TRACE")
                 .ok()
                 .and_then(|v| v.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))),
@@ -91,6 +98,7 @@ impl SimConfig {
     fn destager(&self, layout: Layout, flash: Box<dyn Flash>, sans: Vec<(VolumeId, Box<dyn San>)>) -> Destager {
         let mut d = Destager::new(layout, flash, sans);
         d.set_gather_ns(self.destage_gather_ns.unwrap_or(DESTAGE_GATHER_NS));
+        d.set_early_flush_bytes(self.destage_early_flush_bytes.unwrap_or(DESTAGE_EARLY_FLUSH_BYTES));
         d
     }
 
@@ -295,6 +303,9 @@ impl Simulator {
         let gather =
             [0, DESTAGE_GATHER_NS / 10, DESTAGE_GATHER_NS][StdRng::seed_from_u64(seed ^ 0x6a7e_6a7e).gen_range(0..3)];
         cfg.destage_gather_ns = Some(cfg.destage_gather_ns.unwrap_or(gather));
+        let early = [DESTAGE_EARLY_FLUSH_BYTES, BLOCK_SIZE_U64, 4 * BLOCK_SIZE_U64]
+            [StdRng::seed_from_u64(seed ^ 0xea51_ea51).gen_range(0..3)];
+        cfg.destage_early_flush_bytes = Some(cfg.destage_early_flush_bytes.unwrap_or(early));
         let now = Rc::new(Cell::new(1_000_000));
         // 5% of the device for the clean cache, the rest (at least `log_bytes`) for the log.
         let log_blocks = cfg.log_bytes / BLOCK_SIZE_U64;
