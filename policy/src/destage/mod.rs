@@ -85,8 +85,8 @@ enum Op {
     Flush {
         vi: usize,
     },
-    /// A flush sent when a batch is chained: it moves nothing, it only starts the SAN's
-    /// write-back of the chain early, so that the flush ending the chain finds less to do.
+    /// A flush sent while an urgent batch is still writing (`Destager::early_flush`): it moves
+    /// nothing, it only gets the SAN writing back early.
     EarlyFlush {
         vi: usize,
     },
