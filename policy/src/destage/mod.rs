@@ -141,7 +141,7 @@ struct VolumeDestager {
     chain: Option<Chain>,
     /// An `Op::EarlyFlush` is in flight.
     early_flush: bool,
-    /// Bytes of SAN writes completed since a flush was last sent.
+    /// Bytes of data runs written to the SAN since a flush was last sent.
     unflushed_bytes: u64,
     health: Health,
     depth: DepthController,
@@ -609,7 +609,9 @@ impl Destager {
         if v.early_flush || v.unflushed_bytes < self.early_flush_bytes || !depth::urgent(&self.pressure) {
             return 0;
         }
-        if !v.health.reachable || v.current.as_ref().is_none_or(|b| b.flush_in_flight) {
+        // Only while the batch still has writes to do: once they are all done, its own flush
+        // (or the chain) follows at once.
+        if !v.health.reachable || v.current.as_ref().is_none_or(|b| b.flush_in_flight || b.all_written()) {
             return 0;
         }
         v.early_flush = true;
@@ -735,7 +737,9 @@ impl Destager {
                 if ok {
                     v.depth.on_success(now.saturating_sub(sent_ns), now, urgent);
                     b.runs_done += 1;
-                    v.unflushed_bytes += b.runs[run].blocks * BLOCK_SIZE_U64;
+                    if b.runs[run].kind == RunKind::Data {
+                        v.unflushed_bytes += b.runs[run].blocks * BLOCK_SIZE_U64;
+                    }
                     self.pool.put_opt(done.buf);
                 } else {
                     v.depth.on_error(now);
