@@ -55,7 +55,7 @@ pub const DESTAGE_BATCH_ENTRIES_MAX: usize = 64 * 1024;
 pub const DESTAGE_CHAIN_BYTES_MAX: u64 = 128 << 20;
 /// When destaging is urgent, the destager sends the SAN a flush that moves nothing after this
 /// much completed writing, so the SAN writes back while more writes go out (see
-/// `Destager::early_flush`): the flush ending a 128 MiB chain then took 5-16 ms instead of ~70.
+/// `Destager::early_flush`): the flush ending a 128 MiB chain then took 5-18 ms instead of ~70.
 pub const DESTAGE_EARLY_FLUSH_BYTES: u64 = 16 << 20;
 /// A batch starts once this much data is dirty, once the oldest dirty entry waited
 /// `DESTAGE_GATHER_NS`, or at once when the front end is idle or the log a quarter full: every

@@ -22,6 +22,14 @@ fn quiet(volumes: usize) -> SimConfig {
     }
 }
 
+/// Volume 0's SAN answers 20 times slower from now on, so batches stay in flight long enough
+/// to be watched.
+fn slow_san(sim: &mut Simulator) {
+    let mut san = sim.sans[0].0.borrow_mut();
+    san.slow_factor = 20;
+    san.slow_until = u64::MAX;
+}
+
 fn ok<T>(r: Result<T, stager_policy::sim::Failure>) -> T {
     r.unwrap_or_else(|f| panic!("{f}"))
 }
@@ -60,11 +68,7 @@ fn a_front_end_write_racing_a_batch_being_destaged_is_never_lost_or_overwritten(
     // watermark must not clean the newer entry, reads must return it, and the SAN must end
     // with it.
     let mut sim = Simulator::new(11, quiet(1));
-    {
-        let mut san = sim.sans[0].0.borrow_mut();
-        san.slow_factor = 20;
-        san.slow_until = u64::MAX;
-    }
+    slow_san(&mut sim);
     let first: Vec<u64> = (0..4).map(|i| sim.write(0, i * 4, 4)).collect();
     ok(sim.settle(10 * MS));
     ok(sim.run_for(2 * MS)); // the batch is planned, read and on its way to the SAN
@@ -472,11 +476,7 @@ fn a_trickle_of_writes_is_gathered_into_few_destage_batches() {
 fn urgent_batches_written_back_to_back_share_one_san_flush() {
     let cfg = SimConfig { destage_gather_ns: Some(0), ..quiet(1) };
     let mut sim = Simulator::new(21, cfg);
-    {
-        let mut san = sim.sans[0].0.borrow_mut();
-        san.slow_factor = 20;
-        san.slow_until = u64::MAX;
-    }
+    slow_san(&mut sim);
     let first: Vec<u64> = (0..4).map(|i| sim.write(0, i * 4, 4)).collect();
     ok(sim.settle(10 * MS));
     ok(sim.run_for(2 * MS)); // the first batch is planned, read and on its way to the SAN
@@ -502,11 +502,7 @@ fn urgent_batches_written_back_to_back_share_one_san_flush() {
 fn urgent_destaging_flushes_early_without_moving_the_watermark() {
     let cfg = SimConfig { destage_gather_ns: Some(0), destage_early_flush_bytes: Some(4 * BLOCK_SIZE_U64), ..quiet(1) };
     let mut sim = Simulator::new(22, cfg);
-    {
-        let mut san = sim.sans[0].0.borrow_mut();
-        san.slow_factor = 20;
-        san.slow_until = u64::MAX;
-    }
+    slow_san(&mut sim);
     // Apart, so the batch is eight SAN writes, not one run.
     let writes: Vec<u64> = (0..8).map(|i| sim.write(0, i * 6, 4)).collect();
     ok(sim.settle(10 * MS));
