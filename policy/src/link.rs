@@ -31,10 +31,27 @@ pub struct DirtyRecord {
 /// A host command that needs the SAN: read misses, write-through writes, flushes.
 #[derive(Debug)]
 pub enum SanRequest {
-    Read { offset: u64, buf: AlignedBuf },
-    Write { offset: u64, buf: AlignedBuf, fua: bool },
-    WriteZeroes { offset: u64, len: u64 },
-    Unmap { offset: u64, len: u64 },
+    Read {
+        offset: u64,
+        buf: AlignedBuf,
+    },
+    Write {
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+        /// A write of a full log over dirty blocks (`engine/write.rs`, "Full log"): every
+        /// entry of its blocks below this sequence number is void once it succeeds. The
+        /// destager writes no older data of them over it (see `destage/supersede.rs`).
+        supersede: Option<LogSeq>,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
+    Unmap {
+        offset: u64,
+        len: u64,
+    },
     Flush,
 }
 

@@ -31,11 +31,11 @@ fn simulator_seeds() {
     // Seeds are independent: run them on every core, each thread pulling the next seed.
     let next = AtomicU64::new(base);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let results: Vec<Result<[u64; 9], Failure>> = std::thread::scope(|scope| {
+    let results: Vec<Result<[u64; 10], Failure>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
-                    let mut totals = [0u64; 9];
+                    let mut totals = [0u64; 10];
                     loop {
                         let seed = next.fetch_add(1, Ordering::Relaxed);
                         let done_count = seed - base >= seeds;
@@ -53,21 +53,22 @@ fn simulator_seeds() {
                         totals[6] += stats.live_rescues;
                         totals[7] += stats.served_rescues;
                         totals[8] += stats.replacements;
+                        totals[9] += stats.supersedes;
                     }
                 })
             })
             .collect();
         workers.into_iter().map(|w| w.join().expect("simulator thread panicked")).collect()
     });
-    let mut totals = [0u64; 9];
+    let mut totals = [0u64; 10];
     for r in results {
         match r {
-            Ok(t) => (0..9).for_each(|i| totals[i] += t[i]),
+            Ok(t) => (0..10).for_each(|i| totals[i] += t[i]),
             Err(f) => panic!("{f}"),
         }
     }
     eprintln!(
-        "simulator: {} seeds from {base} on {threads} threads in {:.1?}: {} writes acked, {} reads checked, {} crashes, {} destage batches checked, {} failovers ({} of them live rescues, {} then served), {} replicas replaced",
+        "simulator: {} seeds from {base} on {threads} threads in {:.1?}: {} writes acked, {} reads checked, {} crashes, {} destage batches checked, {} failovers ({} of them live rescues, {} then served), {} replicas replaced, {} full-log writes superseding dirty blocks",
         totals[0],
         start.elapsed(),
         totals[1],
@@ -77,7 +78,8 @@ fn simulator_seeds() {
         totals[5],
         totals[6],
         totals[7],
-        totals[8]
+        totals[8],
+        totals[9]
     );
 }
 
@@ -94,6 +96,44 @@ fn run_caught(seed: u64) -> Result<stager_policy::sim::SimStats, Failure> {
             Err(Failure { seed, step: 0, invariant: "an engine assertion", detail: what })
         }
     }
+}
+
+/// A seed where the log fills while the SAN stays reachable (long, deep SAN stalls, large
+/// writes, no replicas), so full-log writes supersede dirty blocks while batches of them are
+/// planned and in flight (`engine/write.rs`, "Full log"; `destage/supersede.rs`).
+fn full_log(seed: u64) -> SimConfig {
+    SimConfig {
+        replicas: 0,
+        san_stalls: true,
+        max_write_blocks: 48,
+        blocks: 128,
+        steps: 1000,
+        ..SimConfig::varied(seed)
+    }
+}
+
+#[test]
+fn full_log_seeds() {
+    let seeds = env_u64("STAGER_SIM_FULL_LOG_SEEDS").unwrap_or(if cfg!(debug_assertions) { 20 } else { 600 });
+    let mut supersedes = 0;
+    for seed in 0..seeds {
+        match run_seed(seed, full_log(seed)) {
+            Ok(stats) => supersedes += stats.supersedes,
+            Err(f) => panic!("{f} (full-log seeds: rerun with STAGER_SIM_FULL_LOG_SEED={})", f.seed),
+        }
+    }
+    eprintln!("full-log seeds: {seeds} seeds, {supersedes} writes superseded dirty blocks");
+    assert!(supersedes >= seeds, "only {supersedes} superseding writes in {seeds} seeds: the log no longer fills");
+}
+
+#[test]
+fn checker_catches_older_data_destaged_over_a_superseding_write() {
+    let bugs = Bugs { supersede_unfenced: true, ..Bugs::default() };
+    let f = (0..600)
+        .find_map(|seed| run_seed(seed, SimConfig { bugs, ..full_log(seed) }).err())
+        .unwrap_or_else(|| panic!("the simulator missed the mutation in 600 full-log seeds"));
+    eprintln!("mutation caught: {f}");
+    assert!(f.invariant == "invariant 2" || f.invariant == "invariant 1", "{f}");
 }
 
 /// Runs seeds with a mutation until one fails; returns that failure.

@@ -20,6 +20,8 @@ use crate::link::DirtyRecord;
 use crate::log::EntryKind;
 use crate::types::{Lba, LogPos, LogSeq};
 
+use super::supersede::Exclusion;
+
 /// Largest zeroing or unmap command (1 GiB): Write Zeroes of a whole volume is a few commands.
 const ZERO_RUN_BLOCKS_MAX: u64 = 1 << 18;
 /// Entries this close in the log are read together (the frame headers between them included).
@@ -40,6 +42,16 @@ pub(crate) struct Run {
     pub buf: Option<AlignedBuf>,
     /// Blocks not filled yet.
     pub missing: u64,
+    /// Sent to the SAN (until it failed and waits to be sent again), and written.
+    pub sent: bool,
+    pub done: bool,
+}
+
+impl Run {
+    /// Whether the run writes any of `lba..lba + blocks`.
+    pub fn overlaps(&self, lba: Lba, blocks: u64) -> bool {
+        self.lba.0 < lba.0 + blocks && lba.0 < self.lba.0 + self.blocks
+    }
 }
 
 /// A piece of a read that goes into a run.
@@ -86,11 +98,13 @@ pub(crate) struct Batch {
 
 impl Batch {
     /// Plans the batch of `records` (sequence order, all ≤ `upto`) of a log whose laps are
-    /// `lap_bytes` long.
+    /// `lap_bytes` long. Blocks of an `exclusions` range are not written from entries below its
+    /// `before`: a superseding write put newer data on the SAN (`supersede.rs`).
     pub fn plan(
         id: u64,
         upto: LogSeq,
         mut records: Vec<DirtyRecord>,
+        exclusions: &[Exclusion],
         lap_bytes: u64,
         pool: &mut BufPool,
         now: u64,
@@ -99,6 +113,11 @@ impl Batch {
         let mut memories = Vec::new();
         let mut in_memory = vec![false; records.len()];
         for (i, r) in records.iter_mut().enumerate() {
+            if r.kind == EntryKind::SanWritten {
+                // Everything before it in the batch is older: the SAN holds its blocks.
+                ix.remove_range(r.lba, r.blocks);
+                continue;
+            }
             let loc = match (r.kind, r.memory.take()) {
                 (EntryKind::Write, Some(m)) => {
                     let m = Rc::new(m);
@@ -110,6 +129,9 @@ impl Batch {
                 (k, _) => DirtyLoc::Zero { unmap: k == EntryKind::Unmap },
             };
             ix.insert(r.lba, r.blocks, r.seq, loc);
+        }
+        for e in exclusions {
+            ix.remove_clean(e.lba, e.blocks, LogSeq(e.before.0.saturating_sub(1)));
         }
         // Runs in LBA order, and where each data piece comes from.
         let mut runs: Vec<Run> = Vec::new();
@@ -126,7 +148,15 @@ impl Batch {
                 let joins =
                     runs.last().is_some_and(|r| r.kind == kind && r.lba.0 + r.blocks == start && r.blocks < max);
                 if !joins {
-                    runs.push(Run { lba: Lba(start), blocks: 0, kind, buf: None, missing: 0 });
+                    runs.push(Run {
+                        lba: Lba(start),
+                        blocks: 0,
+                        kind,
+                        buf: None,
+                        missing: 0,
+                        sent: false,
+                        done: false,
+                    });
                 }
                 let ri = runs.len() - 1;
                 let run = &mut runs[ri];

@@ -26,9 +26,13 @@
 //! 6. when destaging is urgent, a flush also goes out after every so much completed writing
 //!    (`DESTAGE_EARLY_FLUSH_BYTES`), alongside the writes: it moves no watermark, it gets the
 //!    SAN writing back early so that the flush of step 4 or 5 finds less to do.
+//!
+//! A full log's host writes over dirty blocks go to the SAN at once; `supersede.rs` keeps
+//! older data of their blocks from landing over them.
 
 mod batch;
 pub mod depth;
+mod supersede;
 
 use std::collections::{HashMap, VecDeque};
 
@@ -95,6 +99,7 @@ enum Op {
         token: IoToken,
         sent_ns: u64,
         read: bool,
+        supersede: Option<supersede::Superseding>,
     },
 }
 
@@ -150,6 +155,8 @@ struct VolumeDestager {
     reported: SanReport,
     report_at_ns: u64,
     host_ops: usize,
+    /// Superseding host writes, their fences, overlays and exclusions.
+    sup: supersede::Supersedes,
 }
 
 impl VolumeDestager {
@@ -176,6 +183,7 @@ impl VolumeDestager {
             reported: SanReport { reachable: true, ..SanReport::default() },
             report_at_ns: 0,
             host_ops: 0,
+            sup: supersede::Supersedes::default(),
         }
     }
 }
@@ -321,10 +329,9 @@ impl Destager {
     /// Nothing dirty, no batch, nothing in flight.
     pub fn is_idle(&self) -> bool {
         self.ops.is_empty()
-            && self
-                .volumes
-                .iter()
-                .all(|v| v.dirty.is_empty() && v.current.is_none() && v.next.is_none() && v.chain.is_none())
+            && self.volumes.iter().all(|v| {
+                v.dirty.is_empty() && v.current.is_none() && v.next.is_none() && v.chain.is_none() && v.sup.is_idle()
+            })
     }
 
     pub fn io_in_flight(&self) -> bool {
@@ -371,6 +378,11 @@ impl Destager {
                     v.dirty_since_ns.get_or_insert(now);
                 }
                 for r in records {
+                    if r.kind == crate::log::EntryKind::SanWritten {
+                        // Older entries of its blocks not planned yet are void (a replayed
+                        // one: nothing else excluded them).
+                        v.sup.exclusions.push(supersede::Exclusion { lba: r.lba, blocks: r.blocks, before: r.seq });
+                    }
                     assert!(
                         r.seq > v.watermark && v.dirty.back().is_none_or(|d| d.seq < r.seq),
                         "destager: {volume} dirty {} out of order",
@@ -394,13 +406,16 @@ impl Destager {
     }
 
     fn host_request(&mut self, vi: usize, token: IoToken, op: SanRequest, now: u64) {
+        if let SanRequest::Write { offset, buf, fua, supersede: Some(before) } = op {
+            return self.supersede(vi, token, offset, buf, fua, before, now);
+        }
         let read = matches!(op, SanRequest::Read { .. });
-        let t = self.token(Op::Host { vi, token, sent_ns: now, read });
+        let t = self.token(Op::Host { vi, token, sent_ns: now, read, supersede: None });
         self.volumes[vi].host_ops += 1;
         let san = &mut self.volumes[vi].san;
         match op {
             SanRequest::Read { offset, buf } => san.submit_read(t, offset, buf),
-            SanRequest::Write { offset, buf, fua } => san.submit_write(t, offset, buf, fua),
+            SanRequest::Write { offset, buf, fua, .. } => san.submit_write(t, offset, buf, fua),
             SanRequest::WriteZeroes { offset, len } => san.submit_write_zeroes(t, offset, len),
             SanRequest::Unmap { offset, len } => san.submit_unmap(t, offset, len),
             SanRequest::Flush => san.submit_flush(t),
@@ -502,7 +517,9 @@ impl Destager {
         v.dirty_bytes -= records.iter().map(|r| r.blocks * BLOCK_SIZE_U64 * u64::from(r.kind.has_data())).sum::<u64>();
         let id = self.next_id;
         self.next_id += 1;
-        Some(Batch::plan(id, upto, records, self.layout.log_bytes, &mut self.pool, now))
+        let b = Batch::plan(id, upto, records, &v.sup.exclusions, self.layout.log_bytes, &mut self.pool, now);
+        v.sup.planned(upto);
+        Some(b)
     }
 
     fn poll_volume(&mut self, vi: usize, now: u64) -> usize {
@@ -541,7 +558,9 @@ impl Destager {
             }
         }
         work += self.issue_reads(vi);
+        work += self.send_supersedes(vi, now);
         work += self.issue_writes(vi, now);
+        self.prune_overlays(vi);
         work
     }
 
@@ -633,13 +652,21 @@ impl Destager {
         if b.writes_started_ns == 0 {
             b.writes_started_ns = now;
         }
+        let mut fenced = Vec::new();
         while b.in_flight < limit && v.health.may_try(now) {
             let Some(run) = b.ready.pop_front() else { break };
+            if v.sup.fences(&b.runs[run]) {
+                fenced.push(run);
+                continue;
+            }
             b.in_flight += 1;
             submits.push(run);
             if !v.health.reachable {
                 break; // one probe at a time while the SAN is down
             }
+        }
+        for run in fenced.into_iter().rev() {
+            b.ready.push_front(run);
         }
         let flush = b.all_written() && b.in_flight == 0 && !b.flush_in_flight && v.health.may_try(now);
         if flush {
@@ -649,12 +676,15 @@ impl Destager {
             let token = self.token(Op::Run { vi, run, sent_ns: now });
             let v = &mut self.volumes[vi];
             let Some(b) = v.current.as_mut() else { unreachable!() };
+            let batch = b.id;
             let r = &mut b.runs[run];
+            r.sent = true;
             let offset = r.lba.0 * BLOCK_SIZE_U64;
             let len = r.blocks * BLOCK_SIZE_U64;
             match r.kind {
                 RunKind::Data => {
-                    let buf = r.buf.take().expect("destager: data run without its data");
+                    let mut buf = r.buf.take().expect("destager: data run without its data");
+                    v.sup.lay_over(batch, r, &mut buf);
                     v.san.submit_write(token, offset, buf, false);
                 }
                 RunKind::Zero => v.san.submit_write_zeroes(token, offset, len),
@@ -737,12 +767,14 @@ impl Destager {
                 if ok {
                     v.depth.on_success(now.saturating_sub(sent_ns), now, urgent);
                     b.runs_done += 1;
+                    b.runs[run].done = true;
                     if b.runs[run].kind == RunKind::Data {
                         v.unflushed_bytes += b.runs[run].blocks * BLOCK_SIZE_U64;
                     }
                     self.pool.put_opt(done.buf);
                 } else {
                     v.depth.on_error(now);
+                    b.runs[run].sent = false;
                     b.runs[run].buf = done.buf;
                     b.ready.push_back(run);
                 }
@@ -789,7 +821,7 @@ impl Destager {
                 self.san_result(vi, done.result.is_ok(), now);
                 self.volumes[vi].early_flush = false;
             }
-            Op::Host { vi, token, sent_ns, read } => {
+            Op::Host { vi, token, sent_ns, read, supersede } => {
                 let ok = done.result.is_ok();
                 // Host commands do not move the destager's SAN health (the engine keeps its own
                 // for them; an outage its client knows of comes through `San::outage`). (Letting
@@ -803,6 +835,10 @@ impl Destager {
                     v.depth.observe(now.saturating_sub(sent_ns));
                 }
                 let result: Result<(), IoError> = done.result;
+                if let Some(s) = supersede {
+                    self.superseded(vi, s, result.is_ok(), done.buf.as_ref());
+                }
+                let v = &mut self.volumes[vi];
                 self.outbox.push(FromDestage::SanDone { volume: v.id, token, result, buf: done.buf });
             }
         }

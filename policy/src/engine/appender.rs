@@ -19,7 +19,9 @@
 
 use std::collections::VecDeque;
 
-use crate::constants::{BLOCK_SIZE_U64, FRAMES_IN_FLIGHT_MAX, FRAME_DATA_BLOCKS_MAX, FRAME_ENTRIES_MAX};
+use crate::constants::{
+    BLOCK_SIZE_U64, FRAMES_IN_FLIGHT_MAX, FRAME_DATA_BLOCKS_MAX, FRAME_ENTRIES_MAX, LOG_RECORD_RESERVE_BYTES,
+};
 use crate::io::AlignedBuf;
 use crate::log::{EntryHeader, EntryKind, FrameKind, Ring};
 use crate::types::{Epoch, Incarnation, Lba, LogPos, LogSeq, OpId, VolumeId};
@@ -104,13 +106,17 @@ pub(crate) struct Appender {
     pub log_full: bool,
     /// Data blocks per frame: `FRAME_DATA_BLOCKS_MAX`, or a quarter of a small log.
     frame_blocks_max: u64,
+    /// Bytes a frame with data must leave free (`LOG_RECORD_RESERVE_BYTES`).
+    reserve: u64,
 }
 
 impl Appender {
     pub fn new(ring: Ring, incarnation: Incarnation) -> Appender {
         let frame_blocks_max = (FRAME_DATA_BLOCKS_MAX as u64).min(ring.capacity() / BLOCK_SIZE_U64 / 4 - 1);
+        let reserve = LOG_RECORD_RESERVE_BYTES.min(ring.capacity() / 16) / BLOCK_SIZE_U64 * BLOCK_SIZE_U64;
         Appender {
             frame_blocks_max,
+            reserve,
             acked_end: ring.head,
             ring,
             incarnation,
@@ -130,8 +136,11 @@ impl Appender {
     /// Takes the next frame off the queue if one may be written now and fits above `floor`.
     /// `seq(vi)` gives the volume's epoch and next sequence number and advances it. An empty
     /// result with [`Appender::log_full`] set means the head of the queue found no room.
-    pub fn cut(&mut self, floor: LogPos, mut seq: impl FnMut(usize) -> (VolumeId, Epoch, LogSeq)) -> Vec<FrameWrite> {
-        let mut out = Vec::new();
+    /// A frame with data leaves the reserve free; when the head of the queue does not fit,
+    /// the `SanWritten` entries queued behind it go ahead in a frame of their own, which may
+    /// use the reserve (they are independent of every write queued before them).
+    pub fn cut(&mut self, floor: LogPos, seq: impl FnMut(usize) -> (VolumeId, Epoch, LogSeq)) -> Vec<FrameWrite> {
+        let out = Vec::new();
         self.log_full = false;
         if self.queue.is_empty() || self.in_flight >= FRAMES_IN_FLIGHT_MAX {
             return out;
@@ -147,10 +156,37 @@ impl Appender {
             data_blocks += d;
         }
         let bytes = (1 + data_blocks) * BLOCK_SIZE_U64;
-        let Some(res) = self.ring.reserve(bytes, floor) else {
+        let keep = if data_blocks > 0 { self.reserve } else { 0 };
+        let fits = self.ring.place(bytes + keep, floor).is_some();
+        let res = if fits { self.ring.reserve(bytes, floor) } else { None };
+        let Some(res) = res else {
             self.log_full = true;
-            return out;
+            // Entries of writes already on the SAN go ahead (into the reserve).
+            let ahead: Vec<usize> = (0..self.queue.len())
+                .filter(|&i| self.queue[i].kind == EntryKind::SanWritten)
+                .take(FRAME_ENTRIES_MAX)
+                .collect();
+            if ahead.is_empty() {
+                return out;
+            }
+            let Some(res) = self.ring.reserve(BLOCK_SIZE_U64, floor) else { return out };
+            let entries: Vec<Queued> = ahead.iter().rev().filter_map(|&i| self.queue.remove(i)).collect();
+            return self.frame(res, BLOCK_SIZE_U64, entries.into_iter().rev(), seq, out);
         };
+        let entries: Vec<Queued> = self.queue.drain(..n).collect();
+        self.frame(res, bytes, entries.into_iter(), seq, out)
+    }
+
+    /// Builds the frame of `entries` at `res` (`bytes` long, after a pad if `res` says so).
+    fn frame(
+        &mut self,
+        res: crate::log::Reservation,
+        bytes: u64,
+        queued: impl ExactSizeIterator<Item = Queued>,
+        mut seq: impl FnMut(usize) -> (VolumeId, Epoch, LogSeq),
+        mut out: Vec<FrameWrite>,
+    ) -> Vec<FrameWrite> {
+        let n = queued.len();
         if let Some(pad_at) = res.pad_at {
             self.frames.push_back(Frame {
                 pos: pad_at,
@@ -174,7 +210,7 @@ impl Appender {
         let mut headers = Vec::with_capacity(n);
         let mut bufs = Vec::with_capacity(n);
         let mut data_pos = res.pos.plus(BLOCK_SIZE_U64);
-        for q in self.queue.drain(..n) {
+        for q in queued {
             let header = match q.preset {
                 Some(h) => h,
                 None => {

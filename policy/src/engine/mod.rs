@@ -126,6 +126,10 @@ pub struct Bugs {
     /// Replay takes the first damaged frame for the end of the log (as before damage was told
     /// from a torn tail): every intact entry after it is dropped, older data served.
     pub replay_stops_at_damage: bool,
+    /// A full log's write over dirty blocks goes to the SAN as a plain write: the destager
+    /// neither waits for its blocks' destage writes nor keeps older data of them off the SAN
+    /// afterwards (only its logged entry does, for batches planned later).
+    pub supersede_unfenced: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -1257,14 +1261,24 @@ impl Engine {
                 // operator destages the copy.
                 let own = !v.is_copy() || self.cfg.destage_replica_copies;
                 if e.seq > v.watermark {
-                    v.push_dirty(DirtyMeta { seq: e.seq, lba: e.lba, blocks: e.blocks as u64, bytes: e.data_bytes() });
+                    v.push_dirty(DirtyMeta::of(e));
                 }
                 if e.seq > v.watermark && own {
-                    let loc = match e.kind {
-                        crate::log::EntryKind::Write => DirtyLoc::Log { data_pos },
-                        k => DirtyLoc::Zero { unmap: k == crate::log::EntryKind::Unmap },
-                    };
-                    v.index.insert(e.lba, e.blocks as u64, e.seq, loc);
+                    match e.kind {
+                        crate::log::EntryKind::Write => {
+                            v.index.insert(e.lba, e.blocks as u64, e.seq, DirtyLoc::Log { data_pos })
+                        }
+                        // Its blocks' older entries are void: the SAN holds their newest data.
+                        crate::log::EntryKind::SanWritten => {
+                            v.index.remove_clean(e.lba, e.blocks as u64, LogSeq(e.seq.0 - 1))
+                        }
+                        k => v.index.insert(
+                            e.lba,
+                            e.blocks as u64,
+                            e.seq,
+                            DirtyLoc::Zero { unmap: k == crate::log::EntryKind::Unmap },
+                        ),
+                    }
                     self.dirty_out[vi].push(DirtyRecord {
                         seq: e.seq,
                         kind: e.kind,

@@ -559,7 +559,11 @@ impl Engine {
                     k => DirtyLoc::Zero { unmap: k == EntryKind::Unmap },
                 };
                 let v = &mut self.volumes[vi];
-                v.index.insert(h.lba, h.blocks as u64, h.seq, loc);
+                if h.kind == EntryKind::SanWritten {
+                    v.index.remove_clean(h.lba, h.blocks as u64, LogSeq(h.seq.0 - 1));
+                } else {
+                    v.index.insert(h.lba, h.blocks as u64, h.seq, loc);
+                }
                 v.rescue_upto = v.rescue_upto.max(h.seq);
                 self.dirty_out[vi].push(DirtyRecord {
                     seq: h.seq,

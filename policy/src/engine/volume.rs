@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use super::appender::Queued;
 use crate::constants::{SAN_BACKOFF_MAX_NS, SAN_BACKOFF_MIN_NS};
 use crate::engine::Status;
 use crate::index::DirtyIndex;
@@ -139,6 +140,9 @@ pub(crate) struct WriteOp {
     pub buf: Option<AlignedBuf>,
     pub fua: bool,
     pub state: WriteState,
+    /// A full log's write over dirty blocks, sent to the SAN at once (`write.rs`, "Full log"):
+    /// every entry of its blocks below this sequence number is older than it.
+    pub supersede: Option<LogSeq>,
 }
 
 pub(crate) struct ReadOp {
@@ -200,6 +204,15 @@ pub(crate) struct DirtyMeta {
     pub blocks: u64,
     /// Log bytes of its data (0 for zeroes/unmap): what `dirty_bytes` reports.
     pub bytes: u64,
+    /// A Write Zeroes or Deallocate entry (no write of its blocks supersedes while it is dirty).
+    pub zeroes: bool,
+}
+
+impl DirtyMeta {
+    pub fn of(h: &crate::log::EntryHeader) -> DirtyMeta {
+        let zeroes = matches!(h.kind, EntryKind::Zeroes | EntryKind::Unmap);
+        DirtyMeta { seq: h.seq, lba: h.lba, blocks: h.blocks as u64, bytes: h.data_bytes(), zeroes }
+    }
 }
 
 /// SAN reachability and retry back-off for host commands (DESIGN.md: SAN down → retry with
@@ -267,6 +280,8 @@ pub struct VolumeMetrics {
     pub read_misses: u64,
     pub log_full_waits: u64,
     pub log_full_fallthroughs: u64,
+    /// Writes of a full log over dirty blocks that went to the SAN at once.
+    pub log_full_supersedes: u64,
     pub gated_writes: u64,
     pub busy_returns: u64,
     /// Blocks lost to a damaged log (reads of them fail), and reads refused for it.
@@ -308,6 +323,20 @@ pub(crate) struct Volume {
     /// Acknowledged entries above the persisted watermark, in seq order.
     pub dirty: VecDeque<DirtyMeta>,
     dirty_bytes: u64,
+    /// Blocks of the Write Zeroes and Deallocate entries in `dirty`.
+    dirty_zeroes: DirtyIndex,
+    /// Superseding writes, from their SAN write until their `SanWritten` entry is acknowledged
+    /// (`write.rs`, "Full log"), and the writes of their blocks that arrived while they were at
+    /// the SAN, held out of the log until their entry is queued.
+    pub supersedes: Vec<OpId>,
+    pub held_writes: VecDeque<Queued>,
+    /// Blocks of acknowledged superseding writes (keyed by their entries' sequence numbers)
+    /// until the persisted watermark covers those entries: batches planned before the SAN
+    /// write succeeded may still write them again (`destage/supersede.rs`), so a
+    /// write-through write of them waits (invariant 2) and a full log's write supersedes them
+    /// again.
+    pub superseded: DirtyIndex,
+    superseded_list: VecDeque<(LogSeq, Lba, u64)>,
     pub ops: HashMap<OpId, PendingOp>,
     /// Write-through writes waiting for their blocks to become clean (invariant 2).
     pub gated: VecDeque<OpId>,
@@ -393,6 +422,11 @@ impl Volume {
             index: DirtyIndex::default(),
             dirty: VecDeque::new(),
             dirty_bytes: 0,
+            dirty_zeroes: DirtyIndex::default(),
+            supersedes: Vec::new(),
+            held_writes: VecDeque::new(),
+            superseded: DirtyIndex::default(),
+            superseded_list: VecDeque::new(),
             ops: HashMap::new(),
             gated: VecDeque::new(),
             san_retries: Vec::new(),
@@ -448,6 +482,7 @@ impl Volume {
                 read_misses: 0,
                 log_full_waits: 0,
                 log_full_fallthroughs: 0,
+                log_full_supersedes: 0,
                 gated_writes: 0,
                 busy_returns: 0,
                 lost_blocks: 0,
@@ -472,10 +507,25 @@ impl Volume {
         self.dirty_bytes
     }
 
+    /// Whether Write Zeroes or Deallocate entries of these blocks are dirty.
+    pub fn zeroes_dirty(&self, lba: Lba, blocks: u64) -> bool {
+        self.dirty_zeroes.overlaps(lba, blocks)
+    }
+
     pub fn push_dirty(&mut self, r: DirtyMeta) {
         assert!(self.dirty.back().is_none_or(|d| d.seq < r.seq), "volume: dirty entries out of order");
         self.dirty_bytes += r.bytes;
+        if r.zeroes {
+            self.dirty_zeroes.insert(r.lba, r.blocks, r.seq, crate::index::DirtyLoc::Zero { unmap: false });
+        }
         self.dirty.push_back(r);
+    }
+
+    /// A superseding write's entry `seq` was acknowledged: its blocks leave the index.
+    pub fn supersede(&mut self, lba: Lba, blocks: u64, seq: LogSeq) {
+        self.index.remove_clean(lba, blocks, LogSeq(seq.0 - 1));
+        self.superseded.insert(lba, blocks, seq, crate::index::DirtyLoc::Zero { unmap: false });
+        self.superseded_list.push_back((seq, lba, blocks));
     }
 
     /// Forgets the entries the persisted watermark now covers: their blocks leave the index
@@ -484,9 +534,16 @@ impl Volume {
     pub fn persist_clean(&mut self) -> u64 {
         let mut n = 0;
         let track = !self.links.is_empty() && self.source.is_none();
+        while self.superseded_list.front().is_some_and(|s| s.0 <= self.persisted_watermark) {
+            let Some((_, lba, blocks)) = self.superseded_list.pop_front() else { break };
+            self.superseded.remove_clean(lba, blocks, self.persisted_watermark);
+        }
         while self.dirty.front().is_some_and(|r| r.seq <= self.persisted_watermark) {
             let Some(r) = self.dirty.pop_front() else { break };
             self.dirty_bytes -= r.bytes;
+            if r.zeroes {
+                self.dirty_zeroes.remove_clean(r.lba, r.blocks, self.persisted_watermark);
+            }
             self.index.remove_clean(r.lba, r.blocks, self.persisted_watermark);
             if track {
                 self.unpublished.insert(r.lba, r.blocks, r.seq, crate::index::DirtyLoc::Zero { unmap: false });

@@ -7,8 +7,17 @@
 //! never put older data over it, not even by replaying the log after a crash.
 //!
 //! Full log: a write whose blocks are clean goes write-through at once (so a full log costs
-//! write-through speed, never less); one over dirty blocks waits for space up to
-//! `log_full_wait_ns`, then goes write-through behind the gate.
+//! write-through speed, never less). One over dirty blocks *supersedes* them: it goes to the
+//! SAN at once, with FUA, and once it is there a data-less `SanWritten` entry in the log says
+//! that its blocks' older entries are void; it is acknowledged with that entry. The log keeps
+//! a reserve (`LOG_RECORD_RESERVE_BYTES`) that only entries without data may use, so such an
+//! entry does not wait for destage to free space. The destager writes no older data of its
+//! blocks over it (`destage/supersede.rs`). A write may supersede only when nothing older of
+//! its blocks is still on its way into the log (earlier queued writes, unacknowledged
+//! frames), no other superseding write of its blocks is under way, and the volume has no
+//! replicas, no dirty Write Zeroes or Deallocate of its blocks and a reachable SAN; a write of its blocks
+//! arriving while it is at the SAN waits until its entry is queued. Otherwise the write waits
+//! for log space up to `log_full_wait_ns`, then goes write-through behind the gate.
 
 use std::rc::Rc;
 
@@ -21,7 +30,7 @@ use crate::io::{AlignedBuf, IoDone, IoError};
 use crate::link::{DirtyRecord, SanRequest, ToDestage};
 use crate::log::{EntryKind, FrameHeader, FrameStamp};
 use crate::policy::WritePolicy;
-use crate::types::{IoToken, Lba, LogPos, OpId};
+use crate::types::{IoToken, Lba, LogPos, LogSeq, OpId};
 
 impl Engine {
     pub(super) fn write_op(&mut self, vi: usize, op: OpId) -> &mut WriteOp {
@@ -63,7 +72,7 @@ impl Engine {
         let id = self.volumes[vi].id;
         self.cache.invalidate_range(id, lba, blocks);
         let op = OpId(self.next_id());
-        let w = WriteOp { token, kind, lba, blocks, buf, fua, state: WriteState::Received };
+        let w = WriteOp { token, kind, lba, blocks, buf, fua, state: WriteState::Received, supersede: None };
         self.volumes[vi].ops.insert(op, PendingOp::Write(w));
         self.volumes[vi].enter(op, WriteState::Received, WriteState::Received);
         if self.effective(vi).0 == WritePolicy::WriteThrough {
@@ -71,17 +80,96 @@ impl Engine {
         }
         let buf = self.write_op(vi, op).buf.take();
         self.set_write_state(vi, op, WriteState::Queued { since_ns: now });
-        self.log.queue.push_back(Queued {
-            vi,
-            op: Some(op),
-            kind,
-            lba,
-            blocks,
-            buf,
-            since_ns: now,
-            waited: false,
-            preset: None,
+        let q = Queued { vi, op: Some(op), kind, lba, blocks, buf, since_ns: now, waited: false, preset: None };
+        if self.superseding_at_san(vi, lba, blocks) {
+            self.volumes[vi].held_writes.push_back(q);
+        } else {
+            self.log.queue.push_back(q);
+        }
+    }
+
+    /// Whether a superseding write of any of these blocks is at the SAN.
+    fn superseding_at_san(&self, vi: usize, lba: Lba, blocks: u64) -> bool {
+        let v = &self.volumes[vi];
+        v.supersedes.iter().any(|op| {
+            matches!(v.ops.get(op), Some(PendingOp::Write(w))
+                if matches!(w.state, WriteState::SanWriting { .. }) && overlap(w.lba, w.blocks, lba, blocks))
+        })
+    }
+
+    /// Whether a full log's write over dirty blocks may supersede them now (see "Full log").
+    /// `i`: its place in the log queue (earlier queued writes of its blocks are older).
+    fn may_supersede(&self, i: usize) -> bool {
+        let q = &self.log.queue[i];
+        let (vi, lba, blocks) = (q.vi, q.lba, q.blocks);
+        let v = &self.volumes[vi];
+        if q.kind != EntryKind::Write
+            || self.degraded.is_some()
+            || v.copies > 0
+            || !v.links.is_empty()
+            || v.is_copy()
+            || v.zeroes_dirty(lba, blocks)
+            || !v.san_health.reachable
+        {
+            return false;
+        }
+        let earlier = self.log.queue.iter().take(i).any(|e| e.vi == vi && overlap(e.lba, e.blocks, lba, blocks));
+        let unsettled = v.ops.values().any(|op| match op {
+            PendingOp::Write(w) if overlap(w.lba, w.blocks, lba, blocks) => {
+                w.supersede.is_some()
+                    || matches!(
+                        w.state,
+                        WriteState::Logging { .. }
+                            | WriteState::Logged { .. }
+                            | WriteState::Replicating { .. }
+                            | WriteState::Abandoned { .. }
+                    )
+            }
+            _ => false,
         });
+        !earlier && !unsettled
+    }
+
+    /// Sends a full log's write over dirty blocks to the SAN at once (see "Full log").
+    fn start_supersede(&mut self, vi: usize, op: OpId, now: u64) {
+        self.volumes[vi].metrics.log_full_supersedes += 1;
+        let before = self.volumes[vi].next_seq;
+        self.write_op(vi, op).supersede = Some(before);
+        self.volumes[vi].supersedes.push(op);
+        let deadline_ns = now + self.cfg.san_timeout_ns;
+        self.set_write_state(vi, op, WriteState::SanWriting { deadline_ns, retry: false });
+        self.submit_san_write(vi, op);
+    }
+
+    /// A superseding write's SAN write succeeded: its `SanWritten` entry goes into the log
+    /// (acknowledged with it, `advance_acks`), and the writes held behind it follow it.
+    fn supersede_on_san(&mut self, vi: usize, op: OpId, buf: Option<AlignedBuf>, now: u64) {
+        let w = self.write_op(vi, op);
+        w.buf = buf;
+        let (lba, blocks) = (w.lba, w.blocks);
+        self.set_write_state(vi, op, WriteState::Queued { since_ns: now });
+        let kind = EntryKind::SanWritten;
+        let q = Queued { vi, op: Some(op), kind, lba, blocks, buf: None, since_ns: now, waited: false, preset: None };
+        self.log.queue.push_back(q);
+        self.release_held_writes(vi);
+    }
+
+    /// Writes held behind a superseding write at the SAN go into the log queue, in order,
+    /// unless another one still holds them.
+    pub(super) fn release_held_writes(&mut self, vi: usize) {
+        for q in std::mem::take(&mut self.volumes[vi].held_writes) {
+            if self.superseding_at_san(vi, q.lba, q.blocks) {
+                self.volumes[vi].held_writes.push_back(q);
+            } else {
+                self.log.queue.push_back(q);
+            }
+        }
+    }
+
+    /// A superseding write is acknowledged or given up: it no longer holds its blocks.
+    fn supersede_ended(&mut self, vi: usize, op: OpId) {
+        self.volumes[vi].supersedes.retain(|&o| o != op);
+        self.release_held_writes(vi);
     }
 
     /// Queued writes that may not wait for the log: the volume went write-through, or the log
@@ -98,6 +186,15 @@ impl Engine {
                 i += 1;
                 continue;
             }
+            if q.kind == EntryKind::SanWritten {
+                // A superseding write's entry: its data is on the SAN already.
+                if self.degraded.is_some() {
+                    work += self.supersede_without_log(i);
+                } else {
+                    i += 1;
+                }
+                continue;
+            }
             let write_through = self.effective(vi).0 == WritePolicy::WriteThrough;
             let reroute = if write_through {
                 true
@@ -108,7 +205,9 @@ impl Engine {
                 true
             } else {
                 let (lba, blocks) = (q.lba, q.blocks);
-                let clean = !self.volumes[vi].index.overlaps(lba, blocks)
+                let v = &self.volumes[vi];
+                let clean = !v.index.overlaps(lba, blocks)
+                    && !v.superseded.overlaps(lba, blocks)
                     && !self
                         .log
                         .queue
@@ -117,6 +216,13 @@ impl Engine {
                         .any(|e| e.vi == vi && e.lba.0 < lba.0 + blocks && lba.0 < e.lba.0 + e.blocks);
                 if clean {
                     self.volumes[vi].metrics.log_full_fallthroughs += 1;
+                } else if self.may_supersede(i) {
+                    let Some(q) = self.log.queue.remove(i) else { break };
+                    let Some(op) = q.op else { unreachable!("engine: a copy's entry superseding") };
+                    self.write_op(vi, op).buf = q.buf;
+                    self.start_supersede(vi, op, now);
+                    work += 1;
+                    continue;
                 } else if !self.log.queue[i].waited {
                     self.log.queue[i].waited = true;
                     self.volumes[vi].metrics.log_full_waits += 1;
@@ -134,6 +240,25 @@ impl Engine {
             work += 1;
         }
         work
+    }
+
+    /// A superseding write whose entry cannot be logged (the flash log is degraded): it is
+    /// acknowledged once the persisted watermark covers every older entry of its blocks. The
+    /// destager never writes those over it (it excluded them when the SAN write succeeded),
+    /// and until then a crash may replay them over it, which is allowed: it was not
+    /// acknowledged.
+    fn supersede_without_log(&mut self, i: usize) -> usize {
+        let Some(q) = self.log.queue.remove(i) else { return 0 };
+        let Some(op) = q.op else { return 0 };
+        let vi = q.vi;
+        let Some(before) = self.write_op(vi, op).supersede else {
+            panic!("engine: a SanWritten entry of a write that did not supersede")
+        };
+        let seq = LogSeq(before.0.saturating_sub(1));
+        self.set_write_state(vi, op, WriteState::Abandoned { seq });
+        self.supersede_ended(vi, op);
+        self.ack_on_persist(vi, seq, op);
+        1
     }
 
     fn log_fua(&self) -> bool {
@@ -227,7 +352,7 @@ impl Engine {
                     k => (DirtyLoc::Zero { unmap: k == EntryKind::Unmap }, None, None),
                 };
                 let v = &mut self.volumes[vi];
-                v.push_dirty(DirtyMeta { seq: h.seq, lba: h.lba, blocks: h.blocks as u64, bytes: h.data_bytes() });
+                v.push_dirty(DirtyMeta::of(&h));
                 if v.is_copy() {
                     // A replica copy's entry: durable here; its buffer goes back to the pool.
                     // (One of a copy being rescued arrived before its source's link was dropped
@@ -239,7 +364,14 @@ impl Engine {
                     self.pool.put_opt(memory);
                     continue;
                 }
-                v.index.insert(h.lba, h.blocks as u64, h.seq, loc);
+                if h.kind == EntryKind::SanWritten {
+                    // Older entries of its blocks are void; abandoned, the watermark voids them.
+                    if !abandoned {
+                        v.supersede(h.lba, h.blocks as u64, h.seq);
+                    }
+                } else {
+                    v.index.insert(h.lba, h.blocks as u64, h.seq, loc);
+                }
                 if v.unlose(h.lba, h.blocks as u64) {
                     self.sb.want();
                 }
@@ -253,6 +385,24 @@ impl Engine {
                     memory,
                 });
                 let Some(op) = op else { continue };
+                if h.kind == EntryKind::SanWritten {
+                    self.supersede_ended(vi, op);
+                    if abandoned {
+                        self.set_write_state(vi, op, WriteState::Abandoned { seq: h.seq });
+                        self.ack_on_persist(vi, h.seq, op);
+                        continue;
+                    }
+                    let Some(PendingOp::Write(w)) = self.volumes[vi].ops.remove(&op) else {
+                        panic!("engine: superseding write without its op")
+                    };
+                    self.volumes[vi].enter(op, w.state, WriteState::Acked);
+                    if let Some(data) = w.buf.as_ref() {
+                        self.fill_cache(vi, w.lba, data);
+                    }
+                    // Acknowledged as a write-through write: the SAN holds it (with FUA).
+                    self.ack_write(vi, w.token, w.buf, None);
+                    continue;
+                }
                 if abandoned {
                     // Acknowledged once the persisted watermark covers it: until then a crash
                     // would replay older entries of its blocks and nothing would put it back.
@@ -304,7 +454,9 @@ impl Engine {
             let voided = self.volumes[vi].void_upto > self.replicas_watermark(vi);
             let v = &self.volumes[vi];
             let unpublished = (v.unpublished.overlaps(lba, blocks) || voided) && !self.cfg.bugs.skip_replica_gate;
-            let dirty = (v.index.overlaps(lba, blocks) || unpublished) && !self.cfg.bugs.skip_write_through_gate;
+            let superseded = v.superseded.overlaps(lba, blocks);
+            let dirty =
+                (v.index.overlaps(lba, blocks) || superseded || unpublished) && !self.cfg.bugs.skip_write_through_gate;
             if !dirty {
                 self.volumes[vi].gated.remove(i);
                 let deadline_ns = now + self.cfg.san_timeout_ns;
@@ -324,17 +476,21 @@ impl Engine {
     }
 
     fn submit_san_write(&mut self, vi: usize, op: OpId) {
-        let (kind, lba, blocks, buf, fua) = {
+        let (kind, lba, blocks, buf, fua, supersede) = {
             let w = self.write_op(vi, op);
-            (w.kind, w.lba, w.blocks, w.buf.take(), w.fua)
+            (w.kind, w.lba, w.blocks, w.buf.take(), w.fua, w.supersede)
         };
+        // A superseding write voids older entries: the SAN must not lose it.
+        let fua = fua || supersede.is_some();
+        let supersede = supersede.filter(|_| !self.cfg.bugs.supersede_unfenced);
         let offset = lba.0 * BLOCK_SIZE_U64;
         let len = blocks * BLOCK_SIZE_U64;
         let req = match (kind, buf) {
-            (EntryKind::Write, Some(buf)) => SanRequest::Write { offset, buf, fua },
+            (EntryKind::Write, Some(buf)) => SanRequest::Write { offset, buf, fua, supersede },
             (EntryKind::Write, None) => panic!("engine: write-through write without its data"),
             (EntryKind::Zeroes, _) => SanRequest::WriteZeroes { offset, len },
             (EntryKind::Unmap, _) => SanRequest::Unmap { offset, len },
+            (EntryKind::SanWritten, _) => panic!("engine: a SanWritten entry sent to the SAN"),
         };
         self.san_request(vi, SanOp::Write { op }, req);
     }
@@ -372,6 +528,7 @@ impl Engine {
         }
         match op {
             SanOp::Write { op } => match result {
+                Ok(()) if self.write_op(vi, op).supersede.is_some() => self.supersede_on_san(vi, op, buf, now),
                 Ok(()) => {
                     let Some(PendingOp::Write(w)) = self.volumes[vi].ops.remove(&op) else {
                         panic!("engine: SAN write without its op")
@@ -422,6 +579,9 @@ impl Engine {
                 };
                 if now >= deadline_ns {
                     // The SAN may or may not hold the data: not acknowledged, host retries.
+                    if self.write_op(vi, op).supersede.is_some() {
+                        self.supersede_ended(vi, op);
+                    }
                     let Some(PendingOp::Write(w)) = self.volumes[vi].ops.remove(&op) else { unreachable!() };
                     self.complete(vi, w.token, Status::Busy, w.buf, None);
                     work += 1;
@@ -437,4 +597,8 @@ impl Engine {
         work += self.poll_read_retries(vi, now);
         work
     }
+}
+
+fn overlap(a: Lba, a_blocks: u64, b: Lba, b_blocks: u64) -> bool {
+    a.0 < b.0 + b_blocks && b.0 < a.0 + a_blocks
 }

@@ -13,8 +13,8 @@
 //! 40 data_crc u32 (crc32c of the data blocks; 0 for data-less kinds) | 44 reserved (16 bytes)
 //! 60 header_crc u32 (crc32c of bytes 0..60)
 //! ```
-//! `Zeroes` and `Unmap` entries carry no data, whatever their length: zeroing or unmapping a
-//! large range costs 64 bytes of log, not the range in zeros.
+//! `Zeroes`, `Unmap` and `SanWritten` entries carry no data, whatever their length: zeroing or
+//! unmapping a large range costs 64 bytes of log, not the range in zeros.
 
 use crate::constants::{BLOCK_SIZE, WRITE_BLOCKS_MAX};
 use crate::types::{Epoch, Lba, LogSeq, VolumeId};
@@ -31,6 +31,10 @@ pub enum EntryKind {
     Zeroes,
     /// `blocks` blocks at `lba` are deallocated and read as zeroes; destaged as an unmap.
     Unmap,
+    /// `blocks` blocks at `lba` were written to the SAN directly, with FUA, while the log was
+    /// full (`engine/write.rs`, "Full log"): every older entry of them is void, and there is
+    /// nothing to destage. No data in the log.
+    SanWritten,
 }
 
 impl EntryKind {
@@ -39,6 +43,7 @@ impl EntryKind {
             EntryKind::Write => 1,
             EntryKind::Zeroes => 2,
             EntryKind::Unmap => 3,
+            EntryKind::SanWritten => 4,
         }
     }
 
@@ -47,6 +52,7 @@ impl EntryKind {
             1 => Some(EntryKind::Write),
             2 => Some(EntryKind::Zeroes),
             3 => Some(EntryKind::Unmap),
+            4 => Some(EntryKind::SanWritten),
             _ => None,
         }
     }
@@ -182,7 +188,12 @@ mod tests {
 
     #[test]
     fn round_trip_every_kind() {
-        for (kind, blocks) in [(EntryKind::Write, 3), (EntryKind::Zeroes, 65536), (EntryKind::Unmap, u32::MAX)] {
+        for (kind, blocks) in [
+            (EntryKind::Write, 3),
+            (EntryKind::Zeroes, 65536),
+            (EntryKind::Unmap, u32::MAX),
+            (EntryKind::SanWritten, 16),
+        ] {
             let h = sample(kind, blocks);
             let mut b = [0u8; ENTRY_HEADER_LEN];
             h.encode(&mut b);

@@ -64,6 +64,10 @@ pub struct SimConfig {
     /// (random per seed when None: `DESTAGE_EARLY_FLUSH_BYTES`, which these small volumes
     /// never reach, one block, or four).
     pub destage_early_flush_bytes: Option<u64>,
+    /// The SAN's slow phases are long and deep (up to 1 s, 50-500 times slower) instead of
+    /// short and mild: the log fills while the SAN stays reachable, so writes supersede
+    /// dirty blocks (`engine/write.rs`, "Full log").
+    pub san_stalls: bool,
 }
 
 impl Default for SimConfig {
@@ -85,6 +89,7 @@ impl Default for SimConfig {
             confirm_copies: None,
             destage_gather_ns: None,
             destage_early_flush_bytes: None,
+            san_stalls: false,
             trace_block: std::env::var("STAGER_SIM_TRACE")
                 .ok()
                 .and_then(|v| v.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))),
@@ -114,6 +119,7 @@ impl SimConfig {
             // Now and then a long run: many laps of the log, many crashes in one history.
             steps: if rng.gen_bool(0.05) { 2_000 } else { 300 },
             replicas: [0, 0, 0, 0, 0, 1, 1, 1, 2, 2][rng.gen_range(0..10)],
+            san_stalls: rng.gen_bool(0.3),
             ..SimConfig::default()
         }
     }
@@ -159,6 +165,9 @@ pub struct SimStats {
     /// manager's move).
     pub replacements: u64,
     pub failover_blocks_checked: u64,
+    /// Writes of a full log that superseded dirty blocks on the SAN (engine metrics, summed
+    /// over the engine's restarts).
+    pub supersedes: u64,
 }
 
 enum InFlight {
@@ -890,8 +899,13 @@ impl Simulator {
         if r < 15 {
             let s = self.rng.gen_range(0..self.cfg.volumes);
             let mut d = self.sans[s].0.borrow_mut();
-            d.slow_factor = self.rng.gen_range(2..20);
-            d.slow_until = now + self.rng.gen_range(1_000_000..100_000_000);
+            if self.cfg.san_stalls {
+                d.slow_factor = self.rng.gen_range(50..500);
+                d.slow_until = now + self.rng.gen_range(1_000_000..1_000_000_000);
+            } else {
+                d.slow_factor = self.rng.gen_range(2..20);
+                d.slow_until = now + self.rng.gen_range(1_000_000..100_000_000);
+            }
         } else if r < 22 {
             self.stats.san_outages += 1;
             let s = self.rng.gen_range(0..self.cfg.volumes);
@@ -1002,6 +1016,7 @@ impl Simulator {
     /// Kills both halves mid-flight, tears device state, restarts and recovers.
     pub fn crash_and_restart(&mut self) -> Result<(), Failure> {
         self.stats.crashes += 1;
+        self.count_supersedes();
         let san_power_loss = self.rng.gen_bool(0.25);
         if let Some((v, b)) = self.cfg.trace_block {
             eprintln!(
@@ -1356,6 +1371,15 @@ impl Simulator {
 
 /// Direct control for targeted scenario tests.
 impl Simulator {
+    /// Adds the engine's superseding writes so far to the stats (before it is replaced).
+    fn count_supersedes(&mut self) {
+        for vol in 0..self.cfg.volumes {
+            if let Some(m) = self.engine.volume_metrics(Simulator::volume_id(vol)) {
+                self.stats.supersedes += m.log_full_supersedes;
+            }
+        }
+    }
+
     pub fn now(&self) -> u64 {
         self.now.get()
     }
@@ -1472,5 +1496,6 @@ impl Simulator {
 pub fn run_seed(seed: u64, cfg: SimConfig) -> Result<SimStats, Failure> {
     let mut sim = Simulator::new(seed, cfg);
     sim.run()?;
+    sim.count_supersedes();
     Ok(sim.stats)
 }

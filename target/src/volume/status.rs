@@ -175,6 +175,10 @@ pub struct VolumeStatus {
     pub read_misses: u64,
     pub log_full_waits: u64,
     pub log_full_fallthroughs: u64,
+    /// Of the writes of a full log, those over dirty blocks that went to the SAN at once and
+    /// voided the blocks' older entries (a data-less `SanWritten` entry each).
+    #[serde(default)]
+    pub log_full_supersedes: u64,
     pub busy_returns: u64,
     /// Blocks whose acknowledged data was in a damaged part of the log: reads of them answer
     /// Unrecovered Read Error until they are written again or the loss is accepted.
@@ -231,6 +235,7 @@ impl VolumeStatus {
             read_misses: m.read_misses,
             log_full_waits: m.log_full_waits,
             log_full_fallthroughs: m.log_full_fallthroughs,
+            log_full_supersedes: m.log_full_supersedes,
             busy_returns: m.busy_returns,
             lost_blocks: m.lost_blocks,
             lost_reads: m.lost_reads,
