@@ -13,9 +13,11 @@
 //!    again instead of older data. When it fails, the fenced runs go out unchanged: the older
 //!    entries are still the blocks' newest acknowledged data.
 //!
-//! Every entry of its blocks below `before` is older than it: the engine lets no write of its
-//! blocks into the log while it is under way, and lets it start only once every older write
-//! of its blocks was acknowledged (so their dirty records reached the destager first). The
+//! Every entry of its blocks below `before` is older than it, and every entry of them at or
+//! above `before` newer: the engine lets it start only once every older write of its blocks
+//! was acknowledged (so their dirty records reached the destager first), and keeps the writes
+//! of its blocks queued after it, or arriving while it is at the SAN, out of the log until its
+//! entry is queued. The
 //! engine also starts none while a Write Zeroes or Deallocate entry of its blocks is dirty:
 //! their runs carry no data to lay it over.
 //!
@@ -166,7 +168,9 @@ impl Destager {
             .flat_map(|b| &b.runs)
             .any(|r| !r.sent && r.kind == RunKind::Data && r.overlaps(s.lba, s.blocks));
         let batch_max = planned.iter().flatten().map(|b| b.id).max();
-        if let (true, Some(batch_max), Some(data)) = (covered, batch_max, data) {
+        if let (true, Some(batch_max)) = (covered, batch_max) {
+            // Every `San` hands a write's buffer back with its completion.
+            let data = data.expect("destager: a superseding write came back without its data");
             let mut copy = self.pool.get(data.len());
             copy.copy_from_slice(data);
             let o = Overlay { lba: s.lba, blocks: s.blocks, data: copy, batch_max };

@@ -136,9 +136,9 @@ impl Appender {
     /// Takes the next frame off the queue if one may be written now and fits above `floor`.
     /// `seq(vi)` gives the volume's epoch and next sequence number and advances it. An empty
     /// result with [`Appender::log_full`] set means the head of the queue found no room.
-    /// A frame with data leaves the reserve free; when the head of the queue does not fit,
-    /// the `SanWritten` entries queued behind it go ahead in a frame of their own, which may
-    /// use the reserve (they are independent of every write queued before them).
+    /// Only a frame of `SanWritten` entries may use the reserve; when the head of the queue
+    /// does not fit, this node's `SanWritten` entries queued behind it go ahead in a frame of
+    /// their own (they are independent of every write queued before them).
     pub fn cut(&mut self, floor: LogPos, seq: impl FnMut(usize) -> (VolumeId, Epoch, LogSeq)) -> Vec<FrameWrite> {
         let out = Vec::new();
         self.log_full = false;
@@ -156,14 +156,16 @@ impl Appender {
             data_blocks += d;
         }
         let bytes = (1 + data_blocks) * BLOCK_SIZE_U64;
-        let keep = if data_blocks > 0 { self.reserve } else { 0 };
+        let only_san_written = self.queue.iter().take(n).all(|q| q.kind == EntryKind::SanWritten);
+        let keep = if only_san_written { 0 } else { self.reserve };
         let fits = self.ring.place(bytes + keep, floor).is_some();
         let res = if fits { self.ring.reserve(bytes, floor) } else { None };
         let Some(res) = res else {
             self.log_full = true;
-            // Entries of writes already on the SAN go ahead (into the reserve).
+            // This node's entries of writes already on the SAN go ahead (into the reserve); a
+            // replica copy's entries keep their source's order.
             let ahead: Vec<usize> = (0..self.queue.len())
-                .filter(|&i| self.queue[i].kind == EntryKind::SanWritten)
+                .filter(|&i| self.queue[i].kind == EntryKind::SanWritten && self.queue[i].preset.is_none())
                 .take(FRAME_ENTRIES_MAX)
                 .collect();
             if ahead.is_empty() {

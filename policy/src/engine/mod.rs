@@ -130,6 +130,10 @@ pub struct Bugs {
     /// neither waits for its blocks' destage writes nor keeps older data of them off the SAN
     /// afterwards (only its logged entry does, for batches planned later).
     pub supersede_unfenced: bool,
+    /// Blocks of an acknowledged superseding write count as clean at once, though batches
+    /// planned before it may still write older data of them (write-through writes of them
+    /// then go out without waiting).
+    pub superseded_not_gated: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -1269,6 +1273,8 @@ impl Engine {
                             v.index.insert(e.lba, e.blocks as u64, e.seq, DirtyLoc::Log { data_pos })
                         }
                         // Its blocks' older entries are void: the SAN holds their newest data.
+                        // (`Volume::superseded` stays empty: the destager starts afresh with
+                        // the engine, so no batch planned before can write them again.)
                         crate::log::EntryKind::SanWritten => {
                             v.index.remove_clean(e.lba, e.blocks as u64, LogSeq(e.seq.0 - 1))
                         }

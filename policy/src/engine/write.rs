@@ -15,8 +15,10 @@
 //! blocks over it (`destage/supersede.rs`). A write may supersede only when nothing older of
 //! its blocks is still on its way into the log (earlier queued writes, unacknowledged
 //! frames), no other superseding write of its blocks is under way, and the volume has no
-//! replicas, no dirty Write Zeroes or Deallocate of its blocks and a reachable SAN; a write of its blocks
-//! arriving while it is at the SAN waits until its entry is queued. Otherwise the write waits
+//! replicas, no dirty Write Zeroes or Deallocate of its blocks and a reachable SAN; writes of
+//! its blocks queued after it, or arriving while it is at the SAN, wait until its entry is
+//! queued (so they are logged after it). Its entry waits at most `san_timeout_ns` for room in
+//! the reserve; past it the write ends Busy. Otherwise the write waits
 //! for log space up to `log_full_wait_ns`, then goes write-through behind the gate.
 
 use std::rc::Rc;
@@ -166,6 +168,39 @@ impl Engine {
         }
     }
 
+    /// Moves the volume's writes of these blocks queued from `from` on into `held_writes`, in
+    /// order (they came after a write that now supersedes the blocks).
+    fn hold_behind(&mut self, vi: usize, from: usize, lba: Lba, blocks: u64) {
+        let mut i = from;
+        while i < self.log.queue.len() {
+            let q = &self.log.queue[i];
+            let held = q.vi == vi
+                && q.op.is_some()
+                && q.kind != EntryKind::SanWritten
+                && overlap(q.lba, q.blocks, lba, blocks);
+            match held.then(|| self.log.queue.remove(i)).flatten() {
+                Some(q) => self.volumes[vi].held_writes.push_back(q),
+                None => i += 1,
+            }
+        }
+    }
+
+    /// A superseding write whose entry found no room in the log's reserve for
+    /// `san_timeout_ns` (destage freed nothing meanwhile): it ends Busy, so the host's
+    /// command is answered in bounded time. Its data may stay on the SAN: older entries of its
+    /// blocks are excluded from destage already, and it counts as a write that may or may not
+    /// have landed.
+    fn supersede_gives_up(&mut self, i: usize) -> usize {
+        let Some(q) = self.log.queue.remove(i) else { return 0 };
+        let Some(op) = q.op else { return 0 };
+        self.supersede_ended(q.vi, op);
+        let Some(PendingOp::Write(w)) = self.volumes[q.vi].ops.remove(&op) else {
+            panic!("engine: a SanWritten entry without its write")
+        };
+        self.complete(q.vi, w.token, Status::Busy, w.buf, None);
+        1
+    }
+
     /// A superseding write is acknowledged or given up: it no longer holds its blocks.
     fn supersede_ended(&mut self, vi: usize, op: OpId) {
         self.volumes[vi].supersedes.retain(|&o| o != op);
@@ -190,6 +225,8 @@ impl Engine {
                 // A superseding write's entry: its data is on the SAN already.
                 if self.degraded.is_some() {
                     work += self.supersede_without_log(i);
+                } else if now >= q.since_ns + self.cfg.san_timeout_ns {
+                    work += self.supersede_gives_up(i);
                 } else {
                     i += 1;
                 }
@@ -206,8 +243,9 @@ impl Engine {
             } else {
                 let (lba, blocks) = (q.lba, q.blocks);
                 let v = &self.volumes[vi];
+                let superseded = v.superseded.overlaps(lba, blocks) && !self.cfg.bugs.superseded_not_gated;
                 let clean = !v.index.overlaps(lba, blocks)
-                    && !v.superseded.overlaps(lba, blocks)
+                    && !superseded
                     && !self
                         .log
                         .queue
@@ -221,6 +259,9 @@ impl Engine {
                     let Some(op) = q.op else { unreachable!("engine: a copy's entry superseding") };
                     self.write_op(vi, op).buf = q.buf;
                     self.start_supersede(vi, op, now);
+                    // Writes of its blocks queued after it are newer: they wait until its entry
+                    // is queued, so that they are logged after it (found by review).
+                    self.hold_behind(vi, i, lba, blocks);
                     work += 1;
                     continue;
                 } else if !self.log.queue[i].waited {
@@ -387,7 +428,9 @@ impl Engine {
                 let Some(op) = op else { continue };
                 if h.kind == EntryKind::SanWritten {
                     self.supersede_ended(vi, op);
-                    if abandoned {
+                    // A volume that gained replicas since it started superseding: they may
+                    // lack its entry, so it waits until the SAN holds its blocks for good.
+                    if abandoned || self.volumes[vi].copies > 0 {
                         self.set_write_state(vi, op, WriteState::Abandoned { seq: h.seq });
                         self.ack_on_persist(vi, h.seq, op);
                         continue;
@@ -454,7 +497,7 @@ impl Engine {
             let voided = self.volumes[vi].void_upto > self.replicas_watermark(vi);
             let v = &self.volumes[vi];
             let unpublished = (v.unpublished.overlaps(lba, blocks) || voided) && !self.cfg.bugs.skip_replica_gate;
-            let superseded = v.superseded.overlaps(lba, blocks);
+            let superseded = v.superseded.overlaps(lba, blocks) && !self.cfg.bugs.superseded_not_gated;
             let dirty =
                 (v.index.overlaps(lba, blocks) || superseded || unpublished) && !self.cfg.bugs.skip_write_through_gate;
             if !dirty {
