@@ -32,10 +32,10 @@ pub const FRAME_DATA_BLOCKS_MAX: u32 = 512;
 /// its entries' host buffers until it is durable.
 pub const FRAMES_IN_FLIGHT_MAX: usize = 4;
 
-/// Log space only entries without data may use (4 MiB, at most a sixteenth of the log): with
-/// the log full, the `SanWritten` entry of a write that went to the SAN at once (and Write
-/// Zeroes, Deallocate) need not wait for destage to free space. At 31 entries per 4 KiB
-/// header block, it holds the entries of thousands of such writes.
+/// Log space only frames of `SanWritten` entries may use (4 MiB, at most a sixteenth of the
+/// log): with the log full, the entry of a write that went to the SAN at once need not wait for
+/// destage to free space. At up to 31 entries per 4 KiB header block, it holds the entries of
+/// thousands of such writes.
 pub const LOG_RECORD_RESERVE_BYTES: u64 = 4 << 20;
 
 /// Volumes one flash device can hold; bounded by the superblock size (40 bytes each).

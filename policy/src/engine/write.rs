@@ -10,16 +10,16 @@
 //! write-through speed, never less). One over dirty blocks *supersedes* them: it goes to the
 //! SAN at once, with FUA, and once it is there a data-less `SanWritten` entry in the log says
 //! that its blocks' older entries are void; it is acknowledged with that entry. The log keeps
-//! a reserve (`LOG_RECORD_RESERVE_BYTES`) that only entries without data may use, so such an
+//! a reserve (`LOG_RECORD_RESERVE_BYTES`) that only frames of such entries may use, so such an
 //! entry does not wait for destage to free space. The destager writes no older data of its
 //! blocks over it (`destage/supersede.rs`). A write may supersede only when nothing older of
 //! its blocks is still on its way into the log (earlier queued writes, unacknowledged
-//! frames), no other superseding write of its blocks is under way, and the volume has no
-//! replicas, no dirty Write Zeroes or Deallocate of its blocks and a reachable SAN; writes of
-//! its blocks queued after it, or arriving while it is at the SAN, wait until its entry is
-//! queued (so they are logged after it). Its entry waits at most `san_timeout_ns` for room in
-//! the reserve; past it the write ends Busy. Otherwise the write waits
-//! for log space up to `log_full_wait_ns`, then goes write-through behind the gate.
+//! frames), no other superseding write of its blocks is under way, the flash device is not
+//! degraded, and the volume has no replicas, no dirty Write Zeroes or Deallocate of its blocks
+//! and a reachable SAN; otherwise it waits for log space up to `log_full_wait_ns`, then goes
+//! write-through behind the gate. Writes of its blocks queued after it, or arriving while it
+//! is at the SAN, wait until its entry is queued (so they are logged after it). Its entry
+//! waits at most `san_timeout_ns` for room in the reserve; past it the write ends Busy.
 
 use std::rc::Rc;
 
