@@ -156,6 +156,16 @@ fn checker_catches_older_data_destaged_over_a_superseding_write() {
 }
 
 #[test]
+fn checker_catches_destage_writes_racing_a_superseding_write() {
+    catch_in_full_log_seeds(Bugs { supersede_no_fence: true, ..Bugs::default() });
+}
+
+#[test]
+fn checker_catches_planned_runs_not_laid_over_by_a_superseding_write() {
+    catch_in_full_log_seeds(Bugs { supersede_no_overlay: true, ..Bugs::default() });
+}
+
+#[test]
 fn checker_catches_write_through_over_superseded_blocks_still_being_destaged() {
     catch_in_full_log_seeds(Bugs { superseded_not_gated: true, ..Bugs::default() });
 }

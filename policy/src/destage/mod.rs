@@ -224,6 +224,8 @@ pub struct Destager {
     /// Completed SAN writes between early flushes (`DESTAGE_EARLY_FLUSH_BYTES`; the simulator
     /// varies it).
     early_flush_bytes: u64,
+    /// Mutations the simulator's checker tests switch on (never in stagerd).
+    bugs: crate::Bugs,
 }
 
 impl Destager {
@@ -248,7 +250,13 @@ impl Destager {
             read_fails: 0,
             gather_ns: DESTAGE_GATHER_NS,
             early_flush_bytes: DESTAGE_EARLY_FLUSH_BYTES,
+            bugs: crate::Bugs::default(),
         }
+    }
+
+    /// Switches on mutations (the simulator's checker tests).
+    pub fn set_bugs(&mut self, bugs: crate::Bugs) {
+        self.bugs = bugs;
     }
 
     /// Sets how long a small amount of dirty data is gathered before a batch starts.
@@ -643,6 +651,7 @@ impl Destager {
     fn issue_writes(&mut self, vi: usize, now: u64) -> usize {
         let mut work = self.chain_batch(vi, now) + self.early_flush(vi);
         let limit = depth::write_limit(&self.volumes[vi].depth, &self.pressure);
+        let fence = !self.bugs.supersede_no_fence;
         let v = &mut self.volumes[vi];
         let Some(b) = v.current.as_mut() else { return 0 };
         if v.persisted_intent < b.upto {
@@ -655,7 +664,7 @@ impl Destager {
         let mut fenced = Vec::new();
         while b.in_flight < limit && v.health.may_try(now) {
             let Some(run) = b.ready.pop_front() else { break };
-            if v.sup.fences(&b.runs[run]) {
+            if fence && v.sup.fences(&b.runs[run]) {
                 fenced.push(run);
                 continue;
             }

@@ -134,7 +134,8 @@ impl Destager {
         while i < self.volumes[vi].sup.held.len() {
             let v = &self.volumes[vi];
             let h = &v.sup.held[i];
-            let busy = v.current.iter().flat_map(|b| &b.runs).any(|r| r.sent && !r.done && r.overlaps(h.lba, h.blocks));
+            let busy = !self.bugs.supersede_no_fence
+                && v.current.iter().flat_map(|b| &b.runs).any(|r| r.sent && !r.done && r.overlaps(h.lba, h.blocks));
             if busy {
                 i += 1;
                 continue;
@@ -168,7 +169,7 @@ impl Destager {
             .flat_map(|b| &b.runs)
             .any(|r| !r.sent && r.kind == RunKind::Data && r.overlaps(s.lba, s.blocks));
         let batch_max = planned.iter().flatten().map(|b| b.id).max();
-        if let (true, Some(batch_max)) = (covered, batch_max) {
+        if let (true, Some(batch_max), false) = (covered, batch_max, self.bugs.supersede_no_overlay) {
             // Every `San` hands a write's buffer back with its completion.
             let data = data.expect("destager: a superseding write came back without its data");
             let mut copy = self.pool.get(data.len());

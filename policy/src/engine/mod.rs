@@ -134,6 +134,12 @@ pub struct Bugs {
     /// planned before it may still write older data of them (write-through writes of them
     /// then go out without waiting).
     pub superseded_not_gated: bool,
+    /// The destager neither holds a superseding write behind destage writes of its blocks in
+    /// flight nor fences those not sent (`destage/supersede.rs`, steps 1 and 2).
+    pub supersede_no_fence: bool,
+    /// The destager lays no superseding write's data over the runs of batches planned before it
+    /// succeeded (`destage/supersede.rs`, step 3).
+    pub supersede_no_overlay: bool,
 }
 
 #[derive(Clone, Debug)]

@@ -104,6 +104,7 @@ impl SimConfig {
         let mut d = Destager::new(layout, flash, sans);
         d.set_gather_ns(self.destage_gather_ns.unwrap_or(DESTAGE_GATHER_NS));
         d.set_early_flush_bytes(self.destage_early_flush_bytes.unwrap_or(DESTAGE_EARLY_FLUSH_BYTES));
+        d.set_bugs(self.bugs);
         d
     }
 
