@@ -17,9 +17,8 @@
 //! above `before` newer: the engine lets it start only once every older write of its blocks
 //! was acknowledged (so their dirty records reached the destager first), and keeps the writes
 //! of its blocks queued after it, or arriving while it is at the SAN, out of the log until its
-//! entry is queued. The
-//! engine also starts none while a Write Zeroes or Deallocate entry of its blocks is dirty:
-//! their runs carry no data to lay it over.
+//! entry is queued. The engine also starts none while a Write Zeroes or Deallocate entry of its
+//! blocks is dirty: their runs carry no data to lay it over.
 //!
 //! After a crash, the `SanWritten` entries found by replay do the exclusions' work: each one
 //! excludes its blocks' older entries when its dirty record arrives, and replay sends every
