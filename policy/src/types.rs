@@ -8,6 +8,13 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lba(pub u64);
 
+impl Lba {
+    /// Whether `blocks` blocks from here and `other_blocks` from `other` share a block.
+    pub fn overlaps(self, blocks: u64, other: Lba, other_blocks: u64) -> bool {
+        self.0 < other.0 + other_blocks && other.0 < self.0 + blocks
+    }
+}
+
 /// A per-volume log sequence number. Assigned in log order; 0 means "nothing", so the first
 /// entry of a volume is 1 and a watermark of 0 means nothing is destaged yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

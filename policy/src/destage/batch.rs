@@ -50,7 +50,7 @@ pub(crate) struct Run {
 impl Run {
     /// Whether the run writes any of `lba..lba + blocks`.
     pub fn overlaps(&self, lba: Lba, blocks: u64) -> bool {
-        self.lba.0 < lba.0 + blocks && lba.0 < self.lba.0 + self.blocks
+        self.lba.overlaps(self.blocks, lba, blocks)
     }
 }
 

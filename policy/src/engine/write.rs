@@ -95,12 +95,13 @@ impl Engine {
         let v = &self.volumes[vi];
         v.supersedes.iter().any(|op| {
             matches!(v.ops.get(op), Some(PendingOp::Write(w))
-                if matches!(w.state, WriteState::SanWriting { .. }) && overlap(w.lba, w.blocks, lba, blocks))
+                if matches!(w.state, WriteState::SanWriting { .. }) && w.lba.overlaps(w.blocks, lba, blocks))
         })
     }
 
-    /// Whether a full log's write over dirty blocks may supersede them now (see "Full log").
-    /// `i`: its place in the log queue (earlier queued writes of its blocks are older).
+    /// Whether a full log's write over dirty blocks may supersede them now (see "Full log"),
+    /// given that no write of its blocks is queued before it (those are older). `i`: its place
+    /// in the log queue.
     fn may_supersede(&self, i: usize) -> bool {
         let q = &self.log.queue[i];
         let (vi, lba, blocks) = (q.vi, q.lba, q.blocks);
@@ -115,9 +116,8 @@ impl Engine {
         {
             return false;
         }
-        let earlier = self.log.queue.iter().take(i).any(|e| e.vi == vi && overlap(e.lba, e.blocks, lba, blocks));
         let unsettled = v.ops.values().any(|op| match op {
-            PendingOp::Write(w) if overlap(w.lba, w.blocks, lba, blocks) => {
+            PendingOp::Write(w) if w.lba.overlaps(w.blocks, lba, blocks) => {
                 w.supersede.is_some()
                     || matches!(
                         w.state,
@@ -129,7 +129,7 @@ impl Engine {
             }
             _ => false,
         });
-        !earlier && !unsettled
+        !unsettled
     }
 
     /// Sends a full log's write over dirty blocks to the SAN at once (see "Full log").
@@ -177,7 +177,7 @@ impl Engine {
             let held = q.vi == vi
                 && q.op.is_some()
                 && q.kind != EntryKind::SanWritten
-                && overlap(q.lba, q.blocks, lba, blocks);
+                && q.lba.overlaps(q.blocks, lba, blocks);
             match held.then(|| self.log.queue.remove(i)).flatten() {
                 Some(q) => self.volumes[vi].held_writes.push_back(q),
                 None => i += 1,
@@ -244,17 +244,12 @@ impl Engine {
                 let (lba, blocks) = (q.lba, q.blocks);
                 let v = &self.volumes[vi];
                 let superseded = v.superseded.overlaps(lba, blocks) && !self.cfg.bugs.superseded_not_gated;
-                let clean = !v.index.overlaps(lba, blocks)
-                    && !superseded
-                    && !self
-                        .log
-                        .queue
-                        .iter()
-                        .take(i)
-                        .any(|e| e.vi == vi && e.lba.0 < lba.0 + blocks && lba.0 < e.lba.0 + e.blocks);
+                let earlier =
+                    self.log.queue.iter().take(i).any(|e| e.vi == vi && e.lba.overlaps(e.blocks, lba, blocks));
+                let clean = !v.index.overlaps(lba, blocks) && !superseded && !earlier;
                 if clean {
                     self.volumes[vi].metrics.log_full_fallthroughs += 1;
-                } else if self.may_supersede(i) {
+                } else if !earlier && self.may_supersede(i) {
                     let Some(q) = self.log.queue.remove(i) else { break };
                     let Some(op) = q.op else { unreachable!("engine: a copy's entry superseding") };
                     self.write_op(vi, op).buf = q.buf;
@@ -640,8 +635,4 @@ impl Engine {
         work += self.poll_read_retries(vi, now);
         work
     }
-}
-
-fn overlap(a: Lba, a_blocks: u64, b: Lba, b_blocks: u64) -> bool {
-    a.0 < b.0 + b_blocks && b.0 < a.0 + a_blocks
 }
