@@ -571,3 +571,65 @@ fn urgent_destaging_flushes_early_without_moving_the_watermark() {
         assert_eq!(sim.san_value(0, i as u64 * 6), *w);
     }
 }
+
+#[test]
+fn the_destager_is_hurried_only_while_something_waits_on_its_io() {
+    // `Destager::hurried` decides whether stagerd's destage core spins for its completions.
+    // A busy front end's batches are not worth a spinning core; a host's SAN command, or
+    // urgent destaging (here: an idle front end), is. Volume 0 is write-back, volume 1
+    // write-through; both SANs are slow, so I/O stays in flight long enough to be watched.
+    let cfg = SimConfig { blocks: 4096, destage_gather_ns: Some(DESTAGE_GATHER_NS), ..quiet(2) };
+    let mut sim = Simulator::new(5, cfg);
+    sim.set_policy(1, WritePolicy::WriteThrough);
+    for san in &sim.sans {
+        let mut san = san.0.borrow_mut();
+        san.slow_factor = 500;
+        san.slow_until = u64::MAX;
+    }
+    // A busy front end: a write every half millisecond, for 40 ms (gathering ends after 10).
+    let mut lba = 0;
+    let mut batch_seen = false;
+    let mut trickle = |sim: &mut Simulator, steps: u64| {
+        for _ in 0..steps {
+            sim.write(0, lba, 4);
+            lba += 4;
+            ok(sim.run_for(MS / 2));
+            if sim.destager.io_in_flight() {
+                batch_seen = true;
+                assert!(!sim.destager.hurried(), "nothing waits on a busy front end's batch");
+            }
+        }
+    };
+    trickle(&mut sim, 80);
+    assert!(batch_seen, "a batch must have gone out to the SAN meanwhile");
+
+    // A host's SAN command: a write-through write, while the front end stays busy.
+    let through = sim.write(1, 8, 4);
+    let mut hurried = false;
+    for _ in 0..20 {
+        sim.write(0, lba, 4);
+        lba += 4;
+        ok(sim.run_for(MS / 10));
+        hurried |= sim.destager.hurried();
+    }
+    assert!(hurried, "a host waits on its write-through write");
+
+    // The front end goes idle with a batch in flight, once the write-through write is done:
+    // destaging is urgent.
+    ok(sim.settle(1_000 * MS));
+    let mut idle_hurried = false;
+    for _ in 0..100 {
+        ok(sim.run_for(MS / 10));
+        if sim.destager.io_in_flight() && sim.destager.hurried() {
+            idle_hurried = true;
+            break;
+        }
+    }
+    assert!(idle_hurried, "an idle front end's backlog is urgent");
+    for san in &sim.sans {
+        san.0.borrow_mut().slow_until = 0;
+    }
+    ok(sim.drain());
+    assert_eq!(sim.san_value(1, 8), through);
+    assert_eq!(sim.san_value(0, 0), sim.expected(0, 0)[0]);
+}

@@ -346,6 +346,18 @@ impl Destager {
         !self.ops.is_empty()
     }
 
+    /// Whether something waits on this destager's I/O in flight: a host's SAN command (or a
+    /// superseding write held behind a batch), or urgent destaging (`depth::urgent`: the log
+    /// three quarters full, or the front end idle). The destage core spins for completions
+    /// (`destage.idle_poll_us`) only then. Otherwise the destager shares the SAN gently anyway
+    /// and can wait for wake-ups: when the core also spun for a busy front end's batches, a
+    /// busy-polling host's QD1 4 KiB writes ran at about half the rate (2 900-3 900 IOPS
+    /// against 5 300-6 600, p50 unchanged), the spinning taking the CPU the unpinned destage
+    /// core shared with the owner reactor.
+    pub fn hurried(&self) -> bool {
+        depth::urgent(&self.pressure) || self.volumes.iter().any(|v| v.host_ops > 0 || !v.sup.is_idle())
+    }
+
     /// Bytes of dirty data the destager knows of and has not destaged (status).
     pub fn pending_bytes(&self, id: VolumeId) -> Option<u64> {
         let v = &self.volumes[self.volume_index(id)?];

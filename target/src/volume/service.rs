@@ -11,8 +11,8 @@
 //! The destage core talks to each engine host only in messages ([`stager_policy::link`]) over
 //! bounded crossbeam channels, with an eventfd that wakes a sleeping thread; a full channel
 //! keeps messages on the sender's side until there is room. Like the reactors it spins while
-//! there was work within `destage.idle_poll_us` — but only while its own I/O is in flight —
-//! then sleeps in `io_uring_enter` on its one
+//! there was work within `destage.idle_poll_us` — but only while its own I/O is in flight and
+//! something waits on it (`Destager::hurried`) — then sleeps in `io_uring_enter` on its one
 //! ring ([`SharedRing`]), which every flash read, SAN file I/O, iSCSI socket poll and its
 //! message eventfd complete into; senders write the eventfd only while it says it sleeps.
 
@@ -1099,10 +1099,10 @@ impl DestageCore {
                 last_outage_refresh = now;
                 self.refresh_outages();
             }
-            // Spin only while its own I/O is out (a batch draining, host SAN commands): between
-            // batches there is nothing to wait for, and spinning there takes a shared core
-            // from the hosts' reactors (or local hosts) for nothing.
-            let waiting = self.devices.iter().any(|d| d.destager.io_in_flight());
+            // Spin only while its own I/O is out and something waits on it (`Destager::hurried`:
+            // host SAN commands, urgent destaging). Otherwise spinning takes a shared core from
+            // the hosts' reactors (or local hosts) for a wake-up saved where nobody waits.
+            let waiting = self.devices.iter().any(|d| d.destager.io_in_flight() && d.destager.hurried());
             if waiting && now.duration_since(last_work) < self.idle_poll {
                 continue;
             }
