@@ -351,9 +351,9 @@ impl Destager {
     /// three quarters full, or the front end idle). The destage core spins for completions
     /// (`destage.idle_poll_us`) only then. Otherwise the destager shares the SAN gently anyway
     /// and can wait for wake-ups: when the core also spun for a busy front end's batches, a
-    /// busy-polling host's QD1 4 KiB writes ran at about half the rate (2 900-3 900 IOPS
-    /// against 5 300-6 600, p50 unchanged), the spinning taking the CPU the unpinned destage
-    /// core shared with the owner reactor.
+    /// busy-polling host's QD1 4 KiB writes ran at about half the rate (`bench-writeback` part
+    /// 1's IOPS: 2 820-3 072 in the run before this rule, 5 711 in the one after), the spinning
+    /// taking the CPU the unpinned destage core shared with the owner reactor.
     pub fn hurried(&self) -> bool {
         depth::urgent(&self.pressure) || self.volumes.iter().any(|v| v.host_ops > 0 || !v.sup.is_idle())
     }
